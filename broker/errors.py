@@ -1,0 +1,109 @@
+"""corral's one rooted error tree.
+
+::
+
+    CorralError
+    ├── ConfigError             bad settings, flags or corral.yaml
+    ├── BrokerUnavailable       Redis cannot be reached or refuses us
+    ├── RoutingError            nothing can serve this job
+    │   ├── UnknownRoute        an @name that matches no node
+    │   ├── UnknownModel        a model no node has
+    │   └── NoNodeAvailable     matching nodes exist but none is up / fits
+    ├── JobError                the job ran (or was sent) and did not finish well
+    │   ├── NodeLost            the serving node stopped heartbeating mid-job
+    │   ├── JobCancelled        somebody cancelled it
+    │   └── JobTimeout          no event within the allowed time
+    └── BackendError            the node's LLM backend failed
+        ├── BackendUnavailable  connection refused, DNS, reset before any byte
+        ├── BackendTimeout      connect/read timed out
+        ├── ModelNotFound       the backend says it has no such model (404)
+        └── BackendProtocolError  the backend answered something we cannot parse, or an HTTP error
+
+Backend adapters translate httpx errors into ``BackendError`` subclasses at the boundary, so
+nothing above the adapter ever sees an httpx exception.
+"""
+
+from __future__ import annotations
+
+
+class CorralError(Exception):
+    """Root of every error corral raises on purpose."""
+
+    code = "error"
+
+
+class ConfigError(CorralError):
+    code = "config"
+
+
+class BrokerUnavailable(CorralError):
+    code = "broker_unavailable"
+
+
+class RoutingError(CorralError):
+    code = "routing"
+
+
+class UnknownRoute(RoutingError):
+    code = "unknown_route"
+
+
+class UnknownModel(RoutingError):
+    code = "unknown_model"
+
+
+class NoNodeAvailable(RoutingError):
+    code = "no_node_available"
+
+
+class JobError(CorralError):
+    code = "job"
+
+
+class NodeLost(JobError):
+    code = "node_lost"
+
+
+class JobCancelled(JobError):
+    code = "cancelled"
+
+
+class JobTimeout(JobError):
+    code = "timeout"
+
+
+class BackendError(CorralError):
+    code = "backend"
+
+
+class BackendUnavailable(BackendError):
+    code = "backend_unavailable"
+
+
+class BackendTimeout(BackendError):
+    code = "backend_timeout"
+
+
+class ModelNotFound(BackendError):
+    code = "model_not_found"
+
+
+class BackendProtocolError(BackendError):
+    code = "backend_protocol"
+
+
+_BY_CODE: dict[str, type[CorralError]] = {}
+
+
+def _index(cls: type[CorralError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _index(sub)
+
+
+_index(CorralError)
+
+
+def error_from_code(code: str, message: str) -> CorralError:
+    """Rebuild the right exception class from an ``ErrorEvent``'s code on the client side."""
+    return _BY_CODE.get(code, CorralError)(message)

@@ -1,0 +1,149 @@
+"""Settings shared by every corral process.
+
+Sources, lowest precedence first: ``CORRAL_*`` environment variables, ``corral.yaml`` (path in
+``CORRAL_CONFIG``, default ``./corral.yaml`` when present), then CLI flags passed as init
+arguments. Values written as ``${VAR}`` in the YAML file are read from the environment, so
+secrets stay out of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from broker.errors import ConfigError
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env_references(value: Any) -> Any:
+    """Replace ``${VAR}`` in every string of a parsed YAML document; a missing VAR is an error."""
+    if isinstance(value, str):
+
+        def lookup(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"corral.yaml refers to ${{{name}}}, which is not set")
+            return os.environ[name]
+
+        return _ENV_REFERENCE.sub(lookup, value)
+    if isinstance(value, dict):
+        return {k: expand_env_references(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env_references(v) for v in value]
+    return value
+
+
+def config_path() -> Path | None:
+    explicit = os.environ.get("CORRAL_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"CORRAL_CONFIG points at {path}, which is not a file")
+        return path
+    default = Path("corral.yaml")
+    return default if default.is_file() else None
+
+
+def load_yaml_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    expanded: dict[str, Any] = expand_env_references(document)
+    return expanded
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the top-level keys of corral.yaml that a settings class declares."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        document = load_yaml_config(config_path())
+        self._values = {k: v for k, v in document.items() if k in settings_cls.model_fields}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class CorralSettings(BaseSettings):
+    """What every corral process needs: where the broker is and the cluster's timing."""
+
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore", frozen=True)
+
+    broker_url: SecretStr = SecretStr(DEFAULT_BROKER_URL)
+    """Redis URL; a SecretStr because it may carry a password."""
+    heartbeat_interval_s: float = Field(default=2.0, gt=0, le=60)
+    job_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest a job may run; also sizes Celery's visibility timeout."""
+    replay_ttl_s: int = Field(default=3600, ge=10)
+    """How long a finished job's events and result stay readable (``corral attach``)."""
+    task_events: bool = True
+    """Send Celery task events so Flower can show jobs."""
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("broker URL must start with redis://, rediss:// or unix://")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: CLI flags, then corral.yaml, then the environment.
+        return (init_settings, _YamlSource(settings_cls), env_settings)
+
+
+def build_settings(**cli_overrides: Any) -> CorralSettings:
+    """Build settings once in ``main()``; ``None`` flags are left to the lower sources."""
+    given = {k: v for k, v in cli_overrides.items() if v is not None}
+    try:
+        return CorralSettings(**given)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise ConfigError(_without_input_values(str(exc))) from None
+
+
+def _without_input_values(message: str) -> str:
+    """pydantic echoes the offending input; a broker URL may hold a password, so drop it."""
+    return re.sub(r"input_value=.*?(?=, input_type|\])", "input_value=<hidden>", message)
+
+
+def redacted_url(url: str) -> str:
+    """A URL safe to print: the password (and user) replaced by ``***``."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+__all__ = [
+    "DEFAULT_BROKER_URL",
+    "CorralSettings",
+    "build_settings",
+    "load_yaml_config",
+    "redacted_url",
+]

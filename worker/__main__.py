@@ -1,0 +1,78 @@
+"""``corral worker``: run a node worker (``python -m worker`` is the same)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from broker.errors import CorralError
+from broker.settings import build_settings, config_path, load_yaml_config
+from worker.config import BackendSpec, build_worker_config
+from worker.node import serve
+
+
+def _split_tags(value: str | None) -> frozenset[str] | None:
+    if not value:
+        return None
+    return frozenset(t.strip() for t in value.split(",") if t.strip())
+
+
+@click.command(name="worker", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--name", help="Node name (default: the host name). Jobs reach it as @NAME.")
+@click.option("--tags", help="Comma-separated capability tags, e.g. code,gpu.")
+@click.option("--ollama", "ollama_urls", multiple=True, metavar="URL",
+              help="Front an Ollama server (repeatable).")
+@click.option("--openai-compat", "openai_urls", multiple=True, metavar="URL",
+              help="Front an OpenAI-compatible server: llama.cpp, llamafile, vLLM, LM Studio.")
+@click.option("--simulate", is_flag=True, help="Front the built-in simulated backend.")
+@click.option("--capacity", type=click.IntRange(1, 256),
+              help="Parallel requests per backend (OLLAMA_NUM_PARALLEL and the like).")
+@click.option("--broker", help="Redis URL (default: CORRAL_BROKER_URL).")
+@click.option("--heartbeat", type=float, help="Seconds between heartbeats.")
+@click.option("--loglevel", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def worker_command(
+    name: str | None,
+    tags: str | None,
+    ollama_urls: tuple[str, ...],
+    openai_urls: tuple[str, ...],
+    simulate: bool,
+    capacity: int | None,
+    broker: str | None,
+    heartbeat: float | None,
+    loglevel: str,
+) -> None:
+    """Run a node worker that consumes its own queue and fronts local LLM backends."""
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = build_settings(broker_url=broker, heartbeat_interval_s=heartbeat)
+        extra = {} if capacity is None else {"capacity": capacity}
+        flag_backends = [BackendSpec(kind="ollama", url=u, **extra) for u in ollama_urls]
+        flag_backends += [BackendSpec(kind="openai", url=u, **extra) for u in openai_urls]
+        if simulate:
+            flag_backends.append(BackendSpec(kind="simulated", **extra))
+        yaml_section = load_yaml_config(config_path()).get("worker")
+        config = build_worker_config(
+            yaml_section if isinstance(yaml_section, dict) else None,
+            name=name,
+            tags=_split_tags(tags),
+            backends=tuple(flag_backends) or None,
+        )
+        code = serve(settings, config, loglevel=loglevel.upper())
+    except CorralError as exc:
+        click.echo(f"corral worker: {exc}", err=True)
+        sys.exit(2)
+    except ValueError as exc:  # a bad --ollama URL and the like, from BackendSpec
+        click.echo(f"corral worker: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
+
+
+def main() -> None:
+    worker_command(prog_name="corral worker")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The node's long-lived async side: backends, heartbeat, cancel listener, running jobs.
+
+Celery's thread pool calls ``NodeRuntime.run`` from its threads; the work itself happens on one
+asyncio loop in a background thread, which owns the Redis and HTTP clients. One loop keeps
+connection pools warm between jobs (no per-job connect on the hot path) and lets a cancel
+message stop a job by cancelling its task, which closes the backend's HTTP stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import httpx
+import redis.exceptions
+from redis.asyncio import Redis
+
+from broker import names
+from broker.errors import BrokerUnavailable
+from broker.schemas import JobAssignment, JobResult
+from broker.settings import CorralSettings, redacted_url
+from worker.backends.base import Backend
+from worker.backends.registry import build_backends, make_http_client
+from worker.config import WorkerConfig
+from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
+from worker.jobs import JobControl, run_job
+from worker.stream import JobStream
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_RECONNECT_DELAY_S = 1.0
+
+
+class NodeRuntime:
+    def __init__(self, settings: CorralSettings, config: WorkerConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="corral-loop", daemon=True)
+        self._redis: Redis | None = None
+        self._http: httpx.AsyncClient | None = None
+        self.backends: dict[str, Backend] = {}
+        self._active: dict[str, JobControl] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._started_at = time.time()
+
+    # --- life cycle (called from the main thread) ------------------------------------------
+
+    def start(self) -> None:
+        """Connect, check the broker answers, publish the first heartbeat, start the loops.
+
+        Raises BrokerUnavailable with a message that names the broker without its password.
+        """
+        self._thread.start()
+        self._call(self._startup(), timeout=30)
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(Exception):  # best effort on the way out; logged below
+            self._call(self._shutdown(), timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    # --- jobs (called from Celery's threads) -----------------------------------------------
+
+    def run(self, assignment: JobAssignment) -> JobResult | None:
+        """Run a job to its end; None when this copy must not run (already taken)."""
+        return self._call(self._run(assignment), timeout=self.settings.job_timeout_s + 30)
+
+    def report_malformed(self, job_id: str, problem: str) -> None:
+        """Tell a waiting client its job was rejected, so it does not wait for nothing."""
+        self._call(self._report_malformed(job_id, problem), timeout=10)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    # --- inside the loop --------------------------------------------------------------------
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout=timeout)
+
+    @property
+    def redis(self) -> Redis:
+        assert self._redis is not None, "runtime not started"
+        return self._redis
+
+    async def _startup(self) -> None:
+        url = self.settings.broker_url.get_secret_value()
+        self._redis = Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        try:
+            await self._redis.ping()
+        except redis.exceptions.AuthenticationError:
+            raise BrokerUnavailable(
+                f"Redis at {redacted_url(url)} refused the password (check CORRAL_BROKER_URL)"
+            ) from None
+        except redis.exceptions.ResponseError as exc:
+            raise BrokerUnavailable(f"Redis at {redacted_url(url)} refused us: {exc}") from None
+        except (redis.exceptions.ConnectionError, OSError) as exc:
+            raise BrokerUnavailable(
+                f"cannot reach Redis at {redacted_url(url)}: {type(exc).__name__}"
+            ) from None
+        self._http = make_http_client(self.settings.job_timeout_s)
+        self.backends = build_backends(self.config, self._http)
+        await self._heartbeat_once()
+        self._background = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
+        ]
+
+    async def _shutdown(self) -> None:
+        for task in self._active.values():
+            if task.task is not None:
+                task.task.cancel()
+        for bg in self._background:
+            bg.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        try:
+            await mark_node_down(self.redis, self.config.name)
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not mark node down: %s", exc)
+        for backend in self.backends.values():
+            await backend.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+        await self.redis.aclose()
+
+    async def _heartbeat_once(self) -> None:
+        info = await build_node_info(
+            self.config,
+            self.backends,
+            in_flight=len(self._active),
+            interval_s=self.settings.heartbeat_interval_s,
+            started_at=self._started_at,
+        )
+        await publish_node_info(self.redis, info)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._heartbeat_once()
+            except redis.exceptions.RedisError as exc:
+                log.warning("heartbeat not sent: %s", exc)
+
+    async def _cancel_listener(self) -> None:
+        """Stop running jobs whose id arrives on the cancel channel; reconnects on its own."""
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(names.CANCEL_CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._cancel_local(_text(message["data"]))
+            except redis.exceptions.RedisError as exc:
+                log.warning("cancel listener lost Redis (%s); reconnecting", exc)
+                await asyncio.sleep(_RECONNECT_DELAY_S)
+
+    def _cancel_local(self, job_id: str) -> None:
+        control = self._active.get(job_id)
+        if control is None or control.task is None:
+            return
+        log.info("cancelling job %s", job_id)
+        control.cancel_requested = True
+        control.task.cancel()
+
+    async def _run(self, assignment: JobAssignment) -> JobResult | None:
+        job_id = assignment.spec.job_id
+        # Registered before the cancel-key check, so a cancel arriving in between is not lost.
+        control = JobControl(assignment)
+        self._active[job_id] = control
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.exists(names.job_cancel_key(job_id))
+            pipe.set(
+                names.job_lease_key(job_id),
+                self.config.name,
+                nx=True,
+                ex=int(self.settings.job_timeout_s) + self.settings.replay_ttl_s,
+            )
+            cancelled, leased = await pipe.execute()
+            if not leased:
+                log.warning("job %s already taken by another delivery; not streaming it twice", job_id)
+                return None
+            if cancelled:
+                control.cancel_requested = True
+            stream = JobStream(self.redis, job_id, self.settings.replay_ttl_s)
+            task = asyncio.create_task(run_job(control, self.backends, stream))
+            control.task = task
+            try:
+                return await task
+            except asyncio.CancelledError:
+                # Cancelled before its first step ran: run_job never saw it, so report here.
+                if control.cancel_requested and task.cancelled():
+                    await stream.error("cancelled", "job cancelled", self.config.name, None)
+                    return None
+                raise
+        finally:
+            del self._active[job_id]
+
+    async def _report_malformed(self, job_id: str, problem: str) -> None:
+        stream = JobStream(self.redis, job_id, self.settings.replay_ttl_s)
+        await stream.error("malformed", problem, self.config.name, None)
+
+
+def _text(data: bytes | str) -> str:
+    return data.decode() if isinstance(data, bytes) else data

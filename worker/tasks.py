@@ -1,0 +1,61 @@
+"""The one Celery task a node runs: thin, it validates and hands over to the runtime."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import Reject
+from pydantic import ValidationError
+
+from broker import names
+from broker.schemas import JobAssignment
+from worker.runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Field paths and reasons only: pydantic's default text echoes input, i.e. the prompt."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<message>'}: {err['msg']}"
+        for err in exc.errors()
+    )
+
+
+def job_id_of(payload: Any) -> str | None:
+    """The job id of a malformed message, when one can be found, to tell its client."""
+    if isinstance(payload, dict):
+        spec = payload.get("spec")
+        if isinstance(spec, dict) and isinstance(spec.get("job_id"), str):
+            job_id: str = spec["job_id"]
+            if 8 <= len(job_id) <= 64 and job_id.replace("-", "").isalnum():
+                return job_id
+    return None
+
+
+def register_tasks(app: Celery, runtime: NodeRuntime) -> None:
+    @app.task(name=names.RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def run_job(self: Any, payload: Any = None, *extra_args: Any, **extra_kwargs: Any) -> Any:
+        try:
+            if extra_args or extra_kwargs:
+                raise ValueError("run_job takes exactly one argument, the JobAssignment")
+            assignment = JobAssignment.model_validate(payload)
+        except (ValidationError, ValueError) as exc:
+            problem = (
+                describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+            )
+            log.error("rejected malformed job message %s: %s", self.request.id, problem)
+            job_id = job_id_of(payload)
+            if job_id is not None:
+                runtime.report_malformed(job_id, f"malformed job message: {problem}")
+            raise Reject(f"malformed job message: {problem}", requeue=False) from None
+        result = runtime.run(assignment)
+        if result is None:
+            return {"status": "skipped"}
+        return {
+            "status": result.status,
+            "tokens": result.usage.completion_tokens,
+            "error": result.error_code,
+        }
