@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from broker.schemas import (
+    ChatMessage,
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    JobAssignment,
+    JobResult,
+    JobSpec,
+    Timings,
+    parse_event,
+)
+
+
+def spec(**overrides: object) -> JobSpec:
+    fields: dict[str, object] = {
+        "job_id": "abcdef0123456789",
+        "messages": [{"role": "user", "content": "a secret prompt"}],
+        "created_at": 1.0,
+    }
+    fields.update(overrides)
+    return JobSpec.model_validate(fields)
+
+
+def test_job_spec_round_trips_through_json() -> None:
+    original = spec(tags=["code", "gpu"], model="llama3.1:8b", route="pi2")
+    again = JobSpec.model_validate(original.model_dump(mode="json"))
+    assert again == original
+    assert again.tags == frozenset({"code", "gpu"})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"unexpected": 1},
+        {"messages": []},
+        {"job_id": "short"},
+        {"route": "bad name"},
+        {"priority": "urgent"},
+        {"v": 2},
+    ],
+)
+def test_malformed_specs_are_refused(overrides: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        spec(**overrides)
+
+
+def test_argsrepr_names_the_job_not_the_prompt() -> None:
+    assignment = JobAssignment(spec=spec(route="pi2"), node="pi2", backend="ollama", model="m")
+    text = assignment.argsrepr()
+    assert text == "job=abcdef0123456789 route=pi2 node=pi2 model=m"
+    assert "secret" not in text
+
+
+def test_events_parse_by_their_type() -> None:
+    delta = DeltaEvent(job_id="j", seq=3, ts=0, text="hi")
+    assert parse_event(delta.model_dump_json()) == delta
+    error = ErrorEvent(job_id="j", seq=4, ts=0, code="backend_unavailable", message="down")
+    assert isinstance(parse_event(error.model_dump_json()), ErrorEvent)
+    result = JobResult(
+        job_id="j", status="ok", node="n", backend="b", model="m", text="hi",
+        timings=Timings(queued_ms=1, first_token_ms=2, total_ms=3),
+    )
+    done = DoneEvent(job_id="j", seq=5, ts=0, result=result)
+    assert parse_event(done.model_dump_json()).result.text == "hi"  # type: ignore[union-attr]
+
+
+def test_an_event_of_unknown_type_is_refused() -> None:
+    with pytest.raises(ValidationError):
+        parse_event('{"type": "surprise", "job_id": "j", "seq": 0, "ts": 0}')
+    with pytest.raises(ValidationError):
+        parse_event(b"not json")
+
+
+def test_messages_are_frozen() -> None:
+    message = ChatMessage(role="user", content="x")
+    with pytest.raises(ValidationError):
+        message.content = "y"  # type: ignore[misc]

@@ -1,0 +1,169 @@
+"""The router: a pure function from a job and the node list to ranked candidates."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.errors import NoNodeAvailable, UnknownModel, UnknownRoute
+from broker.schemas import BackendInfo, ChatMessage, JobSpec, ModelInfo, NodeInfo
+from controller.router import NodeState, rank_candidates, route
+
+MODELS = ["llama3.1:8b", "qwen2.5-coder:7b", "phi3:mini", "nomic-embed-text"]
+TAGS = ["code", "gpu", "embed", "pi"]
+NODE_NAMES = ["pi1", "pi2", "gpu1", "nuc", "laptop"]
+
+
+def node(
+    name: str,
+    models: dict[str, bool],
+    *,
+    up: bool = True,
+    tags: frozenset[str] = frozenset(),
+    in_flight: int = 0,
+    capacity: int = 2,
+    queued: int = 0,
+    healthy: bool = True,
+) -> NodeState:
+    backend = BackendInfo(
+        name="ollama", kind="ollama", url="http://127.0.0.1:11434", healthy=healthy,
+        capacity=capacity,
+        models=tuple(ModelInfo(name=m, loaded=loaded) for m, loaded in models.items()),
+    )
+    info = NodeInfo(
+        name=name, version="0", tags=tags, backends=(backend,), in_flight=in_flight,
+        capacity=capacity, heartbeat_interval_s=2, started_at=0, sent_at=time.time(),
+    )
+    return NodeState(info=info, up=up, queued=queued)
+
+
+def job(route: str | None = None, model: str | None = None, tags: frozenset[str] = frozenset()) -> JobSpec:
+    return JobSpec(
+        job_id="job-0001", messages=(ChatMessage(role="user", content="hi"),), route=route,
+        model=model, tags=tags, created_at=0,
+    )
+
+
+def test_prefers_the_node_with_the_model_already_loaded() -> None:
+    nodes = [node("idle", {"llama3.1:8b": False}), node("busy", {"llama3.1:8b": True}, in_flight=1)]
+    assert route(job(model="llama3.1:8b"), nodes)[0].node == "busy"
+
+
+def test_then_the_least_loaded_node() -> None:
+    nodes = [
+        node("a", {"phi3:mini": True}, in_flight=2, capacity=4),
+        node("b", {"phi3:mini": True}, in_flight=0, queued=1, capacity=4),
+        node("c", {"phi3:mini": True}, in_flight=3, capacity=4),
+    ]
+    assert [c.node for c in route(job(model="phi3:mini"), nodes)] == ["b", "a", "c"]
+
+
+def test_route_name_picks_that_node_even_if_another_is_better() -> None:
+    nodes = [node("pi2", {"phi3:mini": False}, in_flight=1), node("gpu1", {"phi3:mini": True})]
+    assert [c.node for c in route(job(route="pi2"), nodes)] == ["pi2"]
+
+
+def test_no_model_named_uses_a_loaded_model_of_the_node() -> None:
+    candidate = route(job(), [node("pi1", {"phi3:mini": False, "llama3.1:8b": True})])[0]
+    assert candidate.model == "llama3.1:8b"
+    assert candidate.model_loaded
+
+
+def test_tags_must_all_be_present() -> None:
+    nodes = [node("a", {"m": True}, tags=frozenset({"code"})),
+             node("b", {"m": True}, tags=frozenset({"code", "gpu"}))]
+    assert [c.node for c in route(job(tags=frozenset({"code", "gpu"})), nodes)] == ["b"]
+
+
+def test_unknown_route_names_the_known_nodes() -> None:
+    with pytest.raises(UnknownRoute, match=r"no node named 'pi9' \(known nodes: pi1, pi2\)"):
+        route(job(route="pi9"), [node("pi1", {"m": True}), node("pi2", {"m": True})])
+
+
+def test_route_to_a_down_node_says_it_is_down() -> None:
+    with pytest.raises(NoNodeAvailable, match="node 'pi2' is down"):
+        route(job(route="pi2"), [node("pi2", {"m": True}, up=False), node("pi1", {"m": True})])
+
+
+def test_unknown_model_lists_what_exists() -> None:
+    with pytest.raises(UnknownModel, match=r"'gpt-9' is not installed on any node \(available: m, n\)"):
+        route(job(model="gpt-9"), [node("a", {"m": True}), node("b", {"n": False})])
+
+
+def test_no_node_up() -> None:
+    with pytest.raises(NoNodeAvailable, match="no node is up"):
+        route(job(), [])
+    with pytest.raises(NoNodeAvailable, match="every matching node is down"):
+        route(job(), [node("a", {"m": True}, up=False)])
+
+
+def test_missing_tag_is_named() -> None:
+    with pytest.raises(NoNodeAvailable, match="no up node has the tags gpu"):
+        route(job(tags=frozenset({"gpu"})), [node("a", {"m": True}, tags=frozenset({"code"}))])
+
+
+def test_unhealthy_backend_is_skipped() -> None:
+    nodes = [node("a", {"m": True}, healthy=False), node("b", {"m": False})]
+    assert [c.node for c in route(job(model="m"), nodes)] == ["b"]
+
+
+def test_open_breaker_excludes_a_node() -> None:
+    nodes = [node("a", {"m": True}), node("b", {"m": True})]
+    assert [c.node for c in rank_candidates(job(), nodes, open_breakers={"a"})] == ["b"]
+
+
+# --- properties over generated clusters ------------------------------------------------------
+
+node_states = st.builds(
+    node,
+    name=st.sampled_from(NODE_NAMES),
+    models=st.dictionaries(st.sampled_from(MODELS), st.booleans(), max_size=4),
+    up=st.booleans(),
+    tags=st.frozensets(st.sampled_from(TAGS), max_size=3),
+    in_flight=st.integers(0, 4),
+    capacity=st.integers(1, 4),
+    queued=st.integers(0, 5),
+    healthy=st.booleans(),
+)
+clusters = st.lists(node_states, max_size=6, unique_by=lambda n: n.name)
+jobs = st.builds(
+    job,
+    route=st.none() | st.sampled_from(NODE_NAMES),
+    model=st.none() | st.sampled_from(MODELS),
+    tags=st.frozensets(st.sampled_from(TAGS), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=jobs, nodes=clusters)
+def test_never_picks_a_down_node_or_one_without_the_model(spec: JobSpec, nodes: list[NodeState]) -> None:
+    by_name = {n.name: n for n in nodes}
+    for candidate in rank_candidates(spec, nodes):
+        chosen = by_name[candidate.node]
+        assert chosen.up
+        assert candidate.model in chosen.info.model_names()
+        if spec.model is not None:
+            assert candidate.model == spec.model
+        if spec.route is not None:
+            assert candidate.node == spec.route
+        assert spec.tags <= chosen.info.tags
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=jobs, nodes=clusters)
+def test_a_loaded_candidate_always_ranks_before_an_unloaded_one(spec: JobSpec, nodes: list[NodeState]) -> None:
+    loaded_flags = [c.model_loaded for c in rank_candidates(spec, nodes)]
+    assert loaded_flags == sorted(loaded_flags, reverse=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=jobs, nodes=clusters)
+def test_empty_answer_always_comes_with_a_reason(spec: JobSpec, nodes: list[NodeState]) -> None:
+    if rank_candidates(spec, nodes):
+        assert route(spec, nodes)
+    else:
+        with pytest.raises((UnknownRoute, UnknownModel, NoNodeAvailable)):
+            route(spec, nodes)

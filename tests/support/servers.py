@@ -1,0 +1,157 @@
+"""Starting real redis-server and corral worker processes for integration tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: object, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_redis(password: str | None = None, appendonly: bool = False) -> RedisServer:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH: run `make test`, which installs it")
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="corral-redis-"))
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "yes" if appendonly else "no", "--databases", "256", "--dir", str(workdir),
+            "--logfile", str(workdir / "redis.log")]
+    if password:
+        args += ["--requirepass", password]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(port, process, workdir, password)
+
+    def answers() -> bool:
+        try:
+            return bool(server.client().ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    try:
+        wait_until(answers, 10, "redis-server to answer")
+    except TimeoutError:
+        server.stop()
+        raise
+    return server
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    _log_file: object = field(repr=False, default=None)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log_file is not None:
+            self._log_file.close()  # type: ignore[attr-defined]
+            self._log_file = None
+        return int(self.process.returncode)
+
+
+def start_worker(
+    broker_url: str,
+    name: str,
+    *args: str,
+    heartbeat_s: float = 0.5,
+    log_dir: Path,
+    wait_ready: bool = True,
+    env: dict[str, str] | None = None,
+) -> WorkerProcess:
+    """``python -m worker --name NAME ARGS`` in its own process, logging to a file."""
+    log_path = log_dir / f"worker-{name}-{time.monotonic_ns()}.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed in WorkerProcess.stop
+    full_env = {**os.environ, "CORRAL_BROKER_URL": broker_url,
+                "CORRAL_HEARTBEAT_INTERVAL_S": str(heartbeat_s), **(env or {})}
+    full_env.pop("CORRAL_CONFIG", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--name", name, *args],
+        stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT,
+    )
+    worker = WorkerProcess(name, process, log_path, log_file)
+    if wait_ready:
+        try:
+            wait_until(lambda: "ready." in worker.log() or process.poll() is not None, 30,
+                       f"worker {name} to be ready")
+        except TimeoutError:
+            worker.stop()
+            raise
+        if process.poll() is not None:
+            raise RuntimeError(f"worker {name} exited early:\n{worker.log()}")
+    return worker
+
+
+@contextlib.contextmanager
+def running_workers(broker_url: str, log_dir: Path, *specs: tuple[str, list[str]]) -> Iterator[list[WorkerProcess]]:
+    workers: list[WorkerProcess] = []
+    try:
+        for name, args in specs:
+            workers.append(start_worker(broker_url, name, *args, log_dir=log_dir))
+        yield workers
+    finally:
+        for w in workers:
+            w.stop()
