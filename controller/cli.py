@@ -212,7 +212,9 @@ def nodes(ctx: click.Context, as_json: bool) -> None:
     if not states:
         click.echo("no nodes have registered yet (start one with `corral worker`)")
         return
-    Console(highlight=False).print(nodes_table(states))
+    # Piped output has no terminal width; keep rows whole rather than folded at 80 columns.
+    width = None if sys.stdout.isatty() else 200
+    Console(highlight=False, width=width).print(nodes_table(states))
 
 
 @cli.command()

@@ -27,6 +27,10 @@ def _split_tags(value: str | None) -> frozenset[str] | None:
 @click.option("--openai-compat", "openai_urls", multiple=True, metavar="URL",
               help="Front an OpenAI-compatible server: llama.cpp, llamafile, vLLM, LM Studio.")
 @click.option("--simulate", is_flag=True, help="Front the built-in simulated backend.")
+@click.option("--sim-first-token-ms", type=click.FloatRange(min=0), default=50.0, show_default=True,
+              help="Simulated backend: time to first token.")
+@click.option("--sim-token-ms", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Simulated backend: time between tokens.")
 @click.option("--capacity", type=click.IntRange(1, 256),
               help="Parallel requests per backend (OLLAMA_NUM_PARALLEL and the like).")
 @click.option("--broker", help="Redis URL (default: CORRAL_BROKER_URL).")
@@ -39,6 +43,8 @@ def worker_command(
     ollama_urls: tuple[str, ...],
     openai_urls: tuple[str, ...],
     simulate: bool,
+    sim_first_token_ms: float,
+    sim_token_ms: float,
     capacity: int | None,
     broker: str | None,
     heartbeat: float | None,
@@ -52,7 +58,14 @@ def worker_command(
         flag_backends = [BackendSpec(kind="ollama", url=u, **extra) for u in ollama_urls]
         flag_backends += [BackendSpec(kind="openai", url=u, **extra) for u in openai_urls]
         if simulate:
-            flag_backends.append(BackendSpec(kind="simulated", **extra))
+            flag_backends.append(
+                BackendSpec(
+                    kind="simulated",
+                    first_token_s=sim_first_token_ms / 1000,
+                    token_s=sim_token_ms / 1000,
+                    **extra,
+                )
+            )
         yaml_section = load_yaml_config(config_path()).get("worker")
         config = build_worker_config(
             yaml_section if isinstance(yaml_section, dict) else None,
