@@ -216,9 +216,6 @@ class CorralClient:
         )
         reader = self._subscribe(spec.job_id, candidate.node)
         try:
-            self.redis.set(
-                names.job_node_key(spec.job_id), candidate.node, ex=self.settings.replay_ttl_s
-            )
             self.app.send_task(
                 names.RUN_JOB_TASK,
                 args=[assignment.model_dump(mode="json")],
@@ -227,6 +224,10 @@ class CorralClient:
                 argsrepr=assignment.argsrepr(),
                 kwargsrepr="{}",
                 ignore_result=True,
+            )
+            # After the send, off the path to the first token; attach and cancel read it.
+            self.redis.set(
+                names.job_node_key(spec.job_id), candidate.node, ex=self.settings.replay_ttl_s
             )
         except BaseException:
             reader.close()

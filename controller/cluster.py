@@ -14,30 +14,39 @@ from controller.router import NodeState
 log = logging.getLogger(__name__)
 
 
-def read_nodes(redis: Redis) -> list[NodeState]:
-    """Every node that ever heartbeated (until forgotten), with liveness and queue depth.
+# One round trip for the whole cluster view: every node's last heartbeat, whether its liveness
+# key still exists, and how many jobs wait in its queue. Key names come in as arguments so this
+# module's builders stay the only place they are spelled.
+_READ_NODES_LUA = """
+local out = {}
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local name = entries[i]
+  local alive = redis.call('EXISTS', ARGV[1] .. name .. ARGV[2])
+  local queued = redis.call('LLEN', ARGV[3] .. name)
+  table.insert(out, {name, entries[i + 1], alive, queued})
+end
+return out
+"""
 
-    One round trip for the hash, one pipelined round trip for liveness and queue lengths.
-    """
-    raw: dict[bytes, bytes] = redis.hgetall(names.NODES_HASH)  # type: ignore[assignment]
-    infos: list[NodeInfo] = []
-    for name, payload in sorted(raw.items()):
+
+def read_nodes(redis: Redis) -> list[NodeState]:
+    """Every node that ever heartbeated (until forgotten), with liveness and queue depth."""
+    alive_prefix, alive_suffix = names.node_alive_key("\0").split("\0")
+    queue_prefix = names.node_queue("")
+    # register_script sends EVALSHA (the script body only once per server).
+    script = redis.register_script(_READ_NODES_LUA)
+    rows = script(keys=[names.NODES_HASH], args=[alive_prefix, alive_suffix, queue_prefix])
+    states: list[NodeState] = []
+    for name, payload, alive, queued in sorted(rows):  # type: ignore[union-attr]
         try:
-            infos.append(NodeInfo.model_validate_json(payload))
+            info = NodeInfo.model_validate_json(payload)
         except ValidationError:
-            # A node running another schema version: shown nowhere rather than crashing routing.
+            # A node running another schema version: left out rather than breaking routing.
             log.warning("ignoring unreadable heartbeat of node %r", name.decode(errors="replace"))
-    if not infos:
-        return []
-    pipe = redis.pipeline(transaction=False)
-    for info in infos:
-        pipe.exists(names.node_alive_key(info.name))
-        pipe.llen(names.node_queue(info.name))
-    answers = pipe.execute()
-    return [
-        NodeState(info=info, up=bool(answers[2 * i]), queued=int(answers[2 * i + 1]))
-        for i, info in enumerate(infos)
-    ]
+            continue
+        states.append(NodeState(info=info, up=bool(alive), queued=int(queued)))
+    return states
 
 
 def forget_node(redis: Redis, name: str) -> bool:

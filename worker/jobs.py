@@ -66,6 +66,12 @@ async def run_job(
             error_message=str(error) if error else None,
         )
 
+    # The runtime's claim has already published the started event (or found a cancel).
+    if control.cancel_requested:  # cancelled while it waited in the queue
+        result = outcome("cancelled")
+        await stream.error("cancelled", "job cancelled before it started", assignment.node, result)
+        return result
+
     backend = backends.get(assignment.backend)
     if backend is None:
         error = BackendUnavailable(
@@ -75,12 +81,6 @@ async def run_job(
         await stream.error(error.code, str(error), assignment.node, result)
         return result
 
-    if control.cancel_requested:  # cancelled while it waited in the queue
-        result = outcome("cancelled")
-        await stream.error("cancelled", "job cancelled before it started", assignment.node, result)
-        return result
-
-    await stream.started(assignment.node, assignment.backend, assignment.model)
     try:
         async for chunk in backend.stream_chat(assignment.model, spec.messages, spec.options):
             if chunk.text:

@@ -30,7 +30,7 @@ from worker.backends.registry import build_backends, make_http_client
 from worker.config import WorkerConfig
 from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
 from worker.jobs import JobControl, run_job
-from worker.stream import JobStream
+from worker.stream import Claim, JobStream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -176,25 +176,22 @@ class NodeRuntime:
 
     async def _run(self, assignment: JobAssignment) -> JobResult | None:
         job_id = assignment.spec.job_id
-        # Registered before the cancel-key check, so a cancel arriving in between is not lost.
+        # Registered before the claim, so a cancel arriving in between is not lost.
         control = JobControl(assignment)
         self._active[job_id] = control
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.exists(names.job_cancel_key(job_id))
-            pipe.set(
-                names.job_lease_key(job_id),
-                self.config.name,
-                nx=True,
-                ex=int(self.settings.job_timeout_s) + self.settings.replay_ttl_s,
+            stream = JobStream(self.redis, job_id, self.settings.replay_ttl_s)
+            claim = await stream.claim(
+                assignment.node,
+                assignment.backend,
+                assignment.model,
+                lease_ttl_s=int(self.settings.job_timeout_s) + self.settings.replay_ttl_s,
             )
-            cancelled, leased = await pipe.execute()
-            if not leased:
+            if claim is Claim.TAKEN_ELSEWHERE:
                 log.warning("job %s already taken by another delivery; not streaming it twice", job_id)
                 return None
-            if cancelled:
+            if claim is Claim.CANCELLED:
                 control.cancel_requested = True
-            stream = JobStream(self.redis, job_id, self.settings.replay_ttl_s)
             task = asyncio.create_task(run_job(control, self.backends, stream))
             control.task = task
             try:

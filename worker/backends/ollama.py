@@ -159,7 +159,7 @@ class OllamaBackend:
     async def inventory(self) -> list[ModelInfo]:
         installed = await self._get_models("/api/tags")
         loaded = {canonical_model_name(m.key) for m in await self._get_models("/api/ps")}
-        infos = [
+        return [
             ModelInfo(
                 name=m.key,
                 loaded=canonical_model_name(m.key) in loaded,
@@ -171,7 +171,6 @@ class OllamaBackend:
             for m in installed
             if m.key
         ]
-        return infos
 
     async def stream_chat(
         self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions

@@ -1,0 +1,214 @@
+"""A fake OpenAI-compatible server: ``/v1/models`` and streamed ``/v1/chat/completions``.
+
+It follows OpenAI's chat completions streaming format: Server-Sent Events, each ``data:`` a
+``chat.completion.chunk`` whose first delta carries the role, then one content delta per token,
+then an empty delta with ``finish_reason``; with ``stream_options.include_usage`` every chunk
+has ``"usage": null`` and one more chunk with no choices carries the usage; ``data: [DONE]``
+ends it. Errors are ``{"error": {"message", "type", "param", "code"}}``.
+
+Switches: served models, the canned reply, token delays, whether the server honours
+``include_usage`` (llama_cpp.server ignores it), a required API key (its 401 message echoes
+the key it got, so a test can check the adapter scrubs it), "fail with status N", "drop the
+connection after K events" and "send an error event after K events". Abandoned streams are
+counted in ``aborted_streams``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.fakes import DropConnection, serve_in_thread
+
+DEFAULT_REPLY = "Tokens stream back as the backend produces them."
+
+
+@dataclass
+class FakeOpenAIState:
+    """What the fake serves and what it has seen; tests may read and change it while it runs."""
+
+    models: list[str] = field(default_factory=lambda: ["tiny-model"])
+    reply: str = DEFAULT_REPLY
+    first_token_delay: float = 0.0
+    token_delay: float = 0.0
+    supports_usage: bool = True
+    api_key: str | None = None
+    fail_status: int | None = None
+    fail_message: str = "The server had an error while processing your request."
+    drop_after: int | None = None
+    error_after: int | None = None
+    error_message: str = "the slot was released while generating"
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)
+    streams_started: int = 0
+    streams_completed: int = 0
+    aborted_streams: int = 0
+    dropped_streams: int = 0
+
+
+def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": code}},
+        status_code=status,
+    )
+
+
+def _event(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n".encode()
+
+
+def build_app(state: FakeOpenAIState) -> Starlette:
+    def refused(request: Request) -> Response | None:
+        """The checks every endpoint makes first: the fail switch, then the API key."""
+        auth = request.headers.get("authorization")
+        state.authorizations.append(auth)
+        if state.fail_status is not None:
+            return _error(state.fail_status, state.fail_message, "server_error")
+        if state.api_key is not None and auth != f"Bearer {state.api_key}":
+            given = (auth or "").removeprefix("Bearer ")
+            return _error(
+                401,
+                f"Incorrect API key provided: {given}",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+        return None
+
+    async def models(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "me"} for m in state.models]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def stream(events: Sequence[dict[str, Any]]) -> AsyncIterator[bytes]:
+        state.streams_started += 1
+        finished = dropped = False
+        try:
+            for index, event in enumerate(events):
+                if state.drop_after is not None and index >= state.drop_after:
+                    dropped = True
+                    state.dropped_streams += 1
+                    raise DropConnection
+                if state.error_after is not None and index >= state.error_after:
+                    yield _event(
+                        {"error": {"message": state.error_message, "type": "server_error"}}
+                    )
+                    break
+                await asyncio.sleep(state.first_token_delay if index == 0 else state.token_delay)
+                yield _event(event)
+            else:
+                yield _event("[DONE]")
+            finished = True
+            state.streams_completed += 1
+        finally:
+            # Only a client that went away leaves the loop unfinished without a drop.
+            if not finished and not dropped:
+                state.aborted_streams += 1
+
+    async def chat_completions(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return _error(
+                400, "We could not parse the JSON body of your request.", "invalid_request_error"
+            )
+        state.bodies.append(body)
+        model = body.get("model")
+        if model not in state.models:
+            return _error(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                "invalid_request_error",
+                "model_not_found",
+            )
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _error(400, "'messages' must be a non-empty array", "invalid_request_error")
+        text = state.reply
+        for stop in body.get("stop") or []:
+            if stop in text:
+                text = text[: text.index(stop)]
+        pieces = re.findall(r"\s*\S+", text)
+        finish = "stop"
+        limit = body.get("max_tokens")
+        if isinstance(limit, int) and limit < len(pieces):
+            pieces, finish = pieces[:limit], "length"
+        usage_wanted = state.supports_usage and bool(
+            (body.get("stream_options") or {}).get("include_usage")
+        )
+        base = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+        }
+        if usage_wanted:
+            base["usage"] = None
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {**base, "choices": [choice]}
+
+        events = [chunk({"role": "assistant", "content": ""})]
+        events += [chunk({"content": piece}) for piece in pieces]
+        events.append(chunk({}, finish))
+        if usage_wanted:
+            prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(pieces),
+                "total_tokens": prompt_tokens + len(pieces),
+            }
+            events.append({**base, "choices": [], "usage": usage})
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "".join(pieces)}
+            choice = {"index": 0, "message": message, "finish_reason": finish}
+            return JSONResponse({**base, "object": "chat.completion", "choices": [choice]})
+        return StreamingResponse(stream(events), media_type="text/event-stream")
+
+    return Starlette(
+        routes=[
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        ]
+    )
+
+
+@dataclass
+class FakeOpenAI:
+    """A running fake: where it listens and what it has seen."""
+
+    url: str
+    state: FakeOpenAIState
+
+    def wait_until(
+        self, predicate: Callable[[FakeOpenAIState], bool], timeout: float = 5.0
+    ) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.state):
+                return True
+            time.sleep(0.01)
+        return predicate(self.state)
+
+
+@contextmanager
+def running_fake_openai(**settings: Any) -> Iterator[FakeOpenAI]:
+    """Start the fake on a free loopback port; ``settings`` are ``FakeOpenAIState`` fields."""
+    state = FakeOpenAIState(**settings)
+    with serve_in_thread(build_app(state)) as url:
+        yield FakeOpenAI(url=url, state=state)

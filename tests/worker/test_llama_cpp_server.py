@@ -1,0 +1,128 @@
+"""OpenAICompatBackend against a real ``llama_cpp.server`` running a tiny random-weights model.
+
+The fakes prove the adapter follows the documented format; this proves a real server agrees
+(including that it tolerates ``stream_options``, which it does not implement). The model is
+written by the test itself (tests/fakes/tiny_gguf.py): nothing can be downloaded here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
+from tests.support.servers import free_port
+from worker.backends.base import Chunk
+from worker.backends.openai_compat import OpenAICompatBackend
+
+pytestmark = pytest.mark.llama
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install .[llama])")
+pytest.importorskip("gguf", reason="the gguf package is not installed (pip install .[llama])")
+
+MODEL_ALIAS = "tiny-llama"
+STARTUP_TIMEOUT_S = 60.0
+HELLO = (ChatMessage(role="user", content="Hello there, llama."),)
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Poll ``/v1/models`` until the server answers, it dies, or the deadline passes."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"llama_cpp.server exited with {process.returncode}:\n{tail}")
+            try:
+                if client.get(f"{url}/v1/models").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(0.2)
+    raise TimeoutError(f"llama_cpp.server not ready after {STARTUP_TIMEOUT_S}s")
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A llama_cpp.server on a free loopback port for the whole module (it takes seconds to
+    start); stopped by its pid at the end."""
+    # Imported here, after the importorskip above: the module needs gguf at import time.
+    from tests.fakes.tiny_gguf import write_tiny_llama_gguf  # noqa: PLC0415
+
+    workdir = tmp_path_factory.mktemp("llama")
+    model = write_tiny_llama_gguf(workdir / "tiny.gguf")
+    port = free_port()
+    log = workdir / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model),
+        "--model_alias",
+        MODEL_ALIAS,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "512",
+        "--verbose",
+        "False",
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _inventory(url: str) -> list[ModelInfo]:
+    async with httpx.AsyncClient(timeout=30.0) as client:
+        return await OpenAICompatBackend("llama", f"{url}/v1", client).inventory()
+
+
+async def _chat(url: str, options: GenerationOptions) -> list[Chunk]:
+    async with httpx.AsyncClient(timeout=30.0) as client:
+        backend = OpenAICompatBackend("llama", url, client)
+        return [chunk async for chunk in backend.stream_chat(MODEL_ALIAS, HELLO, options)]
+
+
+def test_inventory_lists_the_served_model(llama_server: str) -> None:
+    assert asyncio.run(_inventory(llama_server)) == [ModelInfo(name=MODEL_ALIAS, loaded=True)]
+
+
+def test_stream_chat_streams_text_then_a_final_done_chunk(llama_server: str) -> None:
+    chunks = asyncio.run(_chat(llama_server, GenerationOptions(seed=7, max_tokens=16)))
+    *deltas, final = chunks
+    assert any(chunk.text for chunk in deltas)
+    assert not any(chunk.done for chunk in deltas)
+    assert final.done
+    assert final.text == ""
+    assert final.finish_reason in {"stop", "length"}
+    # llama_cpp.server sends no usage, so the adapter counts the content deltas itself.
+    assert final.completion_tokens == len([c for c in deltas if c.text])
+
+
+def test_max_tokens_is_respected(llama_server: str) -> None:
+    chunks = asyncio.run(_chat(llama_server, GenerationOptions(seed=7, max_tokens=3)))
+    final = chunks[-1]
+    assert final.done
+    assert final.finish_reason == "length"
+    assert final.completion_tokens is not None
+    assert 1 <= final.completion_tokens <= 3

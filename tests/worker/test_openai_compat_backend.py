@@ -1,0 +1,313 @@
+"""OpenAICompatBackend against a fake OpenAI-style SSE server on loopback (and httpx's
+MockTransport for the byte-level variants real servers send)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from broker.errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendUnavailable,
+    ModelNotFound,
+)
+from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
+from tests.fakes.fake_openai import running_fake_openai
+from tests.support.servers import free_port
+from worker.backends.base import Chunk
+from worker.backends.openai_compat import OpenAICompatBackend, api_root
+
+T = TypeVar("T")
+HELLO = (ChatMessage(role="user", content="Say something short"),)
+NO_OPTIONS = GenerationOptions()
+API_KEY = "sk-test-0123456789abcdef"
+
+
+def with_backend(
+    base_url: str,
+    scenario: Callable[[OpenAICompatBackend], Awaitable[T]],
+    *,
+    api_key: str | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> T:
+    """Run ``scenario`` on a fresh event loop with a backend on a client that is closed after."""
+
+    async def main() -> T:
+        async with httpx.AsyncClient(transport=transport) as client:
+            key = SecretStr(api_key) if api_key is not None else None
+            backend = OpenAICompatBackend("gpu-box", base_url, client, capacity=4, api_key=key)
+            return await scenario(backend)
+
+    return asyncio.run(main())
+
+
+async def collect(
+    backend: OpenAICompatBackend, model: str = "tiny-model", options: GenerationOptions = NO_OPTIONS
+) -> list[Chunk]:
+    return [chunk async for chunk in backend.stream_chat(model, HELLO, options)]
+
+
+async def collect_until_error(backend: OpenAICompatBackend) -> tuple[list[Chunk], BackendError]:
+    received: list[Chunk] = []
+    try:
+        async for chunk in backend.stream_chat("tiny-model", HELLO, NO_OPTIONS):
+            received.append(chunk)
+    except BackendError as exc:
+        return received, exc
+    raise AssertionError(f"the stream ended without an error after {received}")
+
+
+# --- identity and URLs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    ["http://gpu:8080", "http://gpu:8080/", "http://gpu:8080/v1", "http://gpu:8080/v1/"],
+)
+def test_base_url_with_or_without_v1_reaches_the_same_api(base_url: str) -> None:
+    assert api_root(base_url) == "http://gpu:8080/v1"
+
+
+def test_identity() -> None:
+    async def scenario(backend: OpenAICompatBackend) -> tuple[str, str, int]:
+        return backend.url, backend.kind, backend.capacity
+
+    assert with_backend("http://u:p4ssword@gpu:8080/v1", scenario) == (
+        "http://gpu:8080",
+        "openai",
+        4,
+    )
+
+
+# --- inventory -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["", "/v1", "/v1/"])
+def test_inventory_lists_served_models_as_loaded(suffix: str) -> None:
+    with running_fake_openai(models=["tiny-model", "other"]) as fake:
+        inventory = with_backend(fake.url + suffix, lambda b: b.inventory())
+    assert inventory == [
+        ModelInfo(name="tiny-model", loaded=True),
+        ModelInfo(name="other", loaded=True),
+    ]
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+
+def test_stream_yields_content_in_order_then_usage_from_the_server() -> None:
+    with running_fake_openai(reply="Hello from the GPU box") as fake:
+        chunks = with_backend(fake.url, collect)
+    assert [c.text for c in chunks[:-1]] == ["Hello", " from", " the", " GPU", " box"]
+    assert chunks[-1] == Chunk(
+        text="", done=True, finish_reason="stop", prompt_tokens=3, completion_tokens=5
+    )
+
+
+def test_without_usage_from_the_server_completion_tokens_are_counted() -> None:
+    # llama_cpp.server ignores stream_options.include_usage and sends no usage at all.
+    with running_fake_openai(reply="one two three", supports_usage=False) as fake:
+        chunks = with_backend(fake.url, collect)
+    assert chunks[-1] == Chunk(
+        text="", done=True, finish_reason="stop", prompt_tokens=None, completion_tokens=3
+    )
+
+
+def test_options_map_to_openai_fields_and_max_tokens_limits_the_answer() -> None:
+    options = GenerationOptions(temperature=0.7, seed=11, stop=("END",), max_tokens=2)
+    with running_fake_openai(reply="alpha beta gamma END delta") as fake:
+        chunks = with_backend(fake.url, lambda b: collect(b, options=options))
+        body = fake.state.bodies[-1]
+    assert body == {
+        "model": "tiny-model",
+        "messages": [{"role": "user", "content": "Say something short"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.7,
+        "seed": 11,
+        "max_tokens": 2,
+        "stop": ["END"],
+    }
+    assert "".join(c.text for c in chunks) == "alpha beta"
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].completion_tokens == 2
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_unknown_model_raises_model_not_found() -> None:
+    with running_fake_openai() as fake, pytest.raises(ModelNotFound) as caught:
+        with_backend(fake.url, lambda b: collect(b, model="gpt-9"))
+    assert "gpt-9" in str(caught.value)
+    assert "gpu-box" in str(caught.value)
+
+
+def test_server_error_raises_protocol_error_with_status_and_body_message() -> None:
+    with running_fake_openai(fail_status=500, fail_message="CUDA out of memory") as fake:
+        with pytest.raises(BackendProtocolError) as caught:
+            with_backend(fake.url, collect)
+        with pytest.raises(BackendProtocolError, match="HTTP 500: CUDA out of memory"):
+            with_backend(fake.url, lambda b: b.inventory())
+    assert "HTTP 500" in str(caught.value)
+    assert "CUDA out of memory" in str(caught.value)
+
+
+def test_refused_connection_raises_unavailable() -> None:
+    port = free_port()
+    with pytest.raises(BackendUnavailable) as caught:
+        with_backend(f"http://127.0.0.1:{port}/v1", collect, api_key=API_KEY)
+    assert f"127.0.0.1:{port}" in str(caught.value)
+    assert API_KEY not in str(caught.value)
+
+
+def test_connection_dropped_mid_stream_raises_unavailable() -> None:
+    with running_fake_openai(drop_after=3) as fake:
+        received, error = with_backend(fake.url, collect_until_error)
+        assert fake.state.dropped_streams == 1
+    assert [c.text for c in received] == ["Tokens", " stream"]
+    assert isinstance(error, BackendUnavailable)
+
+
+def test_error_event_mid_stream_raises_protocol_error_with_its_message() -> None:
+    with running_fake_openai(error_after=2) as fake:
+        received, error = with_backend(fake.url, collect_until_error)
+    assert [c.text for c in received] == ["Tokens"]
+    assert isinstance(error, BackendProtocolError)
+    assert "the slot was released while generating" in str(error)
+
+
+# --- the API key ---------------------------------------------------------------------------
+
+
+def test_api_key_is_sent_as_bearer_token() -> None:
+    with running_fake_openai(api_key=API_KEY) as fake:
+        inventory = with_backend(fake.url, lambda b: b.inventory(), api_key=API_KEY)
+        chunks = with_backend(fake.url, collect, api_key=API_KEY)
+        assert fake.state.authorizations == [f"Bearer {API_KEY}"] * 2
+    assert [m.name for m in inventory] == ["tiny-model"]
+    assert chunks[-1].done
+
+
+def test_no_authorization_header_without_a_key() -> None:
+    with running_fake_openai() as fake:
+        with_backend(fake.url, collect)
+        assert fake.state.authorizations == [None]
+
+
+def test_a_rejected_key_never_appears_in_the_error() -> None:
+    wrong_key = "sk-wrong-key-that-must-stay-secret"
+    # The fake's 401 message echoes the key it was given, as some servers do.
+    with running_fake_openai(api_key=API_KEY) as fake:
+        with pytest.raises(BackendProtocolError) as caught:
+            with_backend(fake.url, collect, api_key=wrong_key)
+        with pytest.raises(BackendProtocolError) as caught_inventory:
+            with_backend(fake.url, lambda b: b.inventory(), api_key=wrong_key)
+    for error in (caught.value, caught_inventory.value):
+        assert "HTTP 401" in str(error)
+        assert "Incorrect API key provided" in str(error)
+        assert wrong_key not in str(error)
+
+
+# --- cancellation --------------------------------------------------------------------------
+
+
+def test_cancelling_the_consumer_closes_the_stream_on_the_server() -> None:
+    async def scenario(backend: OpenAICompatBackend) -> list[Chunk]:
+        received: list[Chunk] = []
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async for chunk in backend.stream_chat("tiny-model", HELLO, NO_OPTIONS):
+                received.append(chunk)
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(first.wait(), timeout=5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return received
+
+    with running_fake_openai(token_delay=0.2) as fake:
+        received = with_backend(fake.url, scenario)
+        assert fake.wait_until(lambda s: s.aborted_streams == 1)
+        assert fake.state.streams_completed == 0
+    assert [c.text for c in received] == ["Tokens"]
+
+
+# --- wire variants (MockTransport) ---------------------------------------------------------
+
+
+def mock_stream(body: bytes) -> httpx.MockTransport:
+    def respond(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    return httpx.MockTransport(respond)
+
+
+def test_comments_crlf_and_split_data_lines_are_understood() -> None:
+    body = (
+        b": keep-alive\r\n\r\n"
+        b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\r\n\r\n'
+        b'data: {"choices":[{"index":0,\r\n'
+        b'data: "delta":{"content":" there"},"finish_reason":null}]}\r\n\r\n'
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\r\n\r\n'
+        b"data: [DONE]\r\n\r\n"
+    )
+    chunks = with_backend("http://llama.test:8080", collect, transport=mock_stream(body))
+    assert [c.text for c in chunks] == ["Hi", " there", ""]
+    assert chunks[-1] == Chunk(text="", done=True, finish_reason="stop", completion_tokens=2)
+
+
+def test_llama_cpp_error_field_mid_stream_raises_protocol_error() -> None:
+    body = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n'
+        b'error: {"code":500,"message":"context shift is disabled","type":"server_error"}\n\n'
+    )
+    received, error = with_backend(
+        "http://llama.test:8080", collect_until_error, transport=mock_stream(body)
+    )
+    assert [c.text for c in received] == ["Hi"]
+    assert isinstance(error, BackendProtocolError)
+    assert "context shift is disabled" in str(error)
+
+
+def test_an_event_that_is_not_json_raises_protocol_error() -> None:
+    body = b"data: <html>proxy error</html>\n\n"
+    _, error = with_backend(
+        "http://llama.test:8080", collect_until_error, transport=mock_stream(body)
+    )
+    assert isinstance(error, BackendProtocolError)
+
+
+def test_a_stream_cut_before_any_finish_raises_protocol_error() -> None:
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n'
+    received, error = with_backend(
+        "http://llama.test:8080", collect_until_error, transport=mock_stream(body)
+    )
+    assert [c.text for c in received] == ["Hi"]
+    assert isinstance(error, BackendProtocolError)
+
+
+def test_vllm_style_404_body_is_model_not_found() -> None:
+    def respond(request: httpx.Request) -> httpx.Response:
+        body = {"object": "error", "message": "The model `x` does not exist.", "code": 404}
+        return httpx.Response(404, json=body)
+
+    with pytest.raises(ModelNotFound):
+        with_backend("http://vllm.test:8000", collect, transport=httpx.MockTransport(respond))
+
+
+def test_fastapi_detail_body_is_quoted() -> None:
+    def respond(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    with pytest.raises(BackendProtocolError, match="HTTP 404: Not Found"):
+        with_backend("http://llama.test:8000", collect, transport=httpx.MockTransport(respond))

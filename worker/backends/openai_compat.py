@@ -1,0 +1,360 @@
+"""The adapter for OpenAI-compatible servers: llama.cpp server, llama_cpp.server, llamafile,
+vLLM, LM Studio.
+
+``inventory`` reads ``GET /v1/models``; ``stream_chat`` posts to ``/v1/chat/completions`` with
+``stream: true`` and reads Server-Sent Events until ``data: [DONE]``. httpx errors are translated
+into the ``broker.errors.BackendError`` tree here. The API key travels only in the
+``Authorization`` header: it is never logged and is scrubbed from every message we build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from broker.errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    ModelNotFound,
+)
+from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
+from worker.backends.base import BackendKind, Chunk, public_url
+
+_MAX_DETAIL = 300
+"""Longest piece of a backend's own words we copy into an error message."""
+
+DONE_SENTINEL = "[DONE]"
+
+
+# --- the wire format we read (only the fields corral uses) --------------------------------
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class _ListedModel(_Wire):
+    id: str
+
+
+class _ModelList(_Wire):
+    data: list[_ListedModel] = Field(default_factory=list)
+
+
+class _Delta(_Wire):
+    content: str | None = None
+
+
+class _Choice(_Wire):
+    delta: _Delta = Field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _Usage(_Wire):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _StreamChunk(_Wire):
+    """One ``chat.completion.chunk``; with ``include_usage`` the last has no choices, only usage."""
+
+    choices: list[_Choice] = Field(default_factory=list)
+    usage: _Usage | None = None
+    error: Any = None
+
+
+class _ErrorBody(_Wire):
+    """The error shapes these servers use: OpenAI's ``{"error": {"message", "code"}}``,
+    a bare ``{"error": "..."}``, vLLM's top-level ``message``, FastAPI's ``detail``."""
+
+    error: Any = None
+    message: Any = None
+    code: Any = None
+    detail: Any = None
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def api_root(base_url: str) -> str:
+    """``http://host:8080``, ``http://host:8080/`` and ``http://host:8080/v1`` all mean the same."""
+    root = base_url.rstrip("/")
+    root = root.removesuffix("/v1")
+    return f"{root}/v1"
+
+
+def chat_request_body(
+    model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+) -> dict[str, object]:
+    body: dict[str, object] = {
+        "model": model,
+        "messages": [{"role": m.role, "content": m.content} for m in messages],
+        "stream": True,
+        # Ask for the token counts in one last chunk. Servers that do not implement it ignore
+        # the field (llama_cpp.server does: tests/worker/test_llama_cpp_server.py), and then
+        # the adapter counts the content deltas itself.
+        "stream_options": {"include_usage": True},
+    }
+    if options.temperature is not None:
+        body["temperature"] = options.temperature
+    if options.seed is not None:
+        body["seed"] = options.seed
+    if options.max_tokens is not None:
+        body["max_tokens"] = options.max_tokens
+    if options.stop:
+        body["stop"] = list(options.stop)
+    return body
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
+
+
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """The parts of ``url`` that must never reach a message (userinfo, query, password)."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    candidates = (f"{userinfo}@" if userinfo else "", parts.query, parts.password or "")
+    return tuple(c for c in candidates if len(c) >= 4)
+
+
+def _error_fields(payload: Any) -> tuple[str | None, str | None]:
+    """``(message, code)`` from whatever error value a server put in its JSON."""
+    if isinstance(payload, dict):
+        message = payload.get("message")
+        code = payload.get("code")
+        return (
+            str(message) if message is not None else None,
+            str(code) if code is not None else None,
+        )
+    if payload is None:
+        return None, None
+    return str(payload), None
+
+
+class _SSEDecoder:
+    """Just enough of the Server-Sent Events format: ``data:`` lines, joined until a blank line.
+
+    The event name is kept because llama.cpp's server reports a failure after the 200 header
+    as an ``error:`` line (older builds) or an ``event: error`` (some proxies).
+    """
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+        self._event = ""
+
+    def feed(self, line: str) -> tuple[str, str] | None:
+        """Take one line; return ``(event, data)`` when a blank line completes an event."""
+        if not line:
+            return self.flush()
+        if line.startswith(":"):
+            return None  # a comment, sent as a keep-alive
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            self._data.append(value)
+        elif field == "event":
+            self._event = value
+        elif field == "error":
+            self._event = "error"
+            self._data.append(value)
+        return None
+
+    def flush(self) -> tuple[str, str] | None:
+        if not self._data:
+            self._event = ""
+            return None
+        event = (self._event or "message", "\n".join(self._data))
+        self._data, self._event = [], ""
+        return event
+
+
+class OpenAICompatBackend:
+    """One OpenAI-compatible server, reached through an injected ``httpx.AsyncClient``.
+
+    These servers keep their models loaded, so every listed model reports ``loaded=True``.
+    The client belongs to the caller, so ``aclose`` closes nothing. Cancelling the task that
+    iterates ``stream_chat`` (or calling ``aclose()`` on the iterator) closes the response,
+    which stops generation on the server.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        client: httpx.AsyncClient,
+        capacity: int = 1,
+        api_key: SecretStr | None = None,
+    ) -> None:
+        self._name = name
+        self._api_root = api_root(base_url)
+        self._client = client
+        self._capacity = capacity
+        self._public_url = public_url(base_url)
+        self._api_key = api_key
+        secrets = list(_url_secrets(base_url))
+        if api_key is not None and api_key.get_secret_value():
+            secrets.append(api_key.get_secret_value())
+        self._secrets = tuple(sorted(secrets, key=len, reverse=True))
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def kind(self) -> BackendKind:
+        return "openai"
+
+    @property
+    def url(self) -> str:
+        return self._public_url
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    async def aclose(self) -> None:
+        """Nothing to release: the HTTP client is owned, and closed, by whoever injected it."""
+
+    async def inventory(self) -> list[ModelInfo]:
+        try:
+            response = await self._client.get(f"{self._api_root}/models", headers=self._headers())
+            await self._check_status(response, model=None)
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+            raise self._transport_error(exc) from None
+        try:
+            listing = _ModelList.model_validate_json(response.content)
+        except ValidationError:
+            raise BackendProtocolError(
+                f"{self._where()} answered /v1/models with a body that is not a model list"
+            ) from None
+        return [ModelInfo(name=m.id, loaded=True) for m in listing.data]
+
+    async def stream_chat(
+        self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+    ) -> AsyncIterator[Chunk]:
+        body = chat_request_body(model, messages, options)
+        finish_reason: str | None = None
+        usage: _Usage | None = None
+        deltas = 0
+        finished = False
+        decoder = _SSEDecoder()
+        try:
+            # ``async with`` is what makes cancellation work: a CancelledError raised while we
+            # wait for the next line unwinds through it and closes the response.
+            async with self._client.stream(
+                "POST", f"{self._api_root}/chat/completions", json=body, headers=self._headers()
+            ) as response:
+                await self._check_status(response, model)
+                async for line in response.aiter_lines():
+                    event = decoder.feed(line)
+                    if event is None or finished:
+                        # After [DONE] we only drain the rest of the body, so the connection
+                        # goes back to the pool instead of being torn down.
+                        continue
+                    kind, data = event
+                    if data.strip() == DONE_SENTINEL:
+                        finished = True
+                        continue
+                    chunk = self._parse_event(kind, data)
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    for choice in chunk.choices[:1]:
+                        finish_reason = choice.finish_reason or finish_reason
+                        if choice.delta.content:
+                            deltas += 1
+                            yield Chunk(text=choice.delta.content)
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+            raise self._transport_error(exc) from None
+        if not finished and finish_reason is None:
+            # A clean end of body with neither [DONE] nor a finish reason: the answer is cut.
+            raise BackendProtocolError(f"{self._where()} ended the stream before the answer")
+        # Yielded after the response is closed, so a consumer that stops here leaks nothing.
+        yield Chunk(
+            text="",
+            done=True,
+            finish_reason=finish_reason,
+            prompt_tokens=usage.prompt_tokens if usage is not None else None,
+            completion_tokens=(
+                usage.completion_tokens
+                if usage is not None and usage.completion_tokens is not None
+                else deltas
+            ),
+        )
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        if self._api_key is None or not self._api_key.get_secret_value():
+            return {}
+        return {"Authorization": f"Bearer {self._api_key.get_secret_value()}"}
+
+    def _where(self) -> str:
+        return f"openai-compatible backend {self._name!r} at {self._public_url}"
+
+    def _parse_event(self, kind: str, data: str) -> _StreamChunk:
+        try:
+            chunk = _StreamChunk.model_validate_json(data)
+        except ValidationError:
+            raise BackendProtocolError(
+                f"{self._where()} sent an event that is not a chat completion chunk: "
+                f"{self._scrub(_clip(data))!r}"
+            ) from None
+        if kind == "error" or chunk.error is not None:
+            message, _ = _error_fields(chunk.error)
+            raise BackendProtocolError(
+                f"{self._where()} failed mid-stream: {self._scrub(_clip(message or data))}"
+            )
+        return chunk
+
+    async def _check_status(self, response: httpx.Response, model: str | None) -> None:
+        if response.status_code < 400:
+            return
+        await response.aread()
+        message, code = self._error_detail(response)
+        lowered = message.lower()
+        says_model_missing = "model" in lowered and (
+            "not found" in lowered or "does not exist" in lowered
+        )
+        if model is not None and (
+            code == "model_not_found" or (response.status_code == 404 and says_model_missing)
+        ):
+            raise ModelNotFound(f"model {model!r} not found on backend {self._name!r}")
+        raise BackendProtocolError(
+            f"{self._where()} answered HTTP {response.status_code}: {message}"
+        )
+
+    def _error_detail(self, response: httpx.Response) -> tuple[str, str | None]:
+        try:
+            body = _ErrorBody.model_validate_json(response.content)
+        except ValidationError:
+            body = _ErrorBody()
+        message, code = _error_fields(body.error)
+        if message is None and body.message is not None:
+            message, code = str(body.message), code or _error_fields(body.code)[0]
+        if message is None and body.detail is not None:
+            message = str(body.detail)
+        text = message if message is not None else response.text
+        return self._scrub(_clip(text)) or response.reason_phrase, code
+
+    def _transport_error(self, exc: Exception) -> BackendError:
+        reason = self._scrub(_clip(str(exc))) or type(exc).__name__
+        if isinstance(exc, httpx.TimeoutException):
+            return BackendTimeout(f"{self._where()} timed out ({type(exc).__name__})")
+        if isinstance(exc, httpx.ConnectError | httpx.ProxyError):
+            return BackendUnavailable(f"cannot connect to {self._where()}: {reason}")
+        if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
+            return BackendUnavailable(f"connection to {self._where()} dropped: {reason}")
+        return BackendProtocolError(f"{self._where()}: {type(exc).__name__}: {reason}")
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
