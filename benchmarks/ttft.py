@@ -60,19 +60,35 @@ def corral_first_token_ms(client: CorralClient) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--first-token-ms", type=float, default=20.0)
-    parser.add_argument("--task-events", choices=["on", "off"], default="on",
-                        help="Celery task events for Flower (on by default in corral)")
+    parser.add_argument(
+        "--task-events",
+        choices=["on", "off"],
+        default="on",
+        help="Celery task events for Flower (on by default in corral)",
+    )
     args = parser.parse_args()
 
     redis_server = start_redis()
     log_dir = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     events_env = {"CORRAL_TASK_EVENTS": "true" if args.task_events == "on" else "false"}
     worker = start_worker(
-        redis_server.url, "bench", "--simulate", "--sim-first-token-ms", str(args.first_token_ms),
-        "--sim-token-ms", "1", "--capacity", "2", log_dir=log_dir, heartbeat_s=2.0, env=events_env,
+        redis_server.url,
+        "bench",
+        "--simulate",
+        "--sim-first-token-ms",
+        str(args.first_token_ms),
+        "--sim-token-ms",
+        "1",
+        "--capacity",
+        "2",
+        log_dir=log_dir,
+        heartbeat_s=2.0,
+        env=events_env,
     )
     backend = SimulatedBackend(first_token_s=args.first_token_ms / 1000, token_s=0.001)
     direct: list[float] = []
@@ -94,15 +110,25 @@ def main() -> int:
         redis_server.stop()
 
     added = [t - d for t, d in zip(through, direct, strict=True)]
-    table = Table(title=f"time to first token, {args.runs} interleaved runs, simulated first token "
-                        f"{args.first_token_ms:.0f} ms, task events {args.task_events}")
+    table = Table(
+        title=f"time to first token, {args.runs} interleaved runs, simulated first token "
+        f"{args.first_token_ms:.0f} ms, task events {args.task_events}"
+    )
     for column in ("path", "p50 ms", "p99 ms", "mean ms"):
         table.add_column(column, justify="right" if column != "path" else "left")
     for label, values in (("direct backend call", direct), ("through corral", through)):
-        table.add_row(label, f"{percentile(values, 50):.2f}", f"{percentile(values, 99):.2f}",
-                      f"{statistics.fmean(values):.2f}")
-    table.add_row("added by corral (p50 / p99 of the difference)",
-                  f"{percentile(added, 50):.2f}", f"{percentile(added, 99):.2f}", f"{statistics.fmean(added):.2f}")
+        table.add_row(
+            label,
+            f"{percentile(values, 50):.2f}",
+            f"{percentile(values, 99):.2f}",
+            f"{statistics.fmean(values):.2f}",
+        )
+    table.add_row(
+        "added by corral (p50 / p99 of the difference)",
+        f"{percentile(added, 50):.2f}",
+        f"{percentile(added, 99):.2f}",
+        f"{statistics.fmean(added):.2f}",
+    )
     Console().print(table)
     return 0
 

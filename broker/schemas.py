@@ -11,8 +11,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-SCHEMA_VERSION = 1
-
 Role = Literal["system", "user", "assistant"]
 Priority = Literal["interactive", "batch"]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
@@ -21,7 +19,8 @@ Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][
 class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1
+    """The schema version; a reader refuses a message of another."""
 
 
 class ChatMessage(BaseModel):

@@ -22,7 +22,14 @@ from broker.errors import (
     RoutingError,
     error_from_code,
 )
-from broker.schemas import DeltaEvent, DoneEvent, ErrorEvent, GenerationOptions, StartedEvent
+from broker.schemas import (
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    GenerationOptions,
+    JobSpec,
+    StartedEvent,
+)
 from broker.settings import CorralSettings, build_settings
 from controller.client import CorralClient, Event, make_spec
 from controller.prompt import parse_tags, split_route_prefix
@@ -82,13 +89,17 @@ def cli(ctx: click.Context, broker: str | None) -> None:
 
 
 @cli.command(
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    }
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def worker(args: tuple[str, ...]) -> None:
     """Run a node worker (see `corral worker --help`)."""
     # The worker package is not imported by the controller: hand the process over to it.
-    os.execv(sys.executable, [sys.executable, "-m", "worker", *args])
+    os.execv(sys.executable, [sys.executable, "-m", "worker", *args])  # noqa: S606
 
 
 @cli.command()
@@ -99,7 +110,9 @@ def worker(args: tuple[str, ...]) -> None:
 @click.option("--system", help="A system prompt.")
 @click.option("--max-tokens", type=click.IntRange(1), help="Stop after this many tokens.")
 @click.option("--temperature", type=click.FloatRange(0, 2))
-@click.option("--timeout", type=click.FloatRange(min=1), help="Seconds of silence before giving up.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=1), help="Seconds of silence before giving up."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line, for scripts.")
 @click.pass_context
 def ask(
@@ -131,15 +144,14 @@ def ask(
     except CorralError as exc:
         fail(exc)
     with CorralClient(settings) as client:
-        code = run_and_print(client, spec, as_json=as_json, timeout_s=timeout or settings.job_timeout_s)
+        code = run_and_print(
+            client, spec, as_json=as_json, timeout_s=timeout or settings.job_timeout_s
+        )
     sys.exit(code)
 
 
-def run_and_print(client: CorralClient, spec: object, *, as_json: bool, timeout_s: float) -> int:
+def run_and_print(client: CorralClient, spec: JobSpec, *, as_json: bool, timeout_s: float) -> int:
     """Submit, print tokens as they come, and return the exit code; Ctrl-C cancels the job."""
-    from broker.schemas import JobSpec  # narrow the type for mypy without widening the API
-
-    assert isinstance(spec, JobSpec)
     err = stderr_console()
     sent_at = time.perf_counter()
     try:
@@ -184,7 +196,9 @@ def _print_events(events: Iterator[Event], as_json: bool, sent_at: float) -> int
             if not as_json:
                 sys.stdout.write("\n")
                 total_ms = (time.perf_counter() - sent_at) * 1000
-                stderr_console().print(f"[dim]{summary_line(event.result, first_token_ms, total_ms)}[/dim]")
+                stderr_console().print(
+                    f"[dim]{summary_line(event.result, first_token_ms, total_ms)}[/dim]"
+                )
             return ExitCode.OK
         if isinstance(event, ErrorEvent):
             if not as_json:
@@ -207,7 +221,9 @@ def nodes(ctx: click.Context, as_json: bool) -> None:
         fail(exc)
     if as_json:
         for state in states:
-            _print_json({"up": state.up, "queued": state.queued, **state.info.model_dump(mode="json")})
+            _print_json(
+                {"up": state.up, "queued": state.queued, **state.info.model_dump(mode="json")}
+            )
         return
     if not states:
         click.echo("no nodes have registered yet (start one with `corral worker`)")
@@ -220,7 +236,9 @@ def nodes(ctx: click.Context, as_json: bool) -> None:
 @cli.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
-@click.option("--timeout", type=click.FloatRange(min=1), help="Seconds of silence before giving up.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=1), help="Seconds of silence before giving up."
+)
 @click.pass_context
 def attach(ctx: click.Context, job_id: str, as_json: bool, timeout: float | None) -> None:
     """Replay a running or finished job's stream from its first token."""
@@ -228,7 +246,9 @@ def attach(ctx: click.Context, job_id: str, as_json: bool, timeout: float | None
     try:
         with CorralClient(settings) as client:
             reader = client.attach(job_id)
-            code = _print_events(reader.events(timeout or settings.job_timeout_s), as_json, time.perf_counter())
+            code = _print_events(
+                reader.events(timeout or settings.job_timeout_s), as_json, time.perf_counter()
+            )
     except CorralError as exc:
         fail(exc)
     sys.exit(code)
@@ -247,6 +267,15 @@ def cancel(ctx: click.Context, job_id: str) -> None:
     if not known:
         fail(JobError(f"no job {job_id} (unknown, or older than the replay window)"))
     click.echo(f"cancel sent for job {job_id}")
+
+
+@cli.command()
+def demo() -> None:
+    """Start a local broker and two workers, then route and stream a few jobs."""
+    from controller.demo import run_demo  # noqa: PLC0415 - only this command needs it
+
+    # Piped or captured output has no width of its own; 120 columns keeps the table readable.
+    sys.exit(run_demo(Console(highlight=False, width=None if sys.stdout.isatty() else 120)))
 
 
 def main() -> None:

@@ -147,7 +147,7 @@ class JobStreamReader:
             raw = self.redis.lrange(names.job_log_key(self.job_id), self.next_seq, upto)
         except redis.exceptions.ConnectionError:
             return
-        for payload in raw:  # type: ignore[union-attr]
+        for payload in raw:
             event = parse_event(payload)
             self.next_seq = event.seq + 1
             yield event
@@ -199,7 +199,9 @@ class CorralClient:
         try:
             return read_nodes(self.redis)
         except redis.exceptions.AuthenticationError:
-            raise BrokerUnavailable(f"Redis at {redacted_url(self._url)} refused the password") from None
+            raise BrokerUnavailable(
+                f"Redis at {redacted_url(self._url)} refused the password"
+            ) from None
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise BrokerUnavailable(
                 f"cannot reach Redis at {redacted_url(self._url)}: {exc.__class__.__name__}"
@@ -258,7 +260,7 @@ class CorralClient:
         return bool(known)
 
     def _subscribe(self, job_id: str, node: str | None) -> JobStreamReader:
-        pubsub = self.redis.pubsub()
+        pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]  # redis-py stub gap
         pubsub.subscribe(names.job_channel(job_id))
         # Wait for Redis to confirm: from then on no event of this job can be missed.
         confirmed = pubsub.get_message(timeout=5)

@@ -38,7 +38,7 @@ def read_nodes(redis: Redis) -> list[NodeState]:
     script = redis.register_script(_READ_NODES_LUA)
     rows = script(keys=[names.NODES_HASH], args=[alive_prefix, alive_suffix, queue_prefix])
     states: list[NodeState] = []
-    for name, payload, alive, queued in sorted(rows):  # type: ignore[union-attr]
+    for name, payload, alive, queued in sorted(rows):
         try:
             info = NodeInfo.model_validate_json(payload)
         except ValidationError:

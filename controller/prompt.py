@@ -18,7 +18,7 @@ def split_route_prefix(prompt: str) -> tuple[str | None, str]:
     name = match.group(1)
     if not _NAME.match(name):
         raise ConfigError(f"@{name} is not a node name (letters, digits, '.', '_', '-')")
-    rest = prompt[match.end():].strip()
+    rest = prompt[match.end() :].strip()
     if not rest:
         raise ConfigError(f"nothing to ask after @{name}")
     return name, rest

@@ -17,13 +17,16 @@ def _gib(n: int) -> str:
 
 def nodes_table(nodes: list[NodeState]) -> Table:
     table = Table(title="corral nodes", title_justify="left")
-    for column in ("node", "state", "tags", "backends", "models (* loaded)", "jobs", "memory GiB", "seen"):
+    for column in ("node", "state", "tags", "backend", "models (* loaded)", "jobs", "queued"):
         table.add_column(column, overflow="fold")
+    table.add_column("free/total GiB")
+    table.add_column("seen", justify="right")
     now = time.time()
     for node in nodes:
         info = node.info
         backends = "\n".join(
-            f"{b.name} ({b.kind}{', ' + b.url if b.url else ''})"
+            (b.name if b.name == b.kind else f"{b.name} ({b.kind})")
+            + (f" {b.url}" if b.url else "")
             + ("" if b.healthy else " [red]unhealthy[/red]")
             for b in info.backends
         )
@@ -32,7 +35,7 @@ def nodes_table(nodes: list[NodeState]) -> Table:
             for b in info.backends
         )
         memory = (
-            f"{_gib(info.memory.available_bytes)} free / {_gib(info.memory.total_bytes)}"
+            f"{_gib(info.memory.available_bytes)}/{_gib(info.memory.total_bytes)}"
             if info.memory
             else "-"
         )
@@ -42,14 +45,17 @@ def nodes_table(nodes: list[NodeState]) -> Table:
             ",".join(sorted(info.tags)) or "-",
             backends,
             models,
-            f"{info.in_flight} running, {node.queued} queued / {info.capacity}",
+            f"{info.in_flight}/{info.capacity}",
+            str(node.queued),
             memory,
             f"{max(0.0, now - info.sent_at):.0f}s ago",
         )
     return table
 
 
-def summary_line(result: JobResult, client_first_token_ms: float | None, client_total_ms: float) -> str:
+def summary_line(
+    result: JobResult, client_first_token_ms: float | None, client_total_ms: float
+) -> str:
     ttft = f"{client_first_token_ms:.0f} ms" if client_first_token_ms is not None else "-"
     return (
         f"node {result.node} · {result.backend} · model {result.model} · "
@@ -59,4 +65,4 @@ def summary_line(result: JobResult, client_first_token_ms: float | None, client_
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)

@@ -42,9 +42,7 @@ def test_the_rule_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     bad.write_text("from controller.client import CorralClient\nimport worker.node\n")
     assert imported_top_level_packages(bad) == {"controller", "worker"}
 
-
-def test_importing_the_packages_opens_no_connection() -> None:
-    # A broker URL that nothing listens on: any connection attempt at import time would hang or fail.
+    # A broker URL nothing listens on: a connection attempt at import time would fail.
     code = (
         "import broker, controller, worker\n"
         "from broker import build_settings, make_celery_app\n"
@@ -52,8 +50,12 @@ def test_importing_the_packages_opens_no_connection() -> None:
         "print('ok')\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-        env={"CORRAL_BROKER_URL": "redis://127.0.0.1:1/0", "PATH": "/usr/bin:/bin"}, cwd=ROOT,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"CORRAL_BROKER_URL": "redis://127.0.0.1:1/0", "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

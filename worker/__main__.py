@@ -22,21 +22,48 @@ def _split_tags(value: str | None) -> frozenset[str] | None:
 @click.command(name="worker", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--name", help="Node name (default: the host name). Jobs reach it as @NAME.")
 @click.option("--tags", help="Comma-separated capability tags, e.g. code,gpu.")
-@click.option("--ollama", "ollama_urls", multiple=True, metavar="URL",
-              help="Front an Ollama server (repeatable).")
-@click.option("--openai-compat", "openai_urls", multiple=True, metavar="URL",
-              help="Front an OpenAI-compatible server: llama.cpp, llamafile, vLLM, LM Studio.")
+@click.option(
+    "--ollama",
+    "ollama_urls",
+    multiple=True,
+    metavar="URL",
+    help="Front an Ollama server (repeatable).",
+)
+@click.option(
+    "--openai-compat",
+    "openai_urls",
+    multiple=True,
+    metavar="URL",
+    help="Front an OpenAI-compatible server: llama.cpp, llamafile, vLLM, LM Studio.",
+)
 @click.option("--simulate", is_flag=True, help="Front the built-in simulated backend.")
-@click.option("--sim-first-token-ms", type=click.FloatRange(min=0), default=50.0, show_default=True,
-              help="Simulated backend: time to first token.")
-@click.option("--sim-token-ms", type=click.FloatRange(min=0), default=20.0, show_default=True,
-              help="Simulated backend: time between tokens.")
-@click.option("--capacity", type=click.IntRange(1, 256),
-              help="Parallel requests per backend (OLLAMA_NUM_PARALLEL and the like).")
+@click.option(
+    "--sim-first-token-ms",
+    type=click.FloatRange(min=0),
+    default=50.0,
+    show_default=True,
+    help="Simulated backend: time to first token.",
+)
+@click.option(
+    "--sim-token-ms",
+    type=click.FloatRange(min=0),
+    default=20.0,
+    show_default=True,
+    help="Simulated backend: time between tokens.",
+)
+@click.option(
+    "--capacity",
+    type=click.IntRange(1, 256),
+    help="Parallel requests per backend (OLLAMA_NUM_PARALLEL and the like).",
+)
 @click.option("--broker", help="Redis URL (default: CORRAL_BROKER_URL).")
 @click.option("--heartbeat", type=float, help="Seconds between heartbeats.")
-@click.option("--loglevel", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--loglevel",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 def worker_command(
     name: str | None,
     tags: str | None,
@@ -51,7 +78,9 @@ def worker_command(
     loglevel: str,
 ) -> None:
     """Run a node worker that consumes its own queue and fronts local LLM backends."""
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         settings = build_settings(broker_url=broker, heartbeat_interval_s=heartbeat)
         extra = {} if capacity is None else {"capacity": capacity}

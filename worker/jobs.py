@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from broker.errors import BackendError, BackendUnavailable, CorralError
 from broker.schemas import JobAssignment, JobResult, Timings, Usage
@@ -42,11 +43,13 @@ async def run_job(
     final: Chunk | None = None
     deltas = 0
 
-    def outcome(status: str, error: CorralError | None = None) -> JobResult:
+    def outcome(
+        status: Literal["ok", "error", "cancelled"], error: CorralError | None = None
+    ) -> JobResult:
         now = time.time()
         return JobResult(
             job_id=spec.job_id,
-            status=status,  # type: ignore[arg-type]
+            status=status,
             node=assignment.node,
             backend=assignment.backend,
             model=assignment.model,
@@ -54,8 +57,11 @@ async def run_job(
             finish_reason=final.finish_reason if final else None,
             usage=Usage(
                 prompt_tokens=final.prompt_tokens if final else None,
-                completion_tokens=(final.completion_tokens if final and final.completion_tokens
-                                   is not None else deltas),
+                completion_tokens=(
+                    final.completion_tokens
+                    if final and final.completion_tokens is not None
+                    else deltas
+                ),
             ),
             timings=Timings(
                 queued_ms=max(0.0, (started_at - spec.created_at) * 1000),

@@ -43,7 +43,9 @@ class NodeRuntime:
         self.settings = settings
         self.config = config
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="corral-loop", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="corral-loop", daemon=True
+        )
         self._redis: Redis | None = None
         self._http: httpx.AsyncClient | None = None
         self.backends: dict[str, Backend] = {}
@@ -188,7 +190,9 @@ class NodeRuntime:
                 lease_ttl_s=int(self.settings.job_timeout_s) + self.settings.replay_ttl_s,
             )
             if claim is Claim.TAKEN_ELSEWHERE:
-                log.warning("job %s already taken by another delivery; not streaming it twice", job_id)
+                log.warning(
+                    "job %s already taken by another delivery; not streaming it twice", job_id
+                )
                 return None
             if claim is Claim.CANCELLED:
                 control.cancel_requested = True

@@ -66,15 +66,27 @@ class JobStream:
     def events_sent(self) -> int:
         return self._seq
 
-    async def claim(
-        self, node: str, backend: str, model: str, lease_ttl_s: int
-    ) -> Claim:
+    async def claim(self, node: str, backend: str, model: str, lease_ttl_s: int) -> Claim:
         started = StartedEvent(
-            job_id=self._job_id, seq=self._seq, ts=time.time(),
-            node=node, backend=backend, model=model,
+            job_id=self._job_id,
+            seq=self._seq,
+            ts=time.time(),
+            node=node,
+            backend=backend,
+            model=model,
         )
-        keys = [names.job_cancel_key(self._job_id), names.job_lease_key(self._job_id), self._log_key]
-        args = [node, lease_ttl_s, started.model_dump_json(), self._channel, self._ttl_s]
+        keys = [
+            names.job_cancel_key(self._job_id),
+            names.job_lease_key(self._job_id),
+            self._log_key,
+        ]
+        args: list[str | int] = [
+            node,
+            lease_ttl_s,
+            started.model_dump_json(),
+            self._channel,
+            self._ttl_s,
+        ]
         claim = Claim(int(await self._claim(keys=keys, args=args)))
         if claim is Claim.STARTED:
             self._seq += 1
@@ -93,7 +105,11 @@ class JobStream:
         self, code: str, message: str, node: str | None, result: JobResult | None
     ) -> None:
         event = ErrorEvent(
-            job_id=self._job_id, seq=self._seq, ts=time.time(), code=code, message=message,
+            job_id=self._job_id,
+            seq=self._seq,
+            ts=time.time(),
+            code=code,
+            message=message,
             node=node,
         )
         await self._send(event, result=result, set_expiry=True)

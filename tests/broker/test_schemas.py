@@ -62,7 +62,12 @@ def test_events_parse_by_their_type() -> None:
     error = ErrorEvent(job_id="j", seq=4, ts=0, code="backend_unavailable", message="down")
     assert isinstance(parse_event(error.model_dump_json()), ErrorEvent)
     result = JobResult(
-        job_id="j", status="ok", node="n", backend="b", model="m", text="hi",
+        job_id="j",
+        status="ok",
+        node="n",
+        backend="b",
+        model="m",
+        text="hi",
         timings=Timings(queued_ms=1, first_token_ms=2, total_ms=3),
     )
     done = DoneEvent(job_id="j", seq=5, ts=0, result=result)

@@ -19,7 +19,9 @@ def test_default_broker_is_local_redis() -> None:
     assert build_settings().broker_url.get_secret_value() == "redis://127.0.0.1:6379/0"
 
 
-def test_precedence_env_then_yaml_then_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_precedence_env_then_yaml_then_flags(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("CORRAL_BROKER_URL", "redis://env-host:6379/0")
     monkeypatch.setenv("CORRAL_HEARTBEAT_INTERVAL_S", "7")
     assert build_settings().broker_url.get_secret_value() == "redis://env-host:6379/0"
@@ -31,7 +33,9 @@ def test_precedence_env_then_yaml_then_flags(monkeypatch: pytest.MonkeyPatch, tm
     assert flagged.broker_url.get_secret_value() == "redis://flag-host:6379/0"
 
 
-def test_yaml_reads_secrets_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_yaml_reads_secrets_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("REDIS_PASSWORD", "hunter2")
     (tmp_path / "corral.yaml").write_text("broker_url: redis://:${REDIS_PASSWORD}@nas:6379/0\n")
     settings = build_settings()

@@ -15,12 +15,17 @@ import pytest
 
 from broker import names
 from broker.errors import NoNodeAvailable, UnknownModel, UnknownRoute
-from broker.schemas import DeltaEvent, DoneEvent, ErrorEvent, StartedEvent
+from broker.schemas import ChatMessage, DeltaEvent, DoneEvent, ErrorEvent, StartedEvent
 from broker.settings import build_settings
 from controller.client import CorralClient, make_spec
-from tests.support.servers import REPO_ROOT, WorkerProcess, running_workers, start_worker, wait_until
+from tests.support.servers import (
+    REPO_ROOT,
+    WorkerProcess,
+    running_workers,
+    start_worker,
+    wait_until,
+)
 from worker.backends.simulated import reply_for
-from broker.schemas import ChatMessage
 
 FAST = ["--simulate", "--sim-first-token-ms", "5", "--sim-token-ms", "1"]
 
@@ -50,8 +55,12 @@ def client(module_broker_url: str, cluster: list[WorkerProcess]) -> Iterator[Cor
 def corral(broker_url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CORRAL_BROKER_URL": broker_url}
     return subprocess.run(
-        [sys.executable, "-m", "controller", *args], capture_output=True, text=True,
-        timeout=timeout, env=env, cwd=REPO_ROOT,
+        [sys.executable, "-m", "controller", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO_ROOT,
     )
 
 
@@ -64,7 +73,9 @@ def test_nodes_report_tags_backends_and_models(client: CorralClient) -> None:
     assert [m.name for m in backend.models] == ["sim-small", "sim-large"]
 
 
-def test_a_tagged_job_streams_every_token_in_order_from_the_tagged_node(client: CorralClient) -> None:
+def test_a_tagged_job_streams_every_token_in_order_from_the_tagged_node(
+    client: CorralClient,
+) -> None:
     events = list(client.stream(make_spec("write a haiku", tags=frozenset({"code"}))))
     assert isinstance(events[0], StartedEvent) and events[0].node == "alpha"
     assert [e.seq for e in events] == list(range(len(events)))
@@ -79,18 +90,24 @@ def test_a_tagged_job_streams_every_token_in_order_from_the_tagged_node(client: 
 def test_routing_errors_say_what_is_wrong(client: CorralClient) -> None:
     with pytest.raises(UnknownRoute, match="no node named 'pi9'"):
         client.submit(make_spec("hi", route="pi9"))
-    with pytest.raises(UnknownModel, match="'llama3.1:8b' is not installed"):
+    with pytest.raises(UnknownModel, match=r"'llama3\.1:8b' is not installed"):
         client.submit(make_spec("hi", model="llama3.1:8b"))
-    with pytest.raises(NoNodeAvailable, match="no up node has the tags gpu"):
+    with pytest.raises(NoNodeAvailable, match=r"no up node has the tags gpu"):
         client.submit(make_spec("hi", tags=frozenset({"gpu"})))
 
 
-def test_cli_ask_with_route_prefix_prints_tokens_then_summary(module_broker_url: str, client: CorralClient) -> None:
+def test_cli_ask_with_route_prefix_prints_tokens_then_summary(
+    module_broker_url: str, client: CorralClient
+) -> None:
     result = corral(module_broker_url, "ask", "@beta", "why is the sky blue")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected_reply("why is the sky blue")
     assert "node beta" in result.stderr
-    assert "model sim-small" in result.stderr and "tokens" in result.stderr and "first token" in result.stderr
+    assert (
+        "model sim-small" in result.stderr
+        and "tokens" in result.stderr
+        and "first token" in result.stderr
+    )
 
 
 def test_cli_json_prints_one_event_per_line(module_broker_url: str, client: CorralClient) -> None:
@@ -114,7 +131,9 @@ def test_cli_exit_codes_tell_no_route_apart(module_broker_url: str, client: Corr
     assert "No such option" in bad_flag.stderr
 
 
-def test_attach_replays_a_finished_job_exactly_once(module_broker_url: str, client: CorralClient) -> None:
+def test_attach_replays_a_finished_job_exactly_once(
+    module_broker_url: str, client: CorralClient
+) -> None:
     spec = make_spec("tell me about redis")
     original = list(client.stream(spec))
     replayed = list(client.attach(spec.job_id).events(timeout_s=5))
@@ -146,11 +165,18 @@ def test_a_pickled_message_is_refused_and_the_worker_keeps_serving(
 
     with Connection(client.settings.broker_url.get_secret_value()) as conn:
         queue = conn.SimpleQueue(names.node_queue("alpha"))
-        queue.put(pickle.dumps({"boom": True}), serializer=None, content_type="application/x-python-serialize",
-                  content_encoding="binary", headers={"task": names.RUN_JOB_TASK, "id": "pickled-1"})
+        queue.put(
+            pickle.dumps({"boom": True}),
+            serializer=None,
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            headers={"task": names.RUN_JOB_TASK, "id": "pickled-1"},
+        )
         queue.close()
     alpha = cluster[0]
-    wait_until(lambda: "application/x-python-serialize" in alpha.log(), 10, "the refusal in the log")
+    wait_until(
+        lambda: "application/x-python-serialize" in alpha.log(), 10, "the refusal in the log"
+    )
     events = list(client.stream(make_spec("still there?", route="alpha")))
     assert isinstance(events[-1], DoneEvent)
 
@@ -159,8 +185,11 @@ def test_a_malformed_job_fails_its_client_fast_and_nothing_else(client: CorralCl
     spec = make_spec("hi", route="beta")
     reader = client._subscribe(spec.job_id, "beta")
     client.app.send_task(
-        names.RUN_JOB_TASK, args=[{"spec": {"job_id": spec.job_id}, "node": "beta"}],
-        queue=names.node_queue("beta"), task_id=spec.job_id, ignore_result=True,
+        names.RUN_JOB_TASK,
+        args=[{"spec": {"job_id": spec.job_id}, "node": "beta"}],
+        queue=names.node_queue("beta"),
+        task_id=spec.job_id,
+        ignore_result=True,
     )
     events = list(reader.events(timeout_s=10))
     assert len(events) == 1 and isinstance(events[0], ErrorEvent)
@@ -187,7 +216,9 @@ def test_stopped_worker_shows_down_and_killed_worker_within_three_heartbeats(
         assert result.stdout.count("down") >= 2
 
 
-def test_wrong_redis_password_fails_fast_without_printing_it(redis_server: object, tmp_path: Path) -> None:
+def test_wrong_redis_password_fails_fast_without_printing_it(
+    redis_server: object, tmp_path: Path
+) -> None:
     from tests.support.servers import start_redis
 
     guarded = start_redis(password="correct-horse")

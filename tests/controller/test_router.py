@@ -29,21 +29,37 @@ def node(
     healthy: bool = True,
 ) -> NodeState:
     backend = BackendInfo(
-        name="ollama", kind="ollama", url="http://127.0.0.1:11434", healthy=healthy,
+        name="ollama",
+        kind="ollama",
+        url="http://127.0.0.1:11434",
+        healthy=healthy,
         capacity=capacity,
         models=tuple(ModelInfo(name=m, loaded=loaded) for m, loaded in models.items()),
     )
     info = NodeInfo(
-        name=name, version="0", tags=tags, backends=(backend,), in_flight=in_flight,
-        capacity=capacity, heartbeat_interval_s=2, started_at=0, sent_at=time.time(),
+        name=name,
+        version="0",
+        tags=tags,
+        backends=(backend,),
+        in_flight=in_flight,
+        capacity=capacity,
+        heartbeat_interval_s=2,
+        started_at=0,
+        sent_at=time.time(),
     )
     return NodeState(info=info, up=up, queued=queued)
 
 
-def job(route: str | None = None, model: str | None = None, tags: frozenset[str] = frozenset()) -> JobSpec:
+def job(
+    route: str | None = None, model: str | None = None, tags: frozenset[str] = frozenset()
+) -> JobSpec:
     return JobSpec(
-        job_id="job-0001", messages=(ChatMessage(role="user", content="hi"),), route=route,
-        model=model, tags=tags, created_at=0,
+        job_id="job-0001",
+        messages=(ChatMessage(role="user", content="hi"),),
+        route=route,
+        model=model,
+        tags=tags,
+        created_at=0,
     )
 
 
@@ -73,8 +89,10 @@ def test_no_model_named_uses_a_loaded_model_of_the_node() -> None:
 
 
 def test_tags_must_all_be_present() -> None:
-    nodes = [node("a", {"m": True}, tags=frozenset({"code"})),
-             node("b", {"m": True}, tags=frozenset({"code", "gpu"}))]
+    nodes = [
+        node("a", {"m": True}, tags=frozenset({"code"})),
+        node("b", {"m": True}, tags=frozenset({"code", "gpu"})),
+    ]
     assert [c.node for c in route(job(tags=frozenset({"code", "gpu"})), nodes)] == ["b"]
 
 
@@ -89,7 +107,9 @@ def test_route_to_a_down_node_says_it_is_down() -> None:
 
 
 def test_unknown_model_lists_what_exists() -> None:
-    with pytest.raises(UnknownModel, match=r"'gpt-9' is not installed on any node \(available: m, n\)"):
+    with pytest.raises(
+        UnknownModel, match=r"'gpt-9' is not installed on any node \(available: m, n\)"
+    ):
         route(job(model="gpt-9"), [node("a", {"m": True}), node("b", {"n": False})])
 
 
@@ -139,7 +159,9 @@ jobs = st.builds(
 
 @settings(max_examples=300, deadline=None)
 @given(spec=jobs, nodes=clusters)
-def test_never_picks_a_down_node_or_one_without_the_model(spec: JobSpec, nodes: list[NodeState]) -> None:
+def test_never_picks_a_down_node_or_one_without_the_model(
+    spec: JobSpec, nodes: list[NodeState]
+) -> None:
     by_name = {n.name: n for n in nodes}
     for candidate in rank_candidates(spec, nodes):
         chosen = by_name[candidate.node]
@@ -154,7 +176,9 @@ def test_never_picks_a_down_node_or_one_without_the_model(spec: JobSpec, nodes: 
 
 @settings(max_examples=300, deadline=None)
 @given(spec=jobs, nodes=clusters)
-def test_a_loaded_candidate_always_ranks_before_an_unloaded_one(spec: JobSpec, nodes: list[NodeState]) -> None:
+def test_a_loaded_candidate_always_ranks_before_an_unloaded_one(
+    spec: JobSpec, nodes: list[NodeState]
+) -> None:
     loaded_flags = [c.model_loaded for c in rank_candidates(spec, nodes)]
     assert loaded_flags == sorted(loaded_flags, reverse=True)
 

@@ -67,9 +67,23 @@ def start_redis(password: str | None = None, appendonly: bool = False) -> RedisS
         raise RuntimeError("redis-server is not on PATH: run `make test`, which installs it")
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="corral-redis-"))
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes" if appendonly else "no", "--databases", "256", "--dir", str(workdir),
-            "--logfile", str(workdir / "redis.log")]
+    args = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--databases",
+        "256",
+        "--dir",
+        str(workdir),
+        "--logfile",
+        str(workdir / "redis.log"),
+    ]
     if password:
         args += ["--requirepass", password]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -125,18 +139,28 @@ def start_worker(
     """``python -m worker --name NAME ARGS`` in its own process, logging to a file."""
     log_path = log_dir / f"worker-{name}-{time.monotonic_ns()}.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed in WorkerProcess.stop
-    full_env = {**os.environ, "CORRAL_BROKER_URL": broker_url,
-                "CORRAL_HEARTBEAT_INTERVAL_S": str(heartbeat_s), **(env or {})}
+    full_env = {
+        **os.environ,
+        "CORRAL_BROKER_URL": broker_url,
+        "CORRAL_HEARTBEAT_INTERVAL_S": str(heartbeat_s),
+        **(env or {}),
+    }
     full_env.pop("CORRAL_CONFIG", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "worker", "--name", name, *args],
-        stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        cwd=REPO_ROOT,
     )
     worker = WorkerProcess(name, process, log_path, log_file)
     if wait_ready:
         try:
-            wait_until(lambda: "ready." in worker.log() or process.poll() is not None, 30,
-                       f"worker {name} to be ready")
+            wait_until(
+                lambda: "ready." in worker.log() or process.poll() is not None,
+                30,
+                f"worker {name} to be ready",
+            )
         except TimeoutError:
             worker.stop()
             raise
@@ -146,7 +170,9 @@ def start_worker(
 
 
 @contextlib.contextmanager
-def running_workers(broker_url: str, log_dir: Path, *specs: tuple[str, list[str]]) -> Iterator[list[WorkerProcess]]:
+def running_workers(
+    broker_url: str, log_dir: Path, *specs: tuple[str, list[str]]
+) -> Iterator[list[WorkerProcess]]:
     workers: list[WorkerProcess] = []
     try:
         for name, args in specs:

@@ -54,7 +54,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A llama_cpp.server on a free loopback port for the whole module (it takes seconds to
     start); stopped by its pid at the end."""
     # Imported here, after the importorskip above: the module needs gguf at import time.
-    from tests.fakes.tiny_gguf import write_tiny_llama_gguf  # noqa: PLC0415
+    from tests.fakes.tiny_gguf import write_tiny_llama_gguf
 
     workdir = tmp_path_factory.mktemp("llama")
     model = write_tiny_llama_gguf(workdir / "tiny.gguf")

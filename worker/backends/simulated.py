@@ -87,7 +87,11 @@ class SimulatedBackend:
             if index:
                 await asyncio.sleep(self._token_s)
             yield Chunk(text=word if index == 0 else f" {word}")
-        finish = "length" if options.max_tokens is not None and len(words) >= options.max_tokens else "stop"
+        finish = (
+            "length"
+            if options.max_tokens is not None and len(words) >= options.max_tokens
+            else "stop"
+        )
         yield Chunk(
             text="",
             done=True,

@@ -1,0 +1,40 @@
+# corral: `make demo` runs a local two-node cluster; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test lint bench setup setup-test clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[embedded,monitor]'
+	touch $@
+
+# llama-cpp-python builds from source once (about 7 minutes on 2 cores); pip caches the wheel.
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install -e '.[test,llama]'
+	touch $@
+
+setup: $(VENV)/.base
+setup-test: $(VENV)/.test
+
+demo: setup
+	@scripts/ensure-redis.sh || echo "continuing with the embedded broker"
+	$(VENV)/bin/corral demo
+
+lint: setup-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup-test lint
+	scripts/ensure-redis.sh
+	$(PY) -m pytest
+
+bench: setup-test
+	scripts/ensure-redis.sh
+	$(PY) -m benchmarks.ttft
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
