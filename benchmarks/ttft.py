@@ -68,8 +68,8 @@ def main() -> int:
     parser.add_argument(
         "--task-events",
         choices=["on", "off"],
-        default="on",
-        help="Celery task events for Flower (on by default in corral)",
+        default="off",
+        help="Celery task events: off is corral's default; Flower turns them on while it runs",
     )
     args = parser.parse_args()
 

@@ -216,7 +216,11 @@ class CorralClient:
         assignment = JobAssignment(
             spec=spec, node=candidate.node, backend=candidate.backend, model=candidate.model
         )
-        reader = self._subscribe(spec.job_id, candidate.node)
+        # SUBSCRIBE goes out before the job does; its confirmation is awaited after the send,
+        # which takes a round trip off the path to the first token. Nothing can be lost in
+        # between: the worker appends every event to the replay log before publishing it, and
+        # the reader starts by reading that log once the subscription is confirmed.
+        reader = self._start_subscription(spec.job_id, candidate.node)
         try:
             self.app.send_task(
                 names.RUN_JOB_TASK,
@@ -227,6 +231,7 @@ class CorralClient:
                 kwargsrepr="{}",
                 ignore_result=True,
             )
+            self._await_subscription(reader)
             # After the send, off the path to the first token; attach and cancel read it.
             self.redis.set(
                 names.job_node_key(spec.job_id), candidate.node, ex=self.settings.replay_ttl_s
@@ -260,11 +265,18 @@ class CorralClient:
         return bool(known)
 
     def _subscribe(self, job_id: str, node: str | None) -> JobStreamReader:
+        reader = self._start_subscription(job_id, node)
+        self._await_subscription(reader)
+        return reader
+
+    def _start_subscription(self, job_id: str, node: str | None) -> JobStreamReader:
+        """Send SUBSCRIBE without waiting for Redis's answer (see ``submit``)."""
         pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]  # redis-py stub gap
         pubsub.subscribe(names.job_channel(job_id))
-        # Wait for Redis to confirm: from then on no event of this job can be missed.
-        confirmed = pubsub.get_message(timeout=5)
-        if confirmed is None or confirmed.get("type") != "subscribe":
-            pubsub.close()
-            raise BrokerUnavailable("Redis did not confirm the subscription to the job stream")
         return JobStreamReader(self.redis, pubsub, job_id, node)
+
+    def _await_subscription(self, reader: JobStreamReader) -> None:
+        confirmed = reader.pubsub.get_message(timeout=5)
+        if confirmed is None or confirmed.get("type") != "subscribe":
+            reader.close()
+            raise BrokerUnavailable("Redis did not confirm the subscription to the job stream")

@@ -32,7 +32,9 @@ class DemoJob:
 
 
 DEMO_JOBS = (
-    DemoJob("a job that needs the `code` tag", "How does corral pick a node?", tags=frozenset({"code"})),
+    DemoJob(
+        "a job that needs the `code` tag", "How does corral pick a node?", tags=frozenset({"code"})
+    ),
     DemoJob("a job sent to a named node (@beta)", "What happens when a node dies?", route="beta"),
     DemoJob("a job with no hints: the least busy node", "How do tokens reach me?"),
 )
@@ -49,13 +51,15 @@ def run_demo(console: Console) -> int:
                     "server. Fine for this demo, not for a real cluster "
                     "(`sudo apt-get install redis-server`).[/yellow]"
                 )
-            backend = (
-                ["--ollama", OLLAMA_DEFAULT_URL] if ollama_answers() else ["--simulate"]
+            backend = ["--ollama", OLLAMA_DEFAULT_URL] if ollama_answers() else ["--simulate"]
+            source = (
+                "your Ollama at " + OLLAMA_DEFAULT_URL
+                if backend[0] == "--ollama"
+                else ("the built-in simulated backend")
             )
-            source = "your Ollama at " + OLLAMA_DEFAULT_URL if backend[0] == "--ollama" else (
-                "the built-in simulated backend"
+            console.print(
+                f"[bold]corral demo[/bold]: broker {broker.url}, two workers fronting {source}"
             )
-            console.print(f"[bold]corral demo[/bold]: broker {broker.url}, two workers fronting {source}")
             workers = [
                 start_local_worker(broker.url, "alpha", [*backend, "--tags", "code"], workdir),
                 start_local_worker(broker.url, "beta", [*backend, "--tags", "chat"], workdir),
@@ -97,7 +101,7 @@ def _run_job(client: CorralClient, job: DemoJob, console: Console) -> None:
     console.rule(f"[bold]{job.label}[/bold]")
     prefix = f"@{job.route} " if job.route else ""
     tags = f" --tag {','.join(sorted(job.tags))}" if job.tags else ""
-    console.print(f"[cyan]$ corral ask{tags} \"{prefix}{job.prompt}\"[/cyan]")
+    console.print(f'[cyan]$ corral ask{tags} "{prefix}{job.prompt}"[/cyan]')
     spec = make_spec(job.prompt, route=job.route, tags=job.tags)
     started = time.perf_counter()
     first: float | None = None

@@ -77,9 +77,23 @@ def local_broker(workdir: Path) -> Iterator[LocalBroker]:
     binary = shutil.which("redis-server")
     if binary is not None:
         process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+                "--logfile",
+                str(workdir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         broker = LocalBroker(url, embedded=False)
 
@@ -142,7 +156,9 @@ def start_local_worker(broker_url: str, name: str, args: list[str], workdir: Pat
     env = {**os.environ, "CORRAL_BROKER_URL": broker_url, "CORRAL_HEARTBEAT_INTERVAL_S": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "worker", "--name", name, *args],
-        stdout=log_file, stderr=subprocess.STDOUT, env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     return LocalWorker(name, process, log_path, log_file)
 

@@ -116,7 +116,14 @@ def explain_no_candidate(spec: JobSpec, nodes: Sequence[NodeState]) -> RoutingEr
         return NoNodeAvailable("no node is up" if not nodes else "every matching node is down")
     if spec.tags and not any(spec.tags <= n.info.tags for n in up):
         return NoNodeAvailable(f"no up node has the tags {', '.join(sorted(spec.tags))}")
-    return NoNodeAvailable("no up node has a healthy backend that can serve this job")
+    unhealthy = [
+        f"{n.name}/{b.name}: {b.error or 'unhealthy'}"
+        for n in up
+        for b in n.info.backends
+        if not b.healthy
+    ]
+    detail = f" ({'; '.join(unhealthy)})" if unhealthy else ""
+    return NoNodeAvailable(f"no up node has a healthy backend that can serve this job{detail}")
 
 
 def route(

@@ -290,6 +290,7 @@ def test_a_backend_refusing_connections_shows_unhealthy_and_ask_exits_3(
         result = corral(broker_url, "ask", "@pi1", "hi")
     assert result.returncode == ExitCode.NO_ROUTE, result.stderr
     assert "no up node has a healthy backend" in flat(result.stderr)
+    assert "pi1/ollama: cannot connect" in flat(result.stderr)  # says which backend and why
     assert result.stdout == ""
 
 
