@@ -34,7 +34,7 @@ from broker.schemas import (
     parse_event,
 )
 from broker.settings import CorralSettings, redacted_url
-from controller.cluster import read_nodes
+from controller.cluster import preload_scripts, read_nodes
 from controller.router import Candidate, NodeState, route
 
 Event = StartedEvent | DeltaEvent | DoneEvent | ErrorEvent
@@ -184,6 +184,7 @@ class CorralClient:
         self._url = url
         self.redis = Redis.from_url(url, socket_connect_timeout=5)
         self.app: Celery = make_celery_app(settings)
+        self._scripts_loaded = False
 
     def close(self) -> None:
         self.redis.close()
@@ -197,6 +198,9 @@ class CorralClient:
 
     def nodes(self) -> list[NodeState]:
         try:
+            if not self._scripts_loaded:
+                preload_scripts(self.redis)
+                self._scripts_loaded = True
             return read_nodes(self.redis)
         except redis.exceptions.AuthenticationError:
             raise BrokerUnavailable(

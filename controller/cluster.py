@@ -30,6 +30,12 @@ return out
 """
 
 
+def preload_scripts(redis: Redis) -> None:
+    """Load the Lua script up front: no NOSCRIPT miss on the first call (which fakeredis's
+    TCP server, the demo's fallback broker, answers by closing the connection)."""
+    redis.script_load(_READ_NODES_LUA)
+
+
 def read_nodes(redis: Redis) -> list[NodeState]:
     """Every node that ever heartbeated (until forgotten), with liveness and queue depth."""
     alive_prefix, alive_suffix = names.node_alive_key("\0").split("\0")

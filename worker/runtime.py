@@ -30,7 +30,7 @@ from worker.backends.registry import build_backends, make_http_client
 from worker.config import WorkerConfig
 from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
 from worker.jobs import JobControl, run_job
-from worker.stream import Claim, JobStream
+from worker.stream import Claim, JobStream, StreamScripts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +47,7 @@ class NodeRuntime:
             target=self._loop.run_forever, name="corral-loop", daemon=True
         )
         self._redis: Redis | None = None
+        self._scripts: StreamScripts | None = None
         self._http: httpx.AsyncClient | None = None
         self.backends: dict[str, Backend] = {}
         self._active: dict[str, JobControl] = {}
@@ -96,6 +97,11 @@ class NodeRuntime:
         assert self._redis is not None, "runtime not started"
         return self._redis
 
+    @property
+    def scripts(self) -> StreamScripts:
+        assert self._scripts is not None, "runtime not started"
+        return self._scripts
+
     async def _startup(self) -> None:
         url = self.settings.broker_url.get_secret_value()
         self._redis = Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
@@ -111,6 +117,8 @@ class NodeRuntime:
             raise BrokerUnavailable(
                 f"cannot reach Redis at {redacted_url(url)}: {type(exc).__name__}"
             ) from None
+        self._scripts = StreamScripts(self._redis)
+        await self._scripts.preload()
         self._http = make_http_client(self.settings.job_timeout_s)
         self.backends = build_backends(self.config, self._http)
         await self._heartbeat_once()
@@ -182,7 +190,7 @@ class NodeRuntime:
         control = JobControl(assignment)
         self._active[job_id] = control
         try:
-            stream = JobStream(self.redis, job_id, self.settings.replay_ttl_s)
+            stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s)
             claim = await stream.claim(
                 assignment.node,
                 assignment.backend,
@@ -210,7 +218,7 @@ class NodeRuntime:
             del self._active[job_id]
 
     async def _report_malformed(self, job_id: str, problem: str) -> None:
-        stream = JobStream(self.redis, job_id, self.settings.replay_ttl_s)
+        stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s)
         await stream.error("malformed", problem, self.config.name, None)
 
 

@@ -49,18 +49,35 @@ class Claim(enum.Enum):
     """The lease is ours and the started event is out: run it."""
 
 
+class StreamScripts:
+    """The Lua scripts, registered once per Redis client and shared by every job."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self.append = redis.register_script(_APPEND_LUA)
+        self.claim = redis.register_script(_CLAIM_LUA)
+
+    async def preload(self) -> None:
+        """Load the scripts now, so the first job needs no EVALSHA-miss-then-EVAL round trip.
+
+        It also keeps corral usable on fakeredis's TCP server (the demo's fallback broker),
+        which closes a connection after any error reply, NOSCRIPT included.
+        """
+        await self._redis.script_load(_APPEND_LUA)
+        await self._redis.script_load(_CLAIM_LUA)
+
+
 class JobStream:
     """The single writer of one job's event stream (the lease guarantees it is single)."""
 
-    def __init__(self, redis: Redis, job_id: str, ttl_s: int) -> None:
-        self._redis = redis
+    def __init__(self, scripts: StreamScripts, job_id: str, ttl_s: int) -> None:
         self._job_id = job_id
         self._ttl_s = ttl_s
         self._seq = 0
         self._log_key = names.job_log_key(job_id)
         self._channel = names.job_channel(job_id)
-        self._append = redis.register_script(_APPEND_LUA)
-        self._claim = redis.register_script(_CLAIM_LUA)
+        self._append = scripts.append
+        self._claim = scripts.claim
 
     @property
     def events_sent(self) -> int:
