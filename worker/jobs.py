@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from broker.errors import BackendError, BackendUnavailable, CorralError
 from broker.schemas import JobAssignment, JobResult, Timings, Usage
 from worker.backends.base import Backend, Chunk
-from worker.stream import JobStream
+from worker.stream import Claim, JobStream
 
 log = logging.getLogger(__name__)
+
+Status = Literal["ok", "error", "cancelled"]
 
 
 @dataclass
@@ -23,94 +26,144 @@ class JobControl:
 
     assignment: JobAssignment
     cancel_requested: bool = False
-    task: asyncio.Task[JobResult] | None = field(default=None, repr=False)
+    task: asyncio.Task[JobResult | None] | None = field(default=None, repr=False)
 
 
-async def run_job(
-    control: JobControl, backends: Mapping[str, Backend], stream: JobStream
-) -> JobResult:
-    """Stream ``control.assignment`` from its backend onto ``stream`` and return the outcome.
+@dataclass
+class _Progress:
+    """What a job has produced so far, and the result it makes at any point."""
 
-    Backend failures and cancellation end the stream with an error event; the result records
-    them. Nothing is raised for them, so the Celery task acknowledges the job: retrying a job
-    the backend refused is the controller's decision, not Celery's.
-    """
-    assignment = control.assignment
-    spec = assignment.spec
-    started_at = time.time()
-    parts: list[str] = []
+    assignment: JobAssignment
+    started_at: float = field(default_factory=time.time)
+    parts: list[str] = field(default_factory=list)
     first_token_at: float | None = None
     final: Chunk | None = None
-    deltas = 0
 
-    def outcome(
-        status: Literal["ok", "error", "cancelled"], error: CorralError | None = None
-    ) -> JobResult:
-        now = time.time()
+    def add(self, text: str) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.time()
+        self.parts.append(text)
+
+    def result(self, status: Status, error: CorralError | None = None) -> JobResult:
+        spec, final, now = self.assignment.spec, self.final, time.time()
+        completion = final.completion_tokens if final else None
         return JobResult(
             job_id=spec.job_id,
             status=status,
-            node=assignment.node,
-            backend=assignment.backend,
-            model=assignment.model,
-            text="".join(parts),
+            node=self.assignment.node,
+            backend=self.assignment.backend,
+            model=self.assignment.model,
+            text="".join(self.parts),
             finish_reason=final.finish_reason if final else None,
             usage=Usage(
                 prompt_tokens=final.prompt_tokens if final else None,
-                completion_tokens=(
-                    final.completion_tokens
-                    if final and final.completion_tokens is not None
-                    else deltas
-                ),
+                completion_tokens=completion if completion is not None else len(self.parts),
             ),
             timings=Timings(
-                queued_ms=max(0.0, (started_at - spec.created_at) * 1000),
-                first_token_ms=(first_token_at - started_at) * 1000 if first_token_at else None,
+                queued_ms=max(0.0, (self.started_at - spec.created_at) * 1000),
+                first_token_ms=(
+                    (self.first_token_at - self.started_at) * 1000 if self.first_token_at else None
+                ),
                 total_ms=max(0.0, (now - spec.created_at) * 1000),
             ),
             error_code=error.code if error else None,
             error_message=str(error) if error else None,
         )
 
-    # The runtime's claim has already published the started event (or found a cancel).
-    if control.cancel_requested:  # cancelled while it waited in the queue
-        result = outcome("cancelled")
-        await stream.error("cancelled", "job cancelled before it started", assignment.node, result)
-        return result
 
+async def run_job(
+    control: JobControl,
+    backends: Mapping[str, Backend],
+    stream: JobStream,
+    claim: Awaitable[Claim],
+) -> JobResult | None:
+    """Stream ``control.assignment`` from its backend onto ``stream`` and return the outcome.
+
+    ``claim`` is the job's lease-and-start claim (see ``JobStream.claim``); None is returned
+    when another delivery of the job holds the lease. Backend failures and cancellation end
+    the stream with an error event and are recorded in the result, not raised, so the Celery
+    task acknowledges the job: retrying is the controller's decision, not Celery's.
+    """
+    assignment = control.assignment
+    progress = _Progress(assignment)
     backend = backends.get(assignment.backend)
-    if backend is None:
+    chunks = (
+        backend.stream_chat(assignment.model, assignment.spec.messages, assignment.spec.options)
+        if backend
+        else None
+    )
+    # Ask the backend for its first token while the claim is in flight: the claim's round trip
+    # then hides inside the backend's time to first token instead of adding to it. If the
+    # claim says no, the request is dropped, which closes its HTTP stream.
+    first_chunk = asyncio.ensure_future(anext(chunks)) if chunks is not None else None
+    try:
+        claimed = await claim
+    except BaseException:
+        await _abandon(first_chunk, chunks)
+        raise
+    if claimed is not Claim.STARTED:
+        await _abandon(first_chunk, chunks)
+        if claimed is Claim.TAKEN_ELSEWHERE:
+            return None
+        control.cancel_requested = True
+        return await _finish(stream, progress, "cancelled", "job cancelled before it started")
+    if chunks is None or first_chunk is None:
         error = BackendUnavailable(
             f"node {assignment.node!r} has no backend {assignment.backend!r}"
         )
-        result = outcome("error", error)
-        await stream.error(error.code, str(error), assignment.node, result)
-        return result
+        return await _finish(stream, progress, "error", str(error), error)
 
     try:
-        async for chunk in backend.stream_chat(assignment.model, spec.messages, spec.options):
+        chunk: Chunk | None = await first_chunk
+        while chunk is not None:
             if chunk.text:
-                if first_token_at is None:
-                    first_token_at = time.time()
-                parts.append(chunk.text)
-                deltas += 1
+                progress.add(chunk.text)
                 await stream.delta(chunk.text)
             if chunk.done:
-                final = chunk
+                progress.final = chunk
                 break
+            chunk = await anext(chunks, None)
+    except StopAsyncIteration:
+        pass  # the backend ended without a done chunk: what came is the answer
     except BackendError as exc:
-        log.warning("job %s failed on backend %s: %s", spec.job_id, assignment.backend, exc)
-        result = outcome("error", exc)
-        await stream.error(exc.code, str(exc), assignment.node, result)
-        return result
+        log.warning(
+            "job %s failed on backend %s: %s", assignment.spec.job_id, assignment.backend, exc
+        )
+        return await _finish(stream, progress, "error", str(exc), exc)
     except asyncio.CancelledError:
         if not control.cancel_requested:
-            raise  # the worker is shutting down: let the task be redelivered
-        log.info("job %s cancelled; backend stream closed", spec.job_id)
-        result = outcome("cancelled")
-        await stream.error("cancelled", "job cancelled", assignment.node, result)
-        return result
+            raise  # the worker is shutting down: let the job be redelivered
+        log.info("job %s cancelled; backend stream closed", assignment.spec.job_id)
+        return await _finish(stream, progress, "cancelled", "job cancelled")
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
 
-    result = outcome("ok")
+    result = progress.result("ok")
     await stream.done(result)
     return result
+
+
+async def _finish(
+    stream: JobStream,
+    progress: _Progress,
+    status: Status,
+    message: str,
+    error: CorralError | None = None,
+) -> JobResult:
+    """End the stream with an error event (cancelled or failed) and return the result."""
+    result = progress.result(status, error)
+    code = error.code if error is not None else "cancelled"
+    await stream.error(code, message, progress.assignment.node, result)
+    return result
+
+
+async def _abandon(
+    first_chunk: asyncio.Future[Chunk] | None, chunks: AsyncIterator[Chunk] | None
+) -> None:
+    """Drop a backend request started ahead of the claim, closing its stream."""
+    if first_chunk is not None:
+        first_chunk.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, BackendError):
+            await first_chunk
+    if chunks is not None:
+        await chunks.aclose()  # type: ignore[attr-defined]

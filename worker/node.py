@@ -36,7 +36,9 @@ def serve(settings: CorralSettings, config: WorkerConfig, *, loglevel: str = "IN
         worker = app.Worker(
             hostname=f"{config.name}@{socket.gethostname()}",
             queues=[names.node_queue(config.name)],
-            pool_cls="threads",
+            # One job at a time runs in Celery's own consumer thread (solo): one thread hop
+            # fewer before the first token. More capacity needs the thread pool.
+            pool_cls="solo" if config.capacity == 1 else "threads",
             concurrency=config.capacity,
             loglevel=loglevel,
             without_mingle=True,

@@ -30,7 +30,7 @@ from worker.backends.registry import build_backends, make_http_client
 from worker.config import WorkerConfig
 from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
 from worker.jobs import JobControl, run_job
-from worker.stream import Claim, JobStream, StreamScripts
+from worker.stream import JobStream, StreamScripts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -191,29 +191,25 @@ class NodeRuntime:
         self._active[job_id] = control
         try:
             stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s)
-            claim = await stream.claim(
+            claim = stream.claim(
                 assignment.node,
                 assignment.backend,
                 assignment.model,
                 lease_ttl_s=int(self.settings.job_timeout_s) + self.settings.replay_ttl_s,
             )
-            if claim is Claim.TAKEN_ELSEWHERE:
-                log.warning(
-                    "job %s already taken by another delivery; not streaming it twice", job_id
-                )
-                return None
-            if claim is Claim.CANCELLED:
-                control.cancel_requested = True
-            task = asyncio.create_task(run_job(control, self.backends, stream))
+            task = asyncio.create_task(run_job(control, self.backends, stream, claim))
             control.task = task
             try:
-                return await task
+                result = await task
             except asyncio.CancelledError:
                 # Cancelled before its first step ran: run_job never saw it, so report here.
                 if control.cancel_requested and task.cancelled():
                     await stream.error("cancelled", "job cancelled", self.config.name, None)
                     return None
                 raise
+            if result is None:
+                log.warning("job %s already taken by another delivery; not streamed twice", job_id)
+            return result
         finally:
             del self._active[job_id]
 
