@@ -66,6 +66,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--first-token-ms", type=float, default=20.0)
     parser.add_argument(
+        "--capacity",
+        type=int,
+        default=1,
+        help="the worker's parallel jobs: 1 runs jobs in Celery's solo pool, more in threads",
+    )
+    parser.add_argument(
         "--task-events",
         choices=["on", "off"],
         default="off",
@@ -85,7 +91,7 @@ def main() -> int:
         "--sim-token-ms",
         "1",
         "--capacity",
-        "2",
+        str(args.capacity),
         log_dir=log_dir,
         heartbeat_s=2.0,
         env=events_env,
@@ -112,7 +118,7 @@ def main() -> int:
     added = [t - d for t, d in zip(through, direct, strict=True)]
     table = Table(
         title=f"time to first token, {args.runs} interleaved runs, simulated first token "
-        f"{args.first_token_ms:.0f} ms, task events {args.task_events}"
+        f"{args.first_token_ms:.0f} ms, capacity {args.capacity}, task events {args.task_events}"
     )
     for column in ("path", "p50 ms", "p99 ms", "mean ms"):
         table.add_column(column, justify="right" if column != "path" else "left")

@@ -95,6 +95,10 @@ class CorralSettings(BaseSettings):
     """Longest a job may run; also sizes Celery's visibility timeout."""
     replay_ttl_s: int = Field(default=3600, ge=10)
     """How long a finished job's events and result stay readable (``corral attach``)."""
+    route_cache_s: float = Field(default=0.5, ge=0)
+    """How long one client process reuses its view of the cluster when routing jobs (the
+    jobs it sent meanwhile are counted in). 0 reads Redis before every job. Heartbeats come
+    every ``heartbeat_interval_s`` anyway, so a short reuse loses little freshness."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: they add about 2 ms to every
     job's first token, and Flower switches them on by itself while it runs (its

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import redis.exceptions
 from celery import Celery
@@ -185,6 +186,8 @@ class CorralClient:
         self.redis = Redis.from_url(url, socket_connect_timeout=5)
         self.app: Celery = make_celery_app(settings)
         self._scripts_loaded = False
+        self._node_view: tuple[float, list[NodeState]] | None = None
+        self._sent_since_read: Counter[str] = Counter()
 
     def close(self) -> None:
         self.redis.close()
@@ -196,12 +199,16 @@ class CorralClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def nodes(self) -> list[NodeState]:
+    def nodes(self, max_age_s: float = 0.0) -> list[NodeState]:
+        """The cluster as Redis has it; a view up to ``max_age_s`` old may be reused."""
+        now = time.monotonic()
+        if self._node_view is not None and now - self._node_view[0] <= max_age_s:
+            return self._node_view[1]
         try:
             if not self._scripts_loaded:
                 preload_scripts(self.redis)
                 self._scripts_loaded = True
-            return read_nodes(self.redis)
+            states = read_nodes(self.redis)
         except redis.exceptions.AuthenticationError:
             raise BrokerUnavailable(
                 f"Redis at {redacted_url(self._url)} refused the password"
@@ -210,13 +217,24 @@ class CorralClient:
             raise BrokerUnavailable(
                 f"cannot reach Redis at {redacted_url(self._url)}: {exc.__class__.__name__}"
             ) from None
+        self._node_view = (now, states)
+        self._sent_since_read.clear()
+        return states
+
+    def _routing_view(self) -> list[NodeState]:
+        """The node list the router sees: reused for up to ``route_cache_s``, with the jobs this
+        client has sent since it was read counted as queued, so a burst still spreads out."""
+        states = self.nodes(max_age_s=self.settings.route_cache_s)
+        if not self._sent_since_read:
+            return states
+        return [replace(s, queued=s.queued + self._sent_since_read[s.name]) for s in states]
 
     def submit(self, spec: JobSpec) -> Submission:
         """Route ``spec``, subscribe to its stream, then send it to the chosen node's queue.
 
         Raises a RoutingError when nothing can serve it (nothing is sent then).
         """
-        candidate = route(spec, self.nodes())[0]
+        candidate = route(spec, self._routing_view())[0]
         assignment = JobAssignment(
             spec=spec, node=candidate.node, backend=candidate.backend, model=candidate.model
         )
@@ -235,6 +253,7 @@ class CorralClient:
                 kwargsrepr="{}",
                 ignore_result=True,
             )
+            self._sent_since_read[candidate.node] += 1
             self._await_subscription(reader)
             # After the send, off the path to the first token; attach and cancel read it.
             self.redis.set(

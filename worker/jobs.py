@@ -89,7 +89,7 @@ async def run_job(
     backend = backends.get(assignment.backend)
     chunks = (
         backend.stream_chat(assignment.model, assignment.spec.messages, assignment.spec.options)
-        if backend
+        if backend is not None and not control.cancel_requested
         else None
     )
     # Ask the backend for its first token while the claim is in flight: the claim's round trip
@@ -101,7 +101,7 @@ async def run_job(
     except BaseException:
         await _abandon(first_chunk, chunks)
         raise
-    if claimed is not Claim.STARTED:
+    if claimed is not Claim.STARTED or control.cancel_requested:
         await _abandon(first_chunk, chunks)
         if claimed is Claim.TAKEN_ELSEWHERE:
             return None

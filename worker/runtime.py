@@ -13,6 +13,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RECONNECT_DELAY_S = 1.0
+_RECENT_CANCELS_KEPT = 10_000
 
 
 class NodeRuntime:
@@ -51,6 +53,7 @@ class NodeRuntime:
         self._http: httpx.AsyncClient | None = None
         self.backends: dict[str, Backend] = {}
         self._active: dict[str, JobControl] = {}
+        self._recent_cancels: OrderedDict[str, None] = OrderedDict()
         self._background: list[asyncio.Task[None]] = []
         self._started_at = time.time()
 
@@ -177,6 +180,11 @@ class NodeRuntime:
                 await asyncio.sleep(_RECONNECT_DELAY_S)
 
     def _cancel_local(self, job_id: str) -> None:
+        # Remembered even when the job is not running here yet: if it is waiting in this
+        # node's queue, it is skipped without a backend request when it comes up.
+        self._recent_cancels[job_id] = None
+        while len(self._recent_cancels) > _RECENT_CANCELS_KEPT:
+            self._recent_cancels.popitem(last=False)
         control = self._active.get(job_id)
         if control is None or control.task is None:
             return
@@ -187,7 +195,7 @@ class NodeRuntime:
     async def _run(self, assignment: JobAssignment) -> JobResult | None:
         job_id = assignment.spec.job_id
         # Registered before the claim, so a cancel arriving in between is not lost.
-        control = JobControl(assignment)
+        control = JobControl(assignment, cancel_requested=job_id in self._recent_cancels)
         self._active[job_id] = control
         try:
             stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s)
