@@ -7,10 +7,11 @@ reconnect) is refilled from the job's replay log, so each event is yielded once,
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import redis.exceptions
@@ -44,6 +45,7 @@ Event = StartedEvent | DeltaEvent | DoneEvent | ErrorEvent
 # is not on the hot path: events wake the follower at once; this only bounds how long a lost
 # message or a dead node goes unnoticed.
 _IDLE_CHECK_S = 1.0
+_IDLE_PUBSUBS_KEPT = 4
 
 
 def new_job_id() -> str:
@@ -85,6 +87,8 @@ class JobStreamReader:
     job_id: str
     node: str | None
     next_seq: int = 0
+    release: Callable[[PubSub, str], None] | None = field(default=None, repr=False)
+    """Hands the subscription back for reuse on close; without it the connection is closed."""
     _closed: bool = field(default=False, repr=False)
     _finished: bool = field(default=False, repr=False)
 
@@ -129,7 +133,10 @@ class JobStreamReader:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.pubsub.close()
+            if self.release is not None:
+                self.release(self.pubsub, names.job_channel(self.job_id))
+            else:
+                self.pubsub.close()
 
     def _next_message(self, wait_s: float) -> bytes | None:
         try:
@@ -186,10 +193,16 @@ class CorralClient:
         self.redis = Redis.from_url(url, socket_connect_timeout=5)
         self.app: Celery = make_celery_app(settings)
         self._scripts_loaded = False
+        self._idle_pubsubs: list[PubSub] = []
+        self._pubsub_lock = threading.Lock()
         self._node_view: tuple[float, list[NodeState]] | None = None
         self._sent_since_read: Counter[str] = Counter()
 
     def close(self) -> None:
+        with self._pubsub_lock:
+            idle, self._idle_pubsubs = self._idle_pubsubs, []
+        for pubsub in idle:
+            pubsub.close()
         self.redis.close()
         self.app.close()
 
@@ -294,9 +307,35 @@ class CorralClient:
 
     def _start_subscription(self, job_id: str, node: str | None) -> JobStreamReader:
         """Send SUBSCRIBE without waiting for Redis's answer (see ``submit``)."""
-        pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]  # redis-py stub gap
+        with self._pubsub_lock:
+            pubsub = self._idle_pubsubs.pop() if self._idle_pubsubs else None
+        if pubsub is None:
+            pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]  # redis-py stub gap
         pubsub.subscribe(names.job_channel(job_id))
-        return JobStreamReader(self.redis, pubsub, job_id, node)
+        return JobStreamReader(self.redis, pubsub, job_id, node, release=self._release_pubsub)
+
+    def _release_pubsub(self, pubsub: PubSub, channel: str) -> None:
+        """Unsubscribe and keep the connection for the next job.
+
+        redis-py closes a PubSub's connection on close(); opening a new one costs a TCP
+        connect and handshake on the path to the next job's first token.
+        """
+        try:
+            pubsub.unsubscribe(channel)  # type: ignore[no-untyped-call]
+            deadline = time.monotonic() + 1.0
+            while pubsub.subscribed and time.monotonic() < deadline:
+                pubsub.get_message(timeout=0.1)  # drains stragglers and the confirmation
+        except redis.exceptions.RedisError:
+            pubsub.close()
+            return
+        if pubsub.subscribed:
+            pubsub.close()
+            return
+        with self._pubsub_lock:
+            if len(self._idle_pubsubs) < _IDLE_PUBSUBS_KEPT:
+                self._idle_pubsubs.append(pubsub)
+                return
+        pubsub.close()
 
     def _await_subscription(self, reader: JobStreamReader) -> None:
         confirmed = reader.pubsub.get_message(timeout=5)
