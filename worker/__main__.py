@@ -9,7 +9,7 @@ import click
 
 from broker.errors import CorralError
 from broker.settings import build_settings, config_path, load_yaml_config
-from worker.config import BackendSpec, build_worker_config
+from worker.config import backend_spec, build_worker_config
 from worker.node import serve
 
 
@@ -84,11 +84,11 @@ def worker_command(
     try:
         settings = build_settings(broker_url=broker, heartbeat_interval_s=heartbeat)
         extra = {} if capacity is None else {"capacity": capacity}
-        flag_backends = [BackendSpec(kind="ollama", url=u, **extra) for u in ollama_urls]
-        flag_backends += [BackendSpec(kind="openai", url=u, **extra) for u in openai_urls]
+        flag_backends = [backend_spec(kind="ollama", url=u, **extra) for u in ollama_urls]
+        flag_backends += [backend_spec(kind="openai", url=u, **extra) for u in openai_urls]
         if simulate:
             flag_backends.append(
-                BackendSpec(
+                backend_spec(
                     kind="simulated",
                     first_token_s=sim_first_token_ms / 1000,
                     token_s=sim_token_ms / 1000,
@@ -104,9 +104,6 @@ def worker_command(
         )
         code = serve(settings, config, loglevel=loglevel.upper())
     except CorralError as exc:
-        click.echo(f"corral worker: {exc}", err=True)
-        sys.exit(2)
-    except ValueError as exc:  # a bad --ollama URL and the like, from BackendSpec
         click.echo(f"corral worker: {exc}", err=True)
         sys.exit(2)
     sys.exit(code)

@@ -36,9 +36,6 @@ class BackendSpec(BaseModel):
             raise ValueError("backend URL must start with http:// or https://")
         return value.rstrip("/") if value else value
 
-    def display_name(self, index: int) -> str:
-        return self.name or (self.kind if index == 0 else f"{self.kind}{index + 1}")
-
 
 class WorkerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -53,7 +50,7 @@ class WorkerConfig(BaseModel):
         for spec in value:
             if spec.kind != "simulated" and not spec.url:
                 raise ValueError(f"a {spec.kind} backend needs a url")
-        names = [spec.display_name(i) for i, spec in enumerate(value)]
+        names = backend_names(value)
         if len(set(names)) != len(names):
             raise ValueError(f"backend names must differ: {names}")
         return value
@@ -63,14 +60,42 @@ class WorkerConfig(BaseModel):
         return sum(spec.capacity for spec in self.backends)
 
 
+def backend_names(specs: tuple[BackendSpec, ...]) -> list[str]:
+    """Each backend's name: its own, else its kind, numbered from the second of a kind."""
+    seen: dict[str, int] = {}
+    out = []
+    for spec in specs:
+        seen[spec.kind] = seen.get(spec.kind, 0) + 1
+        count = seen[spec.kind]
+        out.append(spec.name or (spec.kind if count == 1 else f"{spec.kind}{count}"))
+    return out
+
+
+def _problems(exc: ValidationError) -> str:
+    """Where and what, without pydantic's echo of the input (a URL may carry a key)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def backend_spec(**fields: Any) -> BackendSpec:
+    """A BackendSpec from CLI flags; a bad value is a ConfigError that names the flag's field."""
+    try:
+        return BackendSpec.model_validate(fields)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {fields.get('kind', '')} backend: {_problems(exc)}") from None
+
+
 def build_worker_config(yaml_section: dict[str, Any] | None, **flags: Any) -> WorkerConfig:
     """Merge corral.yaml's ``worker:`` section with CLI flags (flags win, ``None`` means unset)."""
     merged: dict[str, Any] = dict(yaml_section or {})
     merged.update({k: v for k, v in flags.items() if v not in (None, (), [])})
+    if not merged.get("backends"):
+        raise ConfigError(
+            "no backend to front: give --ollama URL, --openai-compat URL or --simulate "
+            "(or worker.backends in corral.yaml)"
+        )
     try:
         return WorkerConfig.model_validate(merged)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid worker configuration: {problems}") from None
+        raise ConfigError(f"invalid worker configuration: {_problems(exc)}") from None

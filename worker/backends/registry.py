@@ -8,7 +8,7 @@ from worker.backends.base import Backend
 from worker.backends.ollama import OllamaBackend
 from worker.backends.openai_compat import OpenAICompatBackend
 from worker.backends.simulated import SimulatedBackend
-from worker.config import WorkerConfig
+from worker.config import WorkerConfig, backend_names
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -26,8 +26,7 @@ def make_http_client(read_timeout_s: float) -> httpx.AsyncClient:
 
 def build_backends(config: WorkerConfig, client: httpx.AsyncClient) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
-    for index, spec in enumerate(config.backends):
-        name = spec.display_name(index)
+    for name, spec in zip(backend_names(config.backends), config.backends, strict=True):
         backend: Backend
         if spec.kind == "simulated":
             backend = SimulatedBackend(
