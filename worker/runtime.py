@@ -83,7 +83,14 @@ class NodeRuntime:
 
     def report_malformed(self, job_id: str, problem: str) -> None:
         """Tell a waiting client its job was rejected, so it does not wait for nothing."""
-        self._call(self._report_malformed(job_id, problem), timeout=10)
+        self._call(self._report_error(job_id, "malformed", problem), timeout=10)
+
+    def report_failure(self, job_id: str, problem: str) -> None:
+        """Best effort: end a job's stream with an error after an unexpected failure."""
+        try:
+            self._call(self._report_error(job_id, "worker_error", problem), timeout=5)
+        except (redis.exceptions.RedisError, TimeoutError, OSError) as exc:
+            log.warning("could not report the failure of job %s: %s", job_id, exc)
 
     @property
     def in_flight(self) -> int:
@@ -221,9 +228,11 @@ class NodeRuntime:
         finally:
             del self._active[job_id]
 
-    async def _report_malformed(self, job_id: str, problem: str) -> None:
-        stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s)
-        await stream.error("malformed", problem, self.config.name, None)
+    async def _report_error(self, job_id: str, code: str, problem: str) -> None:
+        # Appended after whatever the job already streamed, so the client sees it in order.
+        log_length = await self.redis.llen(names.job_log_key(job_id))
+        stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s, first_seq=log_length)
+        await stream.error(code, problem, self.config.name, None)
 
 
 def _text(data: bytes | str) -> str:

@@ -70,10 +70,12 @@ class StreamScripts:
 class JobStream:
     """The single writer of one job's event stream (the lease guarantees it is single)."""
 
-    def __init__(self, scripts: StreamScripts, job_id: str, ttl_s: int) -> None:
+    def __init__(
+        self, scripts: StreamScripts, job_id: str, ttl_s: int, *, first_seq: int = 0
+    ) -> None:
         self._job_id = job_id
         self._ttl_s = ttl_s
-        self._seq = 0
+        self._seq = first_seq
         self._log_key = names.job_log_key(job_id)
         self._channel = names.job_channel(job_id)
         self._append = scripts.append

@@ -54,7 +54,15 @@ def register_tasks(app: Celery, runtime: NodeRuntime) -> None:
             if job_id is not None:
                 runtime.report_malformed(job_id, f"malformed job message: {problem}")
             raise Reject(f"malformed job message: {problem}", requeue=False) from None
-        result = runtime.run(assignment)
+        try:
+            result = runtime.run(assignment)
+        except Exception as exc:
+            # Not a backend failure (those end the stream themselves): the worker itself failed,
+            # e.g. Redis went away mid-job. Tell the client if we still can, then let Celery
+            # record the failure.
+            log.exception("job %s failed inside the worker", assignment.spec.job_id)
+            runtime.report_failure(assignment.spec.job_id, f"worker error: {type(exc).__name__}")
+            raise
         if result is None:
             return {"status": "skipped"}
         return {

@@ -9,24 +9,23 @@ more of the URL than ``public_url`` gives (the base URL may hold basic-auth cred
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from broker.errors import (
-    BackendError,
-    BackendProtocolError,
-    BackendTimeout,
-    BackendUnavailable,
-    ModelNotFound,
-)
+from broker.errors import BackendProtocolError
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
 from worker.backends.base import BackendKind, Chunk, public_url
-
-_MAX_DETAIL = 300
-"""Longest piece of a backend's own words we copy into an error message."""
-
+from worker.backends.http_errors import (
+    TRANSPORT_ERRORS,
+    ErrorReport,
+    Scrubber,
+    check_status,
+    clip,
+    error_text,
+    transport_error,
+    url_secrets,
+)
 
 # --- the wire format we read (only the fields corral uses; Ollama adds more over time) -----
 
@@ -100,24 +99,6 @@ def ollama_options(options: GenerationOptions) -> dict[str, object]:
     return mapped
 
 
-def _url_secrets(url: str) -> tuple[str, ...]:
-    """The parts of ``url`` that must never reach a message, longest first.
-
-    httpx rarely quotes a URL in its errors, but a proxy or a future version might: scrubbing
-    these is cheap insurance. Very short passwords are left out, since replacing "ab" would
-    mangle every message while hiding nothing an attacker could not guess.
-    """
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    candidates = (f"{userinfo}@" if userinfo else "", parts.query, parts.password or "")
-    return tuple(sorted({c for c in candidates if len(c) >= 4}, key=len, reverse=True))
-
-
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
-
-
 class OllamaBackend:
     """One Ollama server, reached through an injected ``httpx.AsyncClient``.
 
@@ -135,7 +116,8 @@ class OllamaBackend:
         self._client = client
         self._capacity = capacity
         self._public_url = public_url(base_url)
-        self._secrets = _url_secrets(base_url)
+        self._where = f"ollama backend {name!r} at {self._public_url}"
+        self._scrub = Scrubber(url_secrets(base_url))
 
     @property
     def name(self) -> str:
@@ -210,12 +192,11 @@ class OllamaBackend:
                         # Lines without content (a thinking model's reasoning, tool calls)
                         # carry nothing a chat delta can show.
                         yield Chunk(text=text)
-        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-            raise self._transport_error(exc) from None
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(exc, self._where, self._scrub) from None
         if final is None:
             raise BackendProtocolError(
-                f"ollama backend {self._name!r} at {self._public_url} ended the stream "
-                "without its final 'done' line"
+                f"{self._where} ended the stream without its final 'done' line"
             )
         # Yielded after the response is closed, so a consumer that stops here leaks nothing.
         yield final
@@ -226,72 +207,48 @@ class OllamaBackend:
         try:
             response = await self._client.get(f"{self._base_url}{path}")
             await self._check_status(response, model=None)
-        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-            raise self._transport_error(exc) from None
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(exc, self._where, self._scrub) from None
         try:
             listing = _ModelList.model_validate_json(response.content)
         except ValidationError:
             raise BackendProtocolError(
-                f"ollama backend {self._name!r} at {self._public_url} answered {path} "
-                "with a body that is not Ollama's model list"
+                f"{self._where} answered {path} with a body that is not Ollama's model list"
             ) from None
         return listing.models or []
 
     async def _check_status(self, response: httpx.Response, model: str | None) -> None:
-        if response.status_code < 400:
-            return
-        await response.aread()
-        detail = self._error_detail(response)
-        if (
-            response.status_code == 404
-            and model is not None
-            and "model" in detail.lower()
-            and "not found" in detail.lower()
-        ):
-            # A plain 404 ("404 page not found") means a wrong base URL, not a missing model.
-            raise ModelNotFound(f"model {model!r} not found on backend {self._name!r}")
-        raise BackendProtocolError(
-            f"ollama backend {self._name!r} at {self._public_url} answered "
-            f"HTTP {response.status_code}: {detail}"
+        await check_status(
+            response,
+            backend=self._name,
+            where=self._where,
+            model=model,
+            read_error=self._read_error,
         )
 
-    def _error_detail(self, response: httpx.Response) -> str:
+    def _read_error(self, response: httpx.Response) -> ErrorReport:
         """The ``error`` field of Ollama's ``{"error": "..."}`` body, or the start of the text."""
         try:
             message = _ErrorBody.model_validate_json(response.content).error
         except ValidationError:
             message = None
-        text = message if message is not None else response.text
-        return self._scrub(_clip(text)) or response.reason_phrase
+        detail = error_text(response, message, self._scrub)
+        lowered = detail.lower()
+        # A plain 404 ("404 page not found") means a wrong base URL, not a missing model.
+        missing = response.status_code == 404 and "model" in lowered and "not found" in lowered
+        return ErrorReport(detail, model_missing=missing)
 
     def _parse_line(self, line: str) -> _ChatLine:
         try:
             parsed = _ChatLine.model_validate_json(line)
         except ValidationError:
             raise BackendProtocolError(
-                f"ollama backend {self._name!r} at {self._public_url} sent a line that is "
-                f"not a chat response: {_clip(line)!r}"
+                f"{self._where} sent a line that is not a chat response: {clip(line)!r}"
             ) from None
         if parsed.error is not None:
             # Ollama reports a failure after the 200 header as one last ``{"error": ...}`` line.
             raise BackendProtocolError(
                 f"ollama backend {self._name!r} failed mid-stream: "
-                f"{self._scrub(_clip(parsed.error))}"
+                f"{self._scrub.detail(parsed.error)}"
             )
         return parsed
-
-    def _transport_error(self, exc: Exception) -> BackendError:
-        where = f"ollama backend {self._name!r} at {self._public_url}"
-        reason = self._scrub(_clip(str(exc))) or type(exc).__name__
-        if isinstance(exc, httpx.TimeoutException):
-            return BackendTimeout(f"{where} timed out ({type(exc).__name__})")
-        if isinstance(exc, httpx.ConnectError | httpx.ProxyError):
-            return BackendUnavailable(f"cannot connect to {where}: {reason}")
-        if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
-            return BackendUnavailable(f"connection to {where} dropped: {reason}")
-        return BackendProtocolError(f"{where}: {type(exc).__name__}: {reason}")
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text

@@ -11,23 +11,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from broker.errors import (
-    BackendError,
-    BackendProtocolError,
-    BackendTimeout,
-    BackendUnavailable,
-    ModelNotFound,
-)
+from broker.errors import BackendProtocolError
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
 from worker.backends.base import BackendKind, Chunk, public_url
-
-_MAX_DETAIL = 300
-"""Longest piece of a backend's own words we copy into an error message."""
+from worker.backends.http_errors import (
+    TRANSPORT_ERRORS,
+    ErrorReport,
+    Scrubber,
+    check_status,
+    error_text,
+    transport_error,
+    url_secrets,
+)
 
 DONE_SENTINEL = "[DONE]"
 
@@ -112,19 +111,6 @@ def chat_request_body(
     return body
 
 
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
-
-
-def _url_secrets(url: str) -> tuple[str, ...]:
-    """The parts of ``url`` that must never reach a message (userinfo, query, password)."""
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    candidates = (f"{userinfo}@" if userinfo else "", parts.query, parts.password or "")
-    return tuple(c for c in candidates if len(c) >= 4)
-
-
 def _error_fields(payload: Any) -> tuple[str | None, str | None]:
     """``(message, code)`` from whatever error value a server put in its JSON."""
     if isinstance(payload, dict):
@@ -199,10 +185,8 @@ class OpenAICompatBackend:
         self._capacity = capacity
         self._public_url = public_url(base_url)
         self._api_key = api_key
-        secrets = list(_url_secrets(base_url))
-        if api_key is not None and api_key.get_secret_value():
-            secrets.append(api_key.get_secret_value())
-        self._secrets = tuple(sorted(secrets, key=len, reverse=True))
+        key = api_key.get_secret_value() if api_key is not None else ""
+        self._scrub = Scrubber((*url_secrets(base_url), key))
 
     @property
     def name(self) -> str:
@@ -227,8 +211,8 @@ class OpenAICompatBackend:
         try:
             response = await self._client.get(f"{self._api_root}/models", headers=self._headers())
             await self._check_status(response, model=None)
-        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-            raise self._transport_error(exc) from None
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(exc, self._where(), self._scrub) from None
         try:
             listing = _ModelList.model_validate_json(response.content)
         except ValidationError:
@@ -271,8 +255,8 @@ class OpenAICompatBackend:
                         if choice.delta.content:
                             deltas += 1
                             yield Chunk(text=choice.delta.content)
-        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-            raise self._transport_error(exc) from None
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(exc, self._where(), self._scrub) from None
         if not finished and finish_reason is None:
             # A clean end of body with neither [DONE] nor a finish reason: the answer is cut.
             raise BackendProtocolError(f"{self._where()} ended the stream before the answer")
@@ -305,33 +289,25 @@ class OpenAICompatBackend:
         except ValidationError:
             raise BackendProtocolError(
                 f"{self._where()} sent an event that is not a chat completion chunk: "
-                f"{self._scrub(_clip(data))!r}"
+                f"{self._scrub.detail(data)!r}"
             ) from None
         if kind == "error" or chunk.error is not None:
             message, _ = _error_fields(chunk.error)
             raise BackendProtocolError(
-                f"{self._where()} failed mid-stream: {self._scrub(_clip(message or data))}"
+                f"{self._where()} failed mid-stream: {self._scrub.detail(message or data)}"
             )
         return chunk
 
     async def _check_status(self, response: httpx.Response, model: str | None) -> None:
-        if response.status_code < 400:
-            return
-        await response.aread()
-        message, code = self._error_detail(response)
-        lowered = message.lower()
-        says_model_missing = "model" in lowered and (
-            "not found" in lowered or "does not exist" in lowered
-        )
-        if model is not None and (
-            code == "model_not_found" or (response.status_code == 404 and says_model_missing)
-        ):
-            raise ModelNotFound(f"model {model!r} not found on backend {self._name!r}")
-        raise BackendProtocolError(
-            f"{self._where()} answered HTTP {response.status_code}: {message}"
+        await check_status(
+            response,
+            backend=self._name,
+            where=self._where(),
+            model=model,
+            read_error=self._read_error,
         )
 
-    def _error_detail(self, response: httpx.Response) -> tuple[str, str | None]:
+    def _read_error(self, response: httpx.Response) -> ErrorReport:
         try:
             body = _ErrorBody.model_validate_json(response.content)
         except ValidationError:
@@ -341,20 +317,10 @@ class OpenAICompatBackend:
             message, code = str(body.message), code or _error_fields(body.code)[0]
         if message is None and body.detail is not None:
             message = str(body.detail)
-        text = message if message is not None else response.text
-        return self._scrub(_clip(text)) or response.reason_phrase, code
-
-    def _transport_error(self, exc: Exception) -> BackendError:
-        reason = self._scrub(_clip(str(exc))) or type(exc).__name__
-        if isinstance(exc, httpx.TimeoutException):
-            return BackendTimeout(f"{self._where()} timed out ({type(exc).__name__})")
-        if isinstance(exc, httpx.ConnectError | httpx.ProxyError):
-            return BackendUnavailable(f"cannot connect to {self._where()}: {reason}")
-        if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
-            return BackendUnavailable(f"connection to {self._where()} dropped: {reason}")
-        return BackendProtocolError(f"{self._where()}: {type(exc).__name__}: {reason}")
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        detail = error_text(response, message, self._scrub)
+        lowered = detail.lower()
+        says_model_missing = "model" in lowered and (
+            "not found" in lowered or "does not exist" in lowered
+        )
+        missing = code == "model_not_found" or (response.status_code == 404 and says_model_missing)
+        return ErrorReport(detail, model_missing=missing)
