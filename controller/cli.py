@@ -156,16 +156,12 @@ def run_and_print(client: CorralClient, spec: JobSpec, *, as_json: bool, timeout
     sent_at = time.perf_counter()
     try:
         submission = client.submit(spec)
-    except CorralError as exc:
-        if as_json:
-            _print_json({"type": "error", "code": exc.code, "message": str(exc)})
-        fail(exc)
-    if not as_json:
-        c = submission.candidate
-        err.print(f"[dim]job {spec.job_id} → {c.node} ({c.backend}, {c.model})[/dim]")
-    try:
+        if not as_json:
+            c = submission.candidate
+            err.print(f"[dim]job {spec.job_id} → {c.node} ({c.backend}, {c.model})[/dim]")
         return _print_events(submission.reader.events(timeout_s), as_json, sent_at)
     except KeyboardInterrupt:
+        # Also when Ctrl-C lands during the send: a cancel for a job never sent is harmless.
         client.cancel(spec.job_id)
         err.print(f"\n[yellow]cancelled job {spec.job_id}[/yellow]")
         return ExitCode.INTERRUPTED

@@ -9,7 +9,6 @@ message stop a job by cancelling its task, which closes the backend's HTTP strea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -70,8 +69,11 @@ class NodeRuntime:
     def stop(self) -> None:
         if not self._thread.is_alive():
             return
-        with contextlib.suppress(Exception):  # best effort on the way out; logged below
+        try:
             self._call(self._shutdown(), timeout=10)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            # On the way out: the node still expires from the cluster within three heartbeats.
+            log.warning("clean shutdown incomplete: %s", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 
@@ -219,6 +221,7 @@ class NodeRuntime:
             except asyncio.CancelledError:
                 # Cancelled before its first step ran: run_job never saw it, so report here.
                 if control.cancel_requested and task.cancelled():
+                    claim.close()  # never started: nothing to undo
                     await stream.error("cancelled", "job cancelled", self.config.name, None)
                     return None
                 raise
