@@ -76,6 +76,8 @@ class NodeRuntime:
             log.warning("clean shutdown incomplete: %s", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     # --- jobs (called from Celery's threads) -----------------------------------------------
 

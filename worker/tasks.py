@@ -38,7 +38,11 @@ def job_id_of(payload: Any) -> str | None:
 def register_tasks(app: Celery, runtime: NodeRuntime) -> None:
     # Celery ships no type hints, hence the ignore on its decorator.
     @app.task(  # type: ignore[untyped-decorator]
-        name=names.RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True
+        name=names.RUN_JOB_TASK,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        shared=False,  # this app only: the closure holds this node's runtime
     )
     def run_job(self: Any, payload: Any = None, *extra_args: Any, **extra_kwargs: Any) -> Any:
         try:
