@@ -59,6 +59,41 @@ def _wait_for_ping(url: str, timeout_s: float) -> None:
     raise BrokerUnavailable(f"the local broker at {url} did not answer within {timeout_s:.0f}s")
 
 
+def redis_server_command(
+    binary: str, port: int, workdir: Path, *, appendonly: bool = False
+) -> list[str]:
+    """redis-server on loopback only, keeping nothing on disk unless ``appendonly``."""
+    return [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--dir",
+        str(workdir),
+        "--logfile",
+        str(workdir / "redis.log"),
+    ]
+
+
+def stop_process(
+    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 15
+) -> int:
+    """Signal a child, wait for it, kill it if it will not go; returns its exit code."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)
+
+
 @dataclass
 class LocalBroker:
     url: str
@@ -77,31 +112,12 @@ def local_broker(workdir: Path) -> Iterator[LocalBroker]:
     binary = shutil.which("redis-server")
     if binary is not None:
         process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-                "--logfile",
-                str(workdir / "redis.log"),
-            ],
+            redis_server_command(binary, port, workdir),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         broker = LocalBroker(url, embedded=False)
-
-        def stop_redis() -> None:
-            process.terminate()
-            process.wait(timeout=10)
-
-        broker._stop.append(stop_redis)
+        broker._stop.append(lambda: stop_process(process))
     else:
         broker = _embedded_broker(port, url)
     try:
@@ -140,13 +156,7 @@ class LocalWorker:
     log_file: IO[bytes]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.log_file.close()
 
 

@@ -27,6 +27,7 @@ from broker import names
 from broker.schemas import DoneEvent
 from broker.settings import build_settings
 from controller.client import CorralClient, make_spec
+from controller.localcluster import stop_process
 from tests.support.servers import WorkerProcess, free_port, start_worker, wait_until
 
 FAST = ["--simulate", "--sim-first-token-ms", "5", "--sim-token-ms", "1"]
@@ -72,13 +73,7 @@ class FlowerProcess:
             return False
 
     def stop(self, timeout_s: float = 10) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s=timeout_s)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

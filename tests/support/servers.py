@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from controller.localcluster import free_port
+from controller.localcluster import free_port, redis_server_command, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,13 +46,7 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s=10)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -63,21 +57,10 @@ def start_redis(password: str | None = None, appendonly: bool = False) -> RedisS
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="corral-redis-"))
     args = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "yes" if appendonly else "no",
+        *redis_server_command(binary, port, workdir, appendonly=appendonly),
+        # One database per test module or test: a fresh namespace without a new server.
         "--databases",
         "256",
-        "--dir",
-        str(workdir),
-        "--logfile",
-        str(workdir / "redis.log"),
     ]
     if password:
         args += ["--requirepass", password]
@@ -109,17 +92,11 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        code = stop_process(self.process, sig, timeout_s)
         if self._log_file is not None:
             self._log_file.close()  # type: ignore[attr-defined]
             self._log_file = None
-        return int(self.process.returncode)
+        return code
 
 
 def start_worker(
