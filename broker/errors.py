@@ -12,7 +12,12 @@
     ├── JobError                the job ran (or was sent) and did not finish well
     │   ├── NodeLost            the serving node stopped heartbeating mid-job
     │   ├── JobCancelled        somebody cancelled it
-    │   └── JobTimeout          no event within the allowed time
+    │   ├── JobTimeout          no event within the allowed time
+    │   ├── JobInterrupted      it failed after its first token (partial text kept)
+    │   └── AttemptsExhausted   it failed on every node it was tried on
+    ├── ModelOpError            a pull / warm / unload / rm could not be done
+    │   ├── ModelTooLarge       the model would not fit the node's free memory
+    │   └── UnsupportedOperation  the backend cannot manage models
     └── BackendError            the node's LLM backend failed
         ├── BackendUnavailable  connection refused, DNS, reset before any byte
         ├── BackendTimeout      connect/read timed out
@@ -72,6 +77,26 @@ class JobTimeout(JobError):
     code = "timeout"
 
 
+class JobInterrupted(JobError):
+    code = "interrupted"
+
+
+class AttemptsExhausted(JobError):
+    code = "attempts_exhausted"
+
+
+class ModelOpError(CorralError):
+    code = "model_op"
+
+
+class ModelTooLarge(ModelOpError):
+    code = "model_too_large"
+
+
+class UnsupportedOperation(ModelOpError):
+    code = "unsupported"
+
+
 class BackendError(CorralError):
     code = "backend"
 
@@ -90,6 +115,19 @@ class ModelNotFound(BackendError):
 
 class BackendProtocolError(BackendError):
     code = "backend_protocol"
+
+
+RETRYABLE_CODES = frozenset(
+    {
+        "backend_unavailable",
+        "backend_timeout",
+        "backend_protocol",
+        "model_not_found",
+        "node_lost",
+        "worker_error",
+    }
+)
+"""Failures another node may not have: a job failing so before its first token moves on."""
 
 
 _BY_CODE: dict[str, type[CorralError]] = {}

@@ -19,9 +19,27 @@ CANCEL_CHANNEL = f"{KEY_PREFIX}cancel"
 """Pub/sub channel every worker listens on; a message is a job id to stop."""
 
 
+MODEL_OP_TASK = "corral.model_op"
+"""The task that pulls, loads, unloads or removes a model on one node."""
+
+# Kombu's Redis transport keeps one list per priority step, named queue + separator + step
+# (the step-0 list is the bare queue name) and, with the "priority" strategy, always pops the
+# lowest step first. corral uses two steps: interactive jobs, then batch jobs.
+PRIORITY_SEPARATOR = ":"
+PRIORITY_STEPS = (0, 9)
+INTERACTIVE_PRIORITY = 0
+BATCH_PRIORITY = 9
+
+
 def node_queue(node_name: str) -> str:
     """The Celery queue that only ``node_name``'s worker consumes."""
     return f"{NODE_QUEUE_PREFIX}{node_name}"
+
+
+def node_queue_lists(node_name: str) -> list[str]:
+    """The Redis lists that hold ``node_name``'s waiting jobs, highest priority first."""
+    queue = node_queue(node_name)
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
 
 
 def node_alive_key(node_name: str) -> str:
@@ -57,3 +75,18 @@ def job_cancel_key(job_id: str) -> str:
 def job_node_key(job_id: str) -> str:
     """The node a job was sent to, so ``attach`` and ``cancel`` can find it."""
     return f"{KEY_PREFIX}job:{job_id}:node"
+
+
+def session_key(session_id: str) -> str:
+    """Hash of a conversation: the node that holds it, and its messages so far."""
+    return f"{KEY_PREFIX}session:{session_id}"
+
+
+BREAKERS_HASH = f"{KEY_PREFIX}breakers"
+"""Hash of breaker target (a node name, or ``node/backend``) -> its state, shared by every
+controller process."""
+
+
+def breaker_probe_key(target: str) -> str:
+    """Held by the one controller allowed to try a half-open breaker's target."""
+    return f"{KEY_PREFIX}breaker:{target}:probe"

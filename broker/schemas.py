@@ -50,9 +50,15 @@ class JobSpec(Message):
     model: str | None = Field(default=None, min_length=1)
     tags: frozenset[str] = frozenset()
     priority: Priority = "interactive"
-    session: str | None = None
+    session: str | None = Field(default=None, max_length=128)
     options: GenerationOptions = GenerationOptions()
     created_at: float
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    """How many nodes may be tried in all: a failure before the first token moves the job on."""
+    retry_partial: bool = False
+    """Also restart the job elsewhere when it fails after its first token (the text restarts)."""
+    first_token_timeout_s: float | None = Field(default=None, gt=0)
+    """Give up on a backend that has not produced a token in this long (model load included)."""
 
 
 class JobAssignment(Message):
@@ -62,11 +68,41 @@ class JobAssignment(Message):
     node: Name
     backend: Name
     model: str = Field(min_length=1)
+    attempt: int = Field(default=1, ge=1)
+    """Which try this is; only the attempt the job's lease authorises may stream."""
 
     def argsrepr(self) -> str:
         """What Flower and the worker log show instead of the prompt."""
         route = self.spec.route or "-"
-        return f"job={self.spec.job_id} route={route} node={self.node} model={self.model}"
+        return (
+            f"job={self.spec.job_id} route={route} node={self.node} model={self.model}"
+            f" attempt={self.attempt}"
+        )
+
+
+ModelOpKind = Literal["pull", "warm", "unload", "rm"]
+
+
+class ModelOpRequest(Message):
+    """A model lifecycle operation for one node's backend, sent to that node's queue.
+
+    Its progress travels like a job's events (on the channel and log of ``op_id``).
+    """
+
+    op_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")
+    node: Name
+    backend: Name | None = None
+    """None: the node's first backend that can manage models."""
+    op: ModelOpKind
+    model: str = Field(min_length=1, max_length=256)
+    force: bool = False
+    """Go ahead even if the model looks too big for the node's free memory."""
+    keep_alive: str | None = Field(default=None, max_length=32)
+    """For ``warm``: how long the backend keeps it loaded (Ollama syntax: "30m", "-1")."""
+    created_at: float
+
+    def argsrepr(self) -> str:
+        return f"op={self.op} model={self.model} node={self.node} id={self.op_id}"
 
 
 # --- stream events -------------------------------------------------------------------------
@@ -83,6 +119,9 @@ class StartedEvent(_Event):
     node: str
     backend: str
     model: str
+    attempt: int = 1
+    instance: str | None = None
+    """The worker process serving it: a restarted worker has a new one."""
 
 
 class DeltaEvent(_Event):
@@ -130,27 +169,80 @@ class DoneEvent(_Event):
 
 
 class ErrorEvent(_Event):
+    """An attempt failed. ``final``: the job ends here; otherwise a ``rerouted`` event follows
+    (written by the controller that owns the job) or a final error if nothing else can serve it."""
+
     type: Literal["error"] = "error"
     code: str
     message: str
     node: str | None = None
+    attempt: int = 1
+    final: bool = True
 
 
-StreamEvent = Annotated[
-    StartedEvent | DeltaEvent | DoneEvent | ErrorEvent, Field(discriminator="type")
-]
-STREAM_EVENT: TypeAdapter[StartedEvent | DeltaEvent | DoneEvent | ErrorEvent] = TypeAdapter(
-    StreamEvent
+class InterruptedEvent(_Event):
+    """An attempt failed after its first token: what it had produced is in ``partial_text``."""
+
+    type: Literal["interrupted"] = "interrupted"
+    code: str
+    message: str
+    node: str | None
+    attempt: int
+    partial_text: str
+    final: bool = True
+
+
+class ReroutedEvent(_Event):
+    """The controller moved the job to another node; a new ``started`` event follows."""
+
+    type: Literal["rerouted"] = "rerouted"
+    attempt: int
+    """The new attempt's number."""
+    from_node: str | None
+    to_node: str
+    reason: str
+
+
+class ProgressEvent(_Event):
+    """A step of a model operation (a pull's download, a load)."""
+
+    type: Literal["progress"] = "progress"
+    status: str
+    completed: int | None = None
+    total: int | None = None
+
+
+AnyStreamEvent = (
+    StartedEvent
+    | DeltaEvent
+    | DoneEvent
+    | ErrorEvent
+    | InterruptedEvent
+    | ReroutedEvent
+    | ProgressEvent
 )
-TERMINAL_EVENT_TYPES = frozenset({"done", "error"})
+StreamEvent = Annotated[AnyStreamEvent, Field(discriminator="type")]
+STREAM_EVENT: TypeAdapter[AnyStreamEvent] = TypeAdapter(StreamEvent)
 
 
-def parse_event(raw: str | bytes) -> StartedEvent | DeltaEvent | DoneEvent | ErrorEvent:
+def is_terminal(event: AnyStreamEvent) -> bool:
+    """Whether nothing follows this event in its job's stream."""
+    if isinstance(event, DoneEvent):
+        return True
+    if isinstance(event, ErrorEvent | InterruptedEvent):
+        return event.final
+    return False
+
+
+def parse_event(raw: str | bytes) -> AnyStreamEvent:
     """Parse one StreamEvent from its JSON form; raises pydantic.ValidationError if malformed."""
     return STREAM_EVENT.validate_json(raw)
 
 
 # --- cluster state -------------------------------------------------------------------------
+
+
+Capability = Literal["chat", "embed", "vision", "tools", "thinking", "insert"]
 
 
 class ModelInfo(BaseModel):
@@ -159,9 +251,21 @@ class ModelInfo(BaseModel):
     name: str
     loaded: bool = False
     size_bytes: int | None = None
+    """On disk (Ollama /api/tags)."""
     family: str | None = None
     parameter_size: str | None = None
     quantization: str | None = None
+    context_length: int | None = None
+    capabilities: frozenset[Capability] = frozenset()
+    """Empty when the backend does not say; the router then assumes a chat model."""
+    loaded_until: float | None = None
+    """Epoch seconds the backend will unload it (None: not loaded, or kept forever)."""
+    loaded_bytes: int | None = None
+    """Memory it takes while loaded; ``loaded_vram_bytes`` of it on the GPU."""
+    loaded_vram_bytes: int | None = None
+
+    def serves_chat(self) -> bool:
+        return not self.capabilities or "chat" in self.capabilities
 
 
 class BackendInfo(BaseModel):
@@ -174,7 +278,17 @@ class BackendInfo(BaseModel):
     healthy: bool
     error: str | None = None
     capacity: int = Field(ge=1)
+    """How many requests the backend runs at once (OLLAMA_NUM_PARALLEL, llama.cpp slots)."""
+    in_flight: int = Field(default=0, ge=0)
+    latency_ms: float | None = None
+    """Moving average of its time to first token on this node's recent jobs."""
+    manages_models: bool = False
+    """Whether pull / warm / unload / rm work on it (Ollama)."""
     models: tuple[ModelInfo, ...] = ()
+
+    @property
+    def spare(self) -> int:
+        return self.capacity - self.in_flight
 
 
 class MemoryInfo(BaseModel):
@@ -184,14 +298,27 @@ class MemoryInfo(BaseModel):
     available_bytes: int
 
 
+class GpuInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    total_bytes: int
+    free_bytes: int
+
+
 class NodeInfo(Message):
     """One worker's heartbeat: who it is, what it can run, how busy it is."""
 
     name: Name
     version: str
+    instance: str = ""
+    """Random per worker process; the node's liveness key holds it too."""
     tags: frozenset[str] = frozenset()
     backends: tuple[BackendInfo, ...]
     memory: MemoryInfo | None = None
+    gpus: tuple[GpuInfo, ...] = ()
+    cpu_load: float | None = None
+    """1-minute load average divided by the number of cores (1.0 = every core busy)."""
     in_flight: int = Field(ge=0)
     capacity: int = Field(ge=1)
     heartbeat_interval_s: float = Field(gt=0)
@@ -200,3 +327,10 @@ class NodeInfo(Message):
 
     def model_names(self) -> set[str]:
         return {m.name for b in self.backends for m in b.models}
+
+    def free_memory_bytes(self) -> int | None:
+        """What a new model could use: free VRAM plus available RAM (Ollama splits layers)."""
+        if self.memory is None and not self.gpus:
+            return None
+        ram = self.memory.available_bytes if self.memory else 0
+        return ram + sum(g.free_bytes for g in self.gpus)

@@ -73,11 +73,14 @@ async def build_node_info(
 
 
 async def publish_node_info(redis: Redis, info: NodeInfo) -> None:
-    """Record the heartbeat: the last-known info (kept) and an expiring liveness key."""
+    """Record the heartbeat: the last-known info (kept) and an expiring liveness key.
+
+    The key holds the worker's instance id, so a client can tell a restarted worker (whose
+    predecessor's jobs are gone) from the one that took its job."""
     expiry_ms = int(info.heartbeat_interval_s * MISSED_HEARTBEATS_BEFORE_DOWN * 1000)
     pipe = redis.pipeline(transaction=True)
     pipe.hset(names.NODES_HASH, info.name, info.model_dump_json())
-    pipe.set(names.node_alive_key(info.name), info.sent_at, px=expiry_ms)
+    pipe.set(names.node_alive_key(info.name), info.instance, px=expiry_ms)
     await pipe.execute()
 
 
