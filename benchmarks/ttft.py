@@ -51,7 +51,7 @@ def corral_first_token_ms(client: CorralClient) -> float:
     started = time.perf_counter()
     submission = client.submit(make_spec("benchmark", options=GenerationOptions(max_tokens=2)))
     first: float | None = None
-    for event in submission.reader.events(timeout_s=30):
+    for event in submission.events(timeout_s=30):
         if isinstance(event, DeltaEvent) and first is None:
             first = (time.perf_counter() - started) * 1000
     if first is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from broker import names
 from broker.settings import CorralSettings
 
 # Seconds beyond the longest job before Redis hands an unacked job to another consumer.
@@ -28,6 +29,10 @@ def make_celery_app(settings: CorralSettings, *, name: str = "corral") -> Celery
         worker_prefetch_multiplier=1,
         broker_transport_options={
             "visibility_timeout": int(settings.job_timeout_s) + _VISIBILITY_MARGIN_S,
+            # Interactive jobs overtake batch jobs waiting in a node's queue: one Redis list
+            # per step, the lowest step popped first (kombu's Redis "priority" strategy).
+            "queue_order_strategy": "priority",
+            "priority_steps": list(names.PRIORITY_STEPS),
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,

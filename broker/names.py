@@ -25,7 +25,7 @@ MODEL_OP_TASK = "corral.model_op"
 # Kombu's Redis transport keeps one list per priority step, named queue + separator + step
 # (the step-0 list is the bare queue name) and, with the "priority" strategy, always pops the
 # lowest step first. corral uses two steps: interactive jobs, then batch jobs.
-PRIORITY_SEPARATOR = ":"
+PRIORITY_SEPARATOR = "\x06\x16"  # kombu's default: other kombu clients (Flower) agree
 PRIORITY_STEPS = (0, 9)
 INTERACTIVE_PRIORITY = 0
 BATCH_PRIORITY = 9

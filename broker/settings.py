@@ -99,6 +99,19 @@ class CorralSettings(BaseSettings):
     """How long one client process reuses its view of the cluster when routing jobs (the
     jobs it sent meanwhile are counted in). 0 reads Redis before every job. Heartbeats come
     every ``heartbeat_interval_s`` anyway, so a short reuse loses little freshness."""
+    first_token_timeout_s: float = Field(default=120.0, gt=0)
+    """A backend with no token after this long (loading the model included) has failed the
+    attempt; the job moves to the next node."""
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    """How many nodes a job may be tried on before it fails."""
+    breaker_threshold: int = Field(default=3, ge=1)
+    """Consecutive failures of a node or backend that open its circuit breaker."""
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    """How long an open breaker keeps traffic away before one probe job may try again."""
+    session_ttl_s: int = Field(default=86400, ge=60)
+    """How long a ``--session`` conversation is kept after its last turn."""
+    aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    """Model aliases: ``coder: [qwen2.5-coder:7b, deepseek-coder:6.7b]``, first choice first."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: they add about 2 ms to every
     job's first token, and Flower switches them on by itself while it runs (its

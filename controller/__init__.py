@@ -1,14 +1,16 @@
 """The front door: router, client (submit / stream / cancel) and the ``corral`` CLI."""
 
-from controller.client import CorralClient, JobStreamReader, Submission, make_spec
+from controller.client import CorralClient, make_spec
+from controller.jobrun import JobRun
+from controller.reader import JobStreamReader
 from controller.router import Candidate, NodeState, rank_candidates, route
 
 __all__ = [
     "Candidate",
     "CorralClient",
+    "JobRun",
     "JobStreamReader",
     "NodeState",
-    "Submission",
     "make_spec",
     "rank_candidates",
     "route",

@@ -27,8 +27,9 @@ from broker.schemas import (
     DoneEvent,
     ErrorEvent,
     GenerationOptions,
+    InterruptedEvent,
     JobSpec,
-    StartedEvent,
+    ReroutedEvent,
 )
 from broker.settings import CorralSettings, build_settings
 from controller.client import CorralClient, Event, make_spec
@@ -113,6 +114,20 @@ def worker(args: tuple[str, ...]) -> None:
 @click.option(
     "--timeout", type=click.FloatRange(min=1), help="Seconds of silence before giving up."
 )
+@click.option("--session", metavar="ID", help="Continue conversation ID (history kept, same node).")
+@click.option(
+    "--batch", is_flag=True, help="Low priority: interactive jobs overtake it in the queue."
+)
+@click.option(
+    "--retry-partial",
+    is_flag=True,
+    help="If the node fails mid-answer, restart the job on another node.",
+)
+@click.option(
+    "--attempts",
+    type=click.IntRange(1, 10),
+    help="Nodes to try before giving up (default: max_attempts, 3).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line, for scripts.")
 @click.pass_context
 def ask(
@@ -125,6 +140,10 @@ def ask(
     max_tokens: int | None,
     temperature: float | None,
     timeout: float | None,
+    session: str | None,
+    batch: bool,
+    retry_partial: bool,
+    attempts: int | None,
     as_json: bool,
 ) -> None:
     """Route PROMPT to the best node and stream the answer. Prefix @NODE to pick the node."""
@@ -140,6 +159,11 @@ def ask(
             tags=parse_tags(tags),
             system=system,
             options=GenerationOptions(max_tokens=max_tokens, temperature=temperature),
+            session=session,
+            priority="batch" if batch else "interactive",
+            retry_partial=retry_partial,
+            max_attempts=attempts or settings.max_attempts,
+            first_token_timeout_s=settings.first_token_timeout_s,
         )
     except CorralError as exc:
         fail(exc)
@@ -155,11 +179,11 @@ def run_and_print(client: CorralClient, spec: JobSpec, *, as_json: bool, timeout
     err = stderr_console()
     sent_at = time.perf_counter()
     try:
-        submission = client.submit(spec)
+        run = client.submit(spec)
         if not as_json:
-            c = submission.candidate
+            c = run.candidate
             err.print(f"[dim]job {spec.job_id} → {c.node} ({c.backend}, {c.model})[/dim]")
-        return _print_events(submission.reader.events(timeout_s), as_json, sent_at)
+        return _print_events(run.events(timeout_s), as_json, sent_at)
     except KeyboardInterrupt:
         # Also when Ctrl-C lands during the send: a cancel for a job never sent is harmless.
         client.cancel(spec.job_id)
@@ -177,6 +201,8 @@ def _print_json(obj: dict[str, object]) -> None:
 
 
 def _print_events(events: Iterator[Event], as_json: bool, sent_at: float) -> int:
+    """Print a job's events as they come and return the exit code its end calls for."""
+    err = stderr_console()
     first_token_ms: float | None = None
     for event in events:
         if isinstance(event, DeltaEvent) and first_token_ms is None:
@@ -186,21 +212,38 @@ def _print_events(events: Iterator[Event], as_json: bool, sent_at: float) -> int
         elif isinstance(event, DeltaEvent):
             sys.stdout.write(event.text)
             sys.stdout.flush()
-        if isinstance(event, StartedEvent):
-            continue
+        elif isinstance(event, ReroutedEvent):
+            err.print(
+                f"[yellow]↻ moved to {event.to_node} (attempt {event.attempt}): "
+                f"{event.reason}[/yellow]"
+            )
+        elif isinstance(event, ErrorEvent | InterruptedEvent) and not event.final:
+            if isinstance(event, InterruptedEvent):
+                sys.stdout.write("\n")
+                err.print(
+                    f"[yellow]✂ interrupted on {event.node} after "
+                    f"{len(event.partial_text)} characters: {event.message}; "
+                    "restarting elsewhere[/yellow]"
+                )
+            else:
+                err.print(f"[yellow]✗ {event.node}: {event.message}[/yellow]")
         if isinstance(event, DoneEvent):
             if not as_json:
                 sys.stdout.write("\n")
                 total_ms = (time.perf_counter() - sent_at) * 1000
-                stderr_console().print(
-                    f"[dim]{summary_line(event.result, first_token_ms, total_ms)}[/dim]"
-                )
+                err.print(f"[dim]{summary_line(event.result, first_token_ms, total_ms)}[/dim]")
             return ExitCode.OK
-        if isinstance(event, ErrorEvent):
+        if isinstance(event, ErrorEvent | InterruptedEvent) and event.final:
             if not as_json:
                 sys.stdout.write("\n")
                 where = f" on node {event.node}" if event.node else ""
-                stderr_console().print(f"[red]corral: job failed{where}: {event.message}[/red]")
+                what = "interrupted" if isinstance(event, InterruptedEvent) else "failed"
+                err.print(f"[red]corral: job {what}{where}: {event.message}[/red]")
+                if isinstance(event, InterruptedEvent):
+                    err.print(
+                        "[dim]the partial answer is above; --retry-partial restarts such a "
+                        "job on another node[/dim]"
+                    )
             return exit_code_for(error_from_code(event.code, event.message))
     return ExitCode.JOB
 

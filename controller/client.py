@@ -1,8 +1,8 @@
 """The controller's Python API: route and submit a job, follow its stream, cancel it.
 
-Streaming is lossless: the client subscribes to the job's channel and waits for Redis to confirm
-before the job is sent; every event carries a sequence number; a gap (a missed message, a
-reconnect) is refilled from the job's replay log, so each event is yielded once, in order.
+A submitted job is a ``JobRun``: iterating its events follows the stream (lossless, see
+``controller.reader``) and moves the job to the next node when an attempt fails before its
+first token (see ``controller.jobrun``).
 """
 
 from __future__ import annotations
@@ -11,41 +11,49 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import replace
 
 import redis.exceptions
 from celery import Celery
-from pydantic import ValidationError
 from redis import Redis
 from redis.client import PubSub
 
 from broker import names
 from broker.celery_app import make_celery_app
-from broker.errors import BrokerUnavailable, JobError, JobTimeout, NodeLost
+from broker.errors import (
+    BrokerUnavailable,
+    JobError,
+    ModelTooLarge,
+    NoNodeAvailable,
+    UnknownModel,
+    UnknownRoute,
+    UnsupportedOperation,
+)
 from broker.schemas import (
+    AnyStreamEvent,
     ChatMessage,
-    DeltaEvent,
-    DoneEvent,
-    ErrorEvent,
     GenerationOptions,
     JobAssignment,
     JobSpec,
+    ModelOpKind,
+    ModelOpRequest,
     Priority,
-    StartedEvent,
-    parse_event,
 )
 from broker.settings import CorralSettings, redacted_url
-from controller.cluster import preload_scripts, read_nodes
+from broker.sizing import fit_problem
+from controller.breaker import BreakerPhase, Breakers, backend_target
+from controller.cluster import ClusterView, preload_scripts, read_cluster
+from controller.jobrun import Attempt, JobRun
+from controller.reader import JobStreamReader
 from controller.router import Candidate, NodeState, route
+from controller.sessions import SessionStore
+from controller.stream_control import StreamControl
 
-Event = StartedEvent | DeltaEvent | DoneEvent | ErrorEvent
+Event = AnyStreamEvent
 
-# How often an idle follower re-reads the replay log and checks the node is still alive. This
-# is not on the hot path: events wake the follower at once; this only bounds how long a lost
-# message or a dead node goes unnoticed.
-_IDLE_CHECK_S = 1.0
 _IDLE_PUBSUBS_KEPT = 4
+_NODE_FAILURE_CODES = frozenset({"node_lost", "worker_error"})
 
 
 def new_job_id() -> str:
@@ -62,6 +70,9 @@ def make_spec(
     options: GenerationOptions | None = None,
     priority: Priority = "interactive",
     session: str | None = None,
+    retry_partial: bool = False,
+    max_attempts: int = 3,
+    first_token_timeout_s: float | None = None,
 ) -> JobSpec:
     messages = [ChatMessage(role="system", content=system)] if system else []
     messages.append(ChatMessage(role="user", content=prompt))
@@ -75,116 +86,27 @@ def make_spec(
         session=session,
         options=options or GenerationOptions(),
         created_at=time.time(),
+        retry_partial=retry_partial,
+        max_attempts=max_attempts,
+        first_token_timeout_s=first_token_timeout_s,
     )
 
 
-@dataclass
-class JobStreamReader:
-    """Follows one job's events from a subscribed pub/sub plus the replay log."""
-
-    redis: Redis
-    pubsub: PubSub
-    job_id: str
-    node: str | None
-    next_seq: int = 0
-    release: Callable[[PubSub, str], None] | None = field(default=None, repr=False)
-    """Hands the subscription back for reuse on close; without it the connection is closed."""
-    _closed: bool = field(default=False, repr=False)
-    _finished: bool = field(default=False, repr=False)
-
-    def events(self, timeout_s: float) -> Iterator[Event]:
-        """Yield every event once, in order, until done or error; raises JobError otherwise.
-
-        ``timeout_s`` bounds the silence between two events, not the whole job.
-        """
-        try:
-            yield from self._from_log()
-            if self._finished:
-                return
-            deadline = time.monotonic() + timeout_s
-            while True:
-                wait = min(_IDLE_CHECK_S, max(0.0, deadline - time.monotonic()))
-                message = self._next_message(wait)
-                if message is None:
-                    yield from self._from_log()
-                    if self._finished:
-                        return
-                    if time.monotonic() >= deadline:
-                        raise JobTimeout(f"no event from job {self.job_id} for {timeout_s:.0f}s")
-                    self._check_node_alive()
-                    continue
-                try:
-                    event = parse_event(message)
-                except ValidationError:
-                    continue  # not ours to crash on; the log holds the valid copy
-                if event.seq < self.next_seq:
-                    continue
-                if event.seq > self.next_seq:
-                    yield from self._from_log(upto=event.seq - 1)
-                self.next_seq = event.seq + 1
-                deadline = time.monotonic() + timeout_s
-                yield event
-                if isinstance(event, DoneEvent | ErrorEvent):
-                    self._finished = True
-                    return
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if self.release is not None:
-                self.release(self.pubsub, names.job_channel(self.job_id))
-            else:
-                self.pubsub.close()
-
-    def _next_message(self, wait_s: float) -> bytes | None:
-        try:
-            message = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=wait_s)
-        except redis.exceptions.ConnectionError:
-            # redis-py resubscribes on the next call; whatever was missed is in the log.
-            time.sleep(min(wait_s, 0.2))
-            return None
-        if message is None or message.get("type") != "message":
-            return None
-        data = message["data"]
-        return data if isinstance(data, bytes) else str(data).encode()
-
-    def _from_log(self, upto: int = -1) -> Iterator[Event]:
-        try:
-            raw = self.redis.lrange(names.job_log_key(self.job_id), self.next_seq, upto)
-        except redis.exceptions.ConnectionError:
-            return
-        for payload in raw:
-            event = parse_event(payload)
-            self.next_seq = event.seq + 1
-            yield event
-            if isinstance(event, DoneEvent | ErrorEvent):
-                self._finished = True
-                return
-
-    def _check_node_alive(self) -> None:
-        if self.node is None:
-            return
-        try:
-            alive = self.redis.exists(names.node_alive_key(self.node))
-        except redis.exceptions.ConnectionError:
-            return
-        if not alive:
-            raise NodeLost(
-                f"node {self.node!r} stopped heartbeating while job {self.job_id} was on it"
-            )
-
-
-@dataclass(frozen=True)
-class Submission:
-    job_id: str
-    candidate: Candidate
-    reader: JobStreamReader
+def with_history(history: tuple[ChatMessage, ...], spec: JobSpec) -> JobSpec:
+    """``spec`` continuing a conversation: its own system prompt, if any, replaces the old."""
+    if not history:
+        return spec
+    new_system = [m for m in spec.messages if m.role == "system"]
+    kept = [m for m in history if not (new_system and m.role == "system")]
+    rest = [m for m in spec.messages if m.role != "system"]
+    return spec.model_copy(update={"messages": (*new_system, *kept, *rest)})
 
 
 class CorralClient:
-    """One per process; holds a Redis connection pool and a Celery producer pool."""
+    """One per process; holds a Redis connection pool and a Celery producer pool.
+
+    Thread-safe for submitting and following jobs from several threads (``ask --fanout``).
+    """
 
     def __init__(self, settings: CorralSettings) -> None:
         self.settings = settings
@@ -192,14 +114,21 @@ class CorralClient:
         self._url = url
         self.redis = Redis.from_url(url, socket_connect_timeout=5)
         self.app: Celery = make_celery_app(settings)
+        self.breakers = Breakers(
+            self.redis,
+            threshold=settings.breaker_threshold,
+            cooldown_s=settings.breaker_cooldown_s,
+        )
+        self.control = StreamControl(self.redis, settings.replay_ttl_s)
+        self.sessions = SessionStore(self.redis, settings.session_ttl_s)
         self._scripts_loaded = False
         self._idle_pubsubs: list[PubSub] = []
-        self._pubsub_lock = threading.Lock()
-        self._node_view: tuple[float, list[NodeState]] | None = None
+        self._lock = threading.Lock()
+        self._view: tuple[float, ClusterView] | None = None
         self._sent_since_read: Counter[str] = Counter()
 
     def close(self) -> None:
-        with self._pubsub_lock:
+        with self._lock:
             idle, self._idle_pubsubs = self._idle_pubsubs, []
         for pubsub in idle:
             pubsub.close()
@@ -212,16 +141,20 @@ class CorralClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def nodes(self, max_age_s: float = 0.0) -> list[NodeState]:
-        """The cluster as Redis has it; a view up to ``max_age_s`` old may be reused."""
+    # --- the cluster ---------------------------------------------------------------------
+
+    def cluster(self, max_age_s: float = 0.0) -> ClusterView:
+        """Nodes and breakers as Redis has them; a view up to ``max_age_s`` old may be reused."""
         now = time.monotonic()
-        if self._node_view is not None and now - self._node_view[0] <= max_age_s:
-            return self._node_view[1]
+        with self._lock:
+            if self._view is not None and now - self._view[0] <= max_age_s:
+                return self._view[1]
         try:
             if not self._scripts_loaded:
                 preload_scripts(self.redis)
+                StreamControl.preload_into(self.redis)
                 self._scripts_loaded = True
-            states = read_nodes(self.redis)
+            view = read_cluster(self.redis)
         except redis.exceptions.AuthenticationError:
             raise BrokerUnavailable(
                 f"Redis at {redacted_url(self._url)} refused the password"
@@ -230,57 +163,131 @@ class CorralClient:
             raise BrokerUnavailable(
                 f"cannot reach Redis at {redacted_url(self._url)}: {exc.__class__.__name__}"
             ) from None
-        self._node_view = (now, states)
-        self._sent_since_read.clear()
-        return states
+        with self._lock:
+            self._view = (now, view)
+            self._sent_since_read.clear()
+        return view
 
-    def _routing_view(self) -> list[NodeState]:
-        """The node list the router sees: reused for up to ``route_cache_s``, with the jobs this
+    def nodes(self, max_age_s: float = 0.0) -> list[NodeState]:
+        return self.cluster(max_age_s).nodes
+
+    def breaker_phases(self, view: ClusterView) -> dict[str, BreakerPhase]:
+        """Every breaker that is not closed, by target."""
+        phases = {
+            target: state.phase(view.redis_time, self.settings.breaker_cooldown_s)
+            for target, state in view.breakers.items()
+        }
+        return {t: p for t, p in phases.items() if p is not BreakerPhase.CLOSED}
+
+    def _routing_view(self, fresh: bool = False) -> ClusterView:
+        """The cluster the router sees: reused for up to ``route_cache_s``, with the jobs this
         client has sent since it was read counted as queued, so a burst still spreads out."""
-        states = self.nodes(max_age_s=self.settings.route_cache_s)
-        if not self._sent_since_read:
-            return states
-        return [replace(s, queued=s.queued + self._sent_since_read[s.name]) for s in states]
+        view = self.cluster(max_age_s=0.0 if fresh else self.settings.route_cache_s)
+        with self._lock:
+            sent = Counter(self._sent_since_read)
+        if not sent:
+            return view
+        nodes = [replace(s, queued=s.queued + sent[s.name]) for s in view.nodes]
+        return replace(view, nodes=nodes)
 
-    def submit(self, spec: JobSpec) -> Submission:
+    def choose(
+        self,
+        spec: JobSpec,
+        *,
+        avoid: set[str] | None = None,
+        never: set[str] | None = None,
+        sticky_node: str | None = None,
+        fresh: bool = False,
+    ) -> Candidate:
+        """The best candidate for ``spec``; RoutingError when there is none.
+
+        Open breakers keep their targets out; a half-open one is tried by one job at a time
+        (whoever takes its probe permit). ``never`` holds ``node/backend`` targets that are
+        out; ``avoid`` those used only when nothing else is left.
+        """
+        view = self._routing_view(fresh)
+        phases = self.breaker_phases(view)
+        blocked = {t for t, p in phases.items() if p is BreakerPhase.OPEN} | (never or set())
+        ranked = route(
+            spec, view.nodes, blocked, aliases=self.settings.aliases, sticky_node=sticky_node
+        )
+        preferred = [c for c in ranked if c.backend_target not in (avoid or set())] or ranked
+        for candidate in preferred:
+            half_open = [
+                t
+                for t in (candidate.node, candidate.backend_target)
+                if phases.get(t) is BreakerPhase.HALF_OPEN
+            ]
+            if all(self.breakers.try_probe(t) for t in half_open):
+                return candidate
+        raise NoNodeAvailable(
+            "every node that could serve this job is behind a circuit breaker being probed"
+        )
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> JobRun:
         """Route ``spec``, subscribe to its stream, then send it to the chosen node's queue.
 
         Raises a RoutingError when nothing can serve it (nothing is sent then).
         """
-        candidate = route(spec, self._routing_view())[0]
-        assignment = JobAssignment(
-            spec=spec, node=candidate.node, backend=candidate.backend, model=candidate.model
-        )
+        sticky: str | None = None
+        if spec.session is not None:
+            session = self.sessions.load(spec.session)
+            sticky = session.node
+            spec = with_history(session.messages, spec)
+        candidate = self.choose(spec, sticky_node=sticky)
         # SUBSCRIBE goes out before the job does; its confirmation is awaited after the send,
         # which takes a round trip off the path to the first token. Nothing can be lost in
         # between: the worker appends every event to the replay log before publishing it, and
         # the reader starts by reading that log once the subscription is confirmed.
         reader = self._start_subscription(spec.job_id, candidate.node)
         try:
-            self.app.send_task(
-                names.RUN_JOB_TASK,
-                args=[assignment.model_dump(mode="json")],
-                task_id=spec.job_id,
-                queue=names.node_queue(candidate.node),
-                argsrepr=assignment.argsrepr(),
-                kwargsrepr="{}",
-                ignore_result=True,
-            )
-            self._sent_since_read[candidate.node] += 1
+            self._send(spec, candidate, attempt=1)
             self._await_subscription(reader)
-            # After the send, off the path to the first token; attach and cancel read it.
-            self.redis.set(
-                names.job_node_key(spec.job_id), candidate.node, ex=self.settings.replay_ttl_s
-            )
         except BaseException:
             reader.close()
             raise
-        return Submission(spec.job_id, candidate, reader)
+        return JobRun(
+            spec=spec,
+            reader=reader,
+            control=self.control,
+            hooks=_ClientHooks(self),
+            attempt=Attempt(1, candidate),
+        )
+
+    def _send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None:
+        assignment = JobAssignment(
+            spec=spec,
+            node=candidate.node,
+            backend=candidate.backend,
+            model=candidate.model,
+            attempt=attempt,
+        )
+        priority = (
+            names.INTERACTIVE_PRIORITY if spec.priority == "interactive" else names.BATCH_PRIORITY
+        )
+        self.app.send_task(
+            names.RUN_JOB_TASK,
+            args=[assignment.model_dump(mode="json")],
+            task_id=spec.job_id,
+            queue=names.node_queue(candidate.node),
+            priority=priority,
+            argsrepr=assignment.argsrepr(),
+            kwargsrepr="{}",
+            ignore_result=True,
+        )
+        with self._lock:
+            self._sent_since_read[candidate.node] += 1
+        # After the send, off the path to the first token; attach and cancel read it.
+        self.redis.set(
+            names.job_node_key(spec.job_id), candidate.node, ex=self.settings.replay_ttl_s
+        )
 
     def stream(self, spec: JobSpec) -> Iterator[Event]:
         """Submit and follow: the simple form of the API."""
-        submission = self.submit(spec)
-        yield from submission.reader.events(self.settings.job_timeout_s)
+        run = self.submit(spec)
+        yield from run.events(self.settings.job_timeout_s)
 
     def attach(self, job_id: str) -> JobStreamReader:
         """Follow a running or finished job from its first event."""
@@ -292,13 +299,93 @@ class CorralClient:
         return self._subscribe(job_id, node)
 
     def cancel(self, job_id: str) -> bool:
-        """Ask whichever worker has the job to stop it; False if the job is unknown."""
-        known = self.redis.exists(names.job_node_key(job_id))
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(names.job_cancel_key(job_id), 1, ex=self.settings.replay_ttl_s)
-        pipe.publish(names.CANCEL_CHANNEL, job_id)
-        pipe.execute()
-        return bool(known)
+        """Stop a job: a queued one is taken out of its queue and ended at once, a running
+        one's worker closes its backend stream. False if the job is unknown."""
+        node_raw = self.redis.get(names.job_node_key(job_id))
+        node = node_raw.decode() if isinstance(node_raw, bytes) else None
+        self.control.cancel(job_id, node)
+        return node is not None
+
+    # --- model lifecycle -------------------------------------------------------------------
+
+    def model_op(
+        self,
+        node: str,
+        op: ModelOpKind,
+        model: str,
+        *,
+        backend: str | None = None,
+        force: bool = False,
+        keep_alive: str | None = None,
+    ) -> JobStreamReader:
+        """Send a pull / warm / unload / rm to ``node``; follow the reader for its progress.
+
+        Checked here first, with the node's last heartbeat: the node exists and is up, it has
+        a backend that manages models, the model is there (but for a pull), and a model to
+        warm fits the node's free memory (unless ``force``). The node checks the fit of a
+        pull itself, once the download says how big the model is.
+        """
+        state = self._node_for_op(node)
+        managing = [b for b in state.info.backends if b.manages_models]
+        if backend is not None:
+            managing = [b for b in managing if b.name == backend]
+        if not managing:
+            kinds = ", ".join(f"{b.name} ({b.kind})" for b in state.info.backends) or "none"
+            raise UnsupportedOperation(
+                f"node {node!r} has no backend{f' {backend!r}' if backend else ''} that can "
+                f"manage models (it has: {kinds}); pull/warm/unload/rm need Ollama"
+            )
+        target = managing[0]
+        if op != "pull":
+            present = {m.name: m for m in target.models}
+            if model not in present:
+                raise UnknownModel(
+                    f"model {model!r} is not on {node}/{target.name} "
+                    f"(it has: {', '.join(sorted(present)) or 'none'})"
+                )
+            size = present[model].size_bytes
+            free = state.info.free_memory_bytes()
+            if op == "warm" and not force and size is not None and free is not None:
+                problem = fit_problem(model, size, free)
+                if problem is not None and not present[model].loaded:
+                    raise ModelTooLarge(problem)
+        request = ModelOpRequest(
+            op_id=new_job_id(),
+            node=node,
+            backend=target.name,
+            op=op,
+            model=model,
+            force=force,
+            keep_alive=keep_alive,
+            created_at=time.time(),
+        )
+        reader = self._start_subscription(request.op_id, node)
+        try:
+            self.app.send_task(
+                names.MODEL_OP_TASK,
+                args=[request.model_dump(mode="json")],
+                task_id=request.op_id,
+                queue=names.node_queue(node),
+                priority=names.INTERACTIVE_PRIORITY,
+                argsrepr=request.argsrepr(),
+                kwargsrepr="{}",
+                ignore_result=True,
+            )
+            self._await_subscription(reader)
+        except BaseException:
+            reader.close()
+            raise
+        return reader
+
+    def _node_for_op(self, node: str) -> NodeState:
+        states = {s.name: s for s in self.nodes()}
+        if node not in states:
+            raise UnknownRoute(
+                f"no node named {node!r} (known nodes: {', '.join(sorted(states)) or 'none'})"
+            )
+        if not states[node].up:
+            raise NoNodeAvailable(f"node {node!r} is down")
+        return states[node]
 
     def _subscribe(self, job_id: str, node: str | None) -> JobStreamReader:
         reader = self._start_subscription(job_id, node)
@@ -307,7 +394,7 @@ class CorralClient:
 
     def _start_subscription(self, job_id: str, node: str | None) -> JobStreamReader:
         """Send SUBSCRIBE without waiting for Redis's answer (see ``submit``)."""
-        with self._pubsub_lock:
+        with self._lock:
             pubsub = self._idle_pubsubs.pop() if self._idle_pubsubs else None
         if pubsub is None:
             pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]  # redis-py stub gap
@@ -331,7 +418,7 @@ class CorralClient:
         if pubsub.subscribed:
             pubsub.close()
             return
-        with self._pubsub_lock:
+        with self._lock:
             if len(self._idle_pubsubs) < _IDLE_PUBSUBS_KEPT:
                 self._idle_pubsubs.append(pubsub)
                 return
@@ -342,3 +429,37 @@ class CorralClient:
         if confirmed is None or confirmed.get("type") != "subscribe":
             reader.close()
             raise BrokerUnavailable("Redis did not confirm the subscription to the job stream")
+
+
+class _ClientHooks:
+    """A JobRun's view of its client: routing, sending, breakers and sessions."""
+
+    def __init__(self, client: CorralClient) -> None:
+        self._client = client
+
+    def next_candidate(self, spec: JobSpec, *, avoid: set[str], never: set[str]) -> Candidate:
+        return self._client.choose(spec, avoid=avoid, never=never, fresh=True)
+
+    def send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None:
+        self._client._send(spec, candidate, attempt)
+
+    def attempt_succeeded(self, candidate: Candidate) -> None:
+        # Only targets with a breaker entry need resetting: no extra round trip per job.
+        view = self._client.cluster(max_age_s=self._client.settings.route_cache_s)
+        for target in (candidate.node, candidate.backend_target):
+            if target in view.breakers:
+                self._client.breakers.record_success(target)
+
+    def attempt_failed(self, candidate: Candidate, code: str) -> None:
+        node_level = code in _NODE_FAILURE_CODES
+        target = candidate.node if node_level else backend_target(candidate.node, candidate.backend)
+        self._client.breakers.record_failure(target)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return bool(self._client.redis.exists(names.job_cancel_key(job_id)))
+
+    def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
+        if spec.session is None:
+            return
+        reply = ChatMessage(role="assistant", content=result_text)
+        self._client.sessions.save(spec.session, candidate.node, (*spec.messages, reply))

@@ -6,11 +6,11 @@ with generated clusters (see tests/controller/test_router.py).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from broker.errors import NoNodeAvailable, RoutingError, UnknownModel, UnknownRoute
-from broker.schemas import BackendInfo, JobSpec, NodeInfo
+from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,55 +44,117 @@ class Candidate:
     model_loaded: bool
     spare: int
     load: int
+    choice: int = 0
+    """Position of ``model`` in the alias's list (0 for a plain model name)."""
+    sticky: bool = False
+    """The node already holds this job's conversation (``--session``)."""
+    latency_ms: float | None = None
+
+    @property
+    def backend_target(self) -> str:
+        return f"{self.node}/{self.backend}"
 
 
-def _model_on_backend(backend: BackendInfo, wanted: str | None) -> tuple[str, bool] | None:
-    """The model this backend would serve the job with, and whether it is loaded now."""
-    if wanted is not None:
-        for model in backend.models:
-            if model.name == wanted:
-                return model.name, model.loaded
+def wanted_models(spec: JobSpec, aliases: Mapping[str, Sequence[str]]) -> list[str] | None:
+    """The models that may serve ``spec``, best first; None means any chat model."""
+    if spec.model is None:
         return None
-    loaded = [m for m in backend.models if m.loaded]
-    if loaded:
-        return loaded[0].name, True
-    if backend.models:
-        return backend.models[0].name, False
-    return None
+    return list(aliases.get(spec.model, ())) or [spec.model]
+
+
+def _fits(model: ModelInfo, node: NodeInfo, tags: frozenset[str]) -> bool:
+    """The model can answer a chat job that asks for ``tags`` on this node.
+
+    A tag is met by the node's configuration or by the model's own capabilities, so a vision
+    model gives its node the ``vision`` tag for the jobs that run on it.
+    """
+    # "chat" is every chat model's capability: as a tag it would match every node.
+    return model.serves_chat() and tags <= node.tags | (model.capabilities - {"chat"})
+
+
+def _choices_on_backend(
+    node: NodeInfo, backend: BackendInfo, wanted: list[str] | None, tags: frozenset[str]
+) -> list[tuple[int, ModelInfo]]:
+    """(preference, model) pairs this backend could serve the job with."""
+    if wanted is not None:
+        by_name = {m.name: m for m in backend.models}
+        return [
+            (i, by_name[name])
+            for i, name in enumerate(wanted)
+            if name in by_name and _fits(by_name[name], node, tags)
+        ]
+    fitting = [m for m in backend.models if _fits(m, node, tags)]
+    # Any model will do: the loaded one (no swap), else the first; one per backend.
+    loaded = [m for m in fitting if m.loaded]
+    pick = loaded[0] if loaded else (fitting[0] if fitting else None)
+    return [(0, pick)] if pick is not None else []
 
 
 def rank_candidates(
-    spec: JobSpec, nodes: Sequence[NodeState], open_breakers: Collection[str] = ()
+    spec: JobSpec,
+    nodes: Sequence[NodeState],
+    blocked: Collection[str] = (),
+    *,
+    aliases: Mapping[str, Sequence[str]] | None = None,
+    exclude_nodes: Collection[str] = (),
+    sticky_node: str | None = None,
 ) -> list[Candidate]:
     """Every (node, backend, model) able to serve ``spec``, best first.
 
-    Filters: node up, not behind an open breaker, matching the ``@route`` name, carrying all
-    the job's tags, with a healthy backend that has the model. Ranks: model already loaded
-    (no swap), then most spare capacity, then fewest jobs, then name for a stable order.
+    Filters: node up, not excluded (already tried), not behind an open breaker (``blocked``
+    holds node names and ``node/backend`` targets), matching the ``@route`` name, meeting the
+    job's tags, with a healthy backend that has a wanted model. Ranks: the session's node
+    first, then the alias's order of preference, then model already loaded (no swap), then
+    most spare capacity, then lowest recent latency, then fewest jobs, then name.
     """
+    wanted = wanted_models(spec, aliases or {})
     candidates: list[Candidate] = []
     for node in nodes:
-        if not node.up or node.name in open_breakers:
+        if not node.up or node.name in blocked or node.name in exclude_nodes:
             continue
         if spec.route is not None and node.name != spec.route:
             continue
-        if not spec.tags <= node.info.tags:
-            continue
         for backend in node.info.backends:
-            if not backend.healthy or f"{node.name}/{backend.name}" in open_breakers:
+            if not backend.healthy or f"{node.name}/{backend.name}" in blocked:
                 continue
-            choice = _model_on_backend(backend, spec.model)
-            if choice is None:
-                continue
-            model, loaded = choice
-            candidates.append(
-                Candidate(node.name, backend.name, model, loaded, node.spare, node.load)
-            )
-    candidates.sort(key=lambda c: (not c.model_loaded, -c.spare, c.load, c.node, c.backend))
+            spare = min(node.spare, backend.spare)
+            for choice, model in _choices_on_backend(node.info, backend, wanted, spec.tags):
+                candidates.append(
+                    Candidate(
+                        node=node.name,
+                        backend=backend.name,
+                        model=model.name,
+                        model_loaded=model.loaded,
+                        spare=spare,
+                        load=node.load,
+                        choice=choice,
+                        sticky=node.name == sticky_node,
+                        latency_ms=backend.latency_ms,
+                    )
+                )
+    candidates.sort(
+        key=lambda c: (
+            not c.sticky,
+            c.choice,
+            not c.model_loaded,
+            -c.spare,
+            c.latency_ms if c.latency_ms is not None else 0.0,
+            c.load,
+            c.node,
+            c.backend,
+        )
+    )
     return candidates
 
 
-def explain_no_candidate(spec: JobSpec, nodes: Sequence[NodeState]) -> RoutingError:
+def explain_no_candidate(
+    spec: JobSpec,
+    nodes: Sequence[NodeState],
+    blocked: Collection[str] = (),
+    *,
+    aliases: Mapping[str, Sequence[str]] | None = None,
+    exclude_nodes: Collection[str] = (),
+) -> RoutingError:
     """The most specific reason nothing can serve ``spec``, for the user to act on."""
     known = sorted(n.name for n in nodes)
     if spec.route is not None:
@@ -104,33 +166,70 @@ def explain_no_candidate(spec: JobSpec, nodes: Sequence[NodeState]) -> RoutingEr
         if not node.up:
             return NoNodeAvailable(f"node {spec.route!r} is down")
         nodes = matching
-    if spec.model is not None and not any(spec.model in n.info.model_names() for n in nodes):
+    wanted = wanted_models(spec, aliases or {})
+    if wanted is not None and not any(set(wanted) & n.info.model_names() for n in nodes):
         everywhere = sorted({m for n in nodes for m in n.info.model_names()})
         where = f"on node {spec.route!r}" if spec.route else "on any node"
+        what = (
+            f"model {spec.model!r}"
+            if wanted == [spec.model]
+            else f"none of alias {spec.model!r}'s models ({', '.join(wanted)})"
+        )
         return UnknownModel(
-            f"model {spec.model!r} is not installed {where} "
-            f"(available: {', '.join(everywhere) or 'none'})"
+            f"{what} is not installed {where} (available: {', '.join(everywhere) or 'none'})"
         )
     up = [n for n in nodes if n.up]
     if not up:
         return NoNodeAvailable("no node is up" if not nodes else "every matching node is down")
-    if spec.tags and not any(spec.tags <= n.info.tags for n in up):
-        return NoNodeAvailable(f"no up node has the tags {', '.join(sorted(spec.tags))}")
+    tried = [n for n in up if n.name in exclude_nodes]
+    if tried and len(tried) == len(up):
+        return NoNodeAvailable(
+            f"no node left to try (tried {', '.join(sorted(n.name for n in tried))})"
+        )
+    if spec.tags and not any(
+        spec.tags <= n.info.tags | (m.capabilities - {"chat"})
+        for n in up
+        for b in n.info.backends
+        for m in b.models
+    ):
+        return NoNodeAvailable(f"no up node or model has the tags {', '.join(sorted(spec.tags))}")
+    shut = sorted(
+        t
+        for n in up
+        for t in (n.name, *(f"{n.name}/{b.name}" for b in n.info.backends))
+        if t in blocked
+    )
     unhealthy = [
         f"{n.name}/{b.name}: {b.error or 'unhealthy'}"
         for n in up
         for b in n.info.backends
         if not b.healthy
     ]
-    detail = f" ({'; '.join(unhealthy)})" if unhealthy else ""
+    reasons = [*unhealthy, *(f"{t}: circuit breaker open" for t in shut)]
+    detail = f" ({'; '.join(reasons)})" if reasons else ""
     return NoNodeAvailable(f"no up node has a healthy backend that can serve this job{detail}")
 
 
 def route(
-    spec: JobSpec, nodes: Sequence[NodeState], open_breakers: Collection[str] = ()
+    spec: JobSpec,
+    nodes: Sequence[NodeState],
+    blocked: Collection[str] = (),
+    *,
+    aliases: Mapping[str, Sequence[str]] | None = None,
+    exclude_nodes: Collection[str] = (),
+    sticky_node: str | None = None,
 ) -> list[Candidate]:
     """Like ``rank_candidates``, but raises the RoutingError that explains an empty answer."""
-    candidates = rank_candidates(spec, nodes, open_breakers)
+    candidates = rank_candidates(
+        spec,
+        nodes,
+        blocked,
+        aliases=aliases,
+        exclude_nodes=exclude_nodes,
+        sticky_node=sticky_node,
+    )
     if not candidates:
-        raise explain_no_candidate(spec, nodes)
+        raise explain_no_candidate(
+            spec, nodes, blocked, aliases=aliases, exclude_nodes=exclude_nodes
+        )
     return candidates

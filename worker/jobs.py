@@ -10,10 +10,16 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from broker.errors import BackendError, BackendUnavailable, CorralError
+from broker.errors import (
+    RETRYABLE_CODES,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    CorralError,
+)
 from broker.schemas import JobAssignment, JobResult, Timings, Usage
 from worker.backends.base import Backend, Chunk
-from worker.stream import Claim, JobStream
+from worker.stream import Claim, Fenced, JobStream
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +82,16 @@ async def run_job(
     backends: Mapping[str, Backend],
     stream: JobStream,
     claim: Awaitable[Claim],
+    *,
+    first_token_timeout_s: float,
 ) -> JobResult | None:
     """Stream ``control.assignment`` from its backend onto ``stream`` and return the outcome.
 
     ``claim`` is the job's lease-and-start claim (see ``JobStream.claim``); None is returned
-    when another delivery of the job holds the lease. Backend failures and cancellation end
-    the stream with an error event and are recorded in the result, not raised, so the Celery
-    task acknowledges the job: retrying is the controller's decision, not Celery's.
+    when this delivery may not run (another holds the lease, or the job has moved on). Backend
+    failures and cancellation end the attempt with an event and are recorded in the result,
+    not raised, so the Celery task acknowledges the job: retrying elsewhere is the
+    controller's decision, not Celery's (which would retry on the same node).
     """
     assignment = control.assignment
     progress = _Progress(assignment)
@@ -114,7 +123,7 @@ async def run_job(
         return await _finish(stream, progress, "error", str(error), error)
 
     try:
-        chunk: Chunk | None = await first_chunk
+        chunk: Chunk | None = await _first_token(first_chunk, first_token_timeout_s, assignment)
         while chunk is not None:
             if chunk.text:
                 progress.add(chunk.text)
@@ -130,6 +139,11 @@ async def run_job(
             "job %s failed on backend %s: %s", assignment.spec.job_id, assignment.backend, exc
         )
         return await _finish(stream, progress, "error", str(exc), exc)
+    except Fenced:
+        log.warning(
+            "job %s moved to another node while running here; stopped", assignment.spec.job_id
+        )
+        return None
     except asyncio.CancelledError:
         if not control.cancel_requested:
             raise  # the worker is shutting down: let the job be redelivered
@@ -139,8 +153,31 @@ async def run_job(
         await chunks.aclose()  # type: ignore[attr-defined]
 
     result = progress.result("ok")
-    await stream.done(result)
+    try:
+        await stream.done(result)
+    except Fenced:
+        return None
     return result
+
+
+async def _first_token(
+    first_chunk: asyncio.Future[Chunk], timeout_s: float, assignment: JobAssignment
+) -> Chunk:
+    """The backend's first chunk, or BackendTimeout if it takes longer than ``timeout_s``."""
+    try:
+        return await asyncio.wait_for(first_chunk, timeout_s)
+    except TimeoutError:
+        raise BackendTimeout(
+            f"backend {assignment.backend!r} on node {assignment.node!r} produced no token "
+            f"within {timeout_s:g}s (model {assignment.model!r})"
+        ) from None
+
+
+def _is_final(assignment: JobAssignment, code: str, tokens_sent: bool) -> bool:
+    """Whether the controller may still move this job on after a failure with ``code``."""
+    spec = assignment.spec
+    may_move = code in RETRYABLE_CODES and assignment.attempt < spec.max_attempts
+    return not may_move or (tokens_sent and not spec.retry_partial)
 
 
 async def _finish(
@@ -150,10 +187,31 @@ async def _finish(
     message: str,
     error: CorralError | None = None,
 ) -> JobResult:
-    """End the stream with an error event (cancelled or failed) and return the result."""
+    """End the attempt with an error or interruption event and return the result.
+
+    A failure after the first token is an interruption carrying the partial text. Either may
+    be non-final, which tells the controller (and anyone attached) that the job may go on
+    elsewhere.
+    """
+    assignment = progress.assignment
     result = progress.result(status, error)
     code = error.code if error is not None else "cancelled"
-    await stream.error(code, message, progress.assignment.node, result)
+    tokens_sent = bool(progress.parts)
+    final = status == "cancelled" or _is_final(assignment, code, tokens_sent)
+    if tokens_sent and status != "cancelled":
+        await stream.interrupted(
+            code,
+            message,
+            assignment.node,
+            result.text,
+            result,
+            attempt=assignment.attempt,
+            final=final,
+        )
+    else:
+        await stream.error(
+            code, message, assignment.node, result, attempt=assignment.attempt, final=final
+        )
     return result
 
 

@@ -10,7 +10,7 @@ from broker.celery_app import make_celery_app
 from broker.settings import CorralSettings, redacted_url
 from worker.config import WorkerConfig
 from worker.runtime import NodeRuntime
-from worker.tasks import register_tasks
+from worker.tasks import register_model_op_task, register_tasks
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def serve(settings: CorralSettings, config: WorkerConfig, *, loglevel: str = "IN
     )
     app = make_celery_app(settings)
     register_tasks(app, runtime)
+    register_model_op_task(app, runtime)
     try:
         worker = app.Worker(
             hostname=f"{config.name}@{socket.gethostname()}",

@@ -12,31 +12,53 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Coroutine
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import redis.exceptions
 from redis.asyncio import Redis
 
 from broker import names
-from broker.errors import BrokerUnavailable
-from broker.schemas import JobAssignment, JobResult
+from broker.errors import BrokerUnavailable, CorralError
+from broker.schemas import JobAssignment, JobResult, ModelOpRequest, Timings
 from broker.settings import CorralSettings, redacted_url
 from worker.backends.base import Backend
 from worker.backends.registry import build_backends, make_http_client
 from worker.config import WorkerConfig
 from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
 from worker.jobs import JobControl, run_job
-from worker.stream import JobStream, StreamScripts
+from worker.model_ops import run_model_op
+from worker.stream import Fenced, JobStream, StreamScripts
+from worker.sysinfo import SystemProbe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RECONNECT_DELAY_S = 1.0
 _RECENT_CANCELS_KEPT = 10_000
+# Weight of the newest time-to-first-token in a backend's moving average: a few jobs move it.
+_LATENCY_EWMA_WEIGHT = 0.3
+
+
+class BackendLoad:
+    """What runs on one backend now and how fast it has answered lately."""
+
+    def __init__(self, capacity: int) -> None:
+        # Never more requests at once than the backend runs in parallel: a job beyond that
+        # waits here (the node's Celery pool is sized to the sum over its backends).
+        self.slots = asyncio.Semaphore(capacity)
+        self.in_flight = 0
+        self.latency_ms: float | None = None
+
+    def observe_first_token(self, ms: float) -> None:
+        if self.latency_ms is None:
+            self.latency_ms = ms
+        else:
+            self.latency_ms += _LATENCY_EWMA_WEIGHT * (ms - self.latency_ms)
 
 
 class NodeRuntime:
@@ -55,6 +77,10 @@ class NodeRuntime:
         self._recent_cancels: OrderedDict[str, None] = OrderedDict()
         self._background: list[asyncio.Task[None]] = []
         self._started_at = time.time()
+        self.instance = uuid.uuid4().hex[:12]
+        """This process's identity: leases and the liveness key carry it."""
+        self._load: dict[str, BackendLoad] = {}
+        self._probe = SystemProbe()
 
     # --- life cycle (called from the main thread) ------------------------------------------
 
@@ -85,14 +111,31 @@ class NodeRuntime:
         """Run a job to its end; None when this copy must not run (already taken)."""
         return self._call(self._run(assignment), timeout=self.settings.job_timeout_s + 30)
 
+    def start_model_op(self, request: ModelOpRequest) -> None:
+        """Start a pull / warm / unload / rm on the loop and return at once.
+
+        A pull can take many minutes: holding one of Celery's slots for it would stop the
+        node's jobs meanwhile. Progress and the outcome go to the op's stream.
+        """
+        future = asyncio.run_coroutine_threadsafe(self._model_op(request), self._loop)
+        future.add_done_callback(_log_op_failure)
+
     def report_malformed(self, job_id: str, problem: str) -> None:
         """Tell a waiting client its job was rejected, so it does not wait for nothing."""
         self._call(self._report_error(job_id, "malformed", problem), timeout=10)
 
-    def report_failure(self, job_id: str, problem: str) -> None:
-        """Best effort: end a job's stream with an error after an unexpected failure."""
+    def report_failure(self, assignment: JobAssignment, problem: str) -> None:
+        """Best effort: end the attempt with an error after an unexpected failure; the
+        controller may move the job on while it has attempts left."""
+        job_id = assignment.spec.job_id
+        final = assignment.attempt >= assignment.spec.max_attempts
         try:
-            self._call(self._report_error(job_id, "worker_error", problem), timeout=5)
+            self._call(
+                self._report_error(
+                    job_id, "worker_error", problem, attempt=assignment.attempt, final=final
+                ),
+                timeout=5,
+            )
         except (redis.exceptions.RedisError, TimeoutError, OSError) as exc:
             log.warning("could not report the failure of job %s: %s", job_id, exc)
 
@@ -135,6 +178,7 @@ class NodeRuntime:
         await self._scripts.preload()
         self._http = make_http_client(self.settings.job_timeout_s)
         self.backends = build_backends(self.config, self._http)
+        self._load = {name: BackendLoad(b.capacity) for name, b in self.backends.items()}
         await self._heartbeat_once()
         self._background = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -162,7 +206,14 @@ class NodeRuntime:
         info = await build_node_info(
             self.config,
             self.backends,
+            instance=self.instance,
             in_flight=len(self._active),
+            backend_in_flight={name: load.in_flight for name, load in self._load.items()},
+            backend_latency_ms={
+                name: load.latency_ms
+                for name, load in self._load.items()
+                if load.latency_ms is not None
+            },
             interval_s=self.settings.heartbeat_interval_s,
             started_at=self._started_at,
         )
@@ -208,36 +259,107 @@ class NodeRuntime:
         # Registered before the claim, so a cancel arriving in between is not lost.
         control = JobControl(assignment, cancel_requested=job_id in self._recent_cancels)
         self._active[job_id] = control
+        load = self._load.get(assignment.backend)
         try:
-            stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s)
-            claim = stream.claim(
-                assignment.node,
-                assignment.backend,
-                assignment.model,
-                lease_ttl_s=int(self.settings.job_timeout_s) + self.settings.replay_ttl_s,
-            )
-            task = asyncio.create_task(run_job(control, self.backends, stream, claim))
-            control.task = task
+            if load is not None:
+                await load.slots.acquire()
+                load.in_flight += 1
             try:
-                result = await task
-            except asyncio.CancelledError:
-                # Cancelled before its first step ran: run_job never saw it, so report here.
-                if control.cancel_requested and task.cancelled():
-                    claim.close()  # never started: nothing to undo
-                    await stream.error("cancelled", "job cancelled", self.config.name, None)
-                    return None
-                raise
-            if result is None:
-                log.warning("job %s already taken by another delivery; not streamed twice", job_id)
+                result = await self._run_claimed(control)
+            finally:
+                if load is not None:
+                    load.in_flight -= 1
+                    load.slots.release()
+            if result is not None and load is not None and result.timings.first_token_ms:
+                load.observe_first_token(result.timings.first_token_ms)
             return result
         finally:
             del self._active[job_id]
 
-    async def _report_error(self, job_id: str, code: str, problem: str) -> None:
+    async def _run_claimed(self, control: JobControl) -> JobResult | None:
+        assignment = control.assignment
+        job_id = assignment.spec.job_id
+        stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s)
+        claim = stream.claim(
+            attempt=assignment.attempt,
+            claimer=self.instance,
+            node=assignment.node,
+            backend=assignment.backend,
+            model=assignment.model,
+            lease_ttl_s=int(self.settings.job_timeout_s) + self.settings.replay_ttl_s,
+        )
+        timeout = assignment.spec.first_token_timeout_s or self.settings.first_token_timeout_s
+        task = asyncio.create_task(
+            run_job(control, self.backends, stream, claim, first_token_timeout_s=timeout)
+        )
+        control.task = task
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            # Cancelled before its first step ran: run_job never saw it, so report here.
+            if control.cancel_requested and task.cancelled():
+                claim.close()  # never started: nothing to undo
+                await self._report_error(job_id, "cancelled", "job cancelled")
+                return None
+            raise
+        except Fenced:
+            log.warning("job %s moved to another node while running here; stopped", job_id)
+            return None
+        if result is None:
+            log.warning(
+                "job %s attempt %d not run here: another delivery or attempt owns it",
+                job_id,
+                assignment.attempt,
+            )
+        return result
+
+    async def _model_op(self, request: ModelOpRequest) -> JobResult:
+        stream = JobStream(self.scripts, request.op_id, self.settings.replay_ttl_s)
+        started_at = time.time()
+        system = await self._probe.snapshot()
+        free = system.memory.available_bytes + sum(g.free_bytes for g in system.gpus)
+        backend_name = request.backend or "-"
+        try:
+            summary = await run_model_op(request, self.backends, free, stream.progress)
+            status: Literal["ok", "error"] = "ok"
+            error: CorralError | None = None
+        except CorralError as exc:
+            summary, status, error = str(exc), "error", exc
+        result = JobResult(
+            job_id=request.op_id,
+            status=status,
+            node=request.node,
+            backend=backend_name,
+            model=request.model,
+            text=summary,
+            timings=Timings(
+                queued_ms=max(0.0, (started_at - request.created_at) * 1000),
+                first_token_ms=None,
+                total_ms=max(0.0, (time.time() - request.created_at) * 1000),
+            ),
+            error_code=error.code if error else None,
+            error_message=str(error) if error else None,
+        )
+        if error is None:
+            await stream.done(result)
+            # The inventory changed: tell the cluster now rather than at the next beat.
+            await self._heartbeat_once()
+        else:
+            await stream.error(error.code, str(error), self.config.name, result)
+        return result
+
+    async def _report_error(
+        self, job_id: str, code: str, problem: str, *, attempt: int = 1, final: bool = True
+    ) -> None:
         # Appended after whatever the job already streamed, so the client sees it in order.
         log_length = await self.redis.llen(names.job_log_key(job_id))
         stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s, first_seq=log_length)
-        await stream.error(code, problem, self.config.name, None)
+        await stream.error(code, problem, self.config.name, None, attempt=attempt, final=final)
+
+
+def _log_op_failure(future: Future[JobResult]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("model operation failed inside the worker", exc_info=future.exception())
 
 
 def _text(data: bytes | str) -> str:

@@ -4,22 +4,41 @@ Each event is appended to a Redis list (index == sequence number) and published 
 channel by one Lua script, so a subscriber that misses a message can refill the gap from the
 list by range, and a late one can read it all. The append always precedes the publish, so
 anything a subscriber could have missed is already in the log.
+
+Only the holder of the job's lease may write (see ``broker.names.job_lease_key`` for its
+states): every append checks it in the same script, so a worker that was given up on (frozen,
+cut off, its job moved to another node) can never add tokens to a stream that has moved on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import logging
 import time
+from dataclasses import dataclass
 
+import redis.exceptions
 from redis.asyncio import Redis
 
 from broker import names
-from broker.schemas import DeltaEvent, DoneEvent, ErrorEvent, JobResult, StartedEvent
+from broker.schemas import (
+    AnyStreamEvent,
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    InterruptedEvent,
+    JobResult,
+    ProgressEvent,
+)
 
-AnyEvent = StartedEvent | DeltaEvent | DoneEvent | ErrorEvent
-
-# KEYS: log, result. ARGV: event JSON, channel, log TTL (0 = leave), result JSON ('' = none).
+# KEYS: log, result, lease. ARGV: event JSON, channel, log TTL (0 = leave), result JSON
+# ('' = none), lease token ('' = no lease: model operations), the event's seq.
+# Idempotent: an event already in the log (a retry after a reply lost to a dropped
+# connection) is not written twice, which keeps index == seq.
 _APPEND_LUA = """
+if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[5] then return 0 end
+if redis.call('LLEN', KEYS[1]) > tonumber(ARGV[6]) then return 2 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 if ARGV[3] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[3]) end
@@ -27,26 +46,50 @@ redis.call('PUBLISH', ARGV[2], ARGV[1])
 return 1
 """
 
-# KEYS: cancel, lease, log. ARGV: node, lease TTL, started JSON, channel, log TTL.
-# Takes the job's lease and, unless cancelled, publishes the started event: one round trip
-# between the worker receiving a job and calling its backend.
+# KEYS: cancel, lease, log. ARGV: attempt, token, lease TTL, channel, log TTL, job id, ts,
+# node, backend, model, instance.
+# The lease is absent (attempt 1 may start), "<n>" (attempt n may start), "<n>:<claimer>"
+# (attempt n is running) or "x" (the job is over). A delivery may start only the attempt the
+# lease authorises; it then writes the started event at the log's end, built here so its
+# sequence number is the log's length at that moment. One round trip between the worker
+# receiving a job and calling its backend. Returns {status, seq}.
 _CLAIM_LUA = """
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) == false then return 0 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
-redis.call('RPUSH', KEYS[3], ARGV[3])
+local lease = redis.call('GET', KEYS[2])
+local allowed = (lease == false and ARGV[1] == '1') or lease == ARGV[1]
+if not allowed then return {0, 0} end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[2], 'x', 'EX', ARGV[3])
+  return {1, redis.call('LLEN', KEYS[3])}
+end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+local seq = redis.call('LLEN', KEYS[3])
+local started = cjson.encode({v = 1, type = 'started', job_id = ARGV[6], seq = seq,
+  ts = tonumber(ARGV[7]), node = ARGV[8], backend = ARGV[9], model = ARGV[10],
+  attempt = tonumber(ARGV[1]), instance = ARGV[11]})
+redis.call('RPUSH', KEYS[3], started)
 redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('PUBLISH', ARGV[4], ARGV[3])
-return 2
+redis.call('PUBLISH', ARGV[4], started)
+return {2, seq}
 """
+
+
+log = logging.getLogger(__name__)
+
+_RETRY_PAUSE_S = 0.25
 
 
 class Claim(enum.Enum):
     TAKEN_ELSEWHERE = 0
-    """Another delivery of this job holds the lease: do nothing."""
+    """This delivery is not the attempt the lease authorises (a redelivered copy, or a job
+    moved to another node, or already over): do nothing."""
     CANCELLED = 1
-    """The lease is ours but the job was cancelled before it started."""
+    """The job was cancelled before it started."""
     STARTED = 2
     """The lease is ours and the started event is out: run it."""
+
+
+class Fenced(Exception):
+    """The lease moved on while this worker was streaming: stop, write nothing more."""
 
 
 class StreamScripts:
@@ -67,52 +110,94 @@ class StreamScripts:
         await self._redis.script_load(_CLAIM_LUA)
 
 
+@dataclass(frozen=True)
+class ClaimOutcome:
+    claim: Claim
+    first_seq: int
+
+
 class JobStream:
-    """The single writer of one job's event stream (the lease guarantees it is single)."""
+    """The single writer of one job's event stream; the lease token keeps it single."""
 
     def __init__(
-        self, scripts: StreamScripts, job_id: str, ttl_s: int, *, first_seq: int = 0
+        self,
+        scripts: StreamScripts,
+        job_id: str,
+        ttl_s: int,
+        *,
+        first_seq: int = 0,
+        lease_token: str = "",
+        outage_tolerance_s: float = 60.0,
     ) -> None:
         self._job_id = job_id
         self._ttl_s = ttl_s
         self._seq = first_seq
+        self._token = lease_token
         self._log_key = names.job_log_key(job_id)
         self._channel = names.job_channel(job_id)
         self._append = scripts.append
         self._claim = scripts.claim
+        self._first = True
+        self._outage_tolerance_s = outage_tolerance_s
 
     @property
-    def events_sent(self) -> int:
-        return self._seq
+    def job_id(self) -> str:
+        return self._job_id
 
-    async def claim(self, node: str, backend: str, model: str, lease_ttl_s: int) -> Claim:
-        started = StartedEvent(
-            job_id=self._job_id,
-            seq=self._seq,
-            ts=time.time(),
-            node=node,
-            backend=backend,
-            model=model,
-        )
+    async def claim(
+        self,
+        *,
+        attempt: int,
+        claimer: str,
+        node: str,
+        backend: str,
+        model: str,
+        lease_ttl_s: int,
+    ) -> Claim:
+        """Take the lease for ``attempt`` and publish the started event (see _CLAIM_LUA)."""
+        token = f"{attempt}:{claimer}"
         keys = [
             names.job_cancel_key(self._job_id),
             names.job_lease_key(self._job_id),
             self._log_key,
         ]
-        args: list[str | int] = [
-            node,
+        args: list[str | int | float] = [
+            str(attempt),
+            token,
             lease_ttl_s,
-            started.model_dump_json(),
             self._channel,
             self._ttl_s,
+            self._job_id,
+            repr(time.time()),
+            node,
+            backend,
+            model,
+            claimer,
         ]
-        claim = Claim(int(await self._claim(keys=keys, args=args)))
+        status, seq = await self._claim(keys=keys, args=args)
+        claim = Claim(int(status))
         if claim is Claim.STARTED:
-            self._seq += 1
+            self._token = token
+            self._seq = int(seq) + 1
+            self._first = False
+        elif claim is Claim.CANCELLED:
+            self._seq = int(seq)  # the cancellation is written after what is there
         return claim
 
     async def delta(self, text: str) -> None:
         await self._send(DeltaEvent(job_id=self._job_id, seq=self._seq, ts=time.time(), text=text))
+
+    async def progress(self, status: str, completed: int | None, total: int | None) -> None:
+        await self._send(
+            ProgressEvent(
+                job_id=self._job_id,
+                seq=self._seq,
+                ts=time.time(),
+                status=status,
+                completed=completed,
+                total=total,
+            )
+        )
 
     async def done(self, result: JobResult) -> None:
         await self._send(
@@ -121,7 +206,14 @@ class JobStream:
         )
 
     async def error(
-        self, code: str, message: str, node: str | None, result: JobResult | None
+        self,
+        code: str,
+        message: str,
+        node: str | None,
+        result: JobResult | None,
+        *,
+        attempt: int = 1,
+        final: bool = True,
     ) -> None:
         event = ErrorEvent(
             job_id=self._job_id,
@@ -130,21 +222,66 @@ class JobStream:
             code=code,
             message=message,
             node=node,
+            attempt=attempt,
+            final=final,
         )
         await self._send(event, result=result, set_expiry=True)
 
+    async def interrupted(
+        self,
+        code: str,
+        message: str,
+        node: str,
+        partial_text: str,
+        result: JobResult,
+        *,
+        attempt: int,
+        final: bool,
+    ) -> None:
+        event = InterruptedEvent(
+            job_id=self._job_id,
+            seq=self._seq,
+            ts=time.time(),
+            code=code,
+            message=message,
+            node=node,
+            attempt=attempt,
+            partial_text=partial_text,
+            final=final,
+        )
+        await self._send(event, result=result if final else None, set_expiry=True)
+
     async def _send(
-        self, event: AnyEvent, result: JobResult | None = None, set_expiry: bool = False
+        self, event: AnyStreamEvent, result: JobResult | None = None, set_expiry: bool = False
     ) -> None:
         # The expiry is set on the first and the last event only: less work per token.
-        expire = set_expiry or result is not None or event.seq == 0
-        await self._append(
-            keys=[self._log_key, names.job_result_key(self._job_id)],
-            args=[
-                event.model_dump_json(),
-                self._channel,
-                self._ttl_s if expire else 0,
-                result.model_dump_json() if result is not None else "",
-            ],
-        )
+        expire = set_expiry or result is not None or self._first
+        keys = [
+            self._log_key,
+            names.job_result_key(self._job_id),
+            names.job_lease_key(self._job_id),
+        ]
+        args: list[str | int] = [
+            event.model_dump_json(),
+            self._channel,
+            self._ttl_s if expire else 0,
+            result.model_dump_json() if result is not None else "",
+            self._token,
+            self._seq,
+        ]
+        # Redis restarting (or a dropped connection) pauses the job instead of losing it: the
+        # backend's stream waits, and the append is retried until Redis is back (idempotent).
+        deadline = time.monotonic() + self._outage_tolerance_s
+        while True:
+            try:
+                written = await self._append(keys=keys, args=args)
+                break
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("job %s: Redis unreachable (%s); retrying", self._job_id, exc)
+                await asyncio.sleep(_RETRY_PAUSE_S)
+        if not int(written):
+            raise Fenced(f"job {self._job_id} has moved on; this worker no longer owns it")
+        self._first = False
         self._seq += 1

@@ -10,7 +10,7 @@ from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from broker import names
-from broker.schemas import JobAssignment
+from broker.schemas import JobAssignment, ModelOpRequest
 from worker.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def register_tasks(app: Celery, runtime: NodeRuntime) -> None:
             # e.g. Redis went away mid-job. Tell the client if we still can, then let Celery
             # record the failure.
             log.exception("job %s failed inside the worker", assignment.spec.job_id)
-            runtime.report_failure(assignment.spec.job_id, f"worker error: {type(exc).__name__}")
+            runtime.report_failure(assignment, f"worker error: {type(exc).__name__}")
             raise
         if result is None:
             return {"status": "skipped"}
@@ -74,3 +74,22 @@ def register_tasks(app: Celery, runtime: NodeRuntime) -> None:
             "tokens": result.usage.completion_tokens,
             "error": result.error_code,
         }
+
+
+def register_model_op_task(app: Celery, runtime: NodeRuntime) -> None:
+    @app.task(  # type: ignore[untyped-decorator]
+        name=names.MODEL_OP_TASK,
+        bind=True,
+        # The op runs on the node's event loop, so the task is done once it has started.
+        acks_late=False,
+        shared=False,
+    )
+    def model_op(self: Any, payload: Any = None) -> Any:
+        try:
+            request = ModelOpRequest.model_validate(payload)
+        except ValidationError as exc:
+            problem = describe_validation_error(exc)
+            log.error("rejected malformed model operation %s: %s", self.request.id, problem)
+            raise Reject(f"malformed model operation: {problem}", requeue=False) from None
+        runtime.start_model_op(request)
+        return {"status": "started"}

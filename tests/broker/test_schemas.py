@@ -52,7 +52,7 @@ def test_malformed_specs_are_refused(overrides: dict[str, object]) -> None:
 def test_argsrepr_names_the_job_not_the_prompt() -> None:
     assignment = JobAssignment(spec=spec(route="pi2"), node="pi2", backend="ollama", model="m")
     text = assignment.argsrepr()
-    assert text == "job=abcdef0123456789 route=pi2 node=pi2 model=m"
+    assert text == "job=abcdef0123456789 route=pi2 node=pi2 model=m attempt=1"
     assert "secret" not in text
 
 

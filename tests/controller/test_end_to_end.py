@@ -92,7 +92,7 @@ def test_routing_errors_say_what_is_wrong(client: CorralClient) -> None:
         client.submit(make_spec("hi", route="pi9"))
     with pytest.raises(UnknownModel, match=r"'llama3\.1:8b' is not installed"):
         client.submit(make_spec("hi", model="llama3.1:8b"))
-    with pytest.raises(NoNodeAvailable, match=r"no up node has the tags gpu"):
+    with pytest.raises(NoNodeAvailable, match=r"no up node or model has the tags gpu"):
         client.submit(make_spec("hi", tags=frozenset({"gpu"})))
 
 

@@ -184,7 +184,7 @@ def test_flower_enables_task_events_and_shows_jobs_without_their_prompts(
         return task is not None and task["state"] == "SUCCESS"
 
     wait_until(succeeded, 10, "the job to show as SUCCESS in flower")
-    expected_args = f"job={job_id} route=alpha node=alpha model=sim-small"
+    expected_args = f"job={job_id} route=alpha node=alpha model=sim-small attempt=1"
 
     status, info_body = flower.get(f"/api/task/info/{job_id}")
     assert status == 200

@@ -302,7 +302,7 @@ def test_cancel_from_the_cli_ends_the_stream_and_closes_the_backend_stream(
         ollama_worker(broker_url, "pi1", fake.url, tmp_path),
     ):
         submission = client.submit(make_spec("tell me a long story", route="pi1"))
-        events = submission.reader.events(timeout_s=10)
+        events = submission.events(timeout_s=10)
         started = next(events)
         assert isinstance(started, StartedEvent) and started.node == "pi1"
         first = next(events)
@@ -361,7 +361,7 @@ def test_a_job_cancelled_while_queued_never_reaches_the_backend(
         ollama_worker(broker_url, "pi1", fake.url, tmp_path, "--capacity", "1"),
     ):
         first = client.submit(make_spec("first", route="pi1"))
-        first_events = first.reader.events(timeout_s=10)
+        first_events = first.events(timeout_s=10)
         assert isinstance(next(first_events), StartedEvent)
         assert isinstance(next(first_events), DeltaEvent)
 
@@ -370,7 +370,7 @@ def test_a_job_cancelled_while_queued_never_reaches_the_backend(
 
         rest = list(first_events)
         assert isinstance(rest[-1], DoneEvent) and rest[-1].result.text == reply
-        second_events = list(second.reader.events(timeout_s=10))
+        second_events = list(second.events(timeout_s=10))
         assert len(second_events) == 1, second_events
         assert isinstance(second_events[0], ErrorEvent)
         assert second_events[0].code == "cancelled"

@@ -121,7 +121,7 @@ def test_no_node_up() -> None:
 
 
 def test_missing_tag_is_named() -> None:
-    with pytest.raises(NoNodeAvailable, match="no up node has the tags gpu"):
+    with pytest.raises(NoNodeAvailable, match="no up node or model has the tags gpu"):
         route(job(tags=frozenset({"gpu"})), [node("a", {"m": True}, tags=frozenset({"code"}))])
 
 
@@ -132,7 +132,7 @@ def test_unhealthy_backend_is_skipped() -> None:
 
 def test_open_breaker_excludes_a_node() -> None:
     nodes = [node("a", {"m": True}), node("b", {"m": True})]
-    assert [c.node for c in rank_candidates(job(), nodes, open_breakers={"a"})] == ["b"]
+    assert [c.node for c in rank_candidates(job(), nodes, blocked={"a"})] == ["b"]
 
 
 # --- properties over generated clusters ------------------------------------------------------

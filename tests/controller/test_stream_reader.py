@@ -11,7 +11,7 @@ import pytest
 from broker import names
 from broker.errors import JobTimeout, NodeLost
 from broker.schemas import DeltaEvent, DoneEvent, JobResult, StartedEvent, Timings
-from controller.client import Event, JobStreamReader
+from controller.reader import Event, JobStreamReader
 
 JOB = "job-under-test"
 
@@ -89,10 +89,23 @@ def test_a_lost_final_event_is_found_in_the_log(redis: fakeredis.FakeRedis) -> N
 
 
 def test_a_node_that_stops_heartbeating_ends_the_wait(redis: fakeredis.FakeRedis) -> None:
-    redis.set(names.node_alive_key("pi2"), 1, px=300)
-    reader = subscribed_reader(redis, node="pi2")
+    redis.set(names.node_alive_key("n"), "w1", px=300)
+    reader = subscribed_reader(redis, node="n")
+    reader.lost_grace_s = 0.5
     write(redis, events(1)[0], publish=True)
-    with pytest.raises(NodeLost, match="node 'pi2' stopped heartbeating"):
+    with pytest.raises(NodeLost, match="node 'n' stopped heartbeating"):
+        list(reader.events(timeout_s=30))
+
+
+def test_a_restarted_worker_is_a_lost_one_for_the_job_it_was_running(
+    redis: fakeredis.FakeRedis,
+) -> None:
+    redis.set(names.node_alive_key("n"), "new-instance")
+    reader = subscribed_reader(redis, node="n")
+    reader.lost_grace_s = 0.5
+    started = events(1)[0].model_copy(update={"instance": "old-instance"})
+    write(redis, started, publish=True)
+    with pytest.raises(NodeLost, match="the worker on node 'n' restarted"):
         list(reader.events(timeout_s=30))
 
 

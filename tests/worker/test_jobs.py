@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import fakeredis
 import pytest
@@ -16,6 +16,7 @@ from broker.schemas import (
     DoneEvent,
     ErrorEvent,
     GenerationOptions,
+    InterruptedEvent,
     JobAssignment,
     JobSpec,
     ModelInfo,
@@ -24,7 +25,7 @@ from broker.schemas import (
 )
 from worker.backends.base import BackendKind, Chunk
 from worker.jobs import JobControl, run_job
-from worker.stream import JobStream, StreamScripts
+from worker.stream import Claim, JobStream, StreamScripts
 
 JOB = "job-0123456789"
 
@@ -32,10 +33,20 @@ JOB = "job-0123456789"
 class ScriptedBackend:
     """Yields the given chunks; raises ``fail_after`` chunks in, or waits forever at the end."""
 
-    def __init__(self, texts: Sequence[str], *, fail_after: int | None = None, hang: bool = False):
+    def __init__(
+        self,
+        texts: Sequence[str],
+        *,
+        fail_after: int | None = None,
+        hang: bool = False,
+        first_delay_s: float = 0.0,
+        token_delay_s: float = 0.0,
+    ):
         self.texts = list(texts)
         self.fail_after = fail_after
         self.hang = hang
+        self.first_delay_s = first_delay_s
+        self.token_delay_s = token_delay_s
         self.calls = 0
         self.closed = False
 
@@ -52,11 +63,12 @@ class ScriptedBackend:
     ) -> AsyncIterator[Chunk]:
         self.calls += 1
         try:
+            await asyncio.sleep(self.first_delay_s)
             for index, text in enumerate(self.texts):
                 if self.fail_after is not None and index == self.fail_after:
                     raise BackendUnavailable("connection dropped mid-stream")
                 yield Chunk(text=text)
-                await asyncio.sleep(0)
+                await asyncio.sleep(self.token_delay_s)
             if self.hang:
                 await asyncio.Event().wait()
             yield Chunk(text="", done=True, finish_reason="stop", completion_tokens=len(self.texts))
@@ -67,32 +79,63 @@ class ScriptedBackend:
         return None
 
 
-def assignment() -> JobAssignment:
-    spec = JobSpec(job_id=JOB, messages=(ChatMessage(role="user", content="hi"),), created_at=0)
-    return JobAssignment(spec=spec, node="n1", backend="scripted", model="m")
+def assignment(attempt: int = 1, **spec_fields: object) -> JobAssignment:
+    spec = JobSpec(
+        job_id=JOB,
+        messages=(ChatMessage(role="user", content="hi"),),
+        created_at=0,
+        **spec_fields,  # type: ignore[arg-type]
+    )
+    return JobAssignment(spec=spec, node="n1", backend="scripted", model="m", attempt=attempt)
+
+
+def claim_for(stream: JobStream, job: JobAssignment, claimer: str = "w1") -> Awaitable[Claim]:
+    return stream.claim(
+        attempt=job.attempt,
+        claimer=claimer,
+        node=job.node,
+        backend=job.backend,
+        model=job.model,
+        lease_ttl_s=60,
+    )
 
 
 async def run(
     backend: ScriptedBackend,
     *,
+    job: JobAssignment | None = None,
     cancel_after_s: float | None = None,
-    lease_taken: bool = False,
+    lease: str | None = None,
     cancelled_before: bool = False,
+    first_token_timeout_s: float = 5.0,
+    move_lease_after_s: float | None = None,
 ) -> tuple[object, list[object]]:
     redis = fakeredis.FakeAsyncRedis()
-    if lease_taken:
-        await redis.set(names.job_lease_key(JOB), "other-node")
+    job = job or assignment()
+    if lease is not None:
+        await redis.set(names.job_lease_key(JOB), lease)
     if cancelled_before:
         await redis.set(names.job_cancel_key(JOB), 1)
     stream = JobStream(StreamScripts(redis), JOB, ttl_s=60)
-    control = JobControl(assignment())
-    claim = stream.claim("n1", "scripted", "m", lease_ttl_s=60)
-    task = asyncio.create_task(run_job(control, {"scripted": backend}, stream, claim))
+    control = JobControl(job)
+    claim = claim_for(stream, job)
+    task = asyncio.create_task(
+        run_job(
+            control,
+            {"scripted": backend},
+            stream,
+            claim,
+            first_token_timeout_s=first_token_timeout_s,
+        )
+    )
     control.task = task
     if cancel_after_s is not None:
         await asyncio.sleep(cancel_after_s)
         control.cancel_requested = True
         task.cancel()
+    if move_lease_after_s is not None:
+        await asyncio.sleep(move_lease_after_s)
+        await redis.set(names.job_lease_key(JOB), str(job.attempt + 1))
     result = await task
     log = [parse_event(raw) for raw in await redis.lrange(names.job_log_key(JOB), 0, -1)]
     await redis.aclose()
@@ -107,12 +150,57 @@ def test_a_good_job_logs_started_deltas_done_in_sequence() -> None:
     assert log[-1].result == result  # type: ignore[attr-defined]
 
 
-def test_a_backend_failure_ends_the_stream_with_its_error_and_keeps_the_partial_text() -> None:
+def test_a_failure_after_the_first_token_is_an_interruption_with_the_partial_text() -> None:
     result, log = asyncio.run(run(ScriptedBackend(["a", "b", "c"], fail_after=2)))
-    assert isinstance(log[-1], ErrorEvent)
+    assert isinstance(log[-1], InterruptedEvent)
     assert log[-1].code == "backend_unavailable"
     assert log[-1].message == "connection dropped mid-stream"
+    assert log[-1].partial_text == "ab"
+    assert log[-1].final  # without --retry-partial nobody restarts it
     assert result.status == "error" and result.text == "ab"  # type: ignore[attr-defined]
+
+
+def test_with_retry_partial_an_interruption_leaves_the_job_to_move_on() -> None:
+    job = assignment(retry_partial=True)
+    _, log = asyncio.run(run(ScriptedBackend(["a", "b"], fail_after=1), job=job))
+    assert isinstance(log[-1], InterruptedEvent) and not log[-1].final
+
+
+def test_a_failure_before_the_first_token_may_move_on_until_the_last_attempt() -> None:
+    _, log = asyncio.run(run(ScriptedBackend(["a"], fail_after=0)))
+    assert isinstance(log[-1], ErrorEvent) and log[-1].code == "backend_unavailable"
+    assert not log[-1].final and log[-1].attempt == 1
+
+    last = assignment(attempt=3)
+    _, log = asyncio.run(run(ScriptedBackend(["a"], fail_after=0), job=last, lease="3"))
+    assert isinstance(log[-1], ErrorEvent) and log[-1].final
+
+
+def test_a_backend_slow_to_its_first_token_times_out_and_is_closed() -> None:
+    backend = ScriptedBackend(["late"], first_delay_s=5)
+    result, log = asyncio.run(run(backend, first_token_timeout_s=0.2))
+    assert isinstance(log[-1], ErrorEvent) and log[-1].code == "backend_timeout"
+    assert "no token within 0.2s" in log[-1].message and not log[-1].final
+    assert backend.closed
+    assert result.status == "error"  # type: ignore[attr-defined]
+
+
+def test_a_worker_whose_job_moved_on_stops_and_writes_nothing_more() -> None:
+    backend = ScriptedBackend([f"t{i}" for i in range(50)], token_delay_s=0.01)
+    result, log = asyncio.run(run(backend, move_lease_after_s=0.1))
+    assert result is None
+    assert backend.closed
+    assert isinstance(log[0], StartedEvent)
+    assert all(isinstance(e, DeltaEvent) for e in log[1:])
+    assert len(log) < 40  # it stopped at the first write after the lease moved
+
+
+def test_only_the_attempt_the_lease_authorises_may_start() -> None:
+    stale, log = asyncio.run(run(ScriptedBackend(["a"]), job=assignment(attempt=1), lease="2"))
+    assert stale is None and log == []
+    moved, log = asyncio.run(run(ScriptedBackend(["a"]), job=assignment(attempt=2), lease="2"))
+    assert moved.text == "a"  # type: ignore[attr-defined]
+    assert isinstance(log[0], StartedEvent) and log[0].attempt == 2 and log[0].instance == "w1"
 
 
 def test_cancelling_stops_the_backend_stream() -> None:
@@ -125,7 +213,7 @@ def test_cancelling_stops_the_backend_stream() -> None:
 
 def test_a_copy_whose_lease_is_taken_streams_nothing() -> None:
     backend = ScriptedBackend(["a"])
-    result, log = asyncio.run(run(backend, lease_taken=True))
+    result, log = asyncio.run(run(backend, lease="1:other-worker"))
     assert result is None
     assert log == []
     assert backend.closed  # the request started ahead of the claim was dropped
@@ -143,9 +231,9 @@ def test_an_unknown_backend_is_a_backend_error(backend_name: str) -> None:
     async def go() -> list[object]:
         redis = fakeredis.FakeAsyncRedis()
         stream = JobStream(StreamScripts(redis), JOB, ttl_s=60)
-        control = JobControl(assignment().model_copy(update={"backend": backend_name}))
-        claim = stream.claim("n1", backend_name, "m", lease_ttl_s=60)
-        await run_job(control, {}, stream, claim)
+        job = assignment().model_copy(update={"backend": backend_name})
+        control = JobControl(job)
+        await run_job(control, {}, stream, claim_for(stream, job), first_token_timeout_s=5)
         log = [parse_event(r) for r in await redis.lrange(names.job_log_key(JOB), 0, -1)]
         await redis.aclose()
         return log

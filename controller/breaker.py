@@ -1,0 +1,126 @@
+"""Circuit breakers per node and per node/backend, shared by every controller through Redis.
+
+A target (``pi2`` or ``pi2/ollama``) that fails ``threshold`` times in a row is *open*: the
+router sends it nothing for ``cooldown_s``. After that it is *half-open*: exactly one
+controller, whichever takes the probe permit first, may send it one job; that job's success
+closes the breaker, its failure opens it for another cooldown. State lives in one Redis hash
+and changes only inside Lua scripts, so two terminals and a gateway agree on it.
+
+Time comes from Redis's clock (TIME), not each controller's, so machines with skewed clocks
+still agree on when a cooldown ends.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from redis import Redis
+
+from broker import names
+
+# A breaker's value in the hash: "<open 0|1>|<consecutive failures>|<opened at, epoch s>".
+
+# KEYS: breakers hash, probe key. ARGV: target, threshold. Returns 1 if now open.
+_FAILURE_LUA = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local open, failures, opened = 0, 0, 0
+if raw then
+  local a, b, c = string.match(raw, '^(%d)|(%d+)|([%d%.]+)$')
+  if a then open, failures, opened = tonumber(a), tonumber(b), tonumber(c) end
+end
+failures = failures + 1
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+if open == 1 or failures >= tonumber(ARGV[2]) then
+  open, opened = 1, now
+end
+local value = open .. '|' .. failures .. '|' .. string.format('%.3f', opened)
+redis.call('HSET', KEYS[1], ARGV[1], value)
+redis.call('DEL', KEYS[2])
+return open
+"""
+
+# KEYS: breakers hash, probe key. ARGV: target.
+_SUCCESS_LUA = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+class BreakerPhase(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerState:
+    open: bool
+    failures: int
+    opened_at: float
+
+    def phase(self, now: float, cooldown_s: float) -> BreakerPhase:
+        if not self.open:
+            return BreakerPhase.CLOSED
+        if now < self.opened_at + cooldown_s:
+            return BreakerPhase.OPEN
+        return BreakerPhase.HALF_OPEN
+
+
+def parse_breakers(entries: list[bytes]) -> dict[str, BreakerState]:
+    """The hash's flat HGETALL answer as target -> state; unreadable entries are skipped."""
+    states: dict[str, BreakerState] = {}
+    for target, raw in zip(entries[::2], entries[1::2], strict=True):
+        try:
+            open_flag, failures, opened_at = raw.decode().split("|")
+            states[target.decode()] = BreakerState(
+                open=open_flag == "1", failures=int(failures), opened_at=float(opened_at)
+            )
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return states
+
+
+def backend_target(node: str, backend: str) -> str:
+    return f"{node}/{backend}"
+
+
+class Breakers:
+    """Records outcomes and hands out half-open probe permits."""
+
+    def __init__(self, redis: Redis, *, threshold: int, cooldown_s: float) -> None:
+        self._redis = redis
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._failure = redis.register_script(_FAILURE_LUA)
+        self._success = redis.register_script(_SUCCESS_LUA)
+
+    @staticmethod
+    def preload_into(redis: Redis) -> None:
+        """Load the scripts up front (see ``controller.cluster.preload_scripts``)."""
+        redis.script_load(_FAILURE_LUA)
+        redis.script_load(_SUCCESS_LUA)
+
+    def record_failure(self, target: str) -> bool:
+        """Count a failure; True when the breaker is (now) open."""
+        keys = [names.BREAKERS_HASH, names.breaker_probe_key(target)]
+        return bool(self._failure(keys=keys, args=[target, self.threshold]))
+
+    def record_success(self, target: str) -> None:
+        keys = [names.BREAKERS_HASH, names.breaker_probe_key(target)]
+        self._success(keys=keys, args=[target])
+
+    def try_probe(self, target: str) -> bool:
+        """Take the one permit to try a half-open target; False if another controller has it.
+
+        The permit expires after a cooldown, so a controller that dies mid-probe does not keep
+        the target shut for ever.
+        """
+        ttl_ms = max(1, int(self.cooldown_s * 1000))
+        return bool(self._redis.set(names.breaker_probe_key(target), 1, nx=True, px=ttl_ms))
+
+    def reset(self, target: str) -> None:
+        """Close a breaker by hand (``corral nodes --reset-breaker``)."""
+        self.record_success(target)
