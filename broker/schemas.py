@@ -242,6 +242,17 @@ def parse_event(raw: str | bytes) -> AnyStreamEvent:
 # --- cluster state -------------------------------------------------------------------------
 
 
+def canonical_model_name(name: str) -> str:
+    """Ollama's reading of a model name, which corral uses everywhere: no tag means ``:latest``."""
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two names mean the same model (``llama3`` is ``llama3:latest``)."""
+    return a == b or canonical_model_name(a) == canonical_model_name(b)
+
+
 Capability = Literal["chat", "embed", "vision", "tools", "thinking", "insert"]
 
 

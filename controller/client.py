@@ -248,6 +248,9 @@ class CorralClient:
         except BaseException:
             reader.close()
             raise
+        # A worker that restarts takes the jobs it had reserved with it, started or not; the
+        # reader notices the node's instance changing and the job moves on.
+        reader.instance = candidate.instance or None
         return JobRun(
             spec=spec,
             reader=reader,

@@ -94,7 +94,10 @@ class JobRun:
             self._after(event)
 
     def _after(self, event: AnyStreamEvent) -> None:
-        if isinstance(event, StartedEvent):
+        if isinstance(event, ReroutedEvent):
+            if event.attempt == self.attempt.number:
+                self.reader.instance = self.candidate.instance or None
+        elif isinstance(event, StartedEvent):
             if event.attempt == self.attempt.number:
                 self.attempt.first_token = False
         elif isinstance(event, DeltaEvent):

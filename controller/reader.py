@@ -42,7 +42,8 @@ class JobStreamReader:
     node: str | None
     """The node the job is on (or queued for); follows ``started`` and ``rerouted`` events."""
     instance: str | None = None
-    """The worker process that started the job; a restarted worker has a new one."""
+    """The worker process the job was sent to or started on; a restarted worker has a new
+    one, and the jobs the old one held are gone."""
     next_seq: int = 0
     release: Callable[[PubSub, str], None] | None = field(default=None, repr=False)
     """Hands the subscription back for reuse on close; without it the connection is closed."""

@@ -10,7 +10,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from broker.errors import NoNodeAvailable, RoutingError, UnknownModel, UnknownRoute
-from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo
+from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo, canonical_model_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,8 @@ class Candidate:
     sticky: bool = False
     """The node already holds this job's conversation (``--session``)."""
     latency_ms: float | None = None
+    instance: str = ""
+    """The node's worker process when the router saw it (a restart changes it)."""
 
     @property
     def backend_target(self) -> str:
@@ -77,12 +79,10 @@ def _choices_on_backend(
 ) -> list[tuple[int, ModelInfo]]:
     """(preference, model) pairs this backend could serve the job with."""
     if wanted is not None:
-        by_name = {m.name: m for m in backend.models}
-        return [
-            (i, by_name[name])
-            for i, name in enumerate(wanted)
-            if name in by_name and _fits(by_name[name], node, tags)
-        ]
+        # "llama3" and "llama3:latest" are one model to Ollama, and so to the router.
+        by_name = {canonical_model_name(m.name): m for m in backend.models}
+        found = [(i, by_name.get(canonical_model_name(name))) for i, name in enumerate(wanted)]
+        return [(i, m) for i, m in found if m is not None and _fits(m, node, tags)]
     fitting = [m for m in backend.models if _fits(m, node, tags)]
     # Any model will do: the loaded one (no swap), else the first; one per backend.
     loaded = [m for m in fitting if m.loaded]
@@ -130,6 +130,7 @@ def rank_candidates(
                         choice=choice,
                         sticky=node.name == sticky_node,
                         latency_ms=backend.latency_ms,
+                        instance=node.info.instance,
                     )
                 )
     candidates.sort(
@@ -167,7 +168,10 @@ def explain_no_candidate(
             return NoNodeAvailable(f"node {spec.route!r} is down")
         nodes = matching
     wanted = wanted_models(spec, aliases or {})
-    if wanted is not None and not any(set(wanted) & n.info.model_names() for n in nodes):
+    wanted_names = {canonical_model_name(w) for w in wanted or ()}
+    if wanted is not None and not any(
+        wanted_names & {canonical_model_name(m) for m in n.info.model_names()} for n in nodes
+    ):
         everywhere = sorted({m for n in nodes for m in n.info.model_names()})
         where = f"on node {spec.route!r}" if spec.route else "on any node"
         what = (

@@ -52,6 +52,11 @@ def _split_tags(value: str | None) -> frozenset[str] | None:
     help="Simulated backend: time between tokens.",
 )
 @click.option(
+    "--sim-crash-on",
+    metavar="TEXT",
+    help="Simulated backend, chaos testing: kill the worker on a prompt containing TEXT.",
+)
+@click.option(
     "--capacity",
     type=click.IntRange(1, 256),
     help="Parallel requests per backend (OLLAMA_NUM_PARALLEL and the like).",
@@ -72,6 +77,7 @@ def worker_command(
     simulate: bool,
     sim_first_token_ms: float,
     sim_token_ms: float,
+    sim_crash_on: str | None,
     capacity: int | None,
     broker: str | None,
     heartbeat: float | None,
@@ -92,6 +98,7 @@ def worker_command(
                     kind="simulated",
                     first_token_s=sim_first_token_ms / 1000,
                     token_s=sim_token_ms / 1000,
+                    crash_on=sim_crash_on,
                     **extra,
                 )
             )

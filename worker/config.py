@@ -28,6 +28,8 @@ class BackendSpec(BaseModel):
     # Simulated backend only: its pace.
     first_token_s: float = Field(default=0.05, ge=0)
     token_s: float = Field(default=0.02, ge=0)
+    crash_on: str | None = Field(default=None, min_length=1)
+    """Chaos testing: the worker process dies on a prompt containing this text."""
 
     @field_validator("url")
     @classmethod

@@ -7,21 +7,38 @@ import logging
 import time
 from collections.abc import Mapping
 
-import psutil
 from redis.asyncio import Redis
 
 from broker import __version__, names
 from broker.errors import BackendError
-from broker.schemas import BackendInfo, MemoryInfo, ModelInfo, NodeInfo
+from broker.schemas import BackendInfo, ModelInfo, NodeInfo
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
+from worker.sysinfo import SystemProbe
+
+__all__ = [
+    "build_node_info",
+    "describe_backend",
+    "mark_node_down",
+    "publish_node_info",
+]
 
 log = logging.getLogger(__name__)
 
 MISSED_HEARTBEATS_BEFORE_DOWN = 3
 
+# The probe used when the caller brings none. It keeps the GPU answer between beats, which is
+# why it outlives one call: one per worker process, like the process's logger.
+_PROCESS_PROBE = SystemProbe()
 
-async def describe_backend(backend: Backend, timeout_s: float) -> BackendInfo:
+
+async def describe_backend(
+    backend: Backend,
+    timeout_s: float,
+    *,
+    in_flight: int = 0,
+    latency_ms: float | None = None,
+) -> BackendInfo:
     """A backend's inventory, or its error if it does not answer in time."""
     models: list[ModelInfo] = []
     error: str | None = None
@@ -37,33 +54,57 @@ async def describe_backend(backend: Backend, timeout_s: float) -> BackendInfo:
         url=backend.url,
         healthy=error is None,
         error=error,
+        # Read after the inventory: an adapter may learn its capacity from the server.
         capacity=backend.capacity,
+        in_flight=in_flight,
+        latency_ms=latency_ms,
+        manages_models=backend.manages_models,
         models=tuple(models),
     )
-
-
-def memory_now() -> MemoryInfo:
-    vm = psutil.virtual_memory()
-    return MemoryInfo(total_bytes=vm.total, available_bytes=vm.available)
 
 
 async def build_node_info(
     config: WorkerConfig,
     backends: Mapping[str, Backend],
     *,
+    instance: str,
     in_flight: int,
     interval_s: float,
     started_at: float,
+    backend_in_flight: Mapping[str, int],
+    backend_latency_ms: Mapping[str, float],
+    system: SystemProbe | None = None,
 ) -> NodeInfo:
-    described = await asyncio.gather(
-        *(describe_backend(b, timeout_s=max(0.5, interval_s)) for b in backends.values())
+    """The node's heartbeat: its backends' inventories and load, and the machine's resources.
+
+    ``backend_in_flight`` and ``backend_latency_ms`` are keyed by backend name; a backend
+    missing from them has no job running and no latency measured yet.
+    """
+    probe = system or _PROCESS_PROBE
+    timeout_s = max(0.5, interval_s)
+    described, snapshot = await asyncio.gather(
+        asyncio.gather(
+            *(
+                describe_backend(
+                    backend,
+                    timeout_s,
+                    in_flight=backend_in_flight.get(name, 0),
+                    latency_ms=backend_latency_ms.get(name),
+                )
+                for name, backend in backends.items()
+            )
+        ),
+        probe.snapshot(),
     )
     return NodeInfo(
         name=config.name,
         version=__version__,
+        instance=instance,
         tags=config.tags,
         backends=tuple(described),
-        memory=memory_now(),
+        memory=snapshot.memory,
+        gpus=snapshot.gpus,
+        cpu_load=snapshot.cpu_load,
         in_flight=in_flight,
         capacity=config.capacity,
         heartbeat_interval_s=interval_s,

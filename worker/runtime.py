@@ -216,6 +216,7 @@ class NodeRuntime:
             },
             interval_s=self.settings.heartbeat_interval_s,
             started_at=self._started_at,
+            system=self._probe,
         )
         await publish_node_info(self.redis, info)
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class RedisServer:
     process: subprocess.Popen[bytes]
     workdir: Path
     password: str | None = None
+    args: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -48,6 +50,24 @@ class RedisServer:
     def stop(self) -> None:
         stop_process(self.process, timeout_s=10)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def halt(self) -> None:
+        """Stop the server as an operator would (SIGTERM: it flushes its AOF), keeping its
+        files for ``resume``."""
+        stop_process(self.process, timeout_s=10)
+
+    def resume(self) -> None:
+        """Start it again on the same port from the same files."""
+        self.process = subprocess.Popen(
+            self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        _wait_answering(self)
+
+    def answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.exceptions.ConnectionError:
+            return False
 
 
 def start_redis(password: str | None = None, appendonly: bool = False) -> RedisServer:
@@ -65,20 +85,17 @@ def start_redis(password: str | None = None, appendonly: bool = False) -> RedisS
     if password:
         args += ["--requirepass", password]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = RedisServer(port, process, workdir, password)
-
-    def answers() -> bool:
-        try:
-            return bool(server.client().ping())
-        except redis.exceptions.ConnectionError:
-            return False
-
+    server = RedisServer(port, process, workdir, password, args)
     try:
-        wait_until(answers, 10, "redis-server to answer")
+        _wait_answering(server)
     except TimeoutError:
         server.stop()
         raise
     return server
+
+
+def _wait_answering(server: RedisServer) -> None:
+    wait_until(server.answers, 10, "redis-server to answer")
 
 
 @dataclass
@@ -91,7 +108,17 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process stays, but sends no heartbeat and writes nothing (a hung
+        machine, a laptop lid closed)."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
         code = stop_process(self.process, sig, timeout_s)
         if self._log_file is not None:
             self._log_file.close()  # type: ignore[attr-defined]
@@ -153,3 +180,46 @@ def running_workers(
     finally:
         for w in workers:
             w.stop()
+
+
+class Supervisor:
+    """Restarts workers that die, as systemd's Restart=always would on a real node."""
+
+    def __init__(self, broker_url: str, log_dir: Path, specs: list[tuple[str, list[str]]]):
+        self._broker_url = broker_url
+        self._log_dir = log_dir
+        self._specs = dict(specs)
+        self.workers = {
+            name: start_worker(broker_url, name, *args, log_dir=log_dir) for name, args in specs
+        }
+        self.restarts: dict[str, int] = dict.fromkeys(self._specs, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            for name, worker in list(self.workers.items()):
+                if worker.process.poll() is not None and not self._stop.is_set():
+                    worker.stop()
+                    self.restarts[name] += 1
+                    self.workers[name] = start_worker(
+                        self._broker_url, name, *self._specs[name], log_dir=self._log_dir
+                    )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        for worker in self.workers.values():
+            worker.stop()
+
+
+@contextlib.contextmanager
+def supervised_workers(
+    broker_url: str, log_dir: Path, *specs: tuple[str, list[str]]
+) -> Iterator[Supervisor]:
+    supervisor = Supervisor(broker_url, log_dir, list(specs))
+    try:
+        yield supervisor
+    finally:
+        supervisor.stop()

@@ -16,11 +16,12 @@ from broker.errors import (
     BackendProtocolError,
     BackendUnavailable,
     ModelNotFound,
+    UnsupportedOperation,
 )
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
+from controller.localcluster import free_port
 from tests.fakes.fake_openai import running_fake_openai
-from tests.support.servers import free_port
-from worker.backends.base import Chunk
+from worker.backends.base import Chunk, PullProgress
 from worker.backends.openai_compat import OpenAICompatBackend, api_root
 
 T = TypeVar("T")
@@ -96,6 +97,82 @@ def test_inventory_lists_served_models_as_loaded(suffix: str) -> None:
         ModelInfo(name="tiny-model", loaded=True),
         ModelInfo(name="other", loaded=True),
     ]
+
+
+def slots_scenario(props: httpx.Response, *, capacity: int | None) -> tuple[int, int, list[str]]:
+    """Capacity before and after two inventories against a server answering /props so; and
+    the paths the backend asked for."""
+    paths: list[str] = []
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "qwen"}]})
+        return props
+
+    async def main() -> tuple[int, int]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(respond)) as client:
+            backend = OpenAICompatBackend(
+                "gpu-box", "http://gpu:8080/v1", client, capacity=capacity
+            )
+            before = backend.capacity
+            await backend.inventory()
+            await backend.inventory()
+            return before, backend.capacity
+
+    before, after = asyncio.run(main())
+    return before, after, paths
+
+
+def test_llama_cpp_slots_become_the_capacity_when_none_is_configured() -> None:
+    props = httpx.Response(200, json={"total_slots": 4, "chat_template": "..."})
+    before, after, paths = slots_scenario(props, capacity=None)
+    assert (before, after) == (1, 4)
+    assert paths.count("/props") == 1  # asked once, at the server's root, not under /v1
+
+
+def test_a_configured_capacity_wins_and_props_is_not_asked() -> None:
+    props = httpx.Response(200, json={"total_slots": 4})
+    assert slots_scenario(props, capacity=2) == (2, 2, ["/v1/models", "/v1/models"])
+
+
+def test_a_server_without_props_counts_as_one_slot_and_is_asked_once() -> None:
+    before, after, paths = slots_scenario(httpx.Response(404, text="Not Found"), capacity=None)
+    assert (before, after, paths.count("/props")) == (1, 1, 1)
+
+
+# --- the model lifecycle is not theirs -----------------------------------------------------
+
+
+async def _pull(backend: OpenAICompatBackend) -> list[PullProgress]:
+    return [step async for step in backend.pull("tiny-model")]
+
+
+@pytest.mark.parametrize(
+    ("action", "call"),
+    [
+        ("load", lambda b: b.load("tiny-model", "30m")),
+        ("unload", lambda b: b.unload("tiny-model")),
+        ("delete", lambda b: b.delete("tiny-model")),
+        ("pull", _pull),
+    ],
+)
+def test_model_lifecycle_is_unsupported_and_says_which_backend(
+    action: str, call: Callable[[OpenAICompatBackend], Awaitable[object]]
+) -> None:
+    with running_fake_openai() as fake:
+        with pytest.raises(UnsupportedOperation) as caught:
+            with_backend(fake.url, call)
+        assert fake.state.bodies == []  # nothing was sent
+    assert f"openai backend 'gpu-box' cannot {action} models" in str(caught.value)
+
+
+def test_openai_backends_say_they_do_not_manage_models() -> None:
+    assert with_backend("http://gpu:8080", _manages_models) is False
+
+
+async def _manages_models(backend: OpenAICompatBackend) -> bool:
+    return backend.manages_models
 
 
 # --- streaming -----------------------------------------------------------------------------

@@ -1,15 +1,25 @@
-"""The one protocol every backend adapter implements, and the chunk it streams."""
+"""The one protocol every backend adapter implements, and the data it streams."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import math
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
-from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
+from broker.errors import UnsupportedOperation
+from broker.schemas import (
+    ChatMessage,
+    GenerationOptions,
+    ModelInfo,
+)
 
 BackendKind = Literal["ollama", "openai", "simulated"]
+
+KEEP_LOADED_FOREVER = "-1"
+"""The ``keep_alive`` a warm uses unless told otherwise: a warmed model stays until unloaded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +37,29 @@ class Chunk:
     completion_tokens: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PullProgress:
+    """One step of a model download, in Ollama's terms.
+
+    ``status`` is what the backend says it is doing ("pulling manifest", "pulling 6a0746a1ec1a",
+    "verifying sha256 digest", "success"). A layer's download carries its ``digest``, its
+    ``total`` size in bytes and, once bytes arrive, how many are ``completed``.
+    """
+
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+
+
 class Backend(Protocol):
     """A node-local LLM server as the worker sees it.
 
-    Every method raises only ``broker.errors.BackendError`` subclasses: adapters translate
-    transport errors (httpx) at this boundary. Cancelling the task that iterates
-    ``stream_chat`` must close the backend's HTTP stream, which stops generation.
+    Every method raises only ``broker.errors.BackendError`` subclasses (adapters translate
+    transport errors, httpx's, at this boundary), except that the model lifecycle methods of
+    a backend whose ``manages_models`` is False raise ``UnsupportedOperation``. Cancelling the
+    task that iterates ``stream_chat`` or ``pull`` must close the backend's HTTP stream, which
+    stops the generation or the download.
     """
 
     @property
@@ -63,6 +90,74 @@ class Backend(Protocol):
 
     async def aclose(self) -> None: ...
 
+    # --- the model lifecycle: pull / warm / unload / rm ------------------------------------
+    # Optional in practice: an adapter whose server cannot do these (an OpenAI-compatible
+    # server serves the models it was started with) says False here and raises
+    # UnsupportedOperation from each method; ``NoModelLifecycle`` does exactly that.
+
+    @property
+    def manages_models(self) -> bool:
+        """Whether ``pull``, ``load``, ``unload`` and ``delete`` work on this backend."""
+        ...
+
+    def pull(self, model: str) -> AsyncGenerator[PullProgress, None]:
+        """Download ``model``, yielding progress; the last step's status is "success".
+
+        Closing the generator early (``aclose()``) abandons the download.
+        """
+        ...
+
+    async def load(self, model: str, keep_alive: str | None = None) -> None:
+        """Load ``model`` into memory for ``keep_alive`` (Ollama syntax; None: until unloaded)."""
+        ...
+
+    async def unload(self, model: str) -> None:
+        """Free the memory ``model`` holds; it stays installed."""
+        ...
+
+    async def delete(self, model: str) -> None:
+        """Remove ``model`` from the backend's disk (``ModelNotFound`` if it has no such model)."""
+        ...
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> BackendKind: ...
+
+
+class NoModelLifecycle:
+    """The lifecycle half of ``Backend`` for adapters that cannot manage models.
+
+    Every operation raises UnsupportedOperation naming the backend and its kind, so the user
+    learns which backend said no, and why.
+    """
+
+    @property
+    def manages_models(self) -> bool:
+        return False
+
+    def pull(self: _Named, model: str) -> AsyncGenerator[PullProgress, None]:
+        raise unsupported(self, "pull")
+
+    async def load(self: _Named, model: str, keep_alive: str | None = None) -> None:
+        raise unsupported(self, "load")
+
+    async def unload(self: _Named, model: str) -> None:
+        raise unsupported(self, "unload")
+
+    async def delete(self: _Named, model: str) -> None:
+        raise unsupported(self, "delete")
+
+
+def unsupported(backend: _Named, action: str) -> UnsupportedOperation:
+    return UnsupportedOperation(
+        f"{backend.kind} backend {backend.name!r} cannot {action} models: it serves the models "
+        "its server was started with (an ollama backend can pull, warm, unload and remove them)"
+    )
+
 
 def public_url(url: str) -> str:
     """Scheme, host and port of ``url``: no user, password, path or query (they may hold keys)."""
@@ -72,3 +167,49 @@ def public_url(url: str) -> str:
         host = f"[{host}]"
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}"
+
+
+# Go's time.ParseDuration units, which Ollama's keep_alive uses ("5m", "1h30m", "-1s").
+_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_GO_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def keep_alive_seconds(keep_alive: str) -> float | None:
+    """Seconds a ``keep_alive`` keeps a model loaded; None for a negative one (forever).
+
+    Accepts what Ollama accepts: a number of seconds ("300", "-1") or a Go duration ("30m",
+    "1h30m", "-1m"); "0" means unload now. Raises ValueError for anything else.
+    """
+    text = keep_alive.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = _go_duration_seconds(text)
+    if not math.isfinite(seconds):
+        raise ValueError(f"keep_alive {keep_alive!r} is not a duration")
+    return None if seconds < 0 else seconds
+
+
+def _go_duration_seconds(text: str) -> float:
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.removeprefix("+"))
+    if body == "0":
+        return 0.0
+    position, total = 0, 0.0
+    for match in _GO_DURATION.finditer(body):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _GO_UNIT_SECONDS[match.group(2)]
+        position = match.end()
+    if not body or position != len(body):
+        raise ValueError(
+            f"keep_alive {text!r} is not a duration: use seconds or a unit, e.g. 300, 30m, 1h, -1"
+        )
+    return sign * total

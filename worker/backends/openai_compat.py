@@ -1,14 +1,18 @@
 """The adapter for OpenAI-compatible servers: llama.cpp server, llama_cpp.server, llamafile,
 vLLM, LM Studio.
 
-``inventory`` reads ``GET /v1/models``; ``stream_chat`` posts to ``/v1/chat/completions`` with
+``inventory`` reads ``GET /v1/models`` (and, once, llama.cpp's ``GET /props`` for its number of
+slots when no capacity was configured); ``stream_chat`` posts to ``/v1/chat/completions`` with
 ``stream: true`` and reads Server-Sent Events until ``data: [DONE]``. httpx errors are translated
-into the ``broker.errors.BackendError`` tree here. The API key travels only in the
+into the ``broker.errors.BackendError`` tree here. These servers serve the models they were
+started with: they cannot pull, load, unload or delete one (``manages_models`` is False). The
+API key travels only in the
 ``Authorization`` header: it is never logged and is scrubbed from every message we build.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -17,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from broker.errors import BackendProtocolError
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
-from worker.backends.base import BackendKind, Chunk, public_url
+from worker.backends.base import BackendKind, Chunk, NoModelLifecycle, public_url
 from worker.backends.http_errors import (
     TRANSPORT_ERRORS,
     ErrorReport,
@@ -28,7 +32,11 @@ from worker.backends.http_errors import (
     url_secrets,
 )
 
+log = logging.getLogger(__name__)
+
 DONE_SENTINEL = "[DONE]"
+DEFAULT_CAPACITY = 1
+"""Parallel requests assumed when neither the configuration nor the server says."""
 
 
 # --- the wire format we read (only the fields corral uses) --------------------------------
@@ -68,6 +76,12 @@ class _StreamChunk(_Wire):
     error: Any = None
 
 
+class _Props(_Wire):
+    """llama.cpp server's ``GET /props``: ``total_slots`` is its ``--parallel``."""
+
+    total_slots: int | None = Field(default=None, ge=1)
+
+
 class _ErrorBody(_Wire):
     """The error shapes these servers use: OpenAI's ``{"error": {"message", "code"}}``,
     a bare ``{"error": "..."}``, vLLM's top-level ``message``, FastAPI's ``detail``."""
@@ -81,11 +95,13 @@ class _ErrorBody(_Wire):
 # --- helpers -------------------------------------------------------------------------------
 
 
-def api_root(base_url: str) -> str:
+def server_root(base_url: str) -> str:
     """``http://host:8080``, ``http://host:8080/`` and ``http://host:8080/v1`` all mean the same."""
-    root = base_url.rstrip("/")
-    root = root.removesuffix("/v1")
-    return f"{root}/v1"
+    return base_url.rstrip("/").removesuffix("/v1")
+
+
+def api_root(base_url: str) -> str:
+    return f"{server_root(base_url)}/v1"
 
 
 def chat_request_body(
@@ -162,10 +178,13 @@ class _SSEDecoder:
         return event
 
 
-class OpenAICompatBackend:
+class OpenAICompatBackend(NoModelLifecycle):
     """One OpenAI-compatible server, reached through an injected ``httpx.AsyncClient``.
 
-    These servers keep their models loaded, so every listed model reports ``loaded=True``.
+    These servers keep their models loaded, so every listed model reports ``loaded=True``;
+    what a model can do (chat, embeddings, vision) is not in ``/v1/models``, so capabilities
+    stay empty. ``capacity=None`` means "ask the server": llama.cpp's server reports its slots
+    in ``/props``; any other server counts as ``DEFAULT_CAPACITY``.
     The client belongs to the caller, so ``aclose`` closes nothing. Cancelling the task that
     iterates ``stream_chat`` (or calling ``aclose()`` on the iterator) closes the response,
     which stops generation on the server.
@@ -176,13 +195,15 @@ class OpenAICompatBackend:
         name: str,
         base_url: str,
         client: httpx.AsyncClient,
-        capacity: int = 1,
+        capacity: int | None = None,
         api_key: SecretStr | None = None,
     ) -> None:
         self._name = name
+        self._server_root = server_root(base_url)
         self._api_root = api_root(base_url)
         self._client = client
-        self._capacity = capacity
+        self._capacity = capacity if capacity is not None else DEFAULT_CAPACITY
+        self._ask_for_slots = capacity is None
         self._public_url = public_url(base_url)
         self._api_key = api_key
         key = api_key.get_secret_value() if api_key is not None else ""
@@ -219,6 +240,8 @@ class OpenAICompatBackend:
             raise BackendProtocolError(
                 f"{self._where()} answered /v1/models with a body that is not a model list"
             ) from None
+        if self._ask_for_slots:
+            await self._learn_slots()
         return [ModelInfo(name=m.id, loaded=True) for m in listing.data]
 
     async def stream_chat(
@@ -274,6 +297,27 @@ class OpenAICompatBackend:
         )
 
     # --- internals -------------------------------------------------------------------------
+
+    async def _learn_slots(self) -> None:
+        """Take llama.cpp's slot count as the capacity; asked until the server answers at all.
+
+        Other servers answer ``/props`` with a 404 (or without ``total_slots``): they keep the
+        default. A transport error leaves the question for the next inventory.
+        """
+        try:
+            response = await self._client.get(f"{self._server_root}/props", headers=self._headers())
+        except TRANSPORT_ERRORS as exc:
+            log.debug("%s: /props not read: %s", self._where(), type(exc).__name__)
+            return
+        self._ask_for_slots = False
+        if response.status_code != 200:
+            return
+        try:
+            slots = _Props.model_validate_json(response.content).total_slots
+        except ValidationError:
+            return
+        if slots is not None:
+            self._capacity = slots
 
     def _headers(self) -> dict[str, str]:
         if self._api_key is None or not self._api_key.get_secret_value():

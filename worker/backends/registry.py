@@ -34,14 +34,18 @@ def build_backends(config: WorkerConfig, client: httpx.AsyncClient) -> dict[str,
                 first_token_s=spec.first_token_s,
                 token_s=spec.token_s,
                 capacity=spec.capacity,
+                crash_on=spec.crash_on,
             )
         elif spec.kind == "ollama":
             assert spec.url is not None  # checked by WorkerConfig
             backend = OllamaBackend(name, spec.url, client, capacity=spec.capacity)
         else:
             assert spec.url is not None
+            # Not configured: the server may say (llama.cpp's slots). The node's own capacity,
+            # which sizes Celery's pool, still follows the configuration.
+            configured = spec.capacity if "capacity" in spec.model_fields_set else None
             backend = OpenAICompatBackend(
-                name, spec.url, client, capacity=spec.capacity, api_key=spec.api_key
+                name, spec.url, client, capacity=configured, api_key=spec.api_key
             )
         backends[name] = backend
     return backends
