@@ -21,6 +21,8 @@ def node(
     name: str,
     models: dict[str, bool],
     *,
+    capabilities: dict[str, frozenset[str]] | None = None,
+    latency_ms: float | None = None,
     up: bool = True,
     tags: frozenset[str] = frozenset(),
     in_flight: int = 0,
@@ -34,7 +36,11 @@ def node(
         url="http://127.0.0.1:11434",
         healthy=healthy,
         capacity=capacity,
-        models=tuple(ModelInfo(name=m, loaded=loaded) for m, loaded in models.items()),
+        latency_ms=latency_ms,
+        models=tuple(
+            ModelInfo(name=m, loaded=loaded, capabilities=(capabilities or {}).get(m, frozenset()))
+            for m, loaded in models.items()
+        ),
     )
     info = NodeInfo(
         name=name,
@@ -155,6 +161,57 @@ jobs = st.builds(
     model=st.none() | st.sampled_from(MODELS),
     tags=st.frozensets(st.sampled_from(TAGS), max_size=2),
 )
+
+
+def test_an_alias_tries_its_models_in_order() -> None:
+    nodes = [node("pi1", {"small:1b": True}), node("gpu1", {"big:70b": False})]
+    aliases = {"coder": ["big:70b", "small:1b"]}
+    ranked = rank_candidates(job(model="coder"), nodes, aliases=aliases)
+    assert [(c.node, c.model) for c in ranked] == [("gpu1", "big:70b"), ("pi1", "small:1b")]
+
+
+def test_an_alias_none_of_whose_models_exists_names_them() -> None:
+    with pytest.raises(UnknownModel, match=r"none of alias 'coder'.s models \(a:1b, b:2b\)"):
+        route(
+            job(model="coder"), [node("pi1", {"x:1b": True})], aliases={"coder": ["a:1b", "b:2b"]}
+        )
+
+
+def test_a_model_name_without_tag_means_latest() -> None:
+    (candidate,) = rank_candidates(job(model="llama3"), [node("pi1", {"llama3:latest": False})])
+    assert candidate.model == "llama3:latest"
+
+
+def test_a_vision_model_gives_its_node_the_vision_tag() -> None:
+    caps = {"llava:7b": frozenset({"chat", "vision"}), "llama3:8b": frozenset({"chat"})}
+    nodes = [node("pi1", {"llama3:8b": True, "llava:7b": False}, capabilities=caps)]
+    (candidate,) = rank_candidates(job(tags=frozenset({"vision"})), nodes)
+    assert candidate.model == "llava:7b"
+
+
+def test_an_embedding_only_model_never_answers_a_chat_job() -> None:
+    caps = {"nomic-embed-text": frozenset({"embed"})}
+    nodes = [node("pi1", {"nomic-embed-text": True}, capabilities=caps)]
+    assert rank_candidates(job(), nodes) == []
+    with pytest.raises(NoNodeAvailable):
+        route(job(), nodes)
+
+
+def test_the_session_node_goes_first_while_it_can_serve() -> None:
+    nodes = [node("pi1", {"m": True}), node("pi2", {"m": True}, in_flight=1)]
+    assert rank_candidates(job(), nodes, sticky_node="pi2")[0].node == "pi2"
+    nodes[1] = node("pi2", {"m": True}, up=False)
+    assert rank_candidates(job(), nodes, sticky_node="pi2")[0].node == "pi1"
+
+
+def test_lower_latency_breaks_a_tie() -> None:
+    nodes = [node("pi1", {"m": True}, latency_ms=900), node("pi2", {"m": True}, latency_ms=40)]
+    assert rank_candidates(job(), nodes)[0].node == "pi2"
+
+
+def test_an_open_backend_breaker_is_named_when_nothing_is_left() -> None:
+    with pytest.raises(NoNodeAvailable, match="pi1/ollama: circuit breaker open"):
+        route(job(), [node("pi1", {"m": True})], blocked={"pi1/ollama"})
 
 
 @settings(max_examples=300, deadline=None)
