@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from dataclasses import dataclass
 
 from rich.console import Console
 
+from broker import names
 from broker.errors import CorralError, NoNodeAvailable
-from broker.schemas import DeltaEvent, DoneEvent, ErrorEvent
+from broker.schemas import DeltaEvent, DoneEvent, ErrorEvent, InterruptedEvent, ReroutedEvent
 from broker.settings import build_settings
 from controller.client import CorralClient, make_spec
 from controller.localcluster import (
@@ -29,6 +31,8 @@ class DemoJob:
     prompt: str
     route: str | None = None
     tags: frozenset[str] = frozenset()
+    kill_after_tokens: int | None = None
+    """Kill the serving worker (SIGKILL) after this many tokens, to show the failover."""
 
 
 DEMO_JOBS = (
@@ -37,6 +41,11 @@ DEMO_JOBS = (
     ),
     DemoJob("a job sent to a named node (@beta)", "What happens when a node dies?", route="beta"),
     DemoJob("a job with no hints: the least busy node", "How do tokens reach me?"),
+    DemoJob(
+        "its node dies mid-answer: --retry-partial restarts it on the other node",
+        "What happens when a node dies?",
+        kill_after_tokens=4,
+    ),
 )
 
 
@@ -68,8 +77,9 @@ def run_demo(console: Console) -> int:
             with CorralClient(settings) as client:
                 _wait_for_nodes(client, workers, console)
                 console.print(nodes_table(client.nodes()))
+                by_name = {w.name: w for w in workers}
                 for job in DEMO_JOBS:
-                    _run_job(client, job, console)
+                    _run_job(client, job, console, by_name)
             console.print(f"[dim]worker logs: {workdir}[/dim]")
             return 0
     except CorralError as exc:
@@ -97,19 +107,37 @@ def _wait_for_nodes(client: CorralClient, workers: list[LocalWorker], console: C
     raise NoNodeAvailable("the demo workers did not come up within 60s")
 
 
-def _run_job(client: CorralClient, job: DemoJob, console: Console) -> None:
+def _run_job(
+    client: CorralClient, job: DemoJob, console: Console, workers: dict[str, LocalWorker]
+) -> None:
     console.rule(f"[bold]{job.label}[/bold]")
     prefix = f"@{job.route} " if job.route else ""
-    tags = f" --tag {','.join(sorted(job.tags))}" if job.tags else ""
-    console.print(f'[cyan]$ corral ask{tags} "{prefix}{job.prompt}"[/cyan]')
-    spec = make_spec(job.prompt, route=job.route, tags=job.tags)
+    flags = f" --tag {','.join(sorted(job.tags))}" if job.tags else ""
+    flags += " --retry-partial" if job.kill_after_tokens else ""
+    console.print(f'[cyan]$ corral ask{flags} "{prefix}{job.prompt}"[/cyan]')
+    spec = make_spec(
+        job.prompt, route=job.route, tags=job.tags, retry_partial=bool(job.kill_after_tokens)
+    )
     started = time.perf_counter()
     first: float | None = None
+    tokens = 0
     for event in client.stream(spec):
         if isinstance(event, DeltaEvent):
+            tokens += 1
             if first is None:
                 first = (time.perf_counter() - started) * 1000
             console.out(event.text, end="", highlight=False)
+            if tokens == job.kill_after_tokens:
+                victim = workers[_serving_node(client, spec.job_id)]
+                victim.process.send_signal(signal.SIGKILL)
+                console.print(f"\n[red]✗ killed worker {victim.name} (SIGKILL)[/red]")
+        elif isinstance(event, InterruptedEvent):
+            console.print(
+                f"[yellow]✂ interrupted on {event.node} after {len(event.partial_text)} "
+                f"characters: {event.message}[/yellow]"
+            )
+        elif isinstance(event, ReroutedEvent):
+            console.print(f"[yellow]↻ restarted on {event.to_node}[/yellow]")
         elif isinstance(event, DoneEvent):
             console.out("")
             total = (time.perf_counter() - started) * 1000
@@ -117,5 +145,10 @@ def _run_job(client: CorralClient, job: DemoJob, console: Console) -> None:
                 f"[green]✓[/green] [dim]{summary_line(event.result, first, total)}[/dim]",
                 soft_wrap=True,
             )
-        elif isinstance(event, ErrorEvent):
+        elif isinstance(event, ErrorEvent) and event.final:
             console.print(f"\n[red]job failed: {event.message}[/red]")
+
+
+def _serving_node(client: CorralClient, job_id: str) -> str:
+    node = client.redis.get(names.job_node_key(job_id))
+    return node.decode() if isinstance(node, bytes) else str(node)

@@ -433,3 +433,27 @@ def test_a_poison_job_fails_after_the_set_attempts_and_the_cluster_keeps_serving
 
         healthy = list(client.stream(make_spec("an ordinary question")))
         assert isinstance(healthy[-1], DoneEvent)
+
+
+def test_a_job_delivered_twice_streams_once(
+    broker_url: str, tmp_path: Path, client: CorralClient
+) -> None:
+    """What a redelivery looks like to the workers (kombu restoring an unacknowledged message,
+    a duplicate publish): the same attempt of the same job, twice. One copy streams; the other
+    finds the lease taken and is dropped without calling its backend."""
+    with running_workers(broker_url, tmp_path, ("a", sim()), ("b", sim())) as (a, b):
+        run = client.submit(make_spec("only once please", route="a"))
+        client._send(run.spec, run.candidate, attempt=1)  # the same message again
+        seen = list(run.events(timeout_s=10))
+        wait_until(
+            lambda: "another delivery or attempt owns it" in a.log() + b.log(),
+            10,
+            "the second copy to be dropped",
+        )
+        time.sleep(0.5)
+        log_length = client.redis.llen(names.job_log_key(run.job_id))
+
+    assert_in_order_once(seen)
+    assert len(of_type(seen, StartedEvent)) == 1
+    assert "".join(e.text for e in of_type(seen, DeltaEvent)) == expected("only once please")
+    assert log_length == len(seen)

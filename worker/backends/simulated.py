@@ -96,8 +96,8 @@ _REPLIES = (
     "lets a late client catch up without missing one.",
     "Every node runs a small worker that fronts its local Ollama or llama.cpp server and "
     "reports its models and load every few seconds.",
-    "When a node goes quiet for three heartbeats the router stops sending it work until "
-    "it comes back.",
+    "When a node goes quiet for three heartbeats, its jobs move to the next node and the "
+    "router stops sending it work until it comes back.",
 )
 
 
