@@ -2,78 +2,56 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Sequence
 
 import click
 from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
 
 from broker.errors import (
-    BackendError,
-    BrokerUnavailable,
     ConfigError,
     CorralError,
-    JobCancelled,
     JobError,
-    RoutingError,
-    error_from_code,
 )
 from broker.schemas import (
-    DeltaEvent,
-    DoneEvent,
-    ErrorEvent,
     GenerationOptions,
-    InterruptedEvent,
     JobSpec,
-    ReroutedEvent,
 )
-from broker.settings import CorralSettings, build_settings
+from broker.settings import build_settings
+from controller.cli_common import (
+    ExitCode,
+    exit_code_for,
+    fail,
+    output_width,
+    print_events,
+    print_json,
+    settings_from,
+    split_list,
+)
+from controller.cli_models import models
 from controller.client import CorralClient, Event, make_spec
+from controller.fanout import (
+    FanoutJob,
+    answers_table,
+    cancel_jobs,
+    first_failure,
+    model_jobs,
+    plan_fanout,
+    progress_table,
+    start_jobs,
+    wait_for,
+)
 from controller.prompt import parse_tags, split_route_prefix
-from controller.render import nodes_table, stderr_console, summary_line
-
-
-class ExitCode:
-    """Distinct exit codes, so scripts can tell what went wrong."""
-
-    OK = 0
-    FAILED = 1
-    USAGE = 2
-    NO_ROUTE = 3  # nothing in the cluster can serve this job
-    BACKEND = 4  # the chosen node's backend failed
-    JOB = 5  # the node was lost or the job timed out
-    BROKER = 6  # Redis cannot be reached
-    INTERRUPTED = 130
-
-
-def exit_code_for(error: CorralError) -> int:
-    if isinstance(error, RoutingError):
-        return ExitCode.NO_ROUTE
-    if isinstance(error, BackendError):
-        return ExitCode.BACKEND
-    if isinstance(error, JobCancelled):
-        return ExitCode.INTERRUPTED
-    if isinstance(error, JobError):
-        return ExitCode.JOB
-    if isinstance(error, BrokerUnavailable):
-        return ExitCode.BROKER
-    if isinstance(error, ConfigError):
-        return ExitCode.USAGE
-    return ExitCode.FAILED
-
-
-def fail(error: CorralError) -> NoReturn:
-    stderr_console().print(f"[red]corral: {error}[/red]", markup=True)
-    sys.exit(exit_code_for(error))
-
-
-def settings_from(ctx: click.Context) -> CorralSettings:
-    settings: CorralSettings = ctx.obj["settings"]
-    return settings
+from controller.render import (
+    breaker_notes,
+    nodes_table,
+    stderr_console,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,6 +106,19 @@ def worker(args: tuple[str, ...]) -> None:
     type=click.IntRange(1, 10),
     help="Nodes to try before giving up (default: max_attempts, 3).",
 )
+@click.option(
+    "--fanout",
+    type=click.IntRange(1, 32),
+    metavar="N",
+    help="Ask the N best nodes at once (one job each); answers side by side.",
+)
+@click.option(
+    "--models",
+    "model_list",
+    multiple=True,
+    metavar="A,B,..",
+    help="Ask each of these models at once (one job each, routed as usual); answers side by side.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line, for scripts.")
 @click.pass_context
 def ask(
@@ -144,14 +135,24 @@ def ask(
     batch: bool,
     retry_partial: bool,
     attempts: int | None,
+    fanout: int | None,
+    model_list: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """Route PROMPT to the best node and stream the answer. Prefix @NODE to pick the node."""
+    """Route PROMPT to the best node and stream the answer. Prefix @NODE to pick the node.
+
+    With --fanout or --models, several jobs run at once: a live table shows their progress,
+    then their answers print side by side. The exit code is 0 only if every job succeeded
+    (otherwise the leftmost failed job's code). --json then tags each event line with
+    job_index and job_label.
+    """
     settings = settings_from(ctx)
+    models = split_list(model_list)
     try:
         route_name, text = split_route_prefix(" ".join(prompt))
         if node and route_name and node != route_name:
             raise ConfigError(f"--node {node} and @{route_name} disagree")
+        _check_many_flags(fanout, models, node or route_name, model, session)
         spec = make_spec(
             text,
             route=node or route_name,
@@ -167,11 +168,28 @@ def ask(
         )
     except CorralError as exc:
         fail(exc)
+    timeout_s = timeout or settings.job_timeout_s
     with CorralClient(settings) as client:
-        code = run_and_print(
-            client, spec, as_json=as_json, timeout_s=timeout or settings.job_timeout_s
-        )
+        if fanout is not None or models:
+            code = run_many(client, spec, fanout, models, as_json=as_json, timeout_s=timeout_s)
+        else:
+            code = run_and_print(client, spec, as_json=as_json, timeout_s=timeout_s)
     sys.exit(code)
+
+
+def _check_many_flags(
+    fanout: int | None, models: list[str], route: str | None, model: str | None, session: str | None
+) -> None:
+    if fanout is not None and models:
+        raise ConfigError("--fanout and --models do not go together: pick the nodes or the models")
+    if fanout is not None and route:
+        raise ConfigError("--fanout picks the nodes itself: drop @NODE / --node")
+    if models and model:
+        raise ConfigError("--models and --model do not go together")
+    if (fanout is not None or models) and session:
+        raise ConfigError(
+            "--session continues one conversation: it cannot go with --fanout/--models"
+        )
 
 
 def run_and_print(client: CorralClient, spec: JobSpec, *, as_json: bool, timeout_s: float) -> int:
@@ -183,7 +201,7 @@ def run_and_print(client: CorralClient, spec: JobSpec, *, as_json: bool, timeout
         if not as_json:
             c = run.candidate
             err.print(f"[dim]job {spec.job_id} → {c.node} ({c.backend}, {c.model})[/dim]")
-        return _print_events(run.events(timeout_s), as_json, sent_at)
+        return print_events(run.events(timeout_s), as_json, sent_at)
     except KeyboardInterrupt:
         # Also when Ctrl-C lands during the send: a cancel for a job never sent is harmless.
         client.cancel(spec.job_id)
@@ -191,85 +209,126 @@ def run_and_print(client: CorralClient, spec: JobSpec, *, as_json: bool, timeout
         return ExitCode.INTERRUPTED
     except CorralError as exc:
         if as_json:
-            _print_json({"type": "error", "code": exc.code, "message": str(exc)})
+            print_json({"type": "error", "code": exc.code, "message": str(exc)})
         fail(exc)
 
 
-def _print_json(obj: dict[str, object]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def _print_events(events: Iterator[Event], as_json: bool, sent_at: float) -> int:
-    """Print a job's events as they come and return the exit code its end calls for."""
+def run_many(
+    client: CorralClient,
+    spec: JobSpec,
+    fanout: int | None,
+    models: list[str],
+    *,
+    as_json: bool,
+    timeout_s: float,
+) -> int:
+    """Run ``spec`` on the ``fanout`` best nodes, or once per model in ``models``, all at
+    once; show them live, then the answers side by side. Returns the exit code."""
     err = stderr_console()
-    first_token_ms: float | None = None
-    for event in events:
-        if isinstance(event, DeltaEvent) and first_token_ms is None:
-            first_token_ms = (time.perf_counter() - sent_at) * 1000
+    try:
+        jobs = plan_fanout(client, spec, fanout) if fanout else model_jobs(spec, models)
+    except CorralError as exc:
         if as_json:
-            _print_json(event.model_dump(mode="json"))
-        elif isinstance(event, DeltaEvent):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        elif isinstance(event, ReroutedEvent):
-            err.print(
-                f"[yellow]↻ moved to {event.to_node} (attempt {event.attempt}): "
-                f"{event.reason}[/yellow]"
-            )
-        elif isinstance(event, ErrorEvent | InterruptedEvent) and not event.final:
-            if isinstance(event, InterruptedEvent):
-                sys.stdout.write("\n")
-                err.print(
-                    f"[yellow]✂ interrupted on {event.node} after "
-                    f"{len(event.partial_text)} characters: {event.message}; "
-                    "restarting elsewhere[/yellow]"
-                )
-            else:
-                err.print(f"[yellow]✗ {event.node}: {event.message}[/yellow]")
-        if isinstance(event, DoneEvent):
-            if not as_json:
-                sys.stdout.write("\n")
-                total_ms = (time.perf_counter() - sent_at) * 1000
-                err.print(f"[dim]{summary_line(event.result, first_token_ms, total_ms)}[/dim]")
-            return ExitCode.OK
-        if isinstance(event, ErrorEvent | InterruptedEvent) and event.final:
-            if not as_json:
-                sys.stdout.write("\n")
-                where = f" on node {event.node}" if event.node else ""
-                what = "interrupted" if isinstance(event, InterruptedEvent) else "failed"
-                err.print(f"[red]corral: job {what}{where}: {event.message}[/red]")
-                if isinstance(event, InterruptedEvent):
-                    err.print(
-                        "[dim]the partial answer is above; --retry-partial restarts such a "
-                        "job on another node[/dim]"
-                    )
-            return exit_code_for(error_from_code(event.code, event.message))
-    return ExitCode.JOB
+            print_json({"type": "error", "code": exc.code, "message": str(exc)})
+        fail(exc)
+    if fanout and len(jobs) < fanout:
+        names = ", ".join(job.label for job in jobs)
+        err.print(f"[yellow]only {len(jobs)} node(s) can serve this job: asking {names}[/yellow]")
+    lock = threading.Lock()  # JSON lines come from the jobs' threads: one whole line at a time
+
+    def print_tagged(job: FanoutJob, line: dict[str, object]) -> None:
+        with lock:
+            print_json({"job_index": job.index, "job_label": job.label, **line})
+
+    def print_event(job: FanoutJob, event: Event) -> None:
+        print_tagged(job, event.model_dump(mode="json"))
+
+    def print_error(job: FanoutJob, exc: CorralError) -> None:
+        print_tagged(job, {"type": "error", "code": exc.code, "message": str(exc), "final": True})
+
+    if not as_json:
+        for job in jobs:
+            err.print(f"[dim]{job.index}. {escape(job.label)}: job {job.spec.job_id}[/dim]")
+    start_jobs(
+        client,
+        jobs,
+        timeout_s,
+        on_event=print_event if as_json else None,
+        on_error=print_error if as_json else None,
+    )
+    try:
+        if as_json:
+            wait_for(jobs)
+        else:
+            # Transient: the live rows give way to the side-by-side answers at the end.
+            with Live(
+                get_renderable=lambda: progress_table(jobs),
+                console=Console(stderr=True, highlight=False),
+                refresh_per_second=8,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            ):
+                wait_for(jobs)
+    except KeyboardInterrupt:
+        running = [job for job in jobs if not job.ended.is_set()]
+        cancel_jobs(client, jobs)
+        if not as_json:
+            rest = "" if len(running) == len(jobs) else " (the others had finished)"
+            err.print(f"\n[yellow]cancelled {len(running)} of {len(jobs)} jobs{rest}[/yellow]")
+            _print_answers(jobs)
+        return ExitCode.INTERRUPTED
+    if not as_json:
+        _print_answers(jobs)
+    failed = first_failure(jobs)
+    if failed is None:
+        return ExitCode.OK
+    return exit_code_for(failed.error) if failed.error is not None else ExitCode.JOB
+
+
+def _print_answers(jobs: Sequence[FanoutJob]) -> None:
+    Console(highlight=False, width=output_width(120)).print(answers_table(jobs))
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="NodeInfo JSON, one node per line.")
 @click.pass_context
 def nodes(ctx: click.Context, as_json: bool) -> None:
-    """Show every node: up or down, tags, backends, models, jobs."""
+    """Show every node: up or down, backends with jobs/capacity and time to first token,
+    models (* loaded), free RAM and GPU memory, CPU load, and open circuit breakers."""
+    settings = settings_from(ctx)
     try:
-        with CorralClient(settings_from(ctx)) as client:
-            states = client.nodes()
+        with CorralClient(settings) as client:
+            view = client.cluster()
     except CorralError as exc:
         fail(exc)
+    notes = breaker_notes(view.breakers, view.redis_time, settings.breaker_cooldown_s)
     if as_json:
-        for state in states:
-            _print_json(
-                {"up": state.up, "queued": state.queued, **state.info.model_dump(mode="json")}
+        for state in view.nodes:
+            own = {
+                t: n.phase.value
+                for t, n in notes.items()
+                if t == state.name or t.startswith(f"{state.name}/")
+            }
+            print_json(
+                {
+                    "up": state.up,
+                    "queued": state.queued,
+                    "breakers": own,
+                    **state.info.model_dump(mode="json"),
+                }
             )
         return
-    if not states:
+    if not view.nodes:
         click.echo("no nodes have registered yet (start one with `corral worker`)")
         return
-    # Piped output has no terminal width; keep rows whole rather than folded at 80 columns.
-    width = None if sys.stdout.isatty() else 200
-    Console(highlight=False, width=width).print(nodes_table(states))
+    console = Console(highlight=False, width=output_width(120))
+    console.print(nodes_table(view.nodes, notes))
+    for note in notes.values():
+        console.print(f"[red]{note.line}[/red]")
+
+
+# --- the fleet's models ------------------------------------------------------------------------
 
 
 @cli.command()
@@ -285,7 +344,7 @@ def attach(ctx: click.Context, job_id: str, as_json: bool, timeout: float | None
     try:
         with CorralClient(settings) as client:
             reader = client.attach(job_id)
-            code = _print_events(
+            code = print_events(
                 reader.events(timeout or settings.job_timeout_s), as_json, time.perf_counter()
             )
     except CorralError as exc:
@@ -315,6 +374,9 @@ def demo() -> None:
 
     # Piped or captured output has no width of its own; 120 columns keeps the table readable.
     sys.exit(run_demo(Console(highlight=False, width=None if sys.stdout.isatty() else 120)))
+
+
+cli.add_command(models)
 
 
 def main() -> None:

@@ -342,9 +342,10 @@ class NodeRuntime:
             error_message=str(error) if error else None,
         )
         if error is None:
-            await stream.done(result)
-            # The inventory changed: tell the cluster now rather than at the next beat.
+            # The inventory changed: tell the cluster before saying done, so a `corral models`
+            # run right after the op already sees it.
             await self._heartbeat_once()
+            await stream.done(result)
         else:
             await stream.error(error.code, str(error), self.config.name, result)
         return result
