@@ -7,7 +7,10 @@ when a node died, and how long corral took to notice.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +33,7 @@ from controller.client import CorralClient, make_spec
 from controller.reader import IDLE_CHECK_S
 from tests.fakes.fake_ollama import running_fake_ollama
 from tests.support.servers import (
+    REPO_ROOT,
     running_workers,
     start_redis,
     start_worker,
@@ -457,3 +461,52 @@ def test_a_job_delivered_twice_streams_once(
     assert len(of_type(seen, StartedEvent)) == 1
     assert "".join(e.text for e in of_type(seen, DeltaEvent)) == expected("only once please")
     assert log_length == len(seen)
+
+
+# --- what `corral ask` shows -------------------------------------------------------------------
+
+
+def ask(broker_url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "CORRAL_BROKER_URL": broker_url, **env}
+    full_env.pop("CORRAL_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "controller", "ask", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=full_env,
+        cwd=REPO_ROOT,
+    )
+
+
+def test_ask_says_where_the_job_moved_and_which_node_answered(
+    broker_url: str, tmp_path: Path
+) -> None:
+    with running_workers(
+        broker_url, tmp_path, ("a", sim("--sim-first-token-ms", "20000")), ("b", sim())
+    ):
+        result = ask(broker_url, "hello there", CORRAL_FIRST_TOKEN_TIMEOUT_S="0.5")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected("hello there")
+    err = " ".join(result.stderr.split())
+    assert "a: backend 'simulated' on node 'a' produced no token within 0.5s" in err
+    assert "moved to b (attempt 2)" in err
+    assert "node b · simulated" in err
+
+
+def test_ask_leaves_the_partial_answer_when_a_backend_drops_mid_stream(
+    broker_url: str, tmp_path: Path
+) -> None:
+    reply = " ".join(f"w{i}" for i in range(12))
+    with (
+        running_fake_ollama(("llama3.2:1b",), reply=reply, drop_after=4) as fake,
+        running_workers(broker_url, tmp_path, ("a", ["--ollama", fake.url])),
+    ):
+        result = ask(broker_url, "go")
+
+    assert result.returncode == 4, result.stderr  # the backend failed
+    assert result.stdout.strip() and reply.startswith(result.stdout.strip())
+    err = " ".join(result.stderr.split())
+    assert "job interrupted on node a" in err
+    assert "--retry-partial restarts such a job on another node" in err
