@@ -292,13 +292,25 @@ def _print_answers(jobs: Sequence[FanoutJob]) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="NodeInfo JSON, one node per line.")
+@click.option(
+    "--reset-breaker",
+    "reset",
+    metavar="TARGET",
+    multiple=True,
+    help="Close a circuit breaker now (NODE or NODE/BACKEND), e.g. after fixing the node.",
+)
 @click.pass_context
-def nodes(ctx: click.Context, as_json: bool) -> None:
+def nodes(ctx: click.Context, as_json: bool, reset: tuple[str, ...]) -> None:
     """Show every node: up or down, backends with jobs/capacity and time to first token,
     models (* loaded), free RAM and GPU memory, CPU load, and open circuit breakers."""
     settings = settings_from(ctx)
     try:
         with CorralClient(settings) as client:
+            for target in reset:
+                if target not in client.cluster().breakers:
+                    raise ConfigError(f"no circuit breaker on {target!r} to reset")
+                client.breakers.reset(target)
+                stderr_console().print(f"breaker on {target} closed")
             view = client.cluster()
     except CorralError as exc:
         fail(exc)
@@ -326,9 +338,6 @@ def nodes(ctx: click.Context, as_json: bool) -> None:
     console.print(nodes_table(view.nodes, notes))
     for note in notes.values():
         console.print(f"[red]{note.line}[/red]")
-
-
-# --- the fleet's models ------------------------------------------------------------------------
 
 
 @cli.command()

@@ -24,7 +24,6 @@ from broker.schemas import (
     InterruptedEvent,
     JobSpec,
     ReroutedEvent,
-    StartedEvent,
 )
 from controller.reader import JobStreamReader
 from controller.router import Candidate
@@ -97,9 +96,6 @@ class JobRun:
         if isinstance(event, ReroutedEvent):
             if event.attempt == self.attempt.number:
                 self.reader.instance = self.candidate.instance or None
-        elif isinstance(event, StartedEvent):
-            if event.attempt == self.attempt.number:
-                self.attempt.first_token = False
         elif isinstance(event, DeltaEvent):
             self.attempt.text.append(event.text)
             if not self.attempt.first_token:

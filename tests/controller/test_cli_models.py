@@ -436,3 +436,16 @@ def test_nodes_shows_backend_load_machine_and_an_open_breaker(url: str, fake: Fa
     nodes = {n["name"]: n for n in map(json.loads, listed.stdout.splitlines())}
     assert nodes["beta"]["breakers"] == {"beta/simulated": "open"}
     assert nodes["alpha"]["breakers"] == {}
+
+
+def test_nodes_reset_breaker_closes_it_for_every_controller(url: str) -> None:
+    with CorralClient(build_settings(broker_url=url)) as client:
+        for _ in range(client.breakers.threshold):
+            client.breakers.record_failure("beta/simulated")
+        reset = corral(url, "nodes", "--reset-breaker", "beta/simulated")
+        assert reset.returncode == ExitCode.OK, reset.stderr
+        assert "breaker on beta/simulated closed" in reset.stderr
+        assert "beta/simulated" not in client.cluster().breakers
+        unknown = corral(url, "nodes", "--reset-breaker", "nowhere/ollama")
+        assert unknown.returncode == ExitCode.USAGE
+        assert "no circuit breaker on 'nowhere/ollama'" in unknown.stderr
