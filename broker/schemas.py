@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 Role = Literal["system", "user", "assistant"]
 Priority = Literal["interactive", "batch"]
@@ -345,3 +345,12 @@ class NodeInfo(Message):
             return None
         ram = self.memory.available_bytes if self.memory else 0
         return ram + sum(g.free_bytes for g in self.gpus)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Field paths and reasons only: pydantic's default text echoes the input, which may be a
+    prompt or a URL with a key in it."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<message>'}: {err['msg']}"
+        for err in exc.errors()
+    )

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import redis.exceptions
 from celery import Celery
+from pydantic import ValidationError
 from redis import Redis
 from redis.client import PubSub
 
@@ -23,6 +24,7 @@ from broker import names
 from broker.celery_app import make_celery_app
 from broker.errors import (
     BrokerUnavailable,
+    ConfigError,
     JobError,
     ModelTooLarge,
     NoNodeAvailable,
@@ -39,6 +41,7 @@ from broker.schemas import (
     ModelOpKind,
     ModelOpRequest,
     Priority,
+    describe_validation_error,
 )
 from broker.settings import CorralSettings, redacted_url
 from broker.sizing import fit_problem
@@ -74,22 +77,26 @@ def make_spec(
     max_attempts: int = 3,
     first_token_timeout_s: float | None = None,
 ) -> JobSpec:
-    messages = [ChatMessage(role="system", content=system)] if system else []
-    messages.append(ChatMessage(role="user", content=prompt))
-    return JobSpec(
-        job_id=new_job_id(),
-        messages=tuple(messages),
-        route=route,
-        model=model,
-        tags=tags,
-        priority=priority,
-        session=session,
-        options=options or GenerationOptions(),
-        created_at=time.time(),
-        retry_partial=retry_partial,
-        max_attempts=max_attempts,
-        first_token_timeout_s=first_token_timeout_s,
-    )
+    try:
+        messages = [ChatMessage(role="system", content=system)] if system else []
+        messages.append(ChatMessage(role="user", content=prompt))
+        return JobSpec(
+            job_id=new_job_id(),
+            messages=tuple(messages),
+            route=route,
+            model=model,
+            tags=tags,
+            priority=priority,
+            session=session,
+            options=options or GenerationOptions(),
+            created_at=time.time(),
+            retry_partial=retry_partial,
+            max_attempts=max_attempts,
+            first_token_timeout_s=first_token_timeout_s,
+        )
+    except ValidationError as exc:
+        # A bad flag (an empty --model, a long --session): say which, without the prompt.
+        raise ConfigError(f"invalid job: {describe_validation_error(exc)}") from None
 
 
 def with_history(history: tuple[ChatMessage, ...], spec: JobSpec) -> JobSpec:

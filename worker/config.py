@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from broker.errors import ConfigError
-from broker.schemas import Name
+from broker.schemas import Name, describe_validation_error
 
 
 class BackendSpec(BaseModel):
@@ -73,19 +73,14 @@ def backend_names(specs: tuple[BackendSpec, ...]) -> list[str]:
     return out
 
 
-def _problems(exc: ValidationError) -> str:
-    """Where and what, without pydantic's echo of the input (a URL may carry a key)."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors()
-    )
-
-
 def backend_spec(**fields: Any) -> BackendSpec:
     """A BackendSpec from CLI flags; a bad value is a ConfigError that names the flag's field."""
     try:
         return BackendSpec.model_validate(fields)
     except ValidationError as exc:
-        raise ConfigError(f"invalid {fields.get('kind', '')} backend: {_problems(exc)}") from None
+        raise ConfigError(
+            f"invalid {fields.get('kind', '')} backend: {describe_validation_error(exc)}"
+        ) from None
 
 
 def build_worker_config(yaml_section: dict[str, Any] | None, **flags: Any) -> WorkerConfig:
@@ -100,4 +95,6 @@ def build_worker_config(yaml_section: dict[str, Any] | None, **flags: Any) -> Wo
     try:
         return WorkerConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(f"invalid worker configuration: {_problems(exc)}") from None
+        raise ConfigError(
+            f"invalid worker configuration: {describe_validation_error(exc)}"
+        ) from None

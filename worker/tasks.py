@@ -10,18 +10,10 @@ from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from broker import names
-from broker.schemas import JobAssignment, ModelOpRequest
+from broker.schemas import JobAssignment, ModelOpRequest, describe_validation_error
 from worker.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """Field paths and reasons only: pydantic's default text echoes input, i.e. the prompt."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '<message>'}: {err['msg']}"
-        for err in exc.errors()
-    )
 
 
 def job_id_of(payload: Any) -> str | None:

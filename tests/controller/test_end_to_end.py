@@ -129,6 +129,10 @@ def test_cli_exit_codes_tell_no_route_apart(module_broker_url: str, client: Corr
     bad_flag = corral(module_broker_url, "ask", "--frobnicate", "hi")
     assert bad_flag.returncode == 2
     assert "No such option" in bad_flag.stderr
+    empty_model = corral(module_broker_url, "ask", "--model", "", "a private prompt")
+    assert empty_model.returncode == 2
+    assert "invalid job: model: String should have at least 1 character" in empty_model.stderr
+    assert "Traceback" not in empty_model.stderr and "private" not in empty_model.stderr
 
 
 def test_attach_replays_a_finished_job_exactly_once(
