@@ -74,11 +74,13 @@ async def build_node_info(
     backend_in_flight: Mapping[str, int],
     backend_latency_ms: Mapping[str, float],
     system: SystemProbe | None = None,
+    capacity: int | None = None,
 ) -> NodeInfo:
     """The node's heartbeat: its backends' inventories and load, and the machine's resources.
 
     ``backend_in_flight`` and ``backend_latency_ms`` are keyed by backend name; a backend
-    missing from them has no job running and no latency measured yet.
+    missing from them has no job running and no latency measured yet. ``capacity`` is the
+    node's job slots; None means the sum over its backends as they describe themselves now.
     """
     probe = system or _PROCESS_PROBE
     timeout_s = max(0.5, interval_s)
@@ -106,7 +108,7 @@ async def build_node_info(
         gpus=snapshot.gpus,
         cpu_load=snapshot.cpu_load,
         in_flight=in_flight,
-        capacity=config.capacity,
+        capacity=capacity or sum(b.capacity for b in described),
         heartbeat_interval_s=interval_s,
         started_at=started_at,
         sent_at=time.time(),

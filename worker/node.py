@@ -30,6 +30,7 @@ def serve(settings: CorralSettings, config: WorkerConfig, *, loglevel: str = "IN
         ", ".join(f"{b.name} ({b.kind})" for b in runtime.backends.values()),
         ",".join(sorted(config.tags)) or "-",
     )
+    capacity = runtime.capacity or config.capacity
     app = make_celery_app(settings)
     register_tasks(app, runtime)
     register_model_op_task(app, runtime)
@@ -39,8 +40,8 @@ def serve(settings: CorralSettings, config: WorkerConfig, *, loglevel: str = "IN
             queues=[names.node_queue(config.name)],
             # One job at a time runs in Celery's own consumer thread (solo): one thread hop
             # fewer before the first token. More capacity needs the thread pool.
-            pool_cls="solo" if config.capacity == 1 else "threads",
-            concurrency=config.capacity,
+            pool_cls="solo" if capacity == 1 else "threads",
+            concurrency=capacity,
             loglevel=loglevel,
             without_mingle=True,
             without_gossip=True,

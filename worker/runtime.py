@@ -80,6 +80,8 @@ class NodeRuntime:
         self.instance = uuid.uuid4().hex[:12]
         """This process's identity: leases and the liveness key carry it."""
         self._load: dict[str, BackendLoad] = {}
+        self.capacity: int | None = None
+        """Job slots: the sum of the backends' parallel capacities, known once started."""
         self._probe = SystemProbe()
 
     # --- life cycle (called from the main thread) ------------------------------------------
@@ -178,8 +180,11 @@ class NodeRuntime:
         await self._scripts.preload()
         self._http = make_http_client(self.settings.job_timeout_s)
         self.backends = build_backends(self.config, self._http)
-        self._load = {name: BackendLoad(b.capacity) for name, b in self.backends.items()}
         await self._heartbeat_once()
+        # After the first inventory: an adapter may have learnt its parallel capacity from
+        # its server (llama.cpp's slots). The node's job slots are fixed from here on.
+        self._load = {name: BackendLoad(b.capacity) for name, b in self.backends.items()}
+        self.capacity = sum(b.capacity for b in self.backends.values())
         self._background = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
@@ -217,6 +222,7 @@ class NodeRuntime:
             interval_s=self.settings.heartbeat_interval_s,
             started_at=self._started_at,
             system=self._probe,
+            capacity=self.capacity,
         )
         await publish_node_info(self.redis, info)
 

@@ -32,6 +32,7 @@ from broker.settings import build_settings
 from controller.client import CorralClient, make_spec
 from controller.reader import IDLE_CHECK_S
 from tests.fakes.fake_ollama import running_fake_ollama
+from tests.fakes.fake_openai import running_fake_openai
 from tests.support.servers import (
     REPO_ROOT,
     running_workers,
@@ -510,3 +511,22 @@ def test_ask_leaves_the_partial_answer_when_a_backend_drops_mid_stream(
     err = " ".join(result.stderr.split())
     assert "job interrupted on node a" in err
     assert "--retry-partial restarts such a job on another node" in err
+
+
+def test_a_llama_cpp_servers_slots_set_the_nodes_capacity(
+    broker_url: str, tmp_path: Path, client: CorralClient
+) -> None:
+    """No --capacity given: the node asks the server (llama.cpp's /props) and runs that many
+    jobs at once, never more."""
+    with (
+        running_fake_openai(
+            total_slots=2, token_delay=0.05, reply="one two three four five"
+        ) as fake,
+        running_workers(broker_url, tmp_path, ("a", ["--openai-compat", fake.url])),
+    ):
+        (node,) = client.nodes()
+        assert node.info.capacity == 2 and node.info.backends[0].capacity == 2
+        runs = [client.submit(make_spec(f"job {i}")) for i in range(4)]
+        for run in runs:
+            assert isinstance(list(run.events(timeout_s=30))[-1], DoneEvent)
+        assert fake.state.peak_streams == 2

@@ -55,6 +55,10 @@ class FakeOpenAIState:
     streams_completed: int = 0
     aborted_streams: int = 0
     dropped_streams: int = 0
+    total_slots: int | None = None
+    """When set, GET /props answers as llama.cpp's server does, with this many slots."""
+    open_streams: int = 0
+    peak_streams: int = 0
 
 
 def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
@@ -94,6 +98,8 @@ def build_app(state: FakeOpenAIState) -> Starlette:
 
     async def stream(events: Sequence[dict[str, Any]]) -> AsyncIterator[bytes]:
         state.streams_started += 1
+        state.open_streams += 1
+        state.peak_streams = max(state.peak_streams, state.open_streams)
         finished = dropped = False
         try:
             for index, event in enumerate(events):
@@ -116,6 +122,7 @@ def build_app(state: FakeOpenAIState) -> Starlette:
             # Only a client that went away leaves the loop unfinished without a drop.
             if not finished and not dropped:
                 state.aborted_streams += 1
+            state.open_streams -= 1
 
     async def chat_completions(request: Request) -> Response:
         if (denied := refused(request)) is not None:
@@ -180,8 +187,14 @@ def build_app(state: FakeOpenAIState) -> Starlette:
             return JSONResponse({**base, "object": "chat.completion", "choices": [choice]})
         return StreamingResponse(stream(events), media_type="text/event-stream")
 
+    async def props(request: Request) -> Response:
+        if state.total_slots is None:
+            return JSONResponse({"error": "Not Found"}, status_code=404)
+        return JSONResponse({"total_slots": state.total_slots, "chat_template": ""})
+
     return Starlette(
         routes=[
+            Route("/props", props, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         ]
