@@ -34,11 +34,15 @@ from broker.schemas import (
 
 # KEYS: log, result, lease. ARGV: event JSON, channel, log TTL (0 = leave), result JSON
 # ('' = none), lease token ('' = no lease: model operations), the event's seq.
-# Idempotent: an event already in the log (a retry after a reply lost to a dropped
-# connection) is not written twice, which keeps index == seq.
+# Idempotent: the very same event already at its place in the log (a retry after a reply lost
+# to a dropped connection) is not written twice, which keeps index == seq. Any other event at
+# that place means someone else has written since: this writer is out (0), like a lost lease.
 _APPEND_LUA = """
 if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[5] then return 0 end
-if redis.call('LLEN', KEYS[1]) > tonumber(ARGV[6]) then return 2 end
+if redis.call('LLEN', KEYS[1]) > tonumber(ARGV[6]) then
+  if redis.call('LINDEX', KEYS[1], ARGV[6]) == ARGV[1] then return 2 end
+  return 0
+end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 if ARGV[3] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[3]) end
