@@ -22,6 +22,7 @@ from redis.client import PubSub
 
 from broker import names
 from broker.celery_app import make_celery_app
+from broker.durations import keep_alive_seconds
 from broker.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -335,6 +336,11 @@ class CorralClient:
         warm fits the node's free memory (unless ``force``). The node checks the fit of a
         pull itself, once the download says how big the model is.
         """
+        if keep_alive is not None:
+            try:
+                keep_alive_seconds(keep_alive)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         state = self._node_for_op(node)
         managing = [b for b in state.info.backends if b.manages_models]
         if backend is not None:

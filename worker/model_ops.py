@@ -11,13 +11,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 
+from broker.durations import keep_alive_seconds
 from broker.errors import ModelOpError, ModelTooLarge, UnsupportedOperation
 from broker.schemas import ModelOpRequest, same_model
 from worker.backends.base import (
     KEEP_LOADED_FOREVER,
     Backend,
     PullProgress,
-    keep_alive_seconds,
 )
 
 __all__ = ["Emit", "estimated_memory_bytes", "human_bytes", "run_model_op"]

@@ -449,3 +449,9 @@ def test_nodes_reset_breaker_closes_it_for_every_controller(url: str) -> None:
         unknown = corral(url, "nodes", "--reset-breaker", "nowhere/ollama")
         assert unknown.returncode == ExitCode.USAGE
         assert "no circuit breaker on 'nowhere/ollama'" in unknown.stderr
+
+
+def test_a_keep_alive_typo_is_a_usage_error_before_anything_is_sent(url: str) -> None:
+    typo = corral(url, "models", "warm", "pi1", "phi3:mini", "--keep-alive", "30 minutes")
+    assert typo.returncode == ExitCode.USAGE, typo.stderr
+    assert "keep_alive '30 minutes' is not a duration" in flat(typo.stderr)

@@ -11,11 +11,12 @@ from typing import TypeVar
 import httpx
 import pytest
 
+from broker.durations import keep_alive_seconds
 from broker.errors import ModelNotFound, ModelOpError, ModelTooLarge, UnsupportedOperation
 from broker.schemas import ModelOpKind, ModelOpRequest
 from controller.localcluster import free_port
 from tests.fakes.fake_ollama import FakeModel, FakeOllama, running_fake_ollama
-from worker.backends.base import Backend, keep_alive_seconds
+from worker.backends.base import Backend
 from worker.backends.ollama import OllamaBackend
 from worker.backends.openai_compat import OpenAICompatBackend
 from worker.backends.simulated import SimulatedBackend

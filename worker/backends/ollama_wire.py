@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from broker.durations import keep_alive_seconds
 from broker.schemas import Capability, GenerationOptions
-from worker.backends.base import keep_alive_seconds
 
 FOREVER_AFTER_S = 100 * 365 * 24 * 3600.0
 """An ``expires_at`` further away than this means "never": for ``keep_alive: -1`` Ollama adds

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from broker.durations import keep_alive_seconds
 from broker.errors import ModelNotFound, ModelOpError
 from broker.schemas import Capability, ChatMessage, GenerationOptions, ModelInfo
 from worker.backends.base import (
@@ -24,7 +25,6 @@ from worker.backends.base import (
     BackendKind,
     Chunk,
     PullProgress,
-    keep_alive_seconds,
 )
 
 log = logging.getLogger(__name__)
