@@ -35,6 +35,7 @@ test: setup-test lint
 bench: setup-test
 	scripts/ensure-redis.sh
 	$(PY) -m benchmarks.ttft
+	$(PY) -m benchmarks.failover
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
