@@ -197,6 +197,16 @@ def explain_no_candidate(
         for m in b.models
     ):
         return NoNodeAvailable(f"no up node or model has the tags {', '.join(sorted(spec.tags))}")
+    if not any(
+        m.serves_chat() and spec.tags <= n.info.tags | (m.capabilities - {"chat"})
+        for n in up
+        for b in n.info.backends
+        for m in b.models
+    ):
+        return NoNodeAvailable(
+            f"only models that cannot chat have the tags {', '.join(sorted(spec.tags))} "
+            "(an embedding model, say); corral routes chat jobs"
+        )
     shut = sorted(
         t
         for n in up

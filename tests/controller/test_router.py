@@ -195,6 +195,8 @@ def test_an_embedding_only_model_never_answers_a_chat_job() -> None:
     assert rank_candidates(job(), nodes) == []
     with pytest.raises(NoNodeAvailable):
         route(job(), nodes)
+    with pytest.raises(NoNodeAvailable, match="only models that cannot chat have the tags embed"):
+        route(job(tags=frozenset({"embed"})), nodes)
 
 
 def test_the_session_node_goes_first_while_it_can_serve() -> None:
