@@ -65,3 +65,22 @@ def test_config_file_that_is_not_a_mapping(tmp_path: Path) -> None:
 def test_redacted_url_hides_credentials() -> None:
     assert redacted_url("redis://:pw@host:6379/0") == "redis://***@host:6379/0"
     assert redacted_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_model_aliases_from_yaml_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "corral.yaml").write_text(
+        "aliases:\n  coder: [qwen2.5-coder:32b, qwen2.5-coder:7b]\n"
+    )
+    assert build_settings().aliases == {"coder": ("qwen2.5-coder:32b", "qwen2.5-coder:7b")}
+    (tmp_path / "corral.yaml").unlink()
+    monkeypatch.setenv("CORRAL_ALIASES", '{"chat": ["llama3.2:3b"]}')
+    assert build_settings().aliases == {"chat": ("llama3.2:3b",)}
+
+
+def test_failover_settings_refuse_nonsense() -> None:
+    with pytest.raises(ConfigError, match="max_attempts"):
+        build_settings(max_attempts=0)
+    with pytest.raises(ConfigError, match="breaker_cooldown_s"):
+        build_settings(breaker_cooldown_s=-1)

@@ -530,3 +530,17 @@ def test_a_llama_cpp_servers_slots_set_the_nodes_capacity(
         for run in runs:
             assert isinstance(list(run.events(timeout_s=30))[-1], DoneEvent)
         assert fake.state.peak_streams == 2
+
+
+def test_attach_reads_a_moved_job_as_its_owner_saw_it(
+    broker_url: str, tmp_path: Path, client: CorralClient
+) -> None:
+    with running_workers(
+        broker_url, tmp_path, ("a", sim("--sim-first-token-ms", "20000")), ("b", sim())
+    ):
+        spec = make_spec("where did it run", first_token_timeout_s=0.5)
+        owned = list(client.stream(spec))
+        attached = list(client.attach(spec.job_id).events(timeout_s=10))
+
+    assert attached == owned
+    assert [e.type for e in attached[:4]] == ["started", "error", "rerouted", "started"]
