@@ -197,7 +197,7 @@ def explain_no_candidate(
         for m in b.models
     ):
         return NoNodeAvailable(f"no up node or model has the tags {', '.join(sorted(spec.tags))}")
-    if not any(
+    if spec.tags and not any(
         m.serves_chat() and spec.tags <= n.info.tags | (m.capabilities - {"chat"})
         for n in up
         for b in n.info.backends
