@@ -93,6 +93,24 @@ async def run_job(
     not raised, so the Celery task acknowledges the job: retrying elsewhere is the
     controller's decision, not Celery's (which would retry on the same node).
     """
+    try:
+        return await _run_claimed(control, backends, stream, claim, first_token_timeout_s)
+    except Fenced:
+        # Any write may find the job moved on (a frozen node woke up, a duplicate delivery).
+        log.warning(
+            "job %s moved to another node while running here; stopped",
+            control.assignment.spec.job_id,
+        )
+        return None
+
+
+async def _run_claimed(
+    control: JobControl,
+    backends: Mapping[str, Backend],
+    stream: JobStream,
+    claim: Awaitable[Claim],
+    first_token_timeout_s: float,
+) -> JobResult | None:
     assignment = control.assignment
     progress = _Progress(assignment)
     backend = backends.get(assignment.backend)
@@ -139,11 +157,6 @@ async def run_job(
             "job %s failed on backend %s: %s", assignment.spec.job_id, assignment.backend, exc
         )
         return await _finish(stream, progress, "error", str(exc), exc)
-    except Fenced:
-        log.warning(
-            "job %s moved to another node while running here; stopped", assignment.spec.job_id
-        )
-        return None
     except asyncio.CancelledError:
         if not control.cancel_requested:
             raise  # the worker is shutting down: let the job be redelivered
@@ -153,10 +166,7 @@ async def run_job(
         await chunks.aclose()  # type: ignore[attr-defined]
 
     result = progress.result("ok")
-    try:
-        await stream.done(result)
-    except Fenced:
-        return None
+    await stream.done(result)
     return result
 
 

@@ -32,7 +32,7 @@ from worker.config import WorkerConfig
 from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
 from worker.jobs import JobControl, run_job
 from worker.model_ops import run_model_op
-from worker.stream import Fenced, JobStream, StreamScripts
+from worker.stream import JobStream, StreamScripts
 from worker.sysinfo import SystemProbe
 
 log = logging.getLogger(__name__)
@@ -309,12 +309,9 @@ class NodeRuntime:
                 await self._report_error(job_id, "cancelled", "job cancelled")
                 return None
             raise
-        except Fenced:
-            log.warning("job %s moved to another node while running here; stopped", job_id)
-            return None
         if result is None:
             log.warning(
-                "job %s attempt %d not run here: another delivery or attempt owns it",
+                "job %s attempt %d: another delivery or attempt owns it; no more from here",
                 job_id,
                 assignment.attempt,
             )
