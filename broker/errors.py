@@ -129,6 +129,10 @@ RETRYABLE_CODES = frozenset(
 )
 """Failures another node may not have: a job failing so before its first token moves on."""
 
+NODE_FAILURE_CODES = frozenset({"node_lost", "worker_error"})
+"""Retryable failures of the node's worker itself, not of one of its backends: they count
+against the node's circuit breaker rather than the backend's."""
+
 
 _BY_CODE: dict[str, type[CorralError]] = {}
 

@@ -24,6 +24,7 @@ from broker import names
 from broker.celery_app import make_celery_app
 from broker.durations import keep_alive_seconds
 from broker.errors import (
+    NODE_FAILURE_CODES,
     BrokerUnavailable,
     ConfigError,
     JobError,
@@ -57,7 +58,6 @@ from controller.stream_control import StreamControl
 Event = AnyStreamEvent
 
 _IDLE_PUBSUBS_KEPT = 4
-_NODE_FAILURE_CODES = frozenset({"node_lost", "worker_error"})
 
 
 def new_job_id() -> str:
@@ -467,12 +467,9 @@ class _ClientHooks:
                 self._client.breakers.record_success(target)
 
     def attempt_failed(self, candidate: Candidate, code: str) -> None:
-        node_level = code in _NODE_FAILURE_CODES
+        node_level = code in NODE_FAILURE_CODES
         target = candidate.node if node_level else backend_target(candidate.node, candidate.backend)
         self._client.breakers.record_failure(target)
-
-    def is_cancelled(self, job_id: str) -> bool:
-        return bool(self._client.redis.exists(names.job_cancel_key(job_id)))
 
     def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
         if spec.session is None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from broker.errors import RETRYABLE_CODES, RoutingError
+from broker.errors import NODE_FAILURE_CODES, RETRYABLE_CODES, RoutingError
 from broker.schemas import (
     AnyStreamEvent,
     DeltaEvent,
@@ -52,8 +52,6 @@ class JobHooks(Protocol):
     def attempt_succeeded(self, candidate: Candidate) -> None: ...
 
     def attempt_failed(self, candidate: Candidate, code: str) -> None: ...
-
-    def is_cancelled(self, job_id: str) -> bool: ...
 
     def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
         """The job is done: remember the conversation, if it has a session."""
@@ -106,7 +104,8 @@ class JobRun:
         elif isinstance(event, ErrorEvent | InterruptedEvent):
             if event.code in RETRYABLE_CODES and event.attempt == self.attempt.number:
                 self.hooks.attempt_failed(self.candidate, event.code)
-                failed = self.worker_lost if event.code == "worker_error" else self.backend_failed
+                lost = event.code in NODE_FAILURE_CODES
+                failed = self.worker_lost if lost else self.backend_failed
                 failed.add(self.candidate.backend_target)
             if not event.final and event.attempt == self.attempt.number:
                 self.failures.append(f"{self.candidate.node}: {event.message}")
@@ -117,9 +116,6 @@ class JobRun:
         attempt = self.attempt
         code = "node_lost"
         message = f"{reason} (attempt {attempt.number})"
-        if self.hooks.is_cancelled(self.job_id):
-            self._write_final("cancelled", f"job cancelled; {reason}")
-            return
         self.hooks.attempt_failed(attempt.candidate, code)
         self.worker_lost.add(attempt.candidate.backend_target)
         self.failures.append(f"{attempt.candidate.node}: {reason}")
@@ -176,18 +172,8 @@ class JobRun:
             to_node=candidate.node,
             reason=message,
         )
-        outcome = self.control.take_over(
-            rerouted,
-            attempt_seen=attempt.number,
-            new_lease=str(number),
-            old_node=attempt.candidate.node,
-            refuse_if_cancelled=True,
-        )
-        if outcome is TakeOver.CANCELLED:
-            self._write_final("cancelled", "job cancelled", seq=seq)
-            return
-        if outcome is not TakeOver.WRITTEN:
-            return  # the stream moved meanwhile: decide again on what it now says
+        if self._write(rerouted, new_lease=str(number)) is not TakeOver.WRITTEN:
+            return  # cancelled, or the stream moved meanwhile: decide again on what it says
         log.info(
             "job %s moved from %s to %s: %s",
             self.job_id,
@@ -199,9 +185,13 @@ class JobRun:
         self.hooks.send(self.spec, candidate, number)
 
     def _write_final(self, code: str, message: str, seq: int | None = None) -> None:
-        event = ErrorEvent(
+        event = self._final_error(self.reader.next_seq if seq is None else seq, code, message)
+        self._write(event, new_lease=CLOSED_LEASE)
+
+    def _final_error(self, seq: int, code: str, message: str) -> ErrorEvent:
+        return ErrorEvent(
             job_id=self.job_id,
-            seq=self.reader.next_seq if seq is None else seq,
+            seq=seq,
             ts=time.time(),
             code=code,
             message=message,
@@ -209,16 +199,26 @@ class JobRun:
             attempt=self.attempt.number,
             final=True,
         )
-        self._write(event, new_lease=CLOSED_LEASE)
 
     def _write(self, event: AnyStreamEvent, *, new_lease: str) -> TakeOver:
-        outcome = self.control.take_over(
+        """Append ``event`` and set the lease, unless the stream has moved on; a job cancelled
+        meanwhile (checked in the same Lua step) gets its cancellation written instead."""
+        outcome = self._take_over(event, new_lease, refuse_if_cancelled=True)
+        if outcome is TakeOver.CANCELLED:
+            event = self._final_error(event.seq, "cancelled", "job cancelled")
+            written = self._take_over(event, CLOSED_LEASE, refuse_if_cancelled=False)
+            outcome = TakeOver.CANCELLED if written is TakeOver.WRITTEN else written
+        if outcome not in (TakeOver.WRITTEN, TakeOver.CANCELLED):
+            log.info("job %s: stream moved on before %s was written", self.job_id, event.type)
+        return outcome
+
+    def _take_over(
+        self, event: AnyStreamEvent, new_lease: str, *, refuse_if_cancelled: bool
+    ) -> TakeOver:
+        return self.control.take_over(
             event,
             attempt_seen=self.attempt.number,
             new_lease=new_lease,
             old_node=self.attempt.candidate.node,
-            refuse_if_cancelled=False,
+            refuse_if_cancelled=refuse_if_cancelled,
         )
-        if outcome is not TakeOver.WRITTEN:
-            log.info("job %s: stream moved on before %s was written", self.job_id, event.type)
-        return outcome

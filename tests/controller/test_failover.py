@@ -544,3 +544,24 @@ def test_attach_reads_a_moved_job_as_its_owner_saw_it(
 
     assert attached == owned
     assert [e.type for e in attached[:4]] == ["started", "error", "rerouted", "started"]
+
+
+def test_a_job_cancelled_while_its_node_is_unreachable_is_not_moved(
+    broker_url: str, tmp_path: Path, client: CorralClient
+) -> None:
+    """The cancel cannot reach a frozen worker; when the job's owner finds the node lost it
+    ends the job as cancelled instead of sending it to another node."""
+    with running_workers(
+        broker_url, tmp_path, ("a", sim("--sim-first-token-ms", "20000")), ("b", sim())
+    ) as (a, _b):
+        run = client.submit(make_spec("never mind"))
+        events = run.events(timeout_s=30)
+        first = next(events)
+        assert isinstance(first, StartedEvent) and first.node == "a"
+        a.freeze()
+        assert client.cancel(run.job_id)
+        rest = list(events)
+        a.thaw()
+
+    assert [e.type for e in rest] == ["error"]
+    assert isinstance(rest[0], ErrorEvent) and rest[0].code == "cancelled" and rest[0].final
