@@ -317,6 +317,15 @@ class GpuInfo(BaseModel):
     free_bytes: int
 
 
+def free_memory_bytes(memory: MemoryInfo | None, gpus: tuple[GpuInfo, ...]) -> int | None:
+    """What a new model could use: free VRAM plus available RAM (Ollama splits layers between
+    them); None when neither is known."""
+    if memory is None and not gpus:
+        return None
+    ram = memory.available_bytes if memory else 0
+    return ram + sum(g.free_bytes for g in gpus)
+
+
 class NodeInfo(Message):
     """One worker's heartbeat: who it is, what it can run, how busy it is."""
 
@@ -340,11 +349,7 @@ class NodeInfo(Message):
         return {m.name for b in self.backends for m in b.models}
 
     def free_memory_bytes(self) -> int | None:
-        """What a new model could use: free VRAM plus available RAM (Ollama splits layers)."""
-        if self.memory is None and not self.gpus:
-            return None
-        ram = self.memory.available_bytes if self.memory else 0
-        return ram + sum(g.free_bytes for g in self.gpus)
+        return free_memory_bytes(self.memory, self.gpus)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -14,29 +14,20 @@ from contextlib import aclosing
 from broker.durations import keep_alive_seconds
 from broker.errors import ModelOpError, ModelTooLarge, UnsupportedOperation
 from broker.schemas import ModelOpRequest, same_model
+from broker.sizing import estimate_load_bytes, gigabytes
 from worker.backends.base import (
     KEEP_LOADED_FOREVER,
     Backend,
     PullProgress,
 )
 
-__all__ = ["Emit", "estimated_memory_bytes", "human_bytes", "run_model_op"]
+__all__ = ["Emit", "human_bytes", "run_model_op"]
 
 Emit = Callable[[str, int | None, int | None], Awaitable[None]]
 """``emit(status, completed, total)``: publish one progress step."""
 
-LOAD_OVERHEAD = 1.2
-"""A loaded model takes more memory than its file: the KV cache for its context window and the
-runtime's compute buffers come on top of the weights. A fifth more is a fair reading of what
-Ollama reports in ``/api/ps`` for a default context, without knowing the architecture."""
-
 PULL_EMITS_PER_S = 10.0
 """Download progress arrives many times a second; the user needs a few updates a second."""
-
-
-def estimated_memory_bytes(size_bytes: int) -> int:
-    """What a model of ``size_bytes`` on disk needs once loaded."""
-    return int(size_bytes * LOAD_OVERHEAD)
 
 
 def human_bytes(count: int) -> str:
@@ -106,13 +97,9 @@ def _describe(backends: Mapping[str, Backend]) -> str:
 
 def _too_large(model: str, estimate: int, free: int, *, basis: str, op: str) -> ModelTooLarge:
     return ModelTooLarge(
-        f"{model} would need about {_gb(estimate)} of memory once loaded ({basis}), but the "
-        f"node has {_gb(free)} free; force the {op} to go ahead anyway"
+        f"{model} would need about {gigabytes(estimate)} of memory once loaded ({basis}), but "
+        f"the node has {gigabytes(free)} free; force the {op} to go ahead anyway"
     )
-
-
-def _gb(count: int) -> str:
-    return f"{count / 1e9:.1f} GB"
 
 
 async def _warm(
@@ -127,7 +114,7 @@ async def _warm(
         installed = next((m for m in await backend.inventory() if same_model(m.name, model)), None)
         # Already loaded: it fits, by definition. Not installed: the backend says so below.
         if installed is not None and not installed.loaded and installed.size_bytes:
-            estimate = estimated_memory_bytes(installed.size_bytes)
+            estimate = estimate_load_bytes(installed.size_bytes)
             if estimate > limit:
                 weights = human_bytes(installed.size_bytes)
                 raise _too_large(
@@ -168,7 +155,7 @@ async def _pull(backend: Backend, model: str, limit: int | None, emit: Emit) -> 
                 # The weights are one layer, by far the largest: as soon as its size is known
                 # we can tell whether the model could ever be loaded here. Leaving the
                 # ``async with`` closes the stream, and Ollama abandons the download.
-                estimate = estimated_memory_bytes(step.total)
+                estimate = estimate_load_bytes(step.total)
                 if limit is not None and estimate > limit:
                     layer = human_bytes(step.total)
                     raise _too_large(

@@ -24,7 +24,13 @@ from redis.asyncio import Redis
 
 from broker import names
 from broker.errors import BrokerUnavailable, CorralError
-from broker.schemas import JobAssignment, JobResult, ModelOpRequest, Timings
+from broker.schemas import (
+    JobAssignment,
+    JobResult,
+    ModelOpRequest,
+    Timings,
+    free_memory_bytes,
+)
 from broker.settings import CorralSettings, redacted_url
 from worker.backends.base import Backend
 from worker.backends.registry import build_backends, make_http_client
@@ -321,7 +327,7 @@ class NodeRuntime:
         stream = JobStream(self.scripts, request.op_id, self.settings.replay_ttl_s)
         started_at = time.time()
         system = await self._probe.snapshot()
-        free = system.memory.available_bytes + sum(g.free_bytes for g in system.gpus)
+        free = free_memory_bytes(system.memory, system.gpus)
         backend_name = request.backend or "-"
         try:
             summary = await run_model_op(request, self.backends, free, stream.progress)
