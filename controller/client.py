@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import redis.exceptions
@@ -245,17 +245,9 @@ class CorralClient:
             sticky = session.node
             spec = with_history(session.messages, spec)
         candidate = self.choose(spec, sticky_node=sticky)
-        # SUBSCRIBE goes out before the job does; its confirmation is awaited after the send,
-        # which takes a round trip off the path to the first token. Nothing can be lost in
-        # between: the worker appends every event to the replay log before publishing it, and
-        # the reader starts by reading that log once the subscription is confirmed.
-        reader = self._start_subscription(spec.job_id, candidate.node)
-        try:
-            self._send(spec, candidate, attempt=1)
-            self._await_subscription(reader)
-        except BaseException:
-            reader.close()
-            raise
+        reader = self._subscribe_and_send(
+            spec.job_id, candidate.node, lambda: self._send(spec, candidate, attempt=1)
+        )
         # A worker that restarts takes the jobs it had reserved with it, started or not; the
         # reader notices the node's instance changing and the job moves on.
         reader.instance = candidate.instance or None
@@ -302,20 +294,22 @@ class CorralClient:
 
     def attach(self, job_id: str) -> JobStreamReader:
         """Follow a running or finished job from its first event."""
-        node_raw = self.redis.get(names.job_node_key(job_id))
-        exists = self.redis.exists(names.job_log_key(job_id))
-        if node_raw is None and not exists:
+        node = self.job_node(job_id)
+        if node is None and not self.redis.exists(names.job_log_key(job_id)):
             raise JobError(f"no job {job_id} (unknown, or older than the replay window)")
-        node = node_raw.decode() if isinstance(node_raw, bytes) else None
         return self._subscribe(job_id, node)
 
     def cancel(self, job_id: str) -> bool:
         """Stop a job: a queued one is taken out of its queue and ended at once, a running
         one's worker closes its backend stream. False if the job is unknown."""
-        node_raw = self.redis.get(names.job_node_key(job_id))
-        node = node_raw.decode() if isinstance(node_raw, bytes) else None
+        node = self.job_node(job_id)
         self.control.cancel(job_id, node)
         return node is not None
+
+    def job_node(self, job_id: str) -> str | None:
+        """The node ``job_id`` was last sent to, while its record lasts."""
+        node = self.redis.get(names.job_node_key(job_id))
+        return node.decode() if isinstance(node, bytes) else None
 
     # --- model lifecycle -------------------------------------------------------------------
 
@@ -375,9 +369,10 @@ class CorralClient:
             keep_alive=keep_alive,
             created_at=time.time(),
         )
-        reader = self._start_subscription(request.op_id, node)
-        try:
-            self.app.send_task(
+        return self._subscribe_and_send(
+            request.op_id,
+            node,
+            lambda: self.app.send_task(
                 names.MODEL_OP_TASK,
                 args=[request.model_dump(mode="json")],
                 task_id=request.op_id,
@@ -386,12 +381,8 @@ class CorralClient:
                 argsrepr=request.argsrepr(),
                 kwargsrepr="{}",
                 ignore_result=True,
-            )
-            self._await_subscription(reader)
-        except BaseException:
-            reader.close()
-            raise
-        return reader
+            ),
+        )
 
     def _node_for_op(self, node: str) -> NodeState:
         states = {s.name: s for s in self.nodes()}
@@ -402,6 +393,25 @@ class CorralClient:
         if not states[node].up:
             raise NoNodeAvailable(f"node {node!r} is down")
         return states[node]
+
+    def _subscribe_and_send(
+        self, job_id: str, node: str, send: Callable[[], object]
+    ) -> JobStreamReader:
+        """Subscribe to ``job_id``'s stream, ``send`` its task, and return the reader.
+
+        SUBSCRIBE goes out before the task does; its confirmation is awaited after the send,
+        which takes a round trip off the path to the first token. Nothing can be lost in
+        between: the worker appends every event to the replay log before publishing it, and
+        the reader starts by reading that log once the subscription is confirmed.
+        """
+        reader = self._start_subscription(job_id, node)
+        try:
+            send()
+            self._await_subscription(reader)
+        except BaseException:
+            reader.close()
+            raise
+        return reader
 
     def _subscribe(self, job_id: str, node: str | None) -> JobStreamReader:
         reader = self._start_subscription(job_id, node)

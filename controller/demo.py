@@ -9,9 +9,15 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from broker import names
 from broker.errors import CorralError, NoNodeAvailable
-from broker.schemas import DeltaEvent, DoneEvent, ErrorEvent, InterruptedEvent, ReroutedEvent
+from broker.schemas import (
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    InterruptedEvent,
+    ReroutedEvent,
+    StartedEvent,
+)
 from broker.settings import build_settings
 from controller.client import CorralClient, make_spec
 from controller.localcluster import (
@@ -121,14 +127,17 @@ def _run_job(
     started = time.perf_counter()
     first: float | None = None
     tokens = 0
+    serving = ""
     for event in client.stream(spec):
-        if isinstance(event, DeltaEvent):
+        if isinstance(event, StartedEvent):
+            serving = event.node
+        elif isinstance(event, DeltaEvent):
             tokens += 1
             if first is None:
                 first = (time.perf_counter() - started) * 1000
             console.out(event.text, end="", highlight=False)
             if tokens == job.kill_after_tokens:
-                victim = workers[_serving_node(client, spec.job_id)]
+                victim = workers[serving]
                 victim.process.send_signal(signal.SIGKILL)
                 console.print(f"\n[red]✗ killed worker {victim.name} (SIGKILL)[/red]")
         elif isinstance(event, InterruptedEvent):
@@ -147,8 +156,3 @@ def _run_job(
             )
         elif isinstance(event, ErrorEvent) and event.final:
             console.print(f"\n[red]job failed: {event.message}[/red]")
-
-
-def _serving_node(client: CorralClient, job_id: str) -> str:
-    node = client.redis.get(names.job_node_key(job_id))
-    return node.decode() if isinstance(node, bytes) else str(node)
