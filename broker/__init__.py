@@ -22,7 +22,7 @@ from broker.errors import (
     NoNodeAvailable,
     RoutingError,
     UnknownModel,
-    UnknownRoute,
+    UnknownNode,
     error_from_code,
 )
 from broker.schemas import (
@@ -80,7 +80,7 @@ __all__ = [
     "StreamEvent",
     "Timings",
     "UnknownModel",
-    "UnknownRoute",
+    "UnknownNode",
     "Usage",
     "__version__",
     "build_settings",

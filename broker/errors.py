@@ -6,7 +6,7 @@
     ├── ConfigError             bad settings, flags or corral.yaml
     ├── BrokerUnavailable       Redis cannot be reached or refuses us
     ├── RoutingError            nothing can serve this job
-    │   ├── UnknownRoute        an @name that matches no node
+    │   ├── UnknownNode        an @name that matches no node
     │   ├── UnknownModel        a model no node has
     │   └── NoNodeAvailable     matching nodes exist but none is up / fits
     ├── JobError                the job ran (or was sent) and did not finish well
@@ -49,8 +49,8 @@ class RoutingError(CorralError):
     code = "routing"
 
 
-class UnknownRoute(RoutingError):
-    code = "unknown_route"
+class UnknownNode(RoutingError):
+    code = "unknown_node"
 
 
 class UnknownModel(RoutingError):

@@ -19,8 +19,12 @@ Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][
 class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[1] = 1
-    """The schema version; a reader refuses a message of another."""
+    v: Literal[2] = 2
+    """The schema version; a reader refuses a message of another.
+
+    2: ``JobSpec.route`` (a pinned node) became ``JobSpec.node``, freeing "route" for named
+    routes.
+    """
 
 
 class ChatMessage(BaseModel):
@@ -46,7 +50,8 @@ class JobSpec(Message):
 
     job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")
     messages: tuple[ChatMessage, ...] = Field(min_length=1)
-    route: Name | None = None
+    node: Name | None = None
+    """Run on this node only (``@name`` when the name is a node)."""
     model: str | None = Field(default=None, min_length=1)
     tags: frozenset[str] = frozenset()
     priority: Priority = "interactive"
@@ -73,9 +78,8 @@ class JobAssignment(Message):
 
     def argsrepr(self) -> str:
         """What Flower and the worker log show instead of the prompt."""
-        route = self.spec.route or "-"
         return (
-            f"job={self.spec.job_id} route={route} node={self.node} model={self.model}"
+            f"job={self.spec.job_id} node={self.node} model={self.model}"
             f" attempt={self.attempt}"
         )
 

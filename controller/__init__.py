@@ -3,7 +3,7 @@
 from controller.client import CorralClient, make_spec
 from controller.jobrun import JobRun
 from controller.reader import JobStreamReader
-from controller.router import Candidate, NodeState, rank_candidates, route
+from controller.router import Candidate, NodeState, rank_candidates, candidates_for
 
 __all__ = [
     "Candidate",
@@ -13,5 +13,5 @@ __all__ = [
     "NodeState",
     "make_spec",
     "rank_candidates",
-    "route",
+    "candidates_for",
 ]

@@ -31,7 +31,7 @@ from broker.errors import (
     ModelTooLarge,
     NoNodeAvailable,
     UnknownModel,
-    UnknownRoute,
+    UnknownNode,
     UnsupportedOperation,
 )
 from broker.schemas import (
@@ -51,7 +51,7 @@ from controller.breaker import BreakerPhase, Breakers, backend_target
 from controller.cluster import ClusterView, preload_scripts, read_cluster
 from controller.jobrun import Attempt, JobRun
 from controller.reader import JobStreamReader
-from controller.router import Candidate, NodeState, route
+from controller.router import Candidate, NodeState, candidates_for
 from controller.sessions import SessionStore
 from controller.stream_control import StreamControl
 
@@ -67,7 +67,7 @@ def new_job_id() -> str:
 def make_spec(
     prompt: str,
     *,
-    route: str | None = None,
+    node: str | None = None,
     model: str | None = None,
     tags: frozenset[str] = frozenset(),
     system: str | None = None,
@@ -84,7 +84,7 @@ def make_spec(
         return JobSpec(
             job_id=new_job_id(),
             messages=tuple(messages),
-            route=route,
+            node=node,
             model=model,
             tags=tags,
             priority=priority,
@@ -216,7 +216,7 @@ class CorralClient:
         view = self._routing_view(fresh)
         phases = self.breaker_phases(view)
         blocked = {t for t, p in phases.items() if p is BreakerPhase.OPEN} | (never or set())
-        ranked = route(
+        ranked = candidates_for(
             spec, view.nodes, blocked, aliases=self.settings.aliases, sticky_node=sticky_node
         )
         preferred = [c for c in ranked if c.backend_target not in (avoid or set())] or ranked
@@ -387,7 +387,7 @@ class CorralClient:
     def _node_for_op(self, node: str) -> NodeState:
         states = {s.name: s for s in self.nodes()}
         if node not in states:
-            raise UnknownRoute(
+            raise UnknownNode(
                 f"no node named {node!r} (known nodes: {', '.join(sorted(states)) or 'none'})"
             )
         if not states[node].up:

@@ -6,13 +6,13 @@ import re
 
 from broker.errors import ConfigError
 
-_ROUTE_PREFIX = re.compile(r"^\s*@(\S*)\s*")
+_MENTION = re.compile(r"^\s*@(\S*)\s*")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
-def split_route_prefix(prompt: str) -> tuple[str | None, str]:
+def split_mention(prompt: str) -> tuple[str | None, str]:
     """``"@pi2 why is the sky blue"`` -> ``("pi2", "why is the sky blue")``."""
-    match = _ROUTE_PREFIX.match(prompt)
+    match = _MENTION.match(prompt)
     if match is None:
         return None, prompt.strip()
     name = match.group(1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from broker.errors import NoNodeAvailable, RoutingError, UnknownModel, UnknownRoute
+from broker.errors import NoNodeAvailable, RoutingError, UnknownModel, UnknownNode
 from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo, canonical_model_name
 
 
@@ -102,7 +102,7 @@ def rank_candidates(
     """Every (node, backend, model) able to serve ``spec``, best first.
 
     Filters: node up, not excluded (already tried), not behind an open breaker (``blocked``
-    holds node names and ``node/backend`` targets), matching the ``@route`` name, meeting the
+    holds node names and ``node/backend`` targets), matching the pinned node (``@name``), meeting the
     job's tags, with a healthy backend that has a wanted model. Ranks: the session's node
     first, then the alias's order of preference, then model already loaded (no swap), then
     most spare capacity, then lowest recent latency, then fewest jobs, then name.
@@ -112,7 +112,7 @@ def rank_candidates(
     for node in nodes:
         if not node.up or node.name in blocked or node.name in exclude_nodes:
             continue
-        if spec.route is not None and node.name != spec.route:
+        if spec.node is not None and node.name != spec.node:
             continue
         for backend in node.info.backends:
             if not backend.healthy or f"{node.name}/{backend.name}" in blocked:
@@ -158,14 +158,14 @@ def explain_no_candidate(
 ) -> RoutingError:
     """The most specific reason nothing can serve ``spec``, for the user to act on."""
     known = sorted(n.name for n in nodes)
-    if spec.route is not None:
-        matching = [n for n in nodes if n.name == spec.route]
+    if spec.node is not None:
+        matching = [n for n in nodes if n.name == spec.node]
         if not matching:
             listed = ", ".join(known) or "none"
-            return UnknownRoute(f"no node named {spec.route!r} (known nodes: {listed})")
+            return UnknownNode(f"no node named {spec.node!r} (known nodes: {listed})")
         node = matching[0]
         if not node.up:
-            return NoNodeAvailable(f"node {spec.route!r} is down")
+            return NoNodeAvailable(f"node {spec.node!r} is down")
         nodes = matching
     wanted = wanted_models(spec, aliases or {})
     wanted_names = {canonical_model_name(w) for w in wanted or ()}
@@ -173,7 +173,7 @@ def explain_no_candidate(
         wanted_names & {canonical_model_name(m) for m in n.info.model_names()} for n in nodes
     ):
         everywhere = sorted({m for n in nodes for m in n.info.model_names()})
-        where = f"on node {spec.route!r}" if spec.route else "on any node"
+        where = f"on node {spec.node!r}" if spec.node else "on any node"
         what = (
             f"model {spec.model!r}"
             if wanted == [spec.model]
@@ -224,7 +224,7 @@ def explain_no_candidate(
     return NoNodeAvailable(f"no up node has a healthy backend that can serve this job{detail}")
 
 
-def route(
+def candidates_for(
     spec: JobSpec,
     nodes: Sequence[NodeState],
     blocked: Collection[str] = (),

@@ -27,7 +27,7 @@ def spec(**overrides: object) -> JobSpec:
 
 
 def test_job_spec_round_trips_through_json() -> None:
-    original = spec(tags=["code", "gpu"], model="llama3.1:8b", route="pi2")
+    original = spec(tags=["code", "gpu"], model="llama3.1:8b", node="pi2")
     again = JobSpec.model_validate(original.model_dump(mode="json"))
     assert again == original
     assert again.tags == frozenset({"code", "gpu"})
@@ -39,7 +39,7 @@ def test_job_spec_round_trips_through_json() -> None:
         {"unexpected": 1},
         {"messages": []},
         {"job_id": "short"},
-        {"route": "bad name"},
+        {"node": "bad name"},
         {"priority": "urgent"},
         {"v": 2},
     ],
@@ -50,9 +50,9 @@ def test_malformed_specs_are_refused(overrides: dict[str, object]) -> None:
 
 
 def test_argsrepr_names_the_job_not_the_prompt() -> None:
-    assignment = JobAssignment(spec=spec(route="pi2"), node="pi2", backend="ollama", model="m")
+    assignment = JobAssignment(spec=spec(node="pi2"), node="pi2", backend="ollama", model="m")
     text = assignment.argsrepr()
-    assert text == "job=abcdef0123456789 route=pi2 node=pi2 model=m attempt=1"
+    assert text == "job=abcdef0123456789 node=pi2 model=m attempt=1"
     assert "secret" not in text
 
 

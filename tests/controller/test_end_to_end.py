@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from broker import names
-from broker.errors import NoNodeAvailable, UnknownModel, UnknownRoute
+from broker.errors import NoNodeAvailable, UnknownModel, UnknownNode
 from broker.schemas import ChatMessage, DeltaEvent, DoneEvent, ErrorEvent, StartedEvent
 from broker.settings import build_settings
 from controller.client import CorralClient, make_spec
@@ -88,8 +88,8 @@ def test_a_tagged_job_streams_every_token_in_order_from_the_tagged_node(
 
 
 def test_routing_errors_say_what_is_wrong(client: CorralClient) -> None:
-    with pytest.raises(UnknownRoute, match="no node named 'pi9'"):
-        client.submit(make_spec("hi", route="pi9"))
+    with pytest.raises(UnknownNode, match="no node named 'pi9'"):
+        client.submit(make_spec("hi", node="pi9"))
     with pytest.raises(UnknownModel, match=r"'llama3\.1:8b' is not installed"):
         client.submit(make_spec("hi", model="llama3.1:8b"))
     with pytest.raises(NoNodeAvailable, match=r"no up node or model has the tags gpu"):
@@ -181,12 +181,12 @@ def test_a_pickled_message_is_refused_and_the_worker_keeps_serving(
     wait_until(
         lambda: "application/x-python-serialize" in alpha.log(), 10, "the refusal in the log"
     )
-    events = list(client.stream(make_spec("still there?", route="alpha")))
+    events = list(client.stream(make_spec("still there?", node="alpha")))
     assert isinstance(events[-1], DoneEvent)
 
 
 def test_a_malformed_job_fails_its_client_fast_and_nothing_else(client: CorralClient) -> None:
-    spec = make_spec("hi", route="beta")
+    spec = make_spec("hi", node="beta")
     reader = client._subscribe(spec.job_id, "beta")
     client.app.send_task(
         names.RUN_JOB_TASK,
@@ -199,7 +199,7 @@ def test_a_malformed_job_fails_its_client_fast_and_nothing_else(client: CorralCl
     assert len(events) == 1 and isinstance(events[0], ErrorEvent)
     assert events[0].code == "malformed"
     assert "spec.messages: Field required" in events[0].message
-    ok = list(client.stream(make_spec("and now a good one", route="beta")))
+    ok = list(client.stream(make_spec("and now a good one", node="beta")))
     assert isinstance(ok[-1], DoneEvent)
 
 

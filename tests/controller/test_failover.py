@@ -399,7 +399,7 @@ def test_a_session_stays_on_its_node_and_carries_its_history(
     broker_url: str, tmp_path: Path, client: CorralClient
 ) -> None:
     with running_workers(broker_url, tmp_path, ("a", sim()), ("b", sim())) as (_a, b):
-        first = list(client.stream(make_spec("my name is Ada", route="b", session="s1")))
+        first = list(client.stream(make_spec("my name is Ada", node="b", session="s1")))
         assert isinstance(first[-1], DoneEvent) and first[-1].result.node == "b"
         follow_up = client.submit(make_spec("what is my name", session="s1"))
         assert follow_up.candidate.node == "b"  # a would win on the name otherwise
@@ -447,7 +447,7 @@ def test_a_job_delivered_twice_streams_once(
     a duplicate publish): the same attempt of the same job, twice. One copy streams; the other
     finds the lease taken and is dropped without calling its backend."""
     with running_workers(broker_url, tmp_path, ("a", sim()), ("b", sim())) as (a, b):
-        run = client.submit(make_spec("only once please", route="a"))
+        run = client.submit(make_spec("only once please", node="a"))
         client._send(run.spec, run.candidate, attempt=1)  # the same message again
         seen = list(run.events(timeout_s=10))
         wait_until(

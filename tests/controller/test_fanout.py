@@ -32,16 +32,15 @@ from broker.schemas import (
     Usage,
 )
 from controller.client import CorralClient
+from controller.cli.fanout_tables import answers_table, progress_table
 from controller.fanout import (
     FanoutJob,
-    answers_table,
     apply_event,
     distinct_node_candidates,
     fanout_candidates,
     fanout_jobs,
     first_failure,
     model_jobs,
-    progress_table,
     start_jobs,
     wait_for,
 )
@@ -80,12 +79,12 @@ def node(
     return NodeState(info=info, up=up)
 
 
-def spec(model: str | None = None, route: str | None = None) -> JobSpec:
+def spec(model: str | None = None, node: str | None = None) -> JobSpec:
     return JobSpec(
         job_id="job-00000001",
         messages=(ChatMessage(role="user", content="why is the sky blue"),),
         model=model,
-        route=route,
+        node=node,
         created_at=0,
     )
 
@@ -139,7 +138,7 @@ def test_fanout_candidates_explain_why_nothing_can_serve() -> None:
 def test_fanout_jobs_hold_each_job_to_its_node_with_its_own_id() -> None:
     original = spec()
     jobs = fanout_jobs(original, [candidate("gpu1"), candidate("pi2", model="phi3:mini")])
-    assert [(j.index, j.label, j.spec.route) for j in jobs] == [
+    assert [(j.index, j.label, j.spec.node) for j in jobs] == [
         (1, "gpu1", "gpu1"),
         (2, "pi2", "pi2"),
     ]
@@ -150,7 +149,7 @@ def test_fanout_jobs_hold_each_job_to_its_node_with_its_own_id() -> None:
 
 def test_model_jobs_are_one_per_model_routed_as_usual() -> None:
     jobs = model_jobs(spec(), ["llama3.1:8b", "phi3:mini", "llama3.1:8b"])
-    assert [(j.label, j.spec.model, j.spec.route) for j in jobs] == [
+    assert [(j.label, j.spec.model, j.spec.node) for j in jobs] == [
         ("llama3.1:8b", "llama3.1:8b", None),
         ("phi3:mini", "phi3:mini", None),
     ]

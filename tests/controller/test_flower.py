@@ -139,7 +139,7 @@ def client(broker_url: str, worker: WorkerProcess) -> Iterator[CorralClient]:
 
 
 def run_job(client: CorralClient, prompt: str) -> str:
-    spec = make_spec(prompt, route="alpha")
+    spec = make_spec(prompt, node="alpha")
     events = list(client.stream(spec))
     assert isinstance(events[-1], DoneEvent), events[-1]
     assert events[-1].result.status == "ok"
@@ -184,7 +184,7 @@ def test_flower_enables_task_events_and_shows_jobs_without_their_prompts(
         return task is not None and task["state"] == "SUCCESS"
 
     wait_until(succeeded, 10, "the job to show as SUCCESS in flower")
-    expected_args = f"job={job_id} route=alpha node=alpha model=sim-small attempt=1"
+    expected_args = f"job={job_id} node=alpha model=sim-small attempt=1"
 
     status, info_body = flower.get(f"/api/task/info/{job_id}")
     assert status == 200

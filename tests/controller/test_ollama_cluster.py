@@ -301,7 +301,7 @@ def test_cancel_from_the_cli_ends_the_stream_and_closes_the_backend_stream(
         running_fake_ollama(MODELS, reply=LONG_REPLY, token_delay=SLOW_TOKEN_S) as fake,
         ollama_worker(broker_url, "pi1", fake.url, tmp_path),
     ):
-        submission = client.submit(make_spec("tell me a long story", route="pi1"))
+        submission = client.submit(make_spec("tell me a long story", node="pi1"))
         events = submission.events(timeout_s=10)
         started = next(events)
         assert isinstance(started, StartedEvent) and started.node == "pi1"
@@ -360,12 +360,12 @@ def test_a_job_cancelled_while_queued_never_reaches_the_backend(
         running_fake_ollama(MODELS, reply=reply, token_delay=0.1) as fake,
         ollama_worker(broker_url, "pi1", fake.url, tmp_path, "--capacity", "1"),
     ):
-        first = client.submit(make_spec("first", route="pi1"))
+        first = client.submit(make_spec("first", node="pi1"))
         first_events = first.events(timeout_s=10)
         assert isinstance(next(first_events), StartedEvent)
         assert isinstance(next(first_events), DeltaEvent)
 
-        second = client.submit(make_spec("second", route="pi1"))
+        second = client.submit(make_spec("second", node="pi1"))
         assert client.cancel(second.job_id) is True
 
         rest = list(first_events)

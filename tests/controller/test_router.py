@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.errors import NoNodeAvailable, UnknownModel, UnknownRoute
+from broker.errors import NoNodeAvailable, UnknownModel, UnknownNode
 from broker.schemas import BackendInfo, ChatMessage, JobSpec, ModelInfo, NodeInfo
-from controller.router import NodeState, rank_candidates, route
+from controller.router import NodeState, rank_candidates, candidates_for
 
 MODELS = ["llama3.1:8b", "qwen2.5-coder:7b", "phi3:mini", "nomic-embed-text"]
 TAGS = ["code", "gpu", "embed", "pi"]
@@ -71,7 +71,7 @@ def job(
 
 def test_prefers_the_node_with_the_model_already_loaded() -> None:
     nodes = [node("idle", {"llama3.1:8b": False}), node("busy", {"llama3.1:8b": True}, in_flight=1)]
-    assert route(job(model="llama3.1:8b"), nodes)[0].node == "busy"
+    assert candidates_for(job(model="llama3.1:8b"), nodes)[0].node == "busy"
 
 
 def test_then_the_least_loaded_node() -> None:
@@ -80,16 +80,16 @@ def test_then_the_least_loaded_node() -> None:
         node("b", {"phi3:mini": True}, in_flight=0, queued=1, capacity=4),
         node("c", {"phi3:mini": True}, in_flight=3, capacity=4),
     ]
-    assert [c.node for c in route(job(model="phi3:mini"), nodes)] == ["b", "a", "c"]
+    assert [c.node for c in candidates_for(job(model="phi3:mini"), nodes)] == ["b", "a", "c"]
 
 
 def test_route_name_picks_that_node_even_if_another_is_better() -> None:
     nodes = [node("pi2", {"phi3:mini": False}, in_flight=1), node("gpu1", {"phi3:mini": True})]
-    assert [c.node for c in route(job(route="pi2"), nodes)] == ["pi2"]
+    assert [c.node for c in candidates_for(job(route="pi2"), nodes)] == ["pi2"]
 
 
 def test_no_model_named_uses_a_loaded_model_of_the_node() -> None:
-    candidate = route(job(), [node("pi1", {"phi3:mini": False, "llama3.1:8b": True})])[0]
+    candidate = candidates_for(job(), [node("pi1", {"phi3:mini": False, "llama3.1:8b": True})])[0]
     assert candidate.model == "llama3.1:8b"
     assert candidate.model_loaded
 
@@ -99,41 +99,41 @@ def test_tags_must_all_be_present() -> None:
         node("a", {"m": True}, tags=frozenset({"code"})),
         node("b", {"m": True}, tags=frozenset({"code", "gpu"})),
     ]
-    assert [c.node for c in route(job(tags=frozenset({"code", "gpu"})), nodes)] == ["b"]
+    assert [c.node for c in candidates_for(job(tags=frozenset({"code", "gpu"})), nodes)] == ["b"]
 
 
-def test_unknown_route_names_the_known_nodes() -> None:
-    with pytest.raises(UnknownRoute, match=r"no node named 'pi9' \(known nodes: pi1, pi2\)"):
-        route(job(route="pi9"), [node("pi1", {"m": True}), node("pi2", {"m": True})])
+def test_unknown_node_names_the_known_nodes() -> None:
+    with pytest.raises(UnknownNode, match=r"no node named 'pi9' \(known nodes: pi1, pi2\)"):
+        candidates_for(job(route="pi9"), [node("pi1", {"m": True}), node("pi2", {"m": True})])
 
 
 def test_route_to_a_down_node_says_it_is_down() -> None:
     with pytest.raises(NoNodeAvailable, match="node 'pi2' is down"):
-        route(job(route="pi2"), [node("pi2", {"m": True}, up=False), node("pi1", {"m": True})])
+        candidates_for(job(route="pi2"), [node("pi2", {"m": True}, up=False), node("pi1", {"m": True})])
 
 
 def test_unknown_model_lists_what_exists() -> None:
     with pytest.raises(
         UnknownModel, match=r"'gpt-9' is not installed on any node \(available: m, n\)"
     ):
-        route(job(model="gpt-9"), [node("a", {"m": True}), node("b", {"n": False})])
+        candidates_for(job(model="gpt-9"), [node("a", {"m": True}), node("b", {"n": False})])
 
 
 def test_no_node_up() -> None:
     with pytest.raises(NoNodeAvailable, match="no node is up"):
-        route(job(), [])
+        candidates_for(job(), [])
     with pytest.raises(NoNodeAvailable, match="every matching node is down"):
-        route(job(), [node("a", {"m": True}, up=False)])
+        candidates_for(job(), [node("a", {"m": True}, up=False)])
 
 
 def test_missing_tag_is_named() -> None:
     with pytest.raises(NoNodeAvailable, match="no up node or model has the tags gpu"):
-        route(job(tags=frozenset({"gpu"})), [node("a", {"m": True}, tags=frozenset({"code"}))])
+        candidates_for(job(tags=frozenset({"gpu"})), [node("a", {"m": True}, tags=frozenset({"code"}))])
 
 
 def test_unhealthy_backend_is_skipped() -> None:
     nodes = [node("a", {"m": True}, healthy=False), node("b", {"m": False})]
-    assert [c.node for c in route(job(model="m"), nodes)] == ["b"]
+    assert [c.node for c in candidates_for(job(model="m"), nodes)] == ["b"]
 
 
 def test_open_breaker_excludes_a_node() -> None:
@@ -157,7 +157,7 @@ node_states = st.builds(
 clusters = st.lists(node_states, max_size=6, unique_by=lambda n: n.name)
 jobs = st.builds(
     job,
-    route=st.none() | st.sampled_from(NODE_NAMES),
+    pin=st.none() | st.sampled_from(NODE_NAMES),
     model=st.none() | st.sampled_from(MODELS),
     tags=st.frozensets(st.sampled_from(TAGS), max_size=2),
 )
@@ -172,7 +172,7 @@ def test_an_alias_tries_its_models_in_order() -> None:
 
 def test_an_alias_none_of_whose_models_exists_names_them() -> None:
     with pytest.raises(UnknownModel, match=r"none of alias 'coder'.s models \(a:1b, b:2b\)"):
-        route(
+        candidates_for(
             job(model="coder"), [node("pi1", {"x:1b": True})], aliases={"coder": ["a:1b", "b:2b"]}
         )
 
@@ -194,9 +194,9 @@ def test_an_embedding_only_model_never_answers_a_chat_job() -> None:
     nodes = [node("pi1", {"nomic-embed-text": True}, capabilities=caps)]
     assert rank_candidates(job(), nodes) == []
     with pytest.raises(NoNodeAvailable):
-        route(job(), nodes)
+        candidates_for(job(), nodes)
     with pytest.raises(NoNodeAvailable, match="only models that cannot chat have the tags embed"):
-        route(job(tags=frozenset({"embed"})), nodes)
+        candidates_for(job(tags=frozenset({"embed"})), nodes)
 
 
 def test_the_session_node_goes_first_while_it_can_serve() -> None:
@@ -213,7 +213,7 @@ def test_lower_latency_breaks_a_tie() -> None:
 
 def test_an_open_backend_breaker_is_named_when_nothing_is_left() -> None:
     with pytest.raises(NoNodeAvailable, match="pi1/ollama: circuit breaker open"):
-        route(job(), [node("pi1", {"m": True})], blocked={"pi1/ollama"})
+        candidates_for(job(), [node("pi1", {"m": True})], blocked={"pi1/ollama"})
 
 
 @settings(max_examples=300, deadline=None)
@@ -228,8 +228,8 @@ def test_never_picks_a_down_node_or_one_without_the_model(
         assert candidate.model in chosen.info.model_names()
         if spec.model is not None:
             assert candidate.model == spec.model
-        if spec.route is not None:
-            assert candidate.node == spec.route
+        if spec.node is not None:
+            assert candidate.node == spec.node
         assert spec.tags <= chosen.info.tags
 
 
@@ -246,7 +246,7 @@ def test_a_loaded_candidate_always_ranks_before_an_unloaded_one(
 @given(spec=jobs, nodes=clusters)
 def test_empty_answer_always_comes_with_a_reason(spec: JobSpec, nodes: list[NodeState]) -> None:
     if rank_candidates(spec, nodes):
-        assert route(spec, nodes)
+        assert candidates_for(spec, nodes)
     else:
-        with pytest.raises((UnknownRoute, UnknownModel, NoNodeAvailable)):
-            route(spec, nodes)
+        with pytest.raises((UnknownNode, UnknownModel, NoNodeAvailable)):
+            candidates_for(spec, nodes)

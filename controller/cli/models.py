@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from broker.errors import CorralError, error_from_code
 from broker.schemas import DoneEvent, ErrorEvent, InterruptedEvent, ModelOpKind, ProgressEvent
-from controller.cli_common import (
+from controller.cli.common import (
     ExitCode,
     exit_code_for,
     fail,
@@ -23,7 +23,7 @@ from controller.cli_common import (
     settings_from,
 )
 from controller.client import CorralClient, Event
-from controller.render import (
+from controller.cli.render import (
     ModelOpProgress,
     fleet_model_json,
     fleet_models,

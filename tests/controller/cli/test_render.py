@@ -19,7 +19,7 @@ from broker.schemas import (
     ProgressEvent,
 )
 from controller.breaker import BreakerPhase, BreakerState
-from controller.render import (
+from controller.cli.render import (
     ModelOpProgress,
     breaker_notes,
     context_size,

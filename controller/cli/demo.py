@@ -28,14 +28,14 @@ from controller.localcluster import (
     ollama_answers,
     start_local_worker,
 )
-from controller.render import nodes_table, summary_line
+from controller.cli.render import nodes_table, summary_line
 
 
 @dataclass(frozen=True)
 class DemoJob:
     label: str
     prompt: str
-    route: str | None = None
+    node: str | None = None
     tags: frozenset[str] = frozenset()
     kill_after_tokens: int | None = None
     """Kill the serving worker (SIGKILL) after this many tokens, to show the failover."""
@@ -45,7 +45,7 @@ DEMO_JOBS = (
     DemoJob(
         "a job that needs the `code` tag", "How does corral pick a node?", tags=frozenset({"code"})
     ),
-    DemoJob("a job sent to a named node (@beta)", "What happens when a node dies?", route="beta"),
+    DemoJob("a job sent to a named node (@beta)", "What happens when a node dies?", node="beta"),
     DemoJob("a job with no hints: the least busy node", "How do tokens reach me?"),
     DemoJob(
         "its node dies mid-answer: --retry-partial restarts it on the other node",
@@ -117,12 +117,12 @@ def _run_job(
     client: CorralClient, job: DemoJob, console: Console, workers: dict[str, LocalWorker]
 ) -> None:
     console.rule(f"[bold]{job.label}[/bold]")
-    prefix = f"@{job.route} " if job.route else ""
+    prefix = f"@{job.node} " if job.node else ""
     flags = f" --tag {','.join(sorted(job.tags))}" if job.tags else ""
     flags += " --retry-partial" if job.kill_after_tokens else ""
     console.print(f'[cyan]$ corral ask{flags} "{prefix}{job.prompt}"[/cyan]')
     spec = make_spec(
-        job.prompt, route=job.route, tags=job.tags, retry_partial=bool(job.kill_after_tokens)
+        job.prompt, node=job.node, tags=job.tags, retry_partial=bool(job.kill_after_tokens)
     )
     started = time.perf_counter()
     first: float | None = None

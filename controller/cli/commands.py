@@ -23,7 +23,7 @@ from broker.schemas import (
     JobSpec,
 )
 from broker.settings import build_settings
-from controller.cli_common import (
+from controller.cli.common import (
     ExitCode,
     exit_code_for,
     fail,
@@ -33,21 +33,20 @@ from controller.cli_common import (
     settings_from,
     split_list,
 )
-from controller.cli_models import models
+from controller.cli.models import models
 from controller.client import CorralClient, Event, make_spec
+from controller.cli.fanout_tables import answers_table, progress_table
 from controller.fanout import (
     FanoutJob,
-    answers_table,
     cancel_jobs,
     first_failure,
     model_jobs,
     plan_fanout,
-    progress_table,
     start_jobs,
     wait_for,
 )
-from controller.prompt import parse_tags, split_route_prefix
-from controller.render import (
+from controller.prompt import parse_tags, split_mention
+from controller.cli.render import (
     breaker_notes,
     nodes_table,
     stderr_console,
@@ -149,13 +148,13 @@ def ask(
     settings = settings_from(ctx)
     models = split_list(model_list)
     try:
-        route_name, text = split_route_prefix(" ".join(prompt))
-        if node and route_name and node != route_name:
-            raise ConfigError(f"--node {node} and @{route_name} disagree")
-        _check_many_flags(fanout, models, node or route_name, model, session)
+        mentioned, text = split_mention(" ".join(prompt))
+        if node and mentioned and node != mentioned:
+            raise ConfigError(f"--node {node} and @{mentioned} disagree")
+        _check_many_flags(fanout, models, node or mentioned, model, session)
         spec = make_spec(
             text,
-            route=node or route_name,
+            node=node or mentioned,
             model=model,
             tags=parse_tags(tags),
             system=system,
@@ -178,11 +177,11 @@ def ask(
 
 
 def _check_many_flags(
-    fanout: int | None, models: list[str], route: str | None, model: str | None, session: str | None
+    fanout: int | None, models: list[str], node: str | None, model: str | None, session: str | None
 ) -> None:
     if fanout is not None and models:
         raise ConfigError("--fanout and --models do not go together: pick the nodes or the models")
-    if fanout is not None and route:
+    if fanout is not None and node:
         raise ConfigError("--fanout picks the nodes itself: drop @NODE / --node")
     if models and model:
         raise ConfigError("--models and --model do not go together")
@@ -379,7 +378,7 @@ def cancel(ctx: click.Context, job_id: str) -> None:
 @cli.command()
 def demo() -> None:
     """Start a local broker and two workers, then route and stream a few jobs."""
-    from controller.demo import run_demo  # noqa: PLC0415 - only this command needs it
+    from controller.cli.demo import run_demo  # noqa: PLC0415 - only this command needs it
 
     # Piped or captured output has no width of its own; 120 columns keeps the table readable.
     sys.exit(run_demo(Console(highlight=False, width=None if sys.stdout.isatty() else 120)))

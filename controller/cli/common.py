@@ -31,7 +31,7 @@ from broker.schemas import (
     ReroutedEvent,
 )
 from broker.settings import CorralSettings
-from controller.render import stderr_console, summary_line
+from controller.cli.render import stderr_console, summary_line
 
 
 class ExitCode:
