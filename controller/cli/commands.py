@@ -33,6 +33,7 @@ from controller.cli.common import (
     settings_from,
     split_list,
 )
+from controller.cli.flower import flower
 from controller.cli.models import models
 from controller.client import CorralClient, Event, make_spec
 from controller.cli.fanout_tables import answers_table, progress_table
@@ -385,6 +386,7 @@ def demo() -> None:
 
 
 cli.add_command(models)
+cli.add_command(flower)
 
 
 def main() -> None:
