@@ -8,6 +8,7 @@ Flower's task list show ``job=… node=… model=…`` (the task's ``argsrepr``)
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import signal
@@ -100,15 +101,17 @@ def serve_flower(settings: CorralSettings, plan: FlowerPlan) -> int:
 
     Needs the ``flower`` package (``pip install 'corral[monitor]'``).
     """
-    try:
-        import flower  # noqa: F401, PLC0415 - optional dependency, checked before starting
-    except ImportError:
+    if importlib.util.find_spec("flower") is None:  # an optional dependency
         raise ConfigError(
             "Flower is not installed: pip install 'corral[monitor]' (or pip install flower)"
-        ) from None
+        )
     if plan.credentials:
         os.environ[FLOWER_AUTH_ENV] = ",".join(c.get_secret_value() for c in plan.credentials)
     app = make_celery_app(settings)
+    # Flower inspects workers from several threads at once (stats, queues, registered, conf)
+    # and each call holds pooled broker connections while it waits for replies: with the
+    # cluster's small pool (4) they starve each other, and enable_events never goes out.
+    app.conf.broker_pool_limit = None
     code = app.start(flower_argv(plan))
     # Flower has stopped (its SIGTERM handler ran); a second SIGTERM while its threads wind
     # down should end the process quietly, not raise inside the interpreter's shutdown.
