@@ -35,6 +35,7 @@ from controller.cli.common import (
 )
 from controller.cli.flower import flower
 from controller.cli.models import models
+from controller.cli.tunnel import tunnel
 from controller.client import CorralClient, Event, make_spec
 from controller.cli.fanout_tables import answers_table, progress_table
 from controller.fanout import (
@@ -59,8 +60,8 @@ from controller.cli.render import (
 @click.pass_context
 def cli(ctx: click.Context, broker: str | None) -> None:
     """corral: one front door for a home lab's LLM servers."""
-    if ctx.invoked_subcommand in ("worker", "demo"):
-        return  # they build their own settings
+    if ctx.invoked_subcommand in ("worker", "demo", "tunnel"):
+        return  # they build their own settings (a tunnel needs none)
     try:
         ctx.obj = {"settings": build_settings(broker_url=broker)}
     except CorralError as exc:
@@ -387,6 +388,7 @@ def demo() -> None:
 
 cli.add_command(models)
 cli.add_command(flower)
+cli.add_command(tunnel)
 
 
 def main() -> None:
