@@ -33,6 +33,7 @@ from controller.cli.common import (
     settings_from,
     split_list,
 )
+from controller.cli.doctor import doctor
 from controller.cli.flower import flower
 from controller.cli.models import models
 from controller.cli.tunnel import tunnel
@@ -389,6 +390,7 @@ def demo() -> None:
 cli.add_command(models)
 cli.add_command(flower)
 cli.add_command(tunnel)
+cli.add_command(doctor)
 
 
 def main() -> None:

@@ -22,8 +22,9 @@ from broker.schemas import DeltaEvent, DoneEvent, ReroutedEvent
 from broker.settings import build_settings
 from controller.cli import ExitCode
 from controller.client import CorralClient, make_spec
+from controller.health import Status, check_tunnels
 from controller.localcluster import stop_process
-from controller.tunnel import backoff_delay, parse_via
+from controller.tunnel import backoff_delay, parse_via, read_tunnel_states
 from tests.support.servers import (
     REPO_ROOT,
     RedisServer,
@@ -137,6 +138,9 @@ def test_a_worker_behind_the_tunnel_serves_jobs_and_rides_out_a_server_restart(
     try:
         tunnel.wait_up()
         assert redis.Redis(port=reverse_port).ping()
+        [doctor_line] = check_tunnels(read_tunnel_states(tmp_path))
+        assert doctor_line.status is Status.OK, doctor_line
+        assert f"local 127.0.0.1:{local_port}" in doctor_line.detail
 
         # A real worker whose only way to the broker is the tunnel.
         worker = start_worker(
@@ -180,6 +184,8 @@ def test_a_worker_behind_the_tunnel_serves_jobs_and_rides_out_a_server_restart(
             worker.stop()
         assert tunnel.stop() == 0
     assert tunnel.state()["state"] == "stopped"
+    [doctor_line] = check_tunnels(read_tunnel_states(tmp_path))
+    assert doctor_line.status is Status.FAIL and "not running" in doctor_line.detail
 
 
 def test_a_wrong_host_key_is_refused_naming_the_host_and_the_fingerprint(

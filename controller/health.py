@@ -1,0 +1,470 @@
+"""``corral doctor``'s checks: the broker, each node, Flower and this machine's tunnels.
+
+Each check is a ``Check`` with a status and, when something needs fixing, the fix in words a
+user can act on. Checks only read: nothing here changes the cluster.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import redis
+import redis.exceptions
+
+from broker import __version__, names
+from broker.settings import CorralSettings, redacted_url
+from controller.breaker import BreakerPhase
+from controller.cluster import read_cluster
+from controller.router import NodeState
+from controller.tunnel import TunnelState, read_tunnel_states
+
+MIN_REDIS = (6, 2)
+"""Oldest Redis corral runs on (its Lua scripts and commands); 7 is what it is tested with."""
+TESTED_REDIS_MAJOR = 7
+
+
+class Status(enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class Check:
+    area: str
+    """What was checked: ``broker``, ``node alpha``, ``flower``, ``tunnel …``, ``probe``."""
+    name: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "area": self.area,
+            "name": self.name,
+            "status": self.status.value,
+            "detail": self.detail,
+            "fix": self.fix,
+        }
+
+
+def needs_fixing(checks: list[Check]) -> bool:
+    return any(check.status is Status.FAIL for check in checks)
+
+
+# --- the broker ----------------------------------------------------------------------------
+
+
+def check_broker(settings: CorralSettings) -> tuple[list[Check], redis.Redis | None]:
+    """Reachability, auth, persistence, eviction, memory and version; the client when it
+    answered (node checks read through it)."""
+    url = settings.broker_url.get_secret_value()
+    shown = redacted_url(url)
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5)
+    started = time.perf_counter()
+    try:
+        client.ping()
+    except redis.exceptions.AuthenticationError as exc:
+        client.close()
+        return [_auth_failure(shown, str(exc))], None
+    except redis.exceptions.ResponseError as exc:
+        client.close()
+        if "NOAUTH" in str(exc) or "AUTH" in str(exc):
+            return [_auth_failure(shown, str(exc))], None
+        raise
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        client.close()
+        return [
+            Check(
+                "broker",
+                "reachable",
+                Status.FAIL,
+                f"cannot reach {shown}: {exc}",
+                "start redis-server there, or point CORRAL_BROKER_URL (or --broker) at it; "
+                "on a node behind SSH, start `corral tunnel` first",
+            )
+        ], None
+    ms = (time.perf_counter() - started) * 1000
+    checks = [Check("broker", "reachable", Status.OK, f"{shown} answered in {ms:.1f} ms")]
+    checks.append(_auth_check(url))
+    info = client.info()
+    checks += [_version_check(info), _aof_check(info), _eviction_check(info), _memory_check(info)]
+    return checks, client
+
+
+def _auth_failure(shown: str, error: str) -> Check:
+    return Check(
+        "broker",
+        "auth",
+        Status.FAIL,
+        f"{shown} refused the credentials: {error}",
+        "put the password of redis.conf's requirepass in the URL: "
+        "redis://:PASSWORD@HOST:6379/0 (read from ${REDIS_PASSWORD} in corral.yaml)",
+    )
+
+
+def _auth_check(url: str) -> Check:
+    parts = urlsplit(url)
+    if parts.password:
+        return Check("broker", "auth", Status.OK, "password accepted")
+    host = parts.hostname or ""
+    if host in ("127.0.0.1", "::1", "localhost") or parts.scheme == "unix":
+        return Check("broker", "auth", Status.OK, "no password (loopback only)")
+    return Check(
+        "broker",
+        "auth",
+        Status.WARN,
+        f"no password: anyone who can reach {host} can read every prompt and answer",
+        "set requirepass in redis.conf and put it in CORRAL_BROKER_URL",
+    )
+
+
+def _version_check(info: dict[str, Any]) -> Check:
+    version = str(info.get("redis_version", "0"))
+    numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if numbers < MIN_REDIS:
+        return Check(
+            "broker",
+            "version",
+            Status.FAIL,
+            f"Redis {version} is older than corral needs ({MIN_REDIS[0]}.{MIN_REDIS[1]})",
+            f"upgrade to Redis {TESTED_REDIS_MAJOR}",
+        )
+    if numbers[0] < TESTED_REDIS_MAJOR:
+        return Check(
+            "broker",
+            "version",
+            Status.WARN,
+            f"Redis {version} works; corral is tested on {TESTED_REDIS_MAJOR}",
+            f"upgrade to Redis {TESTED_REDIS_MAJOR} when convenient",
+        )
+    return Check("broker", "version", Status.OK, f"Redis {version}")
+
+
+def _aof_check(info: dict[str, Any]) -> Check:
+    if not int(info.get("aof_enabled", 0)):
+        return Check(
+            "broker",
+            "persistence",
+            Status.FAIL,
+            "AOF is off: a Redis restart loses every queued job, lease and replay log",
+            "`redis-cli CONFIG SET appendonly yes`, and `appendonly yes` in redis.conf",
+        )
+    if info.get("aof_last_write_status", "ok") != "ok":
+        return Check(
+            "broker",
+            "persistence",
+            Status.FAIL,
+            f"AOF is on but its last write failed ({info.get('aof_last_write_status')})",
+            "check the disk under Redis's dir (full? read-only?) and redis.log",
+        )
+    return Check("broker", "persistence", Status.OK, "AOF on (appendonly yes)")
+
+
+def _eviction_check(info: dict[str, Any]) -> Check:
+    policy = str(info.get("maxmemory_policy", "unknown"))
+    if policy != "noeviction":
+        return Check(
+            "broker",
+            "eviction",
+            Status.FAIL,
+            f"maxmemory-policy is {policy}: when memory runs short Redis would silently delete "
+            "queued jobs, leases and heartbeats",
+            "`redis-cli CONFIG SET maxmemory-policy noeviction`, and "
+            "`maxmemory-policy noeviction` in redis.conf",
+        )
+    return Check("broker", "eviction", Status.OK, "maxmemory-policy noeviction")
+
+
+def _memory_check(info: dict[str, Any]) -> Check:
+    used = int(info.get("used_memory", 0))
+    limit = int(info.get("maxmemory", 0))
+    if limit:
+        share = used / limit
+        detail = f"{_mb(used)} used of maxmemory {_mb(limit)} ({share:.0%})"
+        if share >= 0.9:
+            return Check(
+                "broker",
+                "memory",
+                Status.FAIL,
+                detail + ": new jobs will soon be refused (OOM)",
+                "raise maxmemory, or shorten replay_ttl_s so finished jobs' logs expire sooner",
+            )
+        if share >= 0.75:
+            return Check(
+                "broker", "memory", Status.WARN, detail, "raise maxmemory before it fills up"
+            )
+        return Check("broker", "memory", Status.OK, detail)
+    system = int(info.get("total_system_memory", 0))
+    if system and used / system >= 0.5:
+        return Check(
+            "broker",
+            "memory",
+            Status.WARN,
+            f"{_mb(used)} used, over half the machine's {_mb(system)}, and no maxmemory set",
+            "set maxmemory in redis.conf so Redis refuses writes before the OOM killer acts",
+        )
+    of_system = f" of the machine's {_mb(system)}" if system else ""
+    return Check("broker", "memory", Status.OK, f"{_mb(used)} used{of_system}, no maxmemory")
+
+
+def _mb(size: int) -> str:
+    if size >= 1024**3:
+        return f"{size / 1024**3:.1f} GB"
+    return f"{size / 1024**2:.1f} MB"
+
+
+# --- the nodes -----------------------------------------------------------------------------
+
+
+def check_nodes(client: redis.Redis, settings: CorralSettings) -> list[Check]:
+    view = read_cluster(client)
+    checks: list[Check] = []
+    listed = {node.name for node in view.nodes}
+    for raw in sorted(client.hkeys(names.NODES_HASH)):
+        name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        if name not in listed:
+            checks.append(
+                Check(
+                    f"node {name}",
+                    "heartbeat",
+                    Status.FAIL,
+                    "its heartbeat cannot be read: it runs another wire schema version",
+                    f"upgrade corral on {name} to {__version__} (the same as the controller)",
+                )
+            )
+    if not view.nodes and not checks:
+        return [
+            Check(
+                "nodes",
+                "registered",
+                Status.WARN,
+                "no node has ever heartbeated to this broker",
+                "start `corral worker` on each node (with the same CORRAL_BROKER_URL)",
+            )
+        ]
+    for node in view.nodes:
+        checks += _node_checks(node, view.redis_time)
+        for target, state in sorted(view.breakers.items()):
+            if target != node.name and not target.startswith(f"{node.name}/"):
+                continue
+            phase = state.phase(view.redis_time, settings.breaker_cooldown_s)
+            if phase is not BreakerPhase.CLOSED:
+                checks.append(
+                    Check(
+                        f"node {node.name}",
+                        "breaker",
+                        Status.FAIL,
+                        f"circuit breaker {phase.value} on {target} after "
+                        f"{state.failures} failures in a row: no jobs go there",
+                        f"fix the cause, then `corral nodes --reset-breaker {target}`",
+                    )
+                )
+    return checks
+
+
+def _node_checks(node: NodeState, now: float) -> list[Check]:
+    info = node.info
+    area = f"node {info.name}"
+    age = max(0.0, now - info.sent_at)
+    if not node.up:
+        return [
+            Check(
+                area,
+                "heartbeat",
+                Status.FAIL,
+                f"down: last heartbeat {_age(age)} ago",
+                f"start its worker (`corral worker --name {info.name} …`) and check its link "
+                "to the broker (its tunnel, if it has one)",
+            )
+        ]
+    checks = [
+        Check(
+            area,
+            "heartbeat",
+            Status.OK,
+            f"up, last heartbeat {_age(age)} ago (every {info.heartbeat_interval_s:g} s)",
+        )
+    ]
+    if info.version != __version__:
+        checks.append(
+            Check(
+                area,
+                "version",
+                Status.WARN,
+                f"runs corral {info.version}, the controller {__version__}",
+                f"upgrade {info.name} to {__version__} (pip install -U corral, or the rollout)",
+            )
+        )
+    else:
+        checks.append(Check(area, "version", Status.OK, f"corral {info.version}"))
+    for backend in info.backends:
+        where = f"{backend.name} ({backend.url})" if backend.url else backend.name
+        if backend.healthy:
+            checks.append(
+                Check(
+                    area,
+                    "backend",
+                    Status.OK,
+                    f"{where} reachable, {backend.in_flight}/{backend.capacity} busy",
+                )
+            )
+        else:
+            checks.append(
+                Check(
+                    area,
+                    "backend",
+                    Status.FAIL,
+                    f"{where} unreachable: {backend.error or 'no answer'}",
+                    f"start the server on {info.name}, or correct its URL in the worker's "
+                    "configuration",
+                )
+            )
+    models = [m for b in info.backends if b.healthy for m in b.models]
+    if any(b.healthy for b in info.backends):
+        if models:
+            loaded = sum(1 for m in models if m.loaded)
+            checks.append(
+                Check(area, "models", Status.OK, f"{len(models)} models, {loaded} loaded")
+            )
+        else:
+            checks.append(
+                Check(
+                    area,
+                    "models",
+                    Status.WARN,
+                    "no models installed: it can serve nothing",
+                    f"`corral models pull {info.name} MODEL`",
+                )
+            )
+    return checks
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# --- Flower and tunnels --------------------------------------------------------------------
+
+
+def check_flower(url: str | None, credentials: str | None) -> list[Check]:
+    if not url:
+        return [
+            Check(
+                "flower",
+                "configured",
+                Status.SKIP,
+                "skipped: no Flower URL (give --flower URL or set CORRAL_FLOWER_URL)",
+            )
+        ]
+    base = url.rstrip("/")
+    shown = redacted_url(base)
+    try:
+        anonymous = httpx.get(f"{base}/api/workers", timeout=5)
+    except httpx.HTTPError as exc:
+        return [
+            Check(
+                "flower",
+                "reachable",
+                Status.FAIL,
+                f"{shown} does not answer: {exc}",
+                "start it with `corral flower` (CORRAL_FLOWER_AUTH=user:password set)",
+            )
+        ]
+    checks = [Check("flower", "reachable", Status.OK, f"{shown} answers")]
+    if anonymous.status_code != 401:
+        checks.append(
+            Check(
+                "flower",
+                "auth",
+                Status.FAIL,
+                f"answers without credentials (HTTP {anonymous.status_code}): anyone who can "
+                "reach it can watch and cancel jobs",
+                "restart it with `corral flower` and CORRAL_FLOWER_AUTH=user:password",
+            )
+        )
+        return checks
+    if not credentials:
+        checks.append(Check("flower", "auth", Status.OK, "asks for credentials (HTTP 401)"))
+        return checks
+    user, _, password = credentials.split(",")[0].partition(":")
+    try:
+        status = httpx.get(f"{base}/api/workers", auth=(user, password), timeout=5).status_code
+    except httpx.HTTPError as exc:
+        status = 0
+        checks.append(Check("flower", "auth", Status.FAIL, f"no answer with credentials: {exc}"))
+        return checks
+    if status == 200:
+        checks.append(
+            Check("flower", "auth", Status.OK, "asks for credentials; CORRAL_FLOWER_AUTH works")
+        )
+    else:
+        checks.append(
+            Check(
+                "flower",
+                "auth",
+                Status.FAIL,
+                f"CORRAL_FLOWER_AUTH is refused (HTTP {status})",
+                "set CORRAL_FLOWER_AUTH to the user:password Flower was started with",
+            )
+        )
+    return checks
+
+
+def check_tunnels(states: list[TunnelState] | None = None) -> list[Check]:
+    tunnels = read_tunnel_states() if states is None else states
+    if not tunnels:
+        return [Check("tunnels", "configured", Status.SKIP, "skipped: no tunnel on this machine")]
+    checks = []
+    for tunnel in tunnels:
+        area = f"tunnel {tunnel.via}"
+        since = time.strftime("%H:%M:%S", time.localtime(tunnel.since))
+        alive = _process_alive(tunnel.pid)
+        if tunnel.state == "up" and alive:
+            checks.append(
+                Check(
+                    area,
+                    "up",
+                    Status.OK,
+                    f"up since {since} ({tunnel.reconnects} reconnects): "
+                    + "; ".join(tunnel.forwards),
+                )
+            )
+            continue
+        if not alive or tunnel.state == "stopped":
+            detail = f"not running (stopped at {since}, pid {tunnel.pid} gone)"
+        else:
+            reason = f": {tunnel.reason}" if tunnel.reason else ""
+            detail = f"{tunnel.state} since {since}{reason}"
+        checks.append(
+            Check(
+                area,
+                "up",
+                Status.FAIL,
+                detail,
+                f"start it again (`corral tunnel --via {tunnel.via.rsplit(':', 1)[0]} …`), "
+                "or check that the SSH host answers",
+            )
+        )
+    return checks
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: it exists
+    return True
