@@ -65,8 +65,10 @@ class TunnelConfig:
     """A port on the SSH host -> a local one (a backend the controller should reach)."""
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
-    keepalive_interval_s: float = 5.0
+    keepalive_interval_s: float = 2.0
     keepalive_count_max: int = 3
+    """A link that goes silent (a cable pulled, no RST) is noticed after about 6 s: the
+    keepalives, not TCP's own timers, which take minutes."""
     connect_timeout_s: float = 10.0
     state_file: Path | None = None
 

@@ -11,17 +11,16 @@ import click
 from broker.errors import CorralError
 from controller.cli.common import ExitCode, fail, settings_from
 from controller.client import CorralClient
-from controller.cluster import read_cluster
 from controller.flower import AUTH_ENV
 from controller.health import (
     Check,
     Status,
     check_broker,
     check_flower,
-    check_nodes,
     check_tunnels,
     needs_fixing,
 )
+from controller.node_health import check_nodes
 from controller.probe import probe_targets, run_probe
 
 SYMBOLS = {Status.OK: "✓", Status.FAIL: "✗", Status.WARN: "!", Status.SKIP: "!"}
@@ -57,8 +56,8 @@ def doctor(
         checks += broker_checks
         if client is not None:
             with client:
-                checks += check_nodes(client, settings)
-                nodes = read_cluster(client).nodes
+                node_checks, nodes = check_nodes(client, settings)
+                checks += node_checks
             if probe:
                 targets, skipped = probe_targets(nodes)
                 checks += skipped
