@@ -36,6 +36,9 @@ from tests.support.servers import (
 from tests.support.ssh_server import SSHServer
 from worker.backends.simulated import reply_for
 
+HEARTBEAT_S = 2.0
+"""corral's default: a node is down after 3 missed heartbeats (6 s)."""
+
 
 @dataclass
 class TunnelProcess:
@@ -147,7 +150,7 @@ def test_a_worker_behind_the_tunnel_serves_jobs_and_rides_out_a_server_restart(
             f"redis://127.0.0.1:{local_port}/{db}",
             "edge",
             "--simulate", "--sim-first-token-ms", "5", "--sim-token-ms", "100",
-            heartbeat_s=1.0,
+            heartbeat_s=HEARTBEAT_S,
             log_dir=tmp_path,
         )  # fmt: skip
         with CorralClient(build_settings(broker_url=broker_url)) as client:
@@ -174,6 +177,24 @@ def test_a_worker_behind_the_tunnel_serves_jobs_and_rides_out_a_server_restart(
             # The next job is served through the new connection.
             after = list(client.stream(make_spec("after the restart", node="edge")))
             assert isinstance(after[-1], DoneEvent), after[-1]
+
+            # A job sent while the SSH server is away waits in the node's queue and is
+            # served when the tunnel is back, within the heartbeat bound: nothing is lost.
+            ssh_server.stop_listening()
+            wait_until(lambda: tunnel.state().get("state") != "up", 5, "the tunnel to notice")
+            queued = make_spec("sent while the tunnel is down", node="edge")
+            run = client.submit(queued)
+            time.sleep(1.0)
+            ssh_server.start()
+            back_at = time.monotonic()
+            events = list(run.events(60))
+            served_after_s = time.monotonic() - back_at
+            assert not any(isinstance(e, ReroutedEvent) for e in events), events
+            assert isinstance(events[-1], DoneEvent), events[-1]
+            assert events[-1].result.text == reply_for(queued.messages)
+            # Within the heartbeat bound (3 heartbeats), plus the job's own ~2.5 s of tokens.
+            assert served_after_s < 3 * HEARTBEAT_S + 2.5, served_after_s
+            print(f"queued job served {served_after_s:.2f} s after the SSH server returned")
 
         log = tunnel.log()
         assert "down" in log and "retrying in" in log, log
