@@ -14,9 +14,7 @@ from controller.flower import AUTH_ENV, DEFAULT_PORT, plan_flower, serve_flower
 
 
 @click.command()
-@click.option(
-    "--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True
-)
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
 @click.option(
     "--address",
     metavar="ADDR",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,9 @@ from typing import Any
 import pytest
 import redis
 
+from broker import __version__, names
+from broker.schemas import BackendInfo, ModelInfo, NodeInfo
+from controller.breaker import Breakers, backend_target
 from controller.cli import ExitCode
 from controller.health import Status, check_tunnels
 from controller.tunnel import TunnelState
@@ -209,3 +213,46 @@ def test_tunnels_are_up_or_named_with_their_reason() -> None:
     assert "cannot connect" in checks[1].detail
     assert "not running" in checks[2].detail
     assert check_tunnels([])[0].status is Status.SKIP
+
+
+def heartbeat(name: str, version: str, *, models: tuple[ModelInfo, ...]) -> NodeInfo:
+    backend = BackendInfo(
+        name="ollama", kind="ollama", url="http://127.0.0.1:11434", healthy=True, capacity=1,
+        models=models,
+    )  # fmt: skip
+    now = time.time()
+    return NodeInfo(
+        name=name, version=version, backends=(backend,), in_flight=0, capacity=1,
+        heartbeat_interval_s=2, started_at=now - 60, sent_at=now - 30,
+    )  # fmt: skip
+
+
+def test_version_skew_a_down_node_an_unreadable_heartbeat_and_an_open_breaker(
+    broker_url: str,
+) -> None:
+    client = redis.Redis.from_url(broker_url)
+    old = heartbeat("old", "0.0.9", models=(ModelInfo(name="llama3.2:1b", loaded=True),))
+    empty = heartbeat("empty", __version__, models=())
+    gone = heartbeat("gone", __version__, models=(ModelInfo(name="llama3.2:1b"),))
+    for info in (old, empty, gone):
+        client.hset(names.NODES_HASH, info.name, info.model_dump_json())
+    for info in (old, empty):  # "gone" has no liveness key: it stopped heartbeating
+        client.set(names.node_alive_key(info.name), info.instance, ex=60)
+    client.hset(names.NODES_HASH, "future", '{"v": 99, "name": "future"}')
+    breakers = Breakers(client, threshold=3, cooldown_s=30)
+    for _ in range(3):
+        breakers.record_failure(backend_target("old", "ollama"))
+
+    result = doctor(broker_url)
+    out = result.stdout
+    assert result.returncode == ExitCode.FAILED, out + result.stderr
+    version = line_of(out, "node old", "version")
+    assert version.startswith("!") and "0.0.9" in version and __version__ in version
+    breaker = line_of(out, "node old", "breaker")
+    assert breaker.startswith("✗") and "open on old/ollama after 3 failures" in breaker
+    assert "corral nodes --reset-breaker old/ollama" in out
+    assert line_of(out, "node empty", "models").startswith("!")
+    down = line_of(out, "node gone", "heartbeat")
+    assert down.startswith("✗") and re.search(r"last heartbeat 3\d\.\d s ago", down), down
+    assert line_of(out, "node future", "heartbeat").startswith("✗")
+    assert "another wire schema version" in out

@@ -280,3 +280,17 @@ def test_bad_flags_and_the_backoff() -> None:
         delays = {backoff_delay(attempt, 0.5, 30.0) for _ in range(50)}
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(delays) > 1
+
+
+def test_a_missing_known_hosts_file_is_a_clear_error(ssh_server: SSHServer, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-known_hosts"
+    result = run_tunnel_to_exit(
+        ssh_server,
+        tmp_path,
+        "--known-hosts",
+        str(missing),
+        "--identity",
+        str(ssh_server.write_identity()),
+    )
+    assert result.returncode == ExitCode.USAGE
+    assert f"known_hosts file {missing} does not exist" in flat(result.stderr)
