@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +110,11 @@ class SSHServer:
         for conn in list(self.connections):
             conn.abort()
         self.connections.clear()
+
+    def freeze(self, seconds: float) -> None:
+        """The server stops answering for ``seconds`` without closing anything (a pulled
+        cable, a hung machine): its event loop is blocked, so not even keepalives get a reply."""
+        self._loop.call_soon_threadsafe(time.sleep, seconds)
 
     def restart(self) -> None:
         self.stop_listening()

@@ -294,3 +294,31 @@ def test_a_missing_known_hosts_file_is_a_clear_error(ssh_server: SSHServer, tmp_
     )
     assert result.returncode == ExitCode.USAGE
     assert f"known_hosts file {missing} does not exist" in flat(result.stderr)
+
+
+def test_a_silent_link_is_noticed_by_keepalives_and_the_tunnel_comes_back(
+    ssh_server: SSHServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    local_port = free_port()
+    tunnel = start_tunnel(
+        ssh_server,
+        tmp_path,
+        "--known-hosts", str(ssh_server.write_known_hosts()),
+        "--identity", str(ssh_server.write_identity()),
+        "--local-port", str(local_port),
+        "--remote", f"127.0.0.1:{redis_server.port}",
+    )  # fmt: skip
+    try:
+        tunnel.wait_up()
+        assert redis.Redis(port=local_port).ping()
+        frozen_at = time.monotonic()
+        ssh_server.freeze(9)  # no FIN, no RST: only the keepalives can tell
+        wait_until(lambda: tunnel.state().get("state") != "up", 12, "the tunnel to notice")
+        noticed_after_s = time.monotonic() - frozen_at
+        assert noticed_after_s < 9, noticed_after_s
+        assert "keepalive" in str(tunnel.state().get("reason", "")).lower(), tunnel.state()
+        tunnel.wait_up(timeout_s=20)
+        assert redis.Redis(port=local_port, socket_timeout=5).ping()
+        print(f"silent link noticed after {noticed_after_s:.1f} s")
+    finally:
+        assert tunnel.stop() == 0
