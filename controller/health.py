@@ -316,8 +316,12 @@ def check_tunnels(states: list[TunnelState] | None = None) -> list[Check]:
                 )
             )
             continue
-        if not alive or tunnel.state == "stopped":
-            detail = f"not running (stopped at {since}, pid {tunnel.pid} gone)"
+        if tunnel.state == "stopped":
+            detail = f"not running: stopped at {since}"
+        elif not alive:
+            detail = (
+                f"not running: its process (pid {tunnel.pid}) is gone, {tunnel.state} at {since}"
+            )
         else:
             reason = f": {tunnel.reason}" if tunnel.reason else ""
             detail = f"{tunnel.state} since {since}{reason}"
@@ -327,8 +331,9 @@ def check_tunnels(states: list[TunnelState] | None = None) -> list[Check]:
                 "up",
                 Status.FAIL,
                 detail,
-                f"start it again (`corral tunnel --via {tunnel.via.rsplit(':', 1)[0]} …`), "
-                "or check that the SSH host answers",
+                f"start it again (`corral tunnel --via {tunnel.via.rsplit(':', 1)[0]} …`) "
+                "and check that the SSH host answers"
+                + (f"; if it is retired, delete {tunnel.state_file}" if tunnel.state_file else ""),
             )
         )
     return checks

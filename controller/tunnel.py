@@ -90,6 +90,7 @@ class TunnelState:
     reason: str | None = None
     reconnects: int = 0
     forwards: list[str] = field(default_factory=list)
+    state_file: str | None = None
 
 
 def parse_via(value: str) -> tuple[str | None, str, int]:
@@ -227,6 +228,7 @@ class Tunnel:
             since=time.time(),
             pid=os.getpid(),
             forwards=forwards,
+            state_file=str(config.state_file) if config.state_file else None,
         )
 
     def _set(self, state: str, reason: str | None = None) -> None:

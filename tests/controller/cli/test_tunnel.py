@@ -206,7 +206,8 @@ def test_a_worker_behind_the_tunnel_serves_jobs_and_rides_out_a_server_restart(
         assert tunnel.stop() == 0
     assert tunnel.state()["state"] == "stopped"
     [doctor_line] = check_tunnels(read_tunnel_states(tmp_path))
-    assert doctor_line.status is Status.FAIL and "not running" in doctor_line.detail
+    assert doctor_line.status is Status.FAIL and "not running: stopped" in doctor_line.detail
+    assert f"delete {tunnel.state_file}" in str(doctor_line.fix)
 
 
 def test_a_wrong_host_key_is_refused_naming_the_host_and_the_fingerprint(
