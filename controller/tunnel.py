@@ -47,9 +47,17 @@ class Forward:
     dest_host: str
     dest_port: int
 
-    def describe(self, here: str, there: str) -> str:
-        source = f"{here} {self.listen_host}:{self.listen_port}"
-        return f"{source} → {there} {self.dest_host}:{self.dest_port}"
+    def describe_local(self, ssh_host: str) -> str:
+        return (
+            f"{self.listen_host}:{self.listen_port} here → "
+            f"{self.dest_host}:{self.dest_port} from {ssh_host}"
+        )
+
+    def describe_reverse(self, ssh_host: str) -> str:
+        return (
+            f"{self.listen_host}:{self.listen_port} on {ssh_host} → "
+            f"{self.dest_host}:{self.dest_port} here"
+        )
 
 
 @dataclass(frozen=True)
@@ -220,8 +228,8 @@ class Tunnel:
         self._keys = [load_identity(config.identity)] if config.identity else None
         self._on_state = on_state
         self._reconnects = 0
-        forwards = [f.describe("local", config.host) for f in config.local]
-        forwards += [f.describe(f"{config.host}", "local") for f in config.reverse]
+        forwards = [f.describe_local(config.host) for f in config.local]
+        forwards += [f.describe_reverse(config.host) for f in config.reverse]
         self.state = TunnelState(
             via=config.target,
             state="connecting",
@@ -235,6 +243,8 @@ class Tunnel:
         self.state.state, self.state.since, self.state.reason = state, time.time(), reason
         self.state.reconnects = self._reconnects
         suffix = f": {reason}" if reason else ""
+        if state == "up":
+            suffix = ": " + "; ".join(self.state.forwards)
         log.info("tunnel %s %s%s", self.config.target, state, suffix)
         if self.config.state_file is not None:
             path = self.config.state_file

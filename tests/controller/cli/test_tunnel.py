@@ -143,7 +143,8 @@ def test_a_worker_behind_the_tunnel_serves_jobs_and_rides_out_a_server_restart(
         assert redis.Redis(port=reverse_port).ping()
         [doctor_line] = check_tunnels(read_tunnel_states(tmp_path))
         assert doctor_line.status is Status.OK, doctor_line
-        assert f"local 127.0.0.1:{local_port}" in doctor_line.detail
+        assert f"127.0.0.1:{local_port} here → 127.0.0.1:{redis_server.port}" in doctor_line.detail
+        assert f"127.0.0.1:{reverse_port} on 127.0.0.1 → 127.0.0.1:" in doctor_line.detail
 
         # A real worker whose only way to the broker is the tunnel.
         worker = start_worker(
