@@ -245,7 +245,9 @@ def check_flower(url: str | None, credentials: str | None) -> list[Check]:
     base = url.rstrip("/")
     shown = redacted_url(base)
     try:
-        anonymous = httpx.get(f"{base}/api/workers", timeout=5)
+        # The dashboard, not the API: Flower 2 refuses its API to anonymous callers even with
+        # no auth configured (unless FLOWER_UNAUTHENTICATED_API), so only a page tells.
+        anonymous = httpx.get(f"{base}/", timeout=5)
     except httpx.HTTPError as exc:
         return [
             Check(
@@ -257,7 +259,7 @@ def check_flower(url: str | None, credentials: str | None) -> list[Check]:
             )
         ]
     checks = [Check("flower", "reachable", Status.OK, f"{shown} answers")]
-    if anonymous.status_code != 401:
+    if anonymous.status_code != 401 and not anonymous.is_redirect:  # a redirect: OAuth login
         checks.append(
             Check(
                 "flower",

@@ -142,6 +142,17 @@ def test_flower_is_checked_for_reachability_and_auth(healthy_cluster: str, tmp_p
     assert line_of(gone.stdout, "flower", "reachable").startswith("✗")
     assert "corral flower" in gone.stdout  # the fix
 
+    (tmp_path / "open").mkdir()
+    open_flower = start_corral_flower(healthy_cluster, tmp_path / "open", credentials=None)
+    try:
+        result = doctor(healthy_cluster, "--flower", f"http://127.0.0.1:{open_flower.port}")
+    finally:
+        open_flower.stop()
+    assert result.returncode == ExitCode.FAILED
+    auth = line_of(result.stdout, "flower", "auth")
+    assert auth.startswith("✗") and "answers without credentials" in auth
+    assert "CORRAL_FLOWER_AUTH=user:password" in result.stdout
+
 
 def test_a_node_whose_backend_is_down_needs_fixing(good_redis: RedisServer, tmp_path: Path) -> None:
     url = good_redis.url.rsplit("/", 1)[0] + "/2"

@@ -40,18 +40,23 @@ FAST = ["--simulate", "--sim-first-token-ms", "5", "--sim-token-ms", "1"]
 PASSWORD = FLOWER_CREDENTIALS.split(":", 1)[1]
 
 
-def start_corral_flower(broker_url: str, workdir: Path) -> FlowerProcess:
-    """``corral flower --port P`` with ``CORRAL_FLOWER_AUTH`` set, as docker-compose runs it."""
+def start_corral_flower(
+    broker_url: str, workdir: Path, credentials: str | None = FLOWER_CREDENTIALS
+) -> FlowerProcess:
+    """``corral flower --port P`` with ``CORRAL_FLOWER_AUTH`` set, as docker-compose runs it
+    (``credentials=None``: without, so on loopback and open to anyone there)."""
     port = free_port()
     log_path = workdir / "corral-flower.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed in FlowerProcess.stop
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
     env.pop("CORRAL_CONFIG", None)
+    env.pop("CORRAL_FLOWER_AUTH", None)
     env.update(
         CORRAL_BROKER_URL=broker_url,
-        CORRAL_FLOWER_AUTH=FLOWER_CREDENTIALS,
         PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
     )
+    if credentials is not None:
+        env["CORRAL_FLOWER_AUTH"] = credentials
     process = subprocess.Popen(
         [sys.executable, "-m", "controller.cli", "flower", "--port", str(port)],
         stdout=log_file,
