@@ -23,6 +23,7 @@ from broker.schemas import (
     JobSpec,
 )
 from broker.settings import build_settings
+from controller.cli.acl import acl_command
 from controller.cli.common import (
     ExitCode,
     exit_code_for,
@@ -389,6 +390,7 @@ def demo() -> None:
 
 
 cli.add_command(models)
+cli.add_command(acl_command)
 
 
 def main() -> None:
