@@ -4,6 +4,7 @@
 
     CorralError
     ├── ConfigError             bad settings, flags or corral.yaml
+    │   └── RequestTooLarge     a prompt over the cluster's size limit (refused before Redis)
     ├── BrokerUnavailable       Redis cannot be reached or refuses us
     ├── RoutingError            nothing can serve this job
     │   ├── UnknownNode        an @name that matches no node
@@ -39,6 +40,12 @@ class CorralError(Exception):
 
 class ConfigError(CorralError):
     code = "config"
+
+
+class RequestTooLarge(ConfigError):
+    """A prompt (with its session history) over ``max_prompt_bytes``: refused before it is sent."""
+
+    code = "too_large"
 
 
 class BrokerUnavailable(CorralError):

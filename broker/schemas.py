@@ -16,6 +16,11 @@ Priority = Literal["interactive", "batch"]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 
 
+SCHEMA_VERSION = 2
+"""The wire schema every message carries as ``v`` (also written by the Lua scripts that build
+events inside Redis)."""
+
+
 class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -78,10 +83,7 @@ class JobAssignment(Message):
 
     def argsrepr(self) -> str:
         """What Flower and the worker log show instead of the prompt."""
-        return (
-            f"job={self.spec.job_id} node={self.node} model={self.model}"
-            f" attempt={self.attempt}"
-        )
+        return f"job={self.spec.job_id} node={self.node} model={self.model} attempt={self.attempt}"
 
 
 ModelOpKind = Literal["pull", "warm", "unload", "rm"]

@@ -102,7 +102,7 @@ def rank_candidates(
     """Every (node, backend, model) able to serve ``spec``, best first.
 
     Filters: node up, not excluded (already tried), not behind an open breaker (``blocked``
-    holds node names and ``node/backend`` targets), matching the pinned node (``@name``), meeting the
+    holds node names and ``node/backend`` targets), on the pinned node (``@name``), meeting the
     job's tags, with a healthy backend that has a wanted model. Ranks: the session's node
     first, then the alias's order of preference, then model already loaded (no swap), then
     most spare capacity, then lowest recent latency, then fewest jobs, then name.

@@ -23,6 +23,7 @@ from broker.schemas import (
     JobSpec,
 )
 from broker.settings import build_settings
+from controller.cli.acl import acl_command
 from controller.cli.common import (
     ExitCode,
     exit_code_for,
@@ -30,15 +31,21 @@ from controller.cli.common import (
     output_width,
     print_events,
     print_json,
+    prompt_from,
     settings_from,
     split_list,
 )
 from controller.cli.doctor import doctor
+from controller.cli.fanout_tables import answers_table, progress_table
 from controller.cli.flower import flower
 from controller.cli.models import models
+from controller.cli.render import (
+    breaker_notes,
+    nodes_table,
+    stderr_console,
+)
 from controller.cli.tunnel import tunnel
 from controller.client import CorralClient, Event, make_spec
-from controller.cli.fanout_tables import answers_table, progress_table
 from controller.fanout import (
     FanoutJob,
     cancel_jobs,
@@ -49,11 +56,6 @@ from controller.fanout import (
     wait_for,
 )
 from controller.prompt import parse_tags, split_mention
-from controller.cli.render import (
-    breaker_notes,
-    nodes_table,
-    stderr_console,
-)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,7 +86,7 @@ def worker(args: tuple[str, ...]) -> None:
 
 
 @cli.command()
-@click.argument("prompt", nargs=-1, required=True)
+@click.argument("prompt", nargs=-1)
 @click.option("--tag", "tags", multiple=True, help="Required capability tag (repeatable, or a,b).")
 @click.option("--model", help="Model to run, e.g. llama3.1:8b.")
 @click.option("--node", help="Run on this node (same as an @NODE prefix).")
@@ -143,6 +145,8 @@ def ask(
 ) -> None:
     """Route PROMPT to the best node and stream the answer. Prefix @NODE to pick the node.
 
+    A PROMPT of `-`, or none with a pipe on stdin, reads the prompt from standard input.
+
     With --fanout or --models, several jobs run at once: a live table shows their progress,
     then their answers print side by side. The exit code is 0 only if every job succeeded
     (otherwise the leftmost failed job's code). --json then tags each event line with
@@ -151,7 +155,8 @@ def ask(
     settings = settings_from(ctx)
     models = split_list(model_list)
     try:
-        mentioned, text = split_mention(" ".join(prompt))
+        words = prompt_from(prompt, sys.stdin, settings.max_prompt_bytes)
+        mentioned, text = split_mention(words)
         if node and mentioned and node != mentioned:
             raise ConfigError(f"--node {node} and @{mentioned} disagree")
         _check_many_flags(fanout, models, node or mentioned, model, session)
@@ -388,6 +393,7 @@ def demo() -> None:
 
 
 cli.add_command(models)
+cli.add_command(acl_command)
 cli.add_command(flower)
 cli.add_command(tunnel)
 cli.add_command(doctor)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from broker.errors import NoNodeAvailable, UnknownModel, UnknownNode
 from broker.schemas import BackendInfo, ChatMessage, JobSpec, ModelInfo, NodeInfo
-from controller.router import NodeState, rank_candidates, candidates_for
+from controller.router import NodeState, candidates_for, rank_candidates
 
 MODELS = ["llama3.1:8b", "qwen2.5-coder:7b", "phi3:mini", "nomic-embed-text"]
 TAGS = ["code", "gpu", "embed", "pi"]
@@ -57,12 +57,12 @@ def node(
 
 
 def job(
-    route: str | None = None, model: str | None = None, tags: frozenset[str] = frozenset()
+    pin: str | None = None, model: str | None = None, tags: frozenset[str] = frozenset()
 ) -> JobSpec:
     return JobSpec(
         job_id="job-0001",
         messages=(ChatMessage(role="user", content="hi"),),
-        route=route,
+        node=pin,
         model=model,
         tags=tags,
         created_at=0,
@@ -83,9 +83,9 @@ def test_then_the_least_loaded_node() -> None:
     assert [c.node for c in candidates_for(job(model="phi3:mini"), nodes)] == ["b", "a", "c"]
 
 
-def test_route_name_picks_that_node_even_if_another_is_better() -> None:
+def test_a_pinned_node_is_picked_even_if_another_is_better() -> None:
     nodes = [node("pi2", {"phi3:mini": False}, in_flight=1), node("gpu1", {"phi3:mini": True})]
-    assert [c.node for c in candidates_for(job(route="pi2"), nodes)] == ["pi2"]
+    assert [c.node for c in candidates_for(job(pin="pi2"), nodes)] == ["pi2"]
 
 
 def test_no_model_named_uses_a_loaded_model_of_the_node() -> None:
@@ -104,12 +104,14 @@ def test_tags_must_all_be_present() -> None:
 
 def test_unknown_node_names_the_known_nodes() -> None:
     with pytest.raises(UnknownNode, match=r"no node named 'pi9' \(known nodes: pi1, pi2\)"):
-        candidates_for(job(route="pi9"), [node("pi1", {"m": True}), node("pi2", {"m": True})])
+        candidates_for(job(pin="pi9"), [node("pi1", {"m": True}), node("pi2", {"m": True})])
 
 
-def test_route_to_a_down_node_says_it_is_down() -> None:
+def test_a_pinned_node_that_is_down_says_so() -> None:
     with pytest.raises(NoNodeAvailable, match="node 'pi2' is down"):
-        candidates_for(job(route="pi2"), [node("pi2", {"m": True}, up=False), node("pi1", {"m": True})])
+        candidates_for(
+            job(pin="pi2"), [node("pi2", {"m": True}, up=False), node("pi1", {"m": True})]
+        )
 
 
 def test_unknown_model_lists_what_exists() -> None:
@@ -128,7 +130,9 @@ def test_no_node_up() -> None:
 
 def test_missing_tag_is_named() -> None:
     with pytest.raises(NoNodeAvailable, match="no up node or model has the tags gpu"):
-        candidates_for(job(tags=frozenset({"gpu"})), [node("a", {"m": True}, tags=frozenset({"code"}))])
+        candidates_for(
+            job(tags=frozenset({"gpu"})), [node("a", {"m": True}, tags=frozenset({"code"}))]
+        )
 
 
 def test_unhealthy_backend_is_skipped() -> None:
