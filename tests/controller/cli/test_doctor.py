@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from broker import __version__, names
+from broker.acl import CONTROLLER_USER, controller_rules, setuser_args
 from broker.schemas import BackendInfo, ModelInfo, NodeInfo
 from controller.breaker import Breakers, backend_target
 from controller.cli import ExitCode
@@ -267,3 +268,22 @@ def test_version_skew_a_down_node_an_unreadable_heartbeat_and_an_open_breaker(
     assert down.startswith("✗") and re.search(r"last heartbeat 3\d\.\d s ago", down), down
     assert line_of(out, "node future", "heartbeat").startswith("✗")
     assert "another wire schema version" in out
+
+
+def test_a_least_privilege_controller_user_gets_a_warning_not_a_failure(
+    good_redis: RedisServer, healthy_cluster: str
+) -> None:
+    db = int(healthy_cluster.rsplit("/", 1)[1])
+    admin = good_redis.client()
+    admin.execute_command(*setuser_args(CONTROLLER_USER, "ctl-pw", controller_rules(db)))
+    try:
+        url = f"redis://{CONTROLLER_USER}:ctl-pw@127.0.0.1:{good_redis.port}/{db}"
+        result = doctor(url)
+        out = result.stdout
+        assert result.returncode == ExitCode.OK, out + result.stderr
+        assert line_of(out, "broker", "info").startswith("!")
+        assert "with an admin user" in out
+        assert line_of(out, "node alpha", "heartbeat").startswith("✓")  # read as the user may
+        assert "ctl-pw" not in out
+    finally:
+        admin.execute_command("ACL", "DELUSER", CONTROLLER_USER)
