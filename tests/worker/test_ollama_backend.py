@@ -25,7 +25,7 @@ from broker.errors import (
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
 from controller.localcluster import free_port
 from tests.fakes.fake_ollama import NOT_IN_REGISTRY, FakeModel, running_fake_ollama
-from worker.backends.base import Chunk, PullProgress
+from worker.backends.base import Chunk, PullProgress, model_manager
 from worker.backends.ollama import OllamaBackend
 from worker.backends.ollama_wire import context_length_from, loaded_until_from, ollama_keep_alive
 
@@ -225,11 +225,8 @@ def test_inventory_on_server_error_raises_protocol_error() -> None:
 
 
 def test_ollama_manages_models() -> None:
-    assert with_backend("http://ollama.test:11434", _manages_models) is True
-
-
-async def _manages_models(backend: OllamaBackend) -> bool:
-    return backend.manages_models
+    backend = OllamaBackend("gpu0", "http://ollama.test:11434", httpx.AsyncClient())
+    assert model_manager(backend) is backend
 
 
 def test_load_without_keep_alive_keeps_the_model_loaded_for_good() -> None:

@@ -12,16 +12,16 @@ import pytest
 from pydantic import SecretStr
 
 from broker.errors import (
+    BackendAuthError,
     BackendError,
     BackendProtocolError,
     BackendUnavailable,
     ModelNotFound,
-    UnsupportedOperation,
 )
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
 from controller.localcluster import free_port
 from tests.fakes.fake_openai import running_fake_openai
-from worker.backends.base import Chunk, PullProgress
+from worker.backends.base import Chunk, model_manager
 from worker.backends.openai_compat import OpenAICompatBackend, api_root
 
 T = TypeVar("T")
@@ -144,35 +144,11 @@ def test_a_server_without_props_counts_as_one_slot_and_is_asked_once() -> None:
 # --- the model lifecycle is not theirs -----------------------------------------------------
 
 
-async def _pull(backend: OpenAICompatBackend) -> list[PullProgress]:
-    return [step async for step in backend.pull("tiny-model")]
-
-
-@pytest.mark.parametrize(
-    ("action", "call"),
-    [
-        ("load", lambda b: b.load("tiny-model", "30m")),
-        ("unload", lambda b: b.unload("tiny-model")),
-        ("delete", lambda b: b.delete("tiny-model")),
-        ("pull", _pull),
-    ],
-)
-def test_model_lifecycle_is_unsupported_and_says_which_backend(
-    action: str, call: Callable[[OpenAICompatBackend], Awaitable[object]]
-) -> None:
-    with running_fake_openai() as fake:
-        with pytest.raises(UnsupportedOperation) as caught:
-            with_backend(fake.url, call)
-        assert fake.state.bodies == []  # nothing was sent
-    assert f"openai backend 'gpu-box' cannot {action} models" in str(caught.value)
-
-
-def test_openai_backends_say_they_do_not_manage_models() -> None:
-    assert with_backend("http://gpu:8080", _manages_models) is False
-
-
-async def _manages_models(backend: OpenAICompatBackend) -> bool:
-    return backend.manages_models
+def test_openai_backends_do_not_manage_models() -> None:
+    """No pull/warm/unload/rm stubs: the adapter is simply no ModelManager."""
+    backend = OpenAICompatBackend("gpu-box", "http://gpu:8080", httpx.AsyncClient())
+    assert model_manager(backend) is None
+    assert not hasattr(backend, "pull")
 
 
 # --- streaming -----------------------------------------------------------------------------
@@ -282,9 +258,9 @@ def test_a_rejected_key_never_appears_in_the_error() -> None:
     wrong_key = "sk-wrong-key-that-must-stay-secret"
     # The fake's 401 message echoes the key it was given, as some servers do.
     with running_fake_openai(api_key=API_KEY) as fake:
-        with pytest.raises(BackendProtocolError) as caught:
+        with pytest.raises(BackendAuthError) as caught:
             with_backend(fake.url, collect, api_key=wrong_key)
-        with pytest.raises(BackendProtocolError) as caught_inventory:
+        with pytest.raises(BackendAuthError) as caught_inventory:
             with_backend(fake.url, lambda b: b.inventory(), api_key=wrong_key)
     for error in (caught.value, caught_inventory.value):
         assert "HTTP 401" in str(error)
