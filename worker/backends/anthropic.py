@@ -259,7 +259,7 @@ class AnthropicBackend:
         if status is None:
             return self._errors.mid_stream(f"{kind}: {message}")
         report = ErrorReport(f"{kind}: {message}", model_missing=status == 404)
-        return self._errors.for_status(status, report, model)
+        return self._errors.in_stream(status, report, model)
 
     def _read_error(self, response: httpx.Response) -> ErrorReport:
         try:

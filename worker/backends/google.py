@@ -283,10 +283,8 @@ class GoogleBackend:
                 status = _Status.model_validate(parsed.error)
             except ValidationError:
                 raise self._errors.mid_stream(str(parsed.error)) from None
-            report = self._report(status, status.code or 500)
-            raise self._errors.for_status(
-                status.code or 500, report, model, _retry_delay(status.details)
-            )
+            code = status.code or 500
+            raise self._errors.in_stream(code, self._report(status, code), model)
         feedback = parsed.prompt_feedback
         if feedback is not None and feedback.block_reason and not parsed.candidates:
             raise ContentBlocked(

@@ -207,6 +207,18 @@ class HttpErrors:
             )
         return BackendProtocolError(f"{self.where} answered HTTP {status}: {report.message}")
 
+    def in_stream(self, status: int, report: ErrorReport, model: str | None) -> BackendError:
+        """An error event after the 200 header, given the HTTP status its type stands for.
+
+        What the status says about the key, the rate or the server's load holds mid-stream
+        too; anything else is the server failing mid-answer.
+        """
+        if status in (401, 403, 429) or status in OVERLOADED_STATUSES or report.auth_failed:
+            return self.for_status(status, report, model, report.retry_after)
+        if model is not None and report.model_missing:
+            return self.for_status(status, report, model)
+        return self.mid_stream(report.message)
+
     def mid_stream(self, message: str) -> BackendProtocolError:
         """A failure the server reported after its 200 header."""
         return BackendProtocolError(f"{self.where} failed mid-stream: {self.scrub.detail(message)}")
