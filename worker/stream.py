@@ -30,6 +30,7 @@ from broker.schemas import (
     InterruptedEvent,
     JobResult,
     ProgressEvent,
+    StartedEvent,
 )
 
 # KEYS: log, result, lease. ARGV: event JSON, channel, log TTL (0 = leave), result JSON
@@ -67,14 +68,16 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 local seq = redis.call('LLEN', KEYS[3])
-local started = cjson.encode({v = 1, type = 'started', job_id = ARGV[6], seq = seq,
+local started = cjson.encode({v = SCHEMA_VERSION, type = 'started', job_id = ARGV[6], seq = seq,
   ts = tonumber(ARGV[7]), node = ARGV[8], backend = ARGV[9], model = ARGV[10],
   attempt = tonumber(ARGV[1]), instance = ARGV[11]})
 redis.call('RPUSH', KEYS[3], started)
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 redis.call('PUBLISH', ARGV[4], started)
 return {2, seq}
-"""
+""".replace("SCHEMA_VERSION", str(StartedEvent.model_fields["v"].default))
+# The version is the schema's own, not a copy: a started event written with the old number
+# is refused by every reader (it was, once, after the v2 schema change).
 
 
 log = logging.getLogger(__name__)

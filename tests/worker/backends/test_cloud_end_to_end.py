@@ -1,0 +1,123 @@
+"""A cloud provider behind a real worker: the normal queue, lease and stream path, key kept.
+
+A real redis-server, a real worker process (``python -m worker``) with an ``anthropic`` backend
+from corral.yaml pointed at the fake Messages API, and the real CLI. A recognisable key is
+planted in the worker's environment; it must reach the provider and nothing else: no log line,
+no Redis key or value, no task argument, no CLI output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.fakes.fake_anthropic import FakeAnthropic, running_fake_anthropic
+from tests.support.servers import REPO_ROOT, WorkerProcess, start_worker, wait_until
+
+PLANTED_KEY = "sk-ant-e2e-PLANTED-9c4e1b7a"
+MODEL = "claude-e2e-sonnet"
+REPLY = "Clouds are backends of workers too."
+
+
+def corral(broker_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    return subprocess.run(
+        [sys.executable, "-m", "controller", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "CORRAL_BROKER_URL": broker_url},
+        cwd=REPO_ROOT,
+    )
+
+
+def everything_in_redis(broker_url: str) -> str:
+    """Every key and value of the worker's database, as text."""
+    client = redis.Redis.from_url(broker_url)
+    parts: list[str] = []
+    try:
+        for key in client.scan_iter(count=1000):
+            kind = client.type(key).decode()
+            value: object
+            if kind == "string":
+                value = client.get(key)
+            elif kind == "hash":
+                value = client.hgetall(key)
+            elif kind == "list":
+                value = client.lrange(key, 0, -1)
+            elif kind == "set":
+                value = client.smembers(key)
+            elif kind == "zset":
+                value = client.zrange(key, 0, -1)
+            elif kind == "stream":
+                value = client.xrange(key)
+            else:
+                value = kind
+            parts.append(f"{key!r} {value!r}")
+    finally:
+        client.close()
+    return "\n".join(parts)
+
+
+@pytest.fixture
+def cloud_node(broker_url: str, tmp_path: Path) -> Iterator[tuple[FakeAnthropic, WorkerProcess]]:
+    with running_fake_anthropic(api_key=PLANTED_KEY, models=[MODEL], reply=REPLY) as fake:
+        config = tmp_path / "corral.yaml"
+        config.write_text(
+            f"worker:\n  backends:\n    - kind: anthropic\n      name: claude\n"
+            f"      url: {fake.url}\n"
+        )
+        worker = start_worker(
+            broker_url,
+            "cloudy",
+            "--loglevel",
+            "DEBUG",
+            log_dir=tmp_path,
+            env={"ANTHROPIC_API_KEY": PLANTED_KEY, "CORRAL_CONFIG": str(config)},
+        )
+        try:
+            yield fake, worker
+        finally:
+            worker.stop()
+
+
+def test_a_job_for_a_claude_model_reaches_the_cloud_worker_and_the_key_stays_put(
+    broker_url: str, cloud_node: tuple[FakeAnthropic, WorkerProcess]
+) -> None:
+    fake, worker = cloud_node
+    nodes = corral(broker_url, "nodes")
+    assert nodes.returncode == 0, nodes.stderr
+    assert "cloudy" in nodes.stdout and "anthropic" in nodes.stdout
+
+    answer = corral(broker_url, "ask", "--model", MODEL, "why are clouds backends?")
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == REPLY
+    assert "node cloudy" in answer.stderr and f"model {MODEL}" in answer.stderr
+    assert fake.state.headers_seen[-1]["x-api-key"] == PLANTED_KEY  # the key did travel
+
+    # The provider now refuses the key (and echoes it back): the user learns which variable
+    # to check, and still never sees the key.
+    fake.state.api_key = "sk-ant-rotated"
+    refused = corral(broker_url, "ask", "--model", MODEL, "again?")
+    assert refused.returncode == 4
+    assert "ANTHROPIC_API_KEY" in refused.stderr
+
+    wait_until(lambda: "refused the API key" in worker.log(), 5, "the refusal in the log")
+    outputs = {
+        "worker log": worker.log(),
+        "redis": everything_in_redis(broker_url),
+        "cli": nodes.stdout + nodes.stderr + answer.stdout + answer.stderr,
+        "cli after refusal": refused.stdout + refused.stderr,
+    }
+    for where, text in outputs.items():
+        assert PLANTED_KEY not in text, f"the key leaked into the {where}"
+    # The worker runs at DEBUG, so its log holds each task's arguments and every HTTP
+    # exchange; the queued task messages are in Redis until taken. The provider's 401 echoed
+    # the key it got, and the log shows it scrubbed:
+    assert "invalid x-api-key: ***; check ANTHROPIC_API_KEY" in outputs["worker log"]
