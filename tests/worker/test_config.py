@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from broker.errors import ConfigError
+from broker.settings import load_yaml_config
 from worker.config import (
     AnthropicSpec,
     CloudSpec,
@@ -126,3 +129,19 @@ def test_a_missing_key_names_the_variables_to_set() -> None:
     assert isinstance(spec, CloudSpec)
     with pytest.raises(ConfigError, match="set GEMINI_API_KEY or GOOGLE_API_KEY"):
         api_key_for(spec, "google", "google", {})
+
+
+def test_a_key_written_as_a_variable_in_corral_yaml_is_read_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MY_CLAUDE_KEY", "sk-ant-from-env-var")
+    path = tmp_path / "corral.yaml"
+    path.write_text(
+        "worker:\n  backends:\n    - kind: anthropic\n      api_key: ${MY_CLAUDE_KEY}\n"
+    )
+    config = build_worker_config(load_yaml_config(path)["worker"], name="n")
+    (spec,) = config.backends
+    assert isinstance(spec, CloudSpec)
+    key, source = api_key_for(spec, "anthropic", "anthropic", {})
+    assert key.get_secret_value() == "sk-ant-from-env-var"
+    assert "sk-ant-from-env-var" not in repr(config) + source

@@ -8,6 +8,7 @@ no Redis key or value, no task argument, no CLI output.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -121,3 +122,46 @@ def test_a_job_for_a_claude_model_reaches_the_cloud_worker_and_the_key_stays_put
     # exchange; the queued task messages are in Redis until taken. The provider's 401 echoed
     # the key it got, and the log shows it scrubbed:
     assert "invalid x-api-key: ***; check ANTHROPIC_API_KEY" in outputs["worker log"]
+
+
+def test_a_rate_limited_provider_moves_the_job_to_the_next_node(
+    broker_url: str, tmp_path: Path
+) -> None:
+    """Two workers front the same provider with their own keys; the one the router prefers
+    (more spare capacity) is rate limited, so the job moves on before its first token."""
+    with (
+        running_fake_anthropic(api_key=PLANTED_KEY, models=[MODEL]) as busy,
+        running_fake_anthropic(api_key=PLANTED_KEY, models=[MODEL], reply=REPLY) as free,
+    ):
+        workers = []
+        try:
+            for name, fake, capacity in (("busy", busy, 8), ("free", free, 1)):
+                config = tmp_path / f"{name}.yaml"
+                config.write_text(
+                    f"worker:\n  backends:\n    - kind: anthropic\n      url: {fake.url}\n"
+                    f"      capacity: {capacity}\n"
+                )
+                workers.append(
+                    start_worker(
+                        broker_url,
+                        name,
+                        log_dir=tmp_path,
+                        env={"ANTHROPIC_API_KEY": PLANTED_KEY, "CORRAL_CONFIG": str(config)},
+                    )
+                )
+            # Limited from now on: the heartbeat keeps advertising the cached model list, as a
+            # real node would until its jobs find out.
+            busy.state.fail_status, busy.state.fail_headers = 429, {"retry-after": "30"}
+            answer = corral(broker_url, "ask", "--json", "--model", MODEL, "hello")
+        finally:
+            for worker in workers:
+                worker.stop()
+    assert answer.returncode == 0, answer.stderr
+    events = [json.loads(line) for line in answer.stdout.splitlines()]
+    started = [e["node"] for e in events if e["type"] == "started"]
+    errors = [e for e in events if e["type"] == "error"]
+    assert started == ["busy", "free"]
+    assert [(e["code"], e["final"]) for e in errors] == [("rate_limited", False)]
+    assert "retry after 30s" in errors[0]["message"]
+    assert events[-1]["type"] == "done" and events[-1]["result"]["text"] == REPLY
+    assert PLANTED_KEY not in answer.stdout + answer.stderr
