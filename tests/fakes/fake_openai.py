@@ -32,6 +32,10 @@ from starlette.routing import Route
 from tests.fakes import DropConnection, serve_in_thread
 
 DEFAULT_REPLY = "Tokens stream back as the backend produces them."
+MISTRAL_UNKNOWN_FIELDS = frozenset(
+    {"stream_options", "seed", "max_completion_tokens", "frequency_penalty", "logprobs"}
+)
+"""Fields of OpenAI's request that Mistral's API refuses (its ``random_seed`` is the seed)."""
 
 
 @dataclass
@@ -56,6 +60,10 @@ class FakeOpenAIState:
     ratelimit_headers: dict[str, str] = field(default_factory=dict)
     """Sent on every answer, as OpenAI sends ``x-ratelimit-remaining-requests`` and the like."""
     model_listings: int = 0
+    dialect: str = "openai"
+    """"mistral": refuse fields Mistral does not know (422 ``extra_forbidden``, as Mistral's
+    API answers ``stream_options`` and ``seed``), read ``random_seed``, and always send the
+    usage with the last chunk."""
     error_after: int | None = None
     error_message: str = "the slot was released while generating"
     bodies: list[dict[str, Any]] = field(default_factory=list)
@@ -165,6 +173,27 @@ def build_app(state: FakeOpenAIState) -> Starlette:
                 400, "We could not parse the JSON body of your request.", "invalid_request_error"
             )
         state.bodies.append(body)
+        if state.dialect == "mistral":
+            extra = sorted(set(body) & MISTRAL_UNKNOWN_FIELDS)
+            if extra:
+                detail = [
+                    {
+                        "type": "extra_forbidden",
+                        "loc": ["body", field],
+                        "msg": "Extra inputs are not permitted",
+                    }
+                    for field in extra
+                ]
+                return JSONResponse(
+                    {
+                        "object": "error",
+                        "message": {"detail": detail},
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    },
+                    status_code=422,
+                )
         model = body.get("model")
         if model not in state.models:
             return _error(
@@ -188,6 +217,7 @@ def build_app(state: FakeOpenAIState) -> Starlette:
         usage_wanted = state.supports_usage and bool(
             (body.get("stream_options") or {}).get("include_usage")
         )
+        usage_always = state.dialect == "mistral"
         base = {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
@@ -203,14 +233,17 @@ def build_app(state: FakeOpenAIState) -> Starlette:
 
         events = [chunk({"role": "assistant", "content": ""})]
         events += [chunk({"content": piece}) for piece in pieces]
-        events.append(chunk({}, finish))
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(pieces),
+            "total_tokens": prompt_tokens + len(pieces),
+        }
+        if usage_always:  # Mistral: the usage rides on the chunk with the finish reason
+            events.append({**chunk({}, finish), "usage": usage})
+        else:
+            events.append(chunk({}, finish))
         if usage_wanted:
-            prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(pieces),
-                "total_tokens": prompt_tokens + len(pieces),
-            }
             events.append({**base, "choices": [], "usage": usage})
         if not body.get("stream"):
             message = {"role": "assistant", "content": "".join(pieces)}

@@ -107,21 +107,26 @@ def api_root(base_url: str) -> str:
 
 
 def chat_request_body(
-    model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+    model: str,
+    messages: Sequence[ChatMessage],
+    options: GenerationOptions,
+    kind: BackendKind = "openai",
 ) -> dict[str, object]:
     body: dict[str, object] = {
         "model": model,
         "messages": [{"role": m.role, "content": m.content} for m in messages],
         "stream": True,
+    }
+    if kind != "mistral":
         # Ask for the token counts in one last chunk. Servers that do not implement it ignore
         # the field (llama_cpp.server does: tests/worker/test_llama_cpp_server.py), and then
-        # the adapter counts the content deltas itself.
-        "stream_options": {"include_usage": True},
-    }
+        # the adapter counts the content deltas itself. Mistral refuses any field it does not
+        # know (422 extra_forbidden) and sends the usage anyway.
+        body["stream_options"] = {"include_usage": True}
     if options.temperature is not None:
         body["temperature"] = options.temperature
     if options.seed is not None:
-        body["seed"] = options.seed
+        body["random_seed" if kind == "mistral" else "seed"] = options.seed
     if options.max_tokens is not None:
         body["max_tokens"] = options.max_tokens
     if options.stop:
@@ -236,7 +241,7 @@ class OpenAICompatBackend:
     async def stream_chat(
         self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
     ) -> AsyncIterator[Chunk]:
-        body = chat_request_body(model, messages, options)
+        body = chat_request_body(model, messages, options, self._kind)
         finish_reason: str | None = None
         usage: _Usage | None = None
         deltas = 0

@@ -67,6 +67,15 @@ def _openai_options(body: dict[str, Any]) -> dict[str, Any]:
     return {k: body.get(k) for k in ("temperature", "max_tokens", "stop", "seed")}
 
 
+def _mistral_options(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "temperature": body.get("temperature"),
+        "max_tokens": body.get("max_tokens"),
+        "stop": body.get("stop"),
+        "seed": body.get("random_seed"),
+    }
+
+
 def _anthropic_options(body: dict[str, Any]) -> dict[str, Any]:
     return {
         "temperature": body.get("temperature"),
@@ -137,6 +146,27 @@ SETUPS = [
         options_seen=_openai_options,
         rate_limit=_retry_after_header,
         key_source="OPENAI_API_KEY",
+        cloud=True,
+    ),
+    Setup(
+        id="mistral",
+        start=lambda: running_fake_openai(
+            api_key=PLANTED_KEY, models=["mistral-test"], dialect="mistral"
+        ),
+        make=lambda url, client, key: OpenAICompatBackend(
+            "mistral",
+            f"{url}/v1",
+            client,
+            capacity=4,
+            api_key=SecretStr(key),
+            kind="mistral",
+            key_source="MISTRAL_API_KEY",
+        ),
+        model="mistral-test",
+        models=("mistral-test",),
+        options_seen=_mistral_options,
+        rate_limit=_retry_after_header,
+        key_source="MISTRAL_API_KEY",
         cloud=True,
     ),
     Setup(

@@ -1,8 +1,8 @@
 """The backend contract: what every adapter does, checked against the fake of its server.
 
 Each test runs once per (adapter, fake) pair in ``contract.SETUPS``: Ollama, an
-OpenAI-compatible server, OpenAI's cloud API, Anthropic's Messages API and Google's Gemini
-API. What is the same for all lives here; what only one provider does (Anthropic's 529, a
+OpenAI-compatible server, OpenAI's and Mistral's cloud APIs, Anthropic's Messages API and
+Google's Gemini API. What is the same for all lives here; what only one provider does (Anthropic's 529, a
 Gemini safety stop) lives in that adapter's own test file.
 """
 
