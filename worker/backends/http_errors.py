@@ -4,9 +4,10 @@ The one place every HTTP adapter (``ollama``, ``openai_compat``, ``anthropic``, 
 maps failures: each names itself in ``where`` (``"ollama backend 'gpu0' at http://host:11434"``),
 reads its own error bodies into an ``ErrorReport``, and leaves the rest to ``HttpErrors``:
 which httpx exceptions to catch and what they become; what 401/403 (a refused key), 429 (a
-rate limit with its Retry-After, or an exhausted quota), 404 (a missing model), 503/529 (an
-overloaded server) and any other status mean; and the clipping and scrubbing that keep a
-backend's words short and its base URL's credentials (and any API key) out of every message.
+rate limit with its Retry-After, or an exhausted quota), 402 (credit spent), 404 (a missing
+model), 503/529 (an overloaded server) and any other status mean; and the clipping and
+scrubbing that keep a backend's words short and its base URL's credentials (and any API key)
+out of every message.
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ class HttpErrors:
             return BackendAuthError(
                 f"{self.where} refused the API key (HTTP {status}): {report.message}{source}"
             )
+        if status == 402:
+            # Payment Required: DeepSeek's "Insufficient Balance" (and any billing proxy's).
+            return QuotaExhausted(f"{self.where} says the key's credit is spent: {report.message}")
         if status == 429:
             if report.quota_exhausted:
                 return QuotaExhausted(

@@ -2,8 +2,8 @@
 
 Each test runs once per (adapter, fake) pair in ``contract.SETUPS``: Ollama, an
 OpenAI-compatible server, OpenAI's and Mistral's cloud APIs, Anthropic's Messages API and
-Google's Gemini API. What is the same for all lives here; what only one provider does (Anthropic's 529, a
-Gemini safety stop) lives in that adapter's own test file.
+Google's Gemini API. What is the same for all lives here; what only one provider does
+(Anthropic's 529, a Gemini safety stop) lives in that adapter's own test file.
 """
 
 from __future__ import annotations

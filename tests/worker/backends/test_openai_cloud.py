@@ -32,6 +32,14 @@ def test_insufficient_quota_is_exhausted_and_final() -> None:
     assert type(caught.value) is QuotaExhausted and not caught.value.retryable
 
 
+def test_deepseeks_insufficient_balance_is_exhausted() -> None:
+    with running_fake_openai(api_key=PLANTED_KEY, models=["gpt-test"], fail_status=402) as fake:
+        fake.state.fail_message = "Insufficient Balance"
+        with pytest.raises(BackendError) as caught:
+            with_backend(CLOUD, fake.url, ask)
+    assert type(caught.value) is QuotaExhausted and "Insufficient Balance" in str(caught.value)
+
+
 def test_usage_is_asked_for_and_rate_limit_headers_are_recorded() -> None:
     async def ask_and_read(backend: Backend) -> tuple[list[Chunk], dict[str, str]]:
         chunks = await ask(backend)
