@@ -297,10 +297,6 @@ BackendKind = Literal[
 """
 
 BACKEND_KINDS: frozenset[str] = frozenset(get_args(BackendKind))
-CLOUD_KINDS: frozenset[str] = frozenset(
-    {"anthropic", "google", "openai-cloud", "mistral", "deepseek"}
-)
-"""Kinds that reach a provider over the internet with an API key."""
 
 
 class BackendInfo(BaseModel):
