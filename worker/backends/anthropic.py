@@ -23,7 +23,7 @@ from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInf
 from worker.backends.base import Chunk, public_url
 from worker.backends.cloud import ModelCache, RateLimits
 from worker.backends.http_errors import ErrorReport, HttpErrors, Scrubber, error_text, url_secrets
-from worker.backends.sse import SSEDecoder
+from worker.backends.sse import SSEDecoder, lines_to_the_end
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicBackend", "messages_request_body"]
 
@@ -207,7 +207,7 @@ class AnthropicBackend:
             ) as response:
                 self.rate_limits.record(response)
                 await self._errors.check(response, model)
-                async for line in response.aiter_lines():
+                async for line in lines_to_the_end(response.aiter_lines()):
                     sse = decoder.feed(line)
                     if sse is None or stopped:
                         continue

@@ -24,7 +24,7 @@ from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInf
 from worker.backends.base import Chunk, public_url
 from worker.backends.cloud import ModelCache
 from worker.backends.http_errors import ErrorReport, HttpErrors, Scrubber, error_text, url_secrets
-from worker.backends.sse import SSEDecoder
+from worker.backends.sse import SSEDecoder, lines_to_the_end
 
 __all__ = ["GoogleBackend", "generate_request_body"]
 
@@ -241,7 +241,7 @@ class GoogleBackend:
                 "POST", path, params={"alt": "sse"}, json=body, headers=self._headers()
             ) as response:
                 await self._errors.check(response, model)
-                async for line in response.aiter_lines():
+                async for line in lines_to_the_end(response.aiter_lines()):
                     sse = decoder.feed(line)
                     if sse is None:
                         continue

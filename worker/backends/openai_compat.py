@@ -32,7 +32,7 @@ from worker.backends.http_errors import (
     error_text,
     url_secrets,
 )
-from worker.backends.sse import SSEDecoder
+from worker.backends.sse import SSEDecoder, lines_to_the_end
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class OpenAICompatBackend:
             ) as response:
                 self.rate_limits.record(response)
                 await self._errors.check(response, model)
-                async for line in response.aiter_lines():
+                async for line in lines_to_the_end(response.aiter_lines()):
                     event = decoder.feed(line)
                     if event is None or finished:
                         # After [DONE] we only drain the rest of the body, so the connection

@@ -8,9 +8,10 @@ keep-alive). One extension: llama.cpp's server reports a failure after its 200 h
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
-__all__ = ["SSEDecoder", "SSEEvent"]
+__all__ = ["SSEDecoder", "SSEEvent", "lines_to_the_end"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +54,11 @@ class SSEDecoder:
         event = SSEEvent(self._event or "message", "\n".join(self._data))
         self._data, self._event = [], ""
         return event
+
+
+async def lines_to_the_end(lines: AsyncIterable[str]) -> AsyncIterator[str]:
+    """A body's lines and then one blank line, so the decoder also completes a last event
+    whose closing blank line the server (or a proxy) left out."""
+    async for line in lines:
+        yield line
+    yield ""
