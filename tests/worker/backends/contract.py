@@ -203,11 +203,13 @@ def with_backend(
     url: str,
     scenario: Callable[[Backend], Awaitable[T]],
     key: str = PLANTED_KEY,
+    read_timeout_s: float = 10.0,
 ) -> T:
     """Run ``scenario`` against a fresh adapter (and HTTP client) on its own event loop."""
 
     async def main() -> T:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0)) as client:
+        timeout = httpx.Timeout(read_timeout_s, connect=2.0)
+        async with httpx.AsyncClient(timeout=timeout) as client:
             return await scenario(setup.make(url, client, key))
 
     return asyncio.run(main())

@@ -18,6 +18,7 @@ from broker.errors import (
     BackendError,
     BackendProtocolError,
     BackendRateLimited,
+    BackendTimeout,
     BackendUnavailable,
     ModelNotFound,
 )
@@ -173,6 +174,13 @@ def test_an_error_mid_stream_is_a_protocol_error_with_the_servers_words(setup: S
         error = failure(setup, fake.url)
     assert isinstance(error, BackendProtocolError)
     assert "mid-stream" in str(error) and "the runner crashed" in str(error)
+
+
+def test_a_server_silent_past_the_read_timeout_is_a_timeout(setup: Setup) -> None:
+    with setup.start() as fake:
+        fake.state.first_token_delay = 1.0
+        with pytest.raises(BackendTimeout, match="timed out"):
+            with_backend(setup, fake.url, chat(setup.model), read_timeout_s=0.2)
 
 
 def test_bad_json_is_a_protocol_error(setup: Setup) -> None:
