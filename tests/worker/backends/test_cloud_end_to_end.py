@@ -8,12 +8,16 @@ no Redis key or value, no task argument, no CLI output.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -36,6 +40,42 @@ def corral(broker_url: str, *args: str) -> subprocess.CompletedProcess[str]:
         env={**env, "CORRAL_BROKER_URL": broker_url},
         cwd=REPO_ROOT,
     )
+
+
+class RedisMonitor:
+    """Every command Redis executes while it runs (MONITOR), as text: each key and value the
+    worker and the CLI write, the task messages on the queues included, however short-lived."""
+
+    def __init__(self, broker_url: str) -> None:
+        parts = urlsplit(broker_url)
+        self._sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379))
+        self._sock.sendall(b"MONITOR\r\n")
+        self._chunks: list[bytes] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while chunk := self._sock.recv(65536):
+            self._chunks.append(chunk)
+
+    def stop(self) -> str:
+        """Stop recording (once; later calls change nothing) and return what was seen."""
+        if self._sock.fileno() != -1:
+            self._sock.shutdown(socket.SHUT_RDWR)
+            self._reader.join(5)
+            self._sock.close()
+        return b"".join(self._chunks).decode(errors="replace")
+
+
+def encodings_of(secret: str) -> list[str]:
+    """The secret as it would read in base64 at any of the three byte alignments (kombu sends
+    a task's body base64-encoded): the middle of each encoding, which the bytes around the
+    secret cannot change."""
+    found = [secret]
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + secret.encode()).decode()
+        found.append(encoded[4 if offset else 0 : -4])
+    return found
 
 
 def everything_in_redis(broker_url: str) -> str:
@@ -67,7 +107,10 @@ def everything_in_redis(broker_url: str) -> str:
 
 
 @pytest.fixture
-def cloud_node(broker_url: str, tmp_path: Path) -> Iterator[tuple[FakeAnthropic, WorkerProcess]]:
+def cloud_node(
+    broker_url: str, tmp_path: Path
+) -> Iterator[tuple[FakeAnthropic, WorkerProcess, RedisMonitor]]:
+    monitor = RedisMonitor(broker_url)  # from before the worker starts
     with running_fake_anthropic(api_key=PLANTED_KEY, models=[MODEL], reply=REPLY) as fake:
         config = tmp_path / "corral.yaml"
         config.write_text(
@@ -83,15 +126,16 @@ def cloud_node(broker_url: str, tmp_path: Path) -> Iterator[tuple[FakeAnthropic,
             env={"ANTHROPIC_API_KEY": PLANTED_KEY, "CORRAL_CONFIG": str(config)},
         )
         try:
-            yield fake, worker
+            yield fake, worker, monitor
         finally:
             worker.stop()
+            monitor.stop()
 
 
 def test_a_job_for_a_claude_model_reaches_the_cloud_worker_and_the_key_stays_put(
-    broker_url: str, cloud_node: tuple[FakeAnthropic, WorkerProcess]
+    broker_url: str, cloud_node: tuple[FakeAnthropic, WorkerProcess, RedisMonitor]
 ) -> None:
-    fake, worker = cloud_node
+    fake, worker, monitor = cloud_node
     nodes = corral(broker_url, "nodes")
     assert nodes.returncode == 0, nodes.stderr
     assert "cloudy" in nodes.stdout and "anthropic" in nodes.stdout
@@ -110,17 +154,23 @@ def test_a_job_for_a_claude_model_reaches_the_cloud_worker_and_the_key_stays_put
     assert "ANTHROPIC_API_KEY" in refused.stderr
 
     wait_until(lambda: "refused the API key" in worker.log(), 5, "the refusal in the log")
+    commands = monitor.stop()
+    assert "corral.run_job" in commands  # the task messages went by, and the search below
+    # reads their base64 bodies: the prompt, which travels only there, is found that way.
+    assert any(form in commands for form in encodings_of("why are clouds backends?")[1:])
     outputs = {
         "worker log": worker.log(),
-        "redis": everything_in_redis(broker_url),
+        "redis now": everything_in_redis(broker_url),
+        "redis commands": commands,
         "cli": nodes.stdout + nodes.stderr + answer.stdout + answer.stderr,
         "cli after refusal": refused.stdout + refused.stderr,
     }
     for where, text in outputs.items():
-        assert PLANTED_KEY not in text, f"the key leaked into the {where}"
-    # The worker runs at DEBUG, so its log holds each task's arguments and every HTTP
-    # exchange; the queued task messages are in Redis until taken. The provider's 401 echoed
-    # the key it got, and the log shows it scrubbed:
+        for form in encodings_of(PLANTED_KEY):
+            assert form not in text, f"the key leaked into the {where}"
+    # The worker runs at DEBUG, so its log holds every HTTP exchange; every Redis command of
+    # the test was recorded, task messages on the queues included. The provider's 401
+    # echoed the key it got, and the log shows it scrubbed:
     assert "invalid x-api-key: ***; check ANTHROPIC_API_KEY" in outputs["worker log"]
 
 
