@@ -1,12 +1,14 @@
 """What the cloud adapters share: a cached model list and the provider's rate-limit headers.
 
 A provider's catalogue changes rarely and every listing counts against the key's limits, so
-the heartbeat (every few seconds) reads a cached copy, refreshed every ``ttl_s``. A failed
-refresh is remembered for ``RETRY_S`` instead of being retried on every beat.
+the heartbeat (every few seconds) reads a cached copy, refreshed every ``ttl_s`` in the
+background. A failed listing is remembered for ``RETRY_S`` instead of being retried on every
+beat.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,8 +30,12 @@ RETRY_S = 30.0
 class ModelCache:
     """A provider's model list, fetched at most once per ``ttl_s``.
 
-    ``fixed`` (from the configuration) replaces the listing altogether: the provider is then
-    never asked, which also suits a key allowed to call only some models.
+    The listing runs as its own task, shielded from the caller: the heartbeat gives up on a
+    slow inventory after a couple of seconds, and the listing must not be cancelled with it
+    (it would then never finish); the next heartbeat picks up its answer. Once a list is
+    known, an expired one is still served while the refresh runs. ``fixed`` (from the
+    configuration) replaces the listing altogether: the provider is then never asked, which
+    also suits a key allowed to call only some models.
     """
 
     def __init__(self, ttl_s: float = DEFAULT_MODELS_TTL_S, fixed: Sequence[str] = ()) -> None:
@@ -39,6 +45,7 @@ class ModelCache:
         self._fresh_until = 0.0
         self._error: BackendError | None = None
         self._retry_at = 0.0
+        self._listing: asyncio.Task[list[ModelInfo]] | None = None
         self.fetches = 0
         """How many times the provider was asked (for tests and the curious)."""
 
@@ -50,14 +57,32 @@ class ModelCache:
             return list(self._models)
         if self._error is not None and now < self._retry_at:
             raise self._error
-        self.fetches += 1
+        listing = self._listing
+        if listing is None:
+            self.fetches += 1
+            listing = self._listing = asyncio.ensure_future(self._list(fetch))
+            listing.add_done_callback(_retrieve)
+        if self._models is not None:
+            return list(self._models)  # stale, while the refresh runs
+        return list(await asyncio.shield(listing))
+
+    async def _list(self, fetch: Callable[[], Awaitable[list[ModelInfo]]]) -> list[ModelInfo]:
         try:
             models = await fetch()
         except BackendError as exc:
-            self._error, self._retry_at = exc, now + RETRY_S
+            self._error, self._retry_at = exc, time.monotonic() + RETRY_S
             raise
-        self._models, self._fresh_until, self._error = models, now + self._ttl_s, None
-        return list(models)
+        finally:
+            self._listing = None
+        self._models, self._fresh_until, self._error = models, time.monotonic() + self._ttl_s, None
+        return models
+
+
+def _retrieve(task: asyncio.Task[list[ModelInfo]]) -> None:
+    """Read a finished listing's outcome, so a failed background refresh (already kept as
+    ``_error``) is not reported again as an exception nobody retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 class RateLimits:

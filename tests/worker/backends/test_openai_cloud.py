@@ -91,12 +91,36 @@ def test_the_cache_refreshes_after_its_ttl_and_remembers_a_failure() -> None:
         assert [m.name for m in await cache.get(fetch)] == ["a"]
         assert [m.name for m in await cache.get(fetch)] == ["a"]  # cached
         await asyncio.sleep(0.06)
-        for _ in range(2):  # the failure stands without asking again
+        # Expired: the old list is served while the refresh runs in the background...
+        assert [m.name for m in await cache.get(fetch)] == ["a"]
+        await asyncio.sleep(0.01)
+        for _ in range(2):  # ...whose failure then stands, without asking again
             with pytest.raises(BackendUnavailable):
                 await cache.get(fetch)
 
     asyncio.run(scenario())
     assert calls == ["fetch", "fetch"]
+
+
+def test_a_slow_listing_outlives_a_caller_that_gave_up() -> None:
+    """The heartbeat waits a couple of seconds for an inventory; a slower provider's listing
+    must still finish, for the next heartbeat to use."""
+    calls: list[str] = []
+
+    async def slow_fetch() -> list[ModelInfo]:
+        calls.append("fetch")
+        await asyncio.sleep(0.1)
+        return [ModelInfo(name="slow", loaded=True)]
+
+    async def scenario() -> list[ModelInfo]:
+        cache = ModelCache()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(cache.get(slow_fetch), 0.02)
+        await asyncio.sleep(0.15)
+        return await asyncio.wait_for(cache.get(slow_fetch), 0.02)
+
+    assert [m.name for m in asyncio.run(scenario())] == ["slow"]
+    assert calls == ["fetch"]
 
 
 def test_configured_models_are_served_without_asking() -> None:
