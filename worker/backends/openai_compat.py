@@ -134,6 +134,35 @@ def chat_request_body(
     return body
 
 
+NOT_FOR_CHAT = (
+    "whisper",
+    "tts",
+    "dall-e",
+    "moderation",
+    "realtime",
+    "transcribe",
+    "gpt-image",
+    "sora",
+    "ocr",
+    "davinci-002",
+    "babbage-002",
+)
+"""Parts of model ids a provider lists that no chat completion can use (speech, images,
+moderation, legacy completions): a cloud listing leaves them out."""
+
+
+def cloud_model_info(model_id: str) -> ModelInfo | None:
+    """A provider's model as corral routes it: embedding models say so, so no chat goes to
+    them; models that cannot chat at all are left out (None). A provider's catalogue does not
+    say what each model does, so this reads the names (OpenAI's and Mistral's)."""
+    lowered = model_id.lower()
+    if any(part in lowered for part in NOT_FOR_CHAT):
+        return None
+    if "embed" in lowered:
+        return ModelInfo(name=model_id, loaded=True, capabilities=frozenset({"embed"}))
+    return ModelInfo(name=model_id, loaded=True)
+
+
 def _error_fields(payload: Any) -> tuple[str | None, str | None]:
     """``(message, code)`` from whatever error value a server put in its JSON (the ``type``
     stands in for a missing ``code``: OpenAI sends both, some servers only the type)."""
@@ -236,7 +265,9 @@ class OpenAICompatBackend:
             raise self._errors.bad_payload(
                 "a /v1/models body that is not a model list", response.text
             ) from None
-        return [ModelInfo(name=m.id, loaded=True) for m in listing.data]
+        if not self._cloud:
+            return [ModelInfo(name=m.id, loaded=True) for m in listing.data]
+        return [info for m in listing.data if (info := cloud_model_info(m.id)) is not None]
 
     async def stream_chat(
         self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions

@@ -69,6 +69,16 @@ async def _capacity_after_inventory(backend: Backend) -> int:
     return backend.capacity
 
 
+def test_a_cloud_listing_leaves_out_models_that_cannot_chat() -> None:
+    listed = ["gpt-test", "text-embedding-3-small", "whisper-1", "tts-1-hd", "dall-e-3"]
+    with running_fake_openai(api_key=PLANTED_KEY, models=listed) as fake:
+        models = with_backend(CLOUD, fake.url, lambda b: b.inventory())
+    assert [(m.name, m.serves_chat()) for m in models] == [
+        ("gpt-test", True),
+        ("text-embedding-3-small", False),
+    ]
+
+
 # --- the model-list cache ------------------------------------------------------------------
 
 
