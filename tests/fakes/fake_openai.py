@@ -211,7 +211,7 @@ def build_app(state: FakeOpenAIState) -> Starlette:
                 text = text[: text.index(stop)]
         pieces = re.findall(r"\s*\S+", text)
         finish = "stop"
-        limit = body.get("max_tokens")
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if isinstance(limit, int) and limit < len(pieces):
             pieces, finish = pieces[:limit], "length"
         usage_wanted = state.supports_usage and bool(

@@ -128,7 +128,10 @@ def chat_request_body(
     if options.seed is not None:
         body["random_seed" if kind == "mistral" else "seed"] = options.seed
     if options.max_tokens is not None:
-        body["max_tokens"] = options.max_tokens
+        # OpenAI's own API replaced max_tokens, which its reasoning models refuse; the other
+        # servers (and Mistral, which refuses the new name) still read max_tokens.
+        limit = "max_completion_tokens" if kind == "openai-cloud" else "max_tokens"
+        body[limit] = options.max_tokens
     if options.stop:
         body["stop"] = list(options.stop)
     return body

@@ -67,6 +67,15 @@ def _openai_options(body: dict[str, Any]) -> dict[str, Any]:
     return {k: body.get(k) for k in ("temperature", "max_tokens", "stop", "seed")}
 
 
+def _openai_cloud_options(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "temperature": body.get("temperature"),
+        "max_tokens": body.get("max_completion_tokens"),
+        "stop": body.get("stop"),
+        "seed": body.get("seed"),
+    }
+
+
 def _mistral_options(body: dict[str, Any]) -> dict[str, Any]:
     return {
         "temperature": body.get("temperature"),
@@ -143,7 +152,7 @@ SETUPS = [
         ),
         model="gpt-test",
         models=("gpt-test",),
-        options_seen=_openai_options,
+        options_seen=_openai_cloud_options,
         rate_limit=_retry_after_header,
         key_source="OPENAI_API_KEY",
         cloud=True,
