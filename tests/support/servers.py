@@ -143,13 +143,14 @@ def start_worker(
     """``python -m worker --name NAME ARGS`` in its own process, logging to a file."""
     log_path = log_dir / f"worker-{name}-{time.monotonic_ns()}.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed in WorkerProcess.stop
+    # The test process's own CORRAL_CONFIG is dropped; one passed in ``env`` is kept.
+    inherited = {k: v for k, v in os.environ.items() if k != "CORRAL_CONFIG"}
     full_env = {
-        **os.environ,
+        **inherited,
         "CORRAL_BROKER_URL": broker_url,
         "CORRAL_HEARTBEAT_INTERVAL_S": str(heartbeat_s),
         **(env or {}),
     }
-    full_env.pop("CORRAL_CONFIG", None)
     process = subprocess.Popen(
         [*command_prefix, sys.executable, "-m", "worker", "--name", name, *args],
         stdout=log_file,
