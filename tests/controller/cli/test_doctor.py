@@ -25,6 +25,7 @@ from controller.health import Status, check_tunnels
 from controller.tunnel import TunnelState
 from tests.controller.cli.test_flower_command import start_corral_flower
 from tests.controller.test_flower import FLOWER_CREDENTIALS
+from tests.fakes.fake_ollama import running_fake_ollama
 from tests.support.servers import (
     REPO_ROOT,
     RedisServer,
@@ -287,3 +288,24 @@ def test_a_least_privilege_controller_user_gets_a_warning_not_a_failure(
         assert "ctl-pw" not in out
     finally:
         admin.execute_command("ACL", "DELUSER", CONTROLLER_USER)
+
+
+def test_probe_times_every_backend_of_a_node(good_redis: RedisServer, tmp_path: Path) -> None:
+    url = good_redis.url.rsplit("/", 1)[0] + "/3"
+    with running_fake_ollama(("llama3.2:1b",), loaded=("llama3.2:1b",)) as ollama:
+        gamma = start_worker(
+            url, "gamma", *FAST, "--ollama", ollama.url, log_dir=tmp_path
+        )  # fmt: skip
+        try:
+            client = redis.Redis.from_url(url)
+            wait_until(lambda: client.hexists("corral:nodes", "gamma"), 10, "gamma's heartbeat")
+            result = doctor(url, "--probe")
+        finally:
+            gamma.stop()
+    out = result.stdout
+    assert result.returncode == ExitCode.OK, out + result.stderr
+    simulated = line_of(out, "probe", "gamma/simulated")
+    assert simulated.startswith("✓") and "sim-small: first token" in simulated
+    fronted = line_of(out, "probe", "gamma/ollama")
+    assert fronted.startswith("✓") and "llama3.2:1b: first token" in fronted
+    assert "served by" not in out  # each probe reached the backend it was meant for
