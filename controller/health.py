@@ -324,6 +324,8 @@ def check_tunnels(states: list[TunnelState] | None = None) -> list[Check]:
             continue
         if tunnel.state == "stopped":
             detail = f"not running: stopped at {since}"
+        elif tunnel.state == "failed":
+            detail = f"gave up at {since}: {tunnel.reason}"
         elif not alive:
             detail = (
                 f"not running: its process (pid {tunnel.pid}) is gone, {tunnel.state} at {since}"

@@ -92,7 +92,7 @@ class TunnelState:
     """What ``corral doctor`` reads: the tunnel's state now and since when."""
 
     via: str
-    state: str  # connecting | up | down | stopped
+    state: str  # connecting | up | down | stopped | failed (gave up: retrying cannot help)
     since: float
     pid: int
     reason: str | None = None
@@ -258,6 +258,7 @@ class Tunnel:
     async def run(self) -> None:
         """Keep the tunnel up until cancelled; raises ConfigError for what retrying cannot fix."""
         failures = 0
+        ending = "stopped"
         try:
             while True:
                 self._set("connecting")
@@ -275,8 +276,12 @@ class Tunnel:
                 self._reconnects += 1
                 log.info("tunnel %s retrying in %.1f s", self.config.target, delay)
                 await asyncio.sleep(delay)
+        except ConfigError as exc:
+            ending = "failed"  # doctor shows why: a refused host key, a refused key file
+            self.state.reason = str(exc)
+            raise
         finally:
-            self._set("stopped")
+            self._set(ending, self.state.reason if ending == "failed" else None)
 
     async def _serve_once(self) -> None:
         config = self.config

@@ -226,6 +226,10 @@ def test_a_wrong_host_key_is_refused_naming_the_host_and_the_fingerprint(
     assert "host key refused: 127.0.0.1 (port" in out
     assert ssh_server.fingerprint in out
     assert "Traceback" not in out
+    # `corral doctor` on this node says the same.
+    [doctor_line] = check_tunnels(read_tunnel_states(tmp_path / "state" / "tunnels"))
+    assert doctor_line.status is Status.FAIL
+    assert "gave up" in doctor_line.detail and ssh_server.fingerprint in doctor_line.detail
 
 
 def test_a_host_missing_from_known_hosts_is_refused_too(
