@@ -24,6 +24,7 @@ from broker.schemas import (
 )
 from broker.settings import build_settings
 from controller.cli.acl import acl_command
+from controller.cli.chat import chat_command
 from controller.cli.common import (
     ExitCode,
     exit_code_for,
@@ -391,6 +392,7 @@ def demo() -> None:
 
 cli.add_command(models)
 cli.add_command(acl_command)
+cli.add_command(chat_command)
 
 
 def main() -> None:
