@@ -285,7 +285,7 @@ def _greet(repl: ChatRepl) -> None:
 def _loop(repl: ChatRepl, prompt: PromptSession[str]) -> None:
     while True:
         try:
-            line = prompt.prompt("> ")
+            line = prompt.prompt("you> ")
         except KeyboardInterrupt:
             continue  # as in Python's REPL: the line is dropped, the chat goes on
         except EOFError:

@@ -186,5 +186,6 @@ def answer_summary(
     """The dim line after each answer: who answered, how fast, how much."""
     ttft = f"{first_token_ms:.0f} ms" if first_token_ms is not None else "-"
     prompt = f" · prompt {prompt_tokens} tokens" if prompt_tokens is not None else ""
-    sent = f" · {messages_sent} messages sent" if messages_sent is not None else ""
+    plural = "" if messages_sent == 1 else "s"
+    sent = f" · {messages_sent} message{plural} sent" if messages_sent is not None else ""
     return f"{node} · {model} · first token {ttft} · {tokens} tokens{prompt}{sent}"

@@ -40,9 +40,7 @@ def test_the_last_ten_messages_go_with_a_prompt_after_the_system_prompt() -> Non
     conv = chatted(7, system="be brief")  # 14 messages: the first two exchanges fall out
     sent = conv.messages_for("next")
     assert sent[0] == ChatMessage(role="system", content="be brief")
-    assert sent[1:-1] == tuple(
-        m for i in range(2, 7) for m in (user(f"q{i}"), assistant(f"a{i}"))
-    )
+    assert sent[1:-1] == tuple(m for i in range(2, 7) for m in (user(f"q{i}"), assistant(f"a{i}")))
     assert sent[-1] == user("next")
     assert len(sent) == 12
 
