@@ -97,8 +97,7 @@ class ChatRepl:
         try:
             spec = make_spec(
                 prompt.text,
-                # Today ``@name`` names a node; named routes will be resolved here, first.
-                node=prompt.target,
+                node=self.node_for(prompt.target),
                 model=conv.model,
                 tags=self.tags,
                 system=conv.system,
@@ -116,6 +115,11 @@ class ChatRepl:
             self.client, spec, out=sys.stdout, err=self.err, timeout_s=self.timeout_s
         )
         self._record(prompt.text, answer, len(spec.messages), spec.job_id)
+
+    def node_for(self, target: str | None) -> str | None:
+        """Where ``@target`` sends a prompt: today the node of that name. Named routes, once
+        they exist, are looked up here first (a route of that name, then a node)."""
+        return target
 
     def _record(self, prompt: str, answer: Answer, sent: int, job_id: str) -> None:
         conv = self.conversation
@@ -290,5 +294,8 @@ def _loop(repl: ChatRepl, prompt: PromptSession[str]) -> None:
             continue  # as in Python's REPL: the line is dropped, the chat goes on
         except EOFError:
             return
-        if not repl.handle(line):
-            return
+        try:
+            if not repl.handle(line):
+                return
+        except KeyboardInterrupt:
+            repl.dim("interrupted")  # a slow /nodes or /save: the chat goes on

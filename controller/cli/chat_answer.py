@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Literal, TextIO
 
+import redis.exceptions
 from rich.console import Console
 from rich.markup import escape
 
-from broker.errors import CorralError, JobError
+from broker.errors import BrokerUnavailable, CorralError, JobError
 from broker.schemas import (
     AnyStreamEvent,
     DeltaEvent,
@@ -63,16 +64,21 @@ class _Ended:
 def _follow(
     client: CorralClient, spec: JobSpec, timeout_s: float, inbox: queue.Queue[object]
 ) -> None:
-    """Submit ``spec`` and put each event on ``inbox``, then an ``_Ended``."""
+    """Submit ``spec`` and put each event on ``inbox``, then an ``_Ended`` in every case, so
+    the REPL never waits on a follower that has gone."""
+    ended = _Ended(JobError("following the job stopped unexpectedly (see the error above)"))
     try:
         run = client.submit(spec)
         inbox.put(run.candidate)
         for event in run.events(timeout_s):
             inbox.put(event)
+        ended = _Ended()
     except CorralError as exc:
-        inbox.put(_Ended(exc))
-        return
-    inbox.put(_Ended())
+        ended = _Ended(exc)
+    except redis.exceptions.RedisError as exc:
+        ended = _Ended(BrokerUnavailable(f"Redis failed while following the job: {exc}"))
+    finally:
+        inbox.put(ended)
 
 
 class AnswerPrinter:
@@ -168,6 +174,11 @@ def stream_answer(
         answer = _drain(inbox, printer, deadline=time.monotonic() + CANCEL_WAIT_S)
     except KeyboardInterrupt:
         answer = None  # a second Ctrl-C: stop waiting for the node's word
+    if answer is not None and answer.outcome == "done":
+        printer.note(
+            "[dim]the answer had finished before the cancel reached its node: "
+            "/history and the transcript hold all of it[/dim]"
+        )
     if answer is None:
         return Answer(
             "cancelled",

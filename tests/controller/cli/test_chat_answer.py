@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from rich.console import Console
 
 from broker.errors import UnknownNode
@@ -23,6 +24,7 @@ from broker.schemas import (
     Usage,
 )
 from broker.settings import build_settings
+from controller.cli import cli
 from controller.cli.chat import ChatRepl
 from controller.cli.chat_answer import Answer, AnswerPrinter
 from controller.cli.conversation import Conversation
@@ -180,3 +182,10 @@ def test_a_done_answer_joins_the_context_labelled_and_prints_the_summary(
     assert "2 tokens · prompt 9 tokens · 3 messages sent" in err.getvalue()
     assert chat.conversation.turns[-1].label == "beta · sim-small"
     assert [m.content for m in chat.conversation.context()] == ["hello", "Hi"]
+
+
+def test_chat_without_a_terminal_says_to_use_ask() -> None:
+    result = CliRunner().invoke(cli, ["--broker", "redis://127.0.0.1:9/0", "chat"], input="hello\n")
+    assert result.exit_code == 2
+    assert "corral chat needs a terminal; for scripts use `corral ask`" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
