@@ -186,34 +186,45 @@ def test_ctrl_c_cancels_the_job_on_its_node_and_the_chat_goes_on(
     chat_factory: ChatFactory, module_broker_url: str, cluster: list[WorkerProcess]
 ) -> None:
     chat = chat_factory()
-    question = "tell me everything about tokens"
-    full = reply(question)
-    chat.type(f"@alpha {question}")
-    chat.child.expect_exact(full.split(" ")[2])  # a few words in, of about twenty
-    chat.child.sendintr()
-    chat.child.expect(r"cancelled job ([0-9a-f]+) on alpha after (\d+) words: ([^\r\n]+)")
-    job_id, shown = chat.child.match[1], int(chat.child.match[2])
-    assert "the node stopped generating" in chat.child.match[3]
-    chat.expect_prompt()
-
-    with CorralClient(build_settings(broker_url=module_broker_url)) as client:
-        events = list(client.attach(job_id).events(5))
-    final = events[-1]
-    assert isinstance(final, ErrorEvent) and final.code == "cancelled" and final.node == "alpha"
-    streamed = "".join(e.text for e in events if isinstance(e, DeltaEvent))
-    assert full.startswith(streamed) and len(streamed.split()) < len(full.split())
-    assert shown <= len(streamed.split())
     alpha = next(w for w in cluster if w.name == "alpha")
-    wait_until(lambda: f"job {job_id} cancelled; backend stream closed" in alpha.log(), 5, "log")
+    shown_words = []
+    # Three answers stopped in a row, each confirmed by the node. (A cancel landing while the
+    # worker's write of a token is in flight once went unconfirmed: tests/worker/test_stream.py
+    # pins that window down; here the timing only rarely hits it.)
+    for question in ("tell me everything about tokens", "and about nodes", "and Redis?"):
+        full = reply(question)
+        chat.type(f"@alpha {question}")
+        chat.child.expect_exact(full.split(" ")[2])  # a few words in, of about twenty
+        chat.child.sendintr()
+        chat.child.expect(r"cancelled job ([0-9a-f]+) on alpha after (\d+) words: ([^\r\n]+)")
+        job_id, shown = chat.child.match[1], int(chat.child.match[2])
+        assert "the node stopped generating" in chat.child.match[3]  # it confirmed the cancel
+        chat.expect_prompt()
+        shown_words.append(shown)
 
-    # The chat keeps working, and the stopped answer is part of what the next prompt carries.
+        with CorralClient(build_settings(broker_url=module_broker_url)) as client:
+            events = list(client.attach(job_id).events(5))
+        final = events[-1]
+        assert isinstance(final, ErrorEvent) and final.code == "cancelled"
+        assert final.node == "alpha"
+        streamed = "".join(e.text for e in events if isinstance(e, DeltaEvent))
+        assert full.startswith(streamed) and len(streamed.split()) < len(full.split())
+        assert shown <= len(streamed.split())
+        wait_until(
+            lambda job=job_id: f"job {job} cancelled; backend stream closed" in alpha.log(),
+            5,
+            "the worker to close its backend stream",
+        )
+
+    # The chat keeps working, and the stopped answers are part of what the next prompt carries.
     out = chat.send("@beta still there?")
     assert reply("still there?") in out
-    assert summary_of(out)[6] == "3"
+    assert summary_of(out)[6] == "7"
     status, out = chat.leave()
     assert status == 0
-    path = saved_path(out)
-    assert f"*(cancelled after {shown} words)*" in path.read_text()
+    transcript = saved_path(out).read_text()
+    for shown in shown_words:
+        assert f"*(cancelled after {shown} words)*" in transcript
 
 
 def test_commands_errors_save_and_the_input_history_across_sessions(
