@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from rich.console import Console
 from rich.markup import escape
 
@@ -66,6 +67,7 @@ class ChatRepl:
     """Keep the history in the cluster's session store (``--session``) instead of sending
     the local one."""
     timeout_s: float = 600.0
+    options: GenerationOptions = field(default_factory=GenerationOptions)
     out: Console = field(default_factory=lambda: Console(highlight=False, soft_wrap=True))
     err: Console = field(default_factory=stderr_console)
 
@@ -101,7 +103,7 @@ class ChatRepl:
                 model=conv.model,
                 tags=self.tags,
                 system=conv.system,
-                options=GenerationOptions(),
+                options=self.options,
                 session=self.session,
                 max_attempts=settings.max_attempts,
                 first_token_timeout_s=settings.first_token_timeout_s,
@@ -171,6 +173,11 @@ class ChatRepl:
             if arg:
                 conv.set_system(None if arg == UNSET else arg)
             self.dim(f"system prompt: {conv.system or '(none)'}")
+        elif name in ("history", "clear") and self.session:
+            self.dim(
+                f"--session {self.session}: the cluster's session store holds the history "
+                "sent with each prompt; start another session ID for a fresh one"
+            )
         elif name == "history":
             for line in conv.history_lines(self.out.width):
                 self.out.print(escape(line))
@@ -231,6 +238,8 @@ class ChatRepl:
     help="Where the Markdown transcript goes (default: a new file under "
     "$XDG_STATE_HOME/corral/chats).",
 )
+@click.option("--max-tokens", type=click.IntRange(1), help="Stop each answer after this many.")
+@click.option("--temperature", type=click.FloatRange(0, 2))
 @click.option(
     "--timeout", type=click.FloatRange(min=1), help="Seconds of silence before giving up."
 )
@@ -243,6 +252,8 @@ def chat_command(
     window: int,
     session: str | None,
     transcript: Path | None,
+    max_tokens: int | None,
+    temperature: float | None,
     timeout: float | None,
 ) -> None:
     """Chat with the cluster: `@NODE prompt` asks that node, a plain prompt the router's
@@ -267,9 +278,13 @@ def chat_command(
             tags=parse_tags(tags),
             session=session,
             timeout_s=timeout or settings.job_timeout_s,
+            options=GenerationOptions(max_tokens=max_tokens, temperature=temperature),
         )
         _greet(repl)
-        _loop(repl, PromptSession(history=FileHistory(str(history_path))))
+        prompt: PromptSession[str] = PromptSession(
+            history=FileHistory(str(history_path)), key_bindings=_newline_on_escape_enter()
+        )
+        _loop(repl, prompt)
         if conversation.exchanges and not repl.save(path):
             sys.exit(ExitCode.FAILED)
     sys.exit(ExitCode.OK)
@@ -284,6 +299,17 @@ def _greet(repl: ChatRepl) -> None:
         f"corral chat · {up} node(s) up · /help for commands · Ctrl-C stops an answer, "
         "Ctrl-D leaves"
     )
+
+
+def _newline_on_escape_enter() -> KeyBindings:
+    """Esc then Enter (or Alt-Enter) starts a new line of the same prompt; Enter sends it."""
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _(event: KeyPressEvent) -> None:
+        event.current_buffer.insert_text("\n")
+
+    return bindings
 
 
 def _loop(repl: ChatRepl, prompt: PromptSession[str]) -> None:

@@ -285,5 +285,18 @@ def test_with_session_the_cluster_keeps_the_history(chat_factory: ChatFactory) -
     # The session store on the cluster carried the first exchange, not the local history.
     assert int(summary[5]) == words("plan a trip", reply("plan a trip"), "and in winter?")
     assert summary[6] is None
+    assert "the cluster's session store holds the history" in chat.send("/clear")
+    status, _ = chat.leave()
+    assert status == 0
+
+
+def test_a_multi_line_prompt_and_a_token_limit(chat_factory: ChatFactory) -> None:
+    chat = chat_factory("--max-tokens", "4")
+    chat.child.send("@beta first line\x1b\r")  # Esc, Enter: a new line of the same prompt
+    out = chat.send("second line")
+    question = "first line\nsecond line"
+    assert " ".join(reply(question).split(" ")[:4]) in out
+    summary = summary_of(out)
+    assert (summary[1], summary[4], summary[5]) == ("beta", "4", str(words(question)))
     status, _ = chat.leave()
     assert status == 0
