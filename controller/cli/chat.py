@@ -15,11 +15,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from prompt_toolkit import PromptSession
-from prompt_toolkit.history import FileHistory
-from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from rich.console import Console
 from rich.markup import escape
 
@@ -39,6 +37,9 @@ from controller.cli.conversation import HISTORY_WINDOW, Conversation, answer_sum
 from controller.cli.render import breaker_notes, nodes_table, stderr_console
 from controller.client import CorralClient, make_spec, with_history
 from controller.prompt import parse_tags
+
+if TYPE_CHECKING:
+    from prompt_toolkit import PromptSession
 
 
 def state_dir() -> Path:
@@ -281,10 +282,7 @@ def chat_command(
             options=GenerationOptions(max_tokens=max_tokens, temperature=temperature),
         )
         _greet(repl)
-        prompt: PromptSession[str] = PromptSession(
-            history=FileHistory(str(history_path)), key_bindings=_newline_on_escape_enter()
-        )
-        _loop(repl, prompt)
+        _loop(repl, _line_editor(history_path))
         if conversation.exchanges and not repl.save(path):
             sys.exit(ExitCode.FAILED)
     sys.exit(ExitCode.OK)
@@ -301,15 +299,21 @@ def _greet(repl: ChatRepl) -> None:
     )
 
 
-def _newline_on_escape_enter() -> KeyBindings:
-    """Esc then Enter (or Alt-Enter) starts a new line of the same prompt; Enter sends it."""
+def _line_editor(history_path: Path) -> PromptSession[str]:
+    """prompt_toolkit's line editor with the input history kept in ``history_path``; Esc then
+    Enter (or Alt-Enter) starts a new line of the same prompt, Enter sends it."""
+    # Imported here: every other corral command would pay ~0.1 s to load it.
+    from prompt_toolkit import PromptSession  # noqa: PLC0415
+    from prompt_toolkit.history import FileHistory  # noqa: PLC0415
+    from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent  # noqa: PLC0415
+
     bindings = KeyBindings()
 
     @bindings.add("escape", "enter")
     def _(event: KeyPressEvent) -> None:
         event.current_buffer.insert_text("\n")
 
-    return bindings
+    return PromptSession(history=FileHistory(str(history_path)), key_bindings=bindings)
 
 
 def _loop(repl: ChatRepl, prompt: PromptSession[str]) -> None:
