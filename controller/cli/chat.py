@@ -56,6 +56,14 @@ def default_transcript_path(started_at: float) -> Path:
     return state_dir() / "chats" / f"chat-{stamp}.md"
 
 
+# What the worker's cancellation says, as the chat tells it.
+_CANCEL_NOTES = {
+    "": "the node stopped generating",
+    "job cancelled": "the node stopped generating",
+    "job cancelled before it started": "it had not started yet",
+}
+
+
 @dataclass
 class ChatRepl:
     """What the REPL does with each line; the prompt_toolkit loop is in ``chat_command``."""
@@ -144,9 +152,7 @@ class ChatRepl:
             words = len(answer.text.split())
             why = f"cancelled after {words} words"
             conv.add_unfinished(prompt, answer.text, why, node=answer.node, model=answer.model)
-            stopped = answer.reason or "the node stopped generating"
-            if stopped == "job cancelled":
-                stopped = "the node stopped generating"
+            stopped = _CANCEL_NOTES.get(answer.reason, answer.reason)
             self.err.print(
                 f"[yellow]✂ cancelled job {job_id}{escape(where)} after {words} words: "
                 f"{escape(stopped)}[/yellow]"

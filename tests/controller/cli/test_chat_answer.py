@@ -189,3 +189,23 @@ def test_chat_without_a_terminal_says_to_use_ask() -> None:
     assert result.exit_code == 2
     assert "corral chat needs a terminal; for scripts use `corral ask`" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(
+    ("reason", "note"),
+    [
+        ("job cancelled", "the node stopped generating"),
+        ("job cancelled before it started", "it had not started yet"),
+        (
+            "cancel sent; the node had not confirmed it yet",
+            "cancel sent; the node had not confirmed it yet",
+        ),
+    ],
+)
+def test_a_cancelled_answer_says_what_the_node_did(
+    repl: tuple[ChatRepl, io.StringIO], reason: str, note: str
+) -> None:
+    chat, err = repl
+    chat._record("story", Answer("cancelled", "Once upon", "alpha", None, reason=reason), 1, JOB)
+    assert err.getvalue() == f"✂ cancelled job {JOB} on alpha after 2 words: {note}\n"
+    assert [m.content for m in chat.conversation.context()] == ["story", "Once upon"]
