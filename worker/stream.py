@@ -302,9 +302,9 @@ class JobStream:
 
         Redis may have run the script before the cancel lands; the job's sequence number
         must then move past it, or the ``cancelled`` event written next would take the same
-        place, be refused as someone else's, and leave the stream without an end (seen on
-        about one Ctrl-C in three in ``corral chat``). So the append finishes, its outcome is
-        recorded, and the cancellation goes on.
+        place, be refused as someone else's, and leave the stream without an end (seen in
+        ``corral chat`` when Ctrl-C closely followed a token). So the append finishes, its
+        outcome is recorded, and the cancellation goes on.
         """
         call = asyncio.ensure_future(self._append(keys=keys, args=args))
         try:
@@ -313,7 +313,8 @@ class JobStream:
             try:
                 written = int(await call)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                raise asyncio.CancelledError from None  # not written: the place stays free
+                # Whether it was written is unknown: cancel as before this change.
+                raise asyncio.CancelledError from None
             if written:
                 self._wrote()
             raise
