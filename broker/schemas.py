@@ -78,10 +78,7 @@ class JobAssignment(Message):
 
     def argsrepr(self) -> str:
         """What Flower and the worker log show instead of the prompt."""
-        return (
-            f"job={self.spec.job_id} node={self.node} model={self.model}"
-            f" attempt={self.attempt}"
-        )
+        return f"job={self.spec.job_id} node={self.node} model={self.model} attempt={self.attempt}"
 
 
 ModelOpKind = Literal["pull", "warm", "unload", "rm"]

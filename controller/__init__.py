@@ -3,7 +3,7 @@
 from controller.client import CorralClient, make_spec
 from controller.jobrun import JobRun
 from controller.reader import JobStreamReader
-from controller.router import Candidate, NodeState, rank_candidates, candidates_for
+from controller.router import Candidate, NodeState, candidates_for, rank_candidates
 
 __all__ = [
     "Candidate",
@@ -11,7 +11,7 @@ __all__ = [
     "JobRun",
     "JobStreamReader",
     "NodeState",
+    "candidates_for",
     "make_spec",
     "rank_candidates",
-    "candidates_for",
 ]

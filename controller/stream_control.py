@@ -80,7 +80,7 @@ if lease then attempt = tonumber(lease) end
 redis.call('SET', KEYS[2], 'x', 'EX', ARGV[2])
 remove_queued(ARGV[1], 4)
 local seq = redis.call('LLEN', KEYS[3])
-local event = cjson.encode({v = 1, type = 'error', job_id = ARGV[1], seq = seq,
+local event = cjson.encode({v = 2, type = 'error', job_id = ARGV[1], seq = seq,
   ts = tonumber(ARGV[5]), code = 'cancelled', message = 'job cancelled before it started',
   attempt = attempt, final = true})
 redis.call('RPUSH', KEYS[3], event)

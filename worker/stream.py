@@ -67,7 +67,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 local seq = redis.call('LLEN', KEYS[3])
-local started = cjson.encode({v = 1, type = 'started', job_id = ARGV[6], seq = seq,
+local started = cjson.encode({v = 2, type = 'started', job_id = ARGV[6], seq = seq,
   ts = tonumber(ARGV[7]), node = ARGV[8], backend = ARGV[9], model = ARGV[10],
   attempt = tonumber(ARGV[1]), instance = ARGV[11]})
 redis.call('RPUSH', KEYS[3], started)

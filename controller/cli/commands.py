@@ -33,9 +33,14 @@ from controller.cli.common import (
     settings_from,
     split_list,
 )
-from controller.cli.models import models
-from controller.client import CorralClient, Event, make_spec
 from controller.cli.fanout_tables import answers_table, progress_table
+from controller.cli.models import models
+from controller.cli.render import (
+    breaker_notes,
+    nodes_table,
+    stderr_console,
+)
+from controller.client import CorralClient, Event, make_spec
 from controller.fanout import (
     FanoutJob,
     cancel_jobs,
@@ -46,11 +51,6 @@ from controller.fanout import (
     wait_for,
 )
 from controller.prompt import parse_tags, split_mention
-from controller.cli.render import (
-    breaker_notes,
-    nodes_table,
-    stderr_console,
-)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

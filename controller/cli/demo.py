@@ -19,6 +19,7 @@ from broker.schemas import (
     StartedEvent,
 )
 from broker.settings import build_settings
+from controller.cli.render import nodes_table, summary_line
 from controller.client import CorralClient, make_spec
 from controller.localcluster import (
     OLLAMA_DEFAULT_URL,
@@ -28,7 +29,6 @@ from controller.localcluster import (
     ollama_answers,
     start_local_worker,
 )
-from controller.cli.render import nodes_table, summary_line
 
 
 @dataclass(frozen=True)

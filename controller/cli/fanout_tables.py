@@ -20,7 +20,6 @@ _STATE_STYLE: dict[JobState, str] = {
 }
 
 
-
 def _ms(seconds: float | None) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds is not None else "-"
 

@@ -22,7 +22,6 @@ from controller.cli.common import (
     print_json,
     settings_from,
 )
-from controller.client import CorralClient, Event
 from controller.cli.render import (
     ModelOpProgress,
     fleet_model_json,
@@ -31,6 +30,7 @@ from controller.cli.render import (
     models_table,
     stderr_console,
 )
+from controller.client import CorralClient, Event
 
 
 @click.group(invoke_without_command=True)

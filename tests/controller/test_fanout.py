@@ -31,8 +31,8 @@ from broker.schemas import (
     Timings,
     Usage,
 )
-from controller.client import CorralClient
 from controller.cli.fanout_tables import answers_table, progress_table
+from controller.client import CorralClient
 from controller.fanout import (
     FanoutJob,
     apply_event,
