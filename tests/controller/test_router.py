@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 
 from broker.errors import NoNodeAvailable, UnknownModel, UnknownNode
 from broker.schemas import BackendInfo, ChatMessage, JobSpec, ModelInfo, NodeInfo
-from controller.router import NodeState, rank_candidates, candidates_for
+from controller.node_index import NodeIndex
+from controller.router import NodeState, candidates_for, rank_candidates, rank_candidates_by_scan
 
 MODELS = ["llama3.1:8b", "qwen2.5-coder:7b", "phi3:mini", "nomic-embed-text"]
 TAGS = ["code", "gpu", "embed", "pi"]
@@ -57,12 +59,12 @@ def node(
 
 
 def job(
-    route: str | None = None, model: str | None = None, tags: frozenset[str] = frozenset()
+    pin: str | None = None, model: str | None = None, tags: frozenset[str] = frozenset()
 ) -> JobSpec:
     return JobSpec(
         job_id="job-0001",
         messages=(ChatMessage(role="user", content="hi"),),
-        route=route,
+        node=pin,
         model=model,
         tags=tags,
         created_at=0,
@@ -85,7 +87,7 @@ def test_then_the_least_loaded_node() -> None:
 
 def test_route_name_picks_that_node_even_if_another_is_better() -> None:
     nodes = [node("pi2", {"phi3:mini": False}, in_flight=1), node("gpu1", {"phi3:mini": True})]
-    assert [c.node for c in candidates_for(job(route="pi2"), nodes)] == ["pi2"]
+    assert [c.node for c in candidates_for(job(pin="pi2"), nodes)] == ["pi2"]
 
 
 def test_no_model_named_uses_a_loaded_model_of_the_node() -> None:
@@ -104,12 +106,14 @@ def test_tags_must_all_be_present() -> None:
 
 def test_unknown_node_names_the_known_nodes() -> None:
     with pytest.raises(UnknownNode, match=r"no node named 'pi9' \(known nodes: pi1, pi2\)"):
-        candidates_for(job(route="pi9"), [node("pi1", {"m": True}), node("pi2", {"m": True})])
+        candidates_for(job(pin="pi9"), [node("pi1", {"m": True}), node("pi2", {"m": True})])
 
 
 def test_route_to_a_down_node_says_it_is_down() -> None:
     with pytest.raises(NoNodeAvailable, match="node 'pi2' is down"):
-        candidates_for(job(route="pi2"), [node("pi2", {"m": True}, up=False), node("pi1", {"m": True})])
+        candidates_for(
+            job(pin="pi2"), [node("pi2", {"m": True}, up=False), node("pi1", {"m": True})]
+        )
 
 
 def test_unknown_model_lists_what_exists() -> None:
@@ -128,7 +132,9 @@ def test_no_node_up() -> None:
 
 def test_missing_tag_is_named() -> None:
     with pytest.raises(NoNodeAvailable, match="no up node or model has the tags gpu"):
-        candidates_for(job(tags=frozenset({"gpu"})), [node("a", {"m": True}, tags=frozenset({"code"}))])
+        candidates_for(
+            job(tags=frozenset({"gpu"})), [node("a", {"m": True}, tags=frozenset({"code"}))]
+        )
 
 
 def test_unhealthy_backend_is_skipped() -> None:
@@ -250,3 +256,80 @@ def test_empty_answer_always_comes_with_a_reason(spec: JobSpec, nodes: list[Node
     else:
         with pytest.raises((UnknownNode, UnknownModel, NoNodeAvailable)):
             candidates_for(spec, nodes)
+
+
+# --- the index gives the scan's answers ----------------------------------------------------
+
+ALIASES = {"coder": ["qwen2.5-coder:7b", "llama3.1"], "any-small": ["phi3:mini", "phi3:mini"]}
+targets = st.frozensets(
+    st.sampled_from(NODE_NAMES) | st.builds(lambda n: f"{n}/ollama", st.sampled_from(NODE_NAMES)),
+    max_size=3,
+)
+aliased_jobs = st.builds(
+    job,
+    pin=st.none() | st.sampled_from(NODE_NAMES),
+    model=st.none() | st.sampled_from([*MODELS, "llama3.1", "coder", "any-small", "gpt-9"]),
+    tags=st.frozensets(st.sampled_from([*TAGS, "vision", "tools"]), max_size=2),
+)
+capability_maps = st.dictionaries(
+    st.sampled_from(MODELS),
+    st.frozensets(st.sampled_from(["chat", "embed", "vision", "tools"]), max_size=2),
+    max_size=4,
+)
+rich_nodes = st.builds(
+    node,
+    name=st.sampled_from(NODE_NAMES),
+    models=st.dictionaries(
+        st.sampled_from([*MODELS, "llama3.1:latest", "phi3:mini"]), st.booleans(), max_size=5
+    ),
+    capabilities=capability_maps,
+    latency_ms=st.none() | st.sampled_from([10.0, 40.0]),
+    up=st.booleans(),
+    tags=st.frozensets(st.sampled_from(TAGS), max_size=3),
+    in_flight=st.integers(0, 4),
+    capacity=st.integers(1, 4),
+    queued=st.integers(0, 5),
+    healthy=st.booleans(),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    spec=aliased_jobs,
+    nodes=st.lists(rich_nodes, max_size=6, unique_by=lambda n: n.name),
+    blocked=targets,
+    exclude=st.frozensets(st.sampled_from(NODE_NAMES), max_size=2),
+    sticky=st.none() | st.sampled_from(NODE_NAMES),
+    sent=st.dictionaries(st.sampled_from(NODE_NAMES), st.integers(0, 3), max_size=3),
+)
+def test_the_index_answers_as_the_scan_does(
+    spec: JobSpec,
+    nodes: list[NodeState],
+    blocked: frozenset[str],
+    exclude: frozenset[str],
+    sticky: str | None,
+    sent: dict[str, int],
+) -> None:
+    index = NodeIndex(nodes).with_queued(sent)
+    counted = [replace(n, queued=n.queued + sent.get(n.name, 0)) for n in nodes]
+    options = {"aliases": ALIASES, "exclude_nodes": exclude, "sticky_node": sticky}
+    assert rank_candidates(spec, index, blocked, **options) == rank_candidates_by_scan(
+        spec, counted, blocked, **options
+    )
+    # An index reused for a new view with the same inventories answers alike too.
+    rebuilt = NodeIndex(counted, previous=NodeIndex(nodes))
+    assert rank_candidates(spec, rebuilt, blocked, **options) == rank_candidates_by_scan(
+        spec, counted, blocked, **options
+    )
+
+
+def test_a_new_view_reuses_the_index_of_an_unchanged_inventory() -> None:
+    first = node("pi1", {"m": True})
+    busier = replace(first, queued=3, info=first.info.model_copy(update={"in_flight": 1}))
+    old = NodeIndex([first])
+    index = NodeIndex([busier], previous=old)
+    assert index.entry("pi1") is old.entry("pi1")
+    changed = node("pi1", {"m": True, "n": False})
+    assert NodeIndex([changed], previous=old).entry("pi1") is not old.entry("pi1")
+    (candidate,) = rank_candidates(job(model="m"), index)
+    assert candidate.load == 4  # the new view's load, with the old view's inventory
