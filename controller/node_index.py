@@ -11,14 +11,14 @@ built from, so code that only iterates nodes needs no change.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Literal, NamedTuple, overload
 
 from broker.schemas import ModelInfo, canonical_model_name
 
 if TYPE_CHECKING:
-    from controller.router import NodeState
+    from controller.router import Candidate, NodeState
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +45,7 @@ class NodeEntry:
     """Tags the node can meet with some chat model: its own, plus its chat models' capabilities."""
 
 
-@dataclass(frozen=True, slots=True)
-class ModelHolder:
+class ModelHolder(NamedTuple):
     """One backend that holds a model (``model`` is that backend's own spelling of it)."""
 
     node: str
@@ -89,31 +88,54 @@ def _entry(state: NodeState) -> NodeEntry:
     return NodeEntry(name=info.name, offers=tuple(offers), provides=frozenset(provides))
 
 
+RankingQuery = tuple[Literal["model"], str] | tuple[Literal["tags"], frozenset[str]]
+"""What a cached ranking answers: a model (canonical name), or chat jobs needing these tags."""
+
+RankKey = tuple[bool, int, bool, int, float, int, str, str]
+
+
+class Ranked(NamedTuple):
+    """A candidate with its sort key, its backend's breaker target, and the tags it meets."""
+
+    key: RankKey
+    candidate: Candidate
+    target: str
+    provides: frozenset[str]
+
+
 class NodeIndex(Sequence["NodeState"]):
     """The nodes of one cluster view, indexed by model and by tag.
 
-    The inventory (models, tags) is indexed once; the load of a node (its queue, in-flight jobs)
-    is read from its current ``NodeState`` at decision time, so ``with_queued`` can count jobs
-    sent since the view was read without rebuilding anything.
+    The inventory (models, tags) is indexed when the view is made, reusing the previous view's
+    work for every node whose inventory did not change. A routing query's full ranking is kept
+    the first time it is asked, so later jobs of the same view only apply their own filters.
+    ``with_queued`` counts jobs sent since the view was read without rebuilding anything: the
+    nodes it changes are ranked again on their own (``requeued``).
     """
 
-    __slots__ = ("_by_model", "_by_tag", "_entries", "_nodes", "_states")
+    __slots__ = ("_base", "_by_model", "_by_tag", "_entries", "_nodes", "_rankings", "_states")
 
     def __init__(self, nodes: Iterable[NodeState], *, previous: NodeIndex | None = None) -> None:
         self._nodes: list[NodeState] | None = list(nodes)
-        self._states: dict[str, NodeState] = {s.name: s for s in self._nodes}
+        self._base: dict[str, NodeState] = {s.name: s for s in self._nodes}
+        self._states: dict[str, NodeState] = {}
+        """States that differ from ``_base`` (jobs sent since the view was read)."""
+        self._rankings: dict[RankingQuery, list[Ranked]] = {}
         self._entries: dict[str, NodeEntry] = {}
-        self._by_model: dict[str, list[ModelHolder]] = {}
-        self._by_tag: dict[str, set[str]] = {}
+        changed: list[str] = []
         for state in self._nodes:
-            entry = _reused_entry(previous, state) or _entry(state)
+            entry = _reused_entry(previous, state)
+            if entry is None:
+                entry = _entry(state)
+                changed.append(state.name)
             self._entries[state.name] = entry
-            for offer in entry.offers:
-                for canonical, model in offer.by_canonical.items():
-                    holders = self._by_model.setdefault(canonical, [])
-                    holders.append(ModelHolder(state.name, offer, model))
-            for tag in entry.provides:
-                self._by_tag.setdefault(tag, set()).add(state.name)
+        if previous is None:
+            self._by_model: dict[str, tuple[ModelHolder, ...]] = {}
+            self._by_tag: dict[str, frozenset[str]] = {}
+            _add_entries(self._by_model, self._by_tag, self._entries.values())
+        else:
+            gone = [n for n in previous._entries if n not in self._entries]
+            self._by_model, self._by_tag = _updated(previous, [*changed, *gone], self._entries)
 
     # --- a sequence of NodeState ------------------------------------------------------------
 
@@ -125,50 +147,123 @@ class NodeIndex(Sequence["NodeState"]):
         return self._node_list()[index]
 
     def __len__(self) -> int:
-        return len(self._states)
+        return len(self._base)
 
     def __iter__(self) -> Iterator[NodeState]:
         return iter(self._node_list())
 
     def _node_list(self) -> list[NodeState]:
         if self._nodes is None:
-            self._nodes = list(self._states.values())
+            self._nodes = [self._states.get(n, s) for n, s in self._base.items()]
         return self._nodes
 
     # --- what the router asks ---------------------------------------------------------------
 
     def state(self, name: str) -> NodeState | None:
-        return self._states.get(name)
+        return self._states.get(name) or self._base.get(name)
+
+    def base_state(self, name: str) -> NodeState | None:
+        """The node as the view was read (before ``with_queued``)."""
+        return self._base.get(name)
+
+    @property
+    def requeued(self) -> Collection[str]:
+        """Nodes whose state ``with_queued`` changed: cached rankings are stale for them."""
+        return self._states.keys()
 
     def entry(self, name: str) -> NodeEntry | None:
         return self._entries.get(name)
 
     def holders(self, model_name: str) -> Sequence[ModelHolder]:
-        """Every backend holding ``model_name`` (any spelling of it), in node order."""
+        """Every backend holding ``model_name`` (any spelling of it)."""
         return self._by_model.get(canonical_model_name(model_name), ())
 
     def nodes_offering(self, tags: frozenset[str]) -> Iterable[str]:
         """Names of the nodes that could meet every one of ``tags`` (a superset of the nodes
         that can: one model must meet them together, which the router checks)."""
         if not tags:
-            return self._states.keys()
-        smallest, *others = sorted((self._by_tag.get(t, set()) for t in tags), key=len)
+            return self._base.keys()
+        smallest, *others = sorted((self._by_tag.get(t, frozenset()) for t in tags), key=len)
         return [name for name in smallest if all(name in s for s in others)]
+
+    def ranking(self, query: RankingQuery, build: Callable[[], list[Ranked]]) -> list[Ranked]:
+        """``query``'s ranking on this view, built by ``build`` the first time it is asked.
+
+        Shared with every ``with_queued`` copy (they differ only in ``requeued`` nodes, which
+        the router ranks again). Two threads may both build it; either answer is the same.
+        """
+        found = self._rankings.get(query)
+        if found is None:
+            found = self._rankings[query] = build()
+        return found
 
     def with_queued(self, extra: Mapping[str, int]) -> NodeIndex:
         """This view with ``extra[name]`` more jobs waiting on those nodes (jobs this client
-        sent since the view was read), sharing the index."""
-        if not extra:
+        sent since the view was read), sharing the index and its rankings."""
+        if not any(extra.values()):
             return self
         copy = NodeIndex.__new__(NodeIndex)
-        copy._entries, copy._by_model, copy._by_tag = self._entries, self._by_model, self._by_tag
+        copy._base, copy._entries = self._base, self._entries
+        copy._by_model, copy._by_tag, copy._rankings = self._by_model, self._by_tag, self._rankings
         copy._states = dict(self._states)
         for name, count in extra.items():
-            state = copy._states.get(name)
+            state = copy.state(name)
             if state is not None and count:
                 copy._states[name] = replace(state, queued=state.queued + count)
         copy._nodes = None
         return copy
+
+
+def _add_entries(
+    by_model: dict[str, tuple[ModelHolder, ...]],
+    by_tag: dict[str, frozenset[str]],
+    entries: Iterable[NodeEntry],
+) -> None:
+    models: dict[str, list[ModelHolder]] = {}
+    tags: dict[str, set[str]] = {}
+    for entry in entries:
+        for offer in entry.offers:
+            for canonical, model in offer.by_canonical.items():
+                models.setdefault(canonical, []).append(ModelHolder(entry.name, offer, model))
+        for tag in entry.provides:
+            tags.setdefault(tag, set()).add(entry.name)
+    for canonical, holders in models.items():
+        by_model[canonical] = (*by_model.get(canonical, ()), *holders)
+    for tag, names in tags.items():
+        by_tag[tag] = by_tag.get(tag, frozenset()) | names
+
+
+def _updated(
+    previous: NodeIndex, changed: list[str], entries: Mapping[str, NodeEntry]
+) -> tuple[dict[str, tuple[ModelHolder, ...]], dict[str, frozenset[str]]]:
+    """The previous view's model and tag maps with ``changed`` nodes taken out and put back
+    from ``entries``: a view where few inventories changed costs what those nodes cost."""
+    if not changed:
+        return previous._by_model, previous._by_tag
+    by_model = dict(previous._by_model)
+    by_tag = dict(previous._by_tag)
+    out = set(changed)
+    touched_models: set[str] = set()
+    touched_tags: set[str] = set()
+    for name in changed:
+        old = previous._entries.get(name)
+        if old is not None:
+            touched_models.update(c for o in old.offers for c in o.by_canonical)
+            touched_tags.update(old.provides)
+    for canonical in touched_models:
+        kept = tuple(h for h in by_model[canonical] if h.node not in out)
+        if kept:
+            by_model[canonical] = kept
+        else:
+            del by_model[canonical]
+    for tag in touched_tags:
+        remaining = by_tag[tag] - out
+        if remaining:
+            by_tag[tag] = remaining
+        else:
+            del by_tag[tag]
+    _add_entries(by_model, by_tag, (entries[n] for n in changed if n in entries))
+    return by_model, by_tag
 
 
 def _reused_entry(previous: NodeIndex | None, state: NodeState) -> NodeEntry | None:

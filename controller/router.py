@@ -6,13 +6,14 @@ with generated clusters (see tests/controller/test_router.py).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 from broker.errors import NoNodeAvailable, RoutingError, UnknownModel, UnknownNode
 from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo, canonical_model_name
-from controller.node_index import NodeIndex
+from controller.node_index import NodeIndex, Ranked, RankingQuery
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,44 +131,102 @@ def rank_candidates(
     plain list is indexed first. The answer is the same as ``rank_candidates_by_scan``'s.
     """
     index = nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
-    wanted = wanted_models(spec, aliases or {})
-    candidates: list[Candidate] = []
-    add = candidates.append
     if spec.node is not None:
         pinned = index.state(spec.node)
-        names: Iterable[str] = () if pinned is None else (spec.node,)
+        return rank_candidates_by_scan(
+            spec,
+            [pinned] if pinned is not None else [],
+            blocked,
+            aliases=aliases,
+            exclude_nodes=exclude_nodes,
+            sticky_node=sticky_node,
+        )
+    wanted = wanted_models(spec, aliases or {})
+    queries: list[RankingQuery] = (
+        [("model", canonical_model_name(name)) for name in wanted]
+        if wanted is not None
+        else [("tags", spec.tags)]
+    )
+    changed = index.requeued
+    out: list[Candidate] = []
+    for choice, query in enumerate(queries):
+        ranking = index.ranking(query, partial(_ranked, index, query, None))
+        tag_filter = spec.tags if query[0] == "model" else frozenset()
+        if blocked or exclude_nodes or changed or tag_filter:
+            skip = {*blocked, *exclude_nodes, *changed}
+            kept = [
+                r
+                for r in ranking
+                if r.candidate.node not in skip
+                and r.target not in blocked
+                and tag_filter <= r.provides
+            ]
+            if changed:
+                kept += [
+                    r
+                    for r in _ranked(index, query, changed)
+                    if r.candidate.node not in blocked
+                    and r.candidate.node not in exclude_nodes
+                    and r.target not in blocked
+                    and tag_filter <= r.provides
+                ]
+                kept.sort(key=_by_key)
+            ranking = kept
+        if choice:
+            out += [r.candidate._replace(choice=choice) for r in ranking]
+        else:
+            out += [r.candidate for r in ranking]
+    if sticky_node is not None:
+        first = [c._replace(sticky=True) for c in out if c.node == sticky_node]
+        if first:
+            out = first + [c for c in out if c.node != sticky_node]
+    return out
+
+
+def _by_key(ranked: Ranked) -> tuple[bool, int, bool, int, float, int, str, str]:
+    return ranked.key
+
+
+def _ranked(index: NodeIndex, query: RankingQuery, only: Collection[str] | None) -> list[Ranked]:
+    """Every candidate for ``query`` on this view, best first, before a job's own filters
+    (breakers, nodes tried, extra tags, session): what the index keeps per view and query.
+    ``only``: just these nodes, as the view has them now (jobs sent since it was read)."""
+    out: list[Ranked] = []
+    if query[0] == "model":
+        for holder in index.holders(query[1]):
+            if only is not None and holder.node not in only:
+                continue
+            state = index.state(holder.node) if only is not None else index.base_state(holder.node)
+            if state is None or not state.up or not holder.model.serves_chat():
+                continue
+            backend = state.info.backends[holder.offer.position]
+            if not backend.healthy:
+                continue
+            model = holder.model
+            provides = state.info.tags | (model.capabilities - {"chat"})
+            candidate = _candidate(state, backend, model, 0, None)
+            out.append(Ranked(_rank_key(candidate), candidate, holder.offer.target, provides))
     else:
-        names = index.nodes_offering(spec.tags) if wanted is None else ()
-    if wanted is not None and spec.node is None:
-        for choice, wanted_name in enumerate(wanted):
-            for holder in index.holders(wanted_name):
-                state = index.state(holder.node)
-                if state is None or not _usable(state, blocked, exclude_nodes):
-                    continue
-                backend = state.info.backends[holder.offer.position]
-                if not backend.healthy or holder.offer.target in blocked:
-                    continue
-                if _fits(holder.model, state.info, spec.tags):
-                    add(_candidate(state, backend, holder.model, choice, sticky_node))
-    else:
-        for name in names:
-            state = index.state(name)
+        tags = query[1]
+        for name in index.nodes_offering(tags) if only is None else only:
+            state = index.state(name) if only is not None else index.base_state(name)
             entry = index.entry(name)
-            if state is None or entry is None or not _usable(state, blocked, exclude_nodes):
+            if state is None or entry is None or not state.up:
                 continue
             for offer in entry.offers:
                 backend = state.info.backends[offer.position]
-                if not backend.healthy or offer.target in blocked:
+                if not backend.healthy:
                     continue
-                if wanted is None and spec.tags <= state.info.tags:
+                if tags <= state.info.tags:
                     # Every chat model meets the tags: the pick is known in advance.
                     picks = [(0, offer.default_pick)] if offer.default_pick is not None else []
                 else:
-                    picks = _choices_on_backend(state.info, backend, wanted, spec.tags)
-                for choice, model in picks:
-                    add(_candidate(state, backend, model, choice, sticky_node))
-    candidates.sort(key=_rank_key)
-    return candidates
+                    picks = _choices_on_backend(state.info, backend, None, tags)
+                for _, model in picks:
+                    candidate = _candidate(state, backend, model, 0, None)
+                    out.append(Ranked(_rank_key(candidate), candidate, offer.target, tags))
+    out.sort(key=_by_key)
+    return out
 
 
 def _usable(state: NodeState, blocked: Collection[str], exclude_nodes: Collection[str]) -> bool:

@@ -296,7 +296,9 @@ rich_nodes = st.builds(
 @settings(max_examples=500, deadline=None)
 @given(
     spec=aliased_jobs,
+    earlier=aliased_jobs,
     nodes=st.lists(rich_nodes, max_size=6, unique_by=lambda n: n.name),
+    before=st.lists(rich_nodes, max_size=6, unique_by=lambda n: n.name),
     blocked=targets,
     exclude=st.frozensets(st.sampled_from(NODE_NAMES), max_size=2),
     sticky=st.none() | st.sampled_from(NODE_NAMES),
@@ -304,23 +306,25 @@ rich_nodes = st.builds(
 )
 def test_the_index_answers_as_the_scan_does(
     spec: JobSpec,
+    earlier: JobSpec,
     nodes: list[NodeState],
+    before: list[NodeState],
     blocked: frozenset[str],
     exclude: frozenset[str],
     sticky: str | None,
     sent: dict[str, int],
 ) -> None:
-    index = NodeIndex(nodes).with_queued(sent)
     counted = [replace(n, queued=n.queued + sent.get(n.name, 0)) for n in nodes]
     options = {"aliases": ALIASES, "exclude_nodes": exclude, "sticky_node": sticky}
-    assert rank_candidates(spec, index, blocked, **options) == rank_candidates_by_scan(
-        spec, counted, blocked, **options
-    )
-    # An index reused for a new view with the same inventories answers alike too.
-    rebuilt = NodeIndex(counted, previous=NodeIndex(nodes))
-    assert rank_candidates(spec, rebuilt, blocked, **options) == rank_candidates_by_scan(
-        spec, counted, blocked, **options
-    )
+    expected = rank_candidates_by_scan(spec, counted, blocked, **options)
+    # A fresh index, and one updated from an earlier view whose nodes and inventories differ.
+    for view in (NodeIndex(nodes), NodeIndex(nodes, previous=NodeIndex(before))):
+        # An earlier job of the same view leaves its rankings cached: they must not leak.
+        rank_candidates(earlier, view, aliases=ALIASES)
+        assert rank_candidates(spec, view.with_queued(sent), blocked, **options) == expected
+        assert rank_candidates(spec, view, blocked, **options) == rank_candidates_by_scan(
+            spec, nodes, blocked, **options
+        )
 
 
 def test_a_new_view_reuses_the_index_of_an_unchanged_inventory() -> None:
