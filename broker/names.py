@@ -90,3 +90,7 @@ controller process."""
 def breaker_probe_key(target: str) -> str:
     """Held by the one controller allowed to try a half-open breaker's target."""
     return f"{KEY_PREFIX}breaker:{target}:probe"
+
+
+SIM_CONTROL_CHANNEL = f"{KEY_PREFIX}sim:control"
+"""Pub/sub channel a simulated fleet (``corral sim``) takes commands on: ``{"kill": [node]}``."""
