@@ -126,6 +126,25 @@ class WorkerProcess:
         return code
 
 
+def start_sim_fleet(
+    broker_url: str,
+    *args: str,
+    heartbeat_s: float = 0.5,
+    log_dir: Path,
+    ready_timeout_s: float = 60,
+) -> WorkerProcess:
+    """``python -m worker.sim ARGS`` (``corral sim``): a simulated fleet in one process."""
+    return start_worker(
+        broker_url,
+        "fleet",
+        *args,
+        heartbeat_s=heartbeat_s,
+        log_dir=log_dir,
+        module="worker.sim",
+        ready_timeout_s=ready_timeout_s,
+    )
+
+
 def start_worker(
     broker_url: str,
     name: str,
@@ -134,8 +153,12 @@ def start_worker(
     log_dir: Path,
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
+    module: str = "worker",
+    ready_timeout_s: float = 30,
 ) -> WorkerProcess:
-    """``python -m worker --name NAME ARGS`` in its own process, logging to a file."""
+    """``python -m worker --name NAME ARGS`` in its own process, logging to a file.
+
+    ``module="worker.sim"`` starts a simulated fleet instead (it takes no ``--name``)."""
     log_path = log_dir / f"worker-{name}-{time.monotonic_ns()}.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed in WorkerProcess.stop
     full_env = {
@@ -145,8 +168,9 @@ def start_worker(
         **(env or {}),
     }
     full_env.pop("CORRAL_CONFIG", None)
+    naming = ["--name", name] if module == "worker" else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--name", name, *args],
+        [sys.executable, "-m", module, *naming, *args],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=full_env,
@@ -157,7 +181,7 @@ def start_worker(
         try:
             wait_until(
                 lambda: "ready." in worker.log() or process.poll() is not None,
-                30,
+                ready_timeout_s,
                 f"worker {name} to be ready",
             )
         except TimeoutError:

@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import redis.exceptions
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from broker import names
 from broker.errors import BackendUnavailable, BrokerUnavailable
@@ -57,6 +57,7 @@ T = TypeVar("T")
 BACKEND_NAME = "sim"
 _RECENT_CANCELS_KEPT = 10_000
 _RECONNECT_DELAY_S = 1.0
+_REDIS_CONNECTIONS = 96
 
 
 class FailingBackend(SimulatedBackend):
@@ -229,7 +230,16 @@ class SimFleet:
 
     async def _startup(self) -> None:
         url = self.settings.broker_url.get_secret_value()
-        self._redis = Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        # One pool for the fleet, bounded: a beat or a job waits for a connection rather than
+        # the fleet opening one per node.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=_REDIS_CONNECTIONS,
+            timeout=30,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+        self._redis = Redis(connection_pool=pool)
         try:
             await self._redis.ping()
         except (redis.exceptions.RedisError, OSError) as exc:
