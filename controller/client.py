@@ -48,7 +48,7 @@ from broker.schemas import (
 from broker.settings import CorralSettings, redacted_url
 from broker.sizing import fit_problem
 from controller.breaker import BreakerPhase, Breakers, backend_target
-from controller.cluster import ClusterView, preload_scripts, read_cluster
+from controller.cluster import ClusterReader, ClusterView, preload_scripts
 from controller.jobrun import Attempt, JobRun
 from controller.reader import JobStreamReader
 from controller.router import Candidate, NodeState, candidates_for
@@ -133,6 +133,7 @@ class CorralClient:
         self._idle_pubsubs: list[PubSub] = []
         self._lock = threading.Lock()
         self._view: tuple[float, ClusterView] | None = None
+        self._cluster_reader = ClusterReader()
         self._sent_since_read: Counter[str] = Counter()
 
     def close(self) -> None:
@@ -162,7 +163,7 @@ class CorralClient:
                 preload_scripts(self.redis)
                 StreamControl.preload_into(self.redis)
                 self._scripts_loaded = True
-            view = read_cluster(self.redis)
+            view = self._cluster_reader.read(self.redis)
         except redis.exceptions.AuthenticationError:
             raise BrokerUnavailable(
                 f"Redis at {redacted_url(self._url)} refused the password"
@@ -177,7 +178,7 @@ class CorralClient:
         return view
 
     def nodes(self, max_age_s: float = 0.0) -> list[NodeState]:
-        return self.cluster(max_age_s).nodes
+        return list(self.cluster(max_age_s).nodes)
 
     def breaker_phases(self, view: ClusterView) -> dict[str, BreakerPhase]:
         """Every breaker that is not closed, by target."""
@@ -195,8 +196,7 @@ class CorralClient:
             sent = Counter(self._sent_since_read)
         if not sent:
             return view
-        nodes = [replace(s, queued=s.queued + sent[s.name]) for s in view.nodes]
-        return replace(view, nodes=nodes)
+        return replace(view, nodes=view.nodes.with_queued(sent))
 
     def choose(
         self,

@@ -115,6 +115,7 @@ class SimNode:
         self.started_at = time.time()
         self.active: dict[str, JobControl] = {}
         self.killed = False
+        self.stored_inventory: str | None = None
 
 
 class SimFleet:
@@ -286,7 +287,9 @@ class SimFleet:
             system=node.probe,
             capacity=node.profile.capacity,
         )
-        await publish_node_info(self.redis, info)
+        node.stored_inventory = await publish_node_info(
+            self.redis, info, stored=node.stored_inventory
+        )
 
     async def _heartbeat_loop(self, node: SimNode, phase: float) -> None:
         interval = self.settings.heartbeat_interval_s
@@ -370,6 +373,8 @@ class SimFleet:
         node.active[job_id] = control
         try:
             async with node.load.slots:
+                if node.killed:
+                    return None  # it waited for a slot while its node died
                 node.load.in_flight += 1
                 try:
                     result = await self._run_claimed(node, control)
