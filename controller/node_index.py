@@ -68,12 +68,12 @@ def _default_pick(models: Iterable[ModelInfo]) -> ModelInfo | None:
 def _entry(state: NodeState) -> NodeEntry:
     info = state.info
     offers: list[BackendOffer] = []
-    provides = set(info.tags)
+    capabilities: set[str] = set()
     for backend in info.backends:
         by_canonical = {canonical_model_name(m.name): m for m in backend.models}
         for model in backend.models:
             if model.serves_chat():
-                provides |= model.capabilities
+                capabilities |= model.capabilities
         offers.append(
             BackendOffer(
                 position=len(offers),
@@ -83,9 +83,10 @@ def _entry(state: NodeState) -> NodeEntry:
                 default_pick=_default_pick(backend.models),
             )
         )
-    # "chat" is every chat model's capability: as a tag it would match every node.
-    provides.discard("chat")
-    return NodeEntry(name=info.name, offers=tuple(offers), provides=frozenset(provides))
+    # "chat" is every chat model's capability: as a tag it would match every node (but a node
+    # may carry it as its own tag).
+    capabilities.discard("chat")
+    return NodeEntry(name=info.name, offers=tuple(offers), provides=info.tags | capabilities)
 
 
 RankingQuery = tuple[Literal["model"], str] | tuple[Literal["tags"], frozenset[str]]

@@ -269,7 +269,7 @@ aliased_jobs = st.builds(
     job,
     pin=st.none() | st.sampled_from(NODE_NAMES),
     model=st.none() | st.sampled_from([*MODELS, "llama3.1", "coder", "any-small", "gpt-9"]),
-    tags=st.frozensets(st.sampled_from([*TAGS, "vision", "tools"]), max_size=2),
+    tags=st.frozensets(st.sampled_from([*TAGS, "vision", "tools", "chat"]), max_size=2),
 )
 capability_maps = st.dictionaries(
     st.sampled_from(MODELS),
@@ -285,7 +285,7 @@ rich_nodes = st.builds(
     capabilities=capability_maps,
     latency_ms=st.none() | st.sampled_from([10.0, 40.0]),
     up=st.booleans(),
-    tags=st.frozensets(st.sampled_from(TAGS), max_size=3),
+    tags=st.frozensets(st.sampled_from([*TAGS, "chat"]), max_size=3),
     in_flight=st.integers(0, 4),
     capacity=st.integers(1, 4),
     queued=st.integers(0, 5),
@@ -337,3 +337,12 @@ def test_a_new_view_reuses_the_index_of_an_unchanged_inventory() -> None:
     assert NodeIndex([changed], previous=old).entry("pi1") is not old.entry("pi1")
     (candidate,) = rank_candidates(job(model="m"), index)
     assert candidate.load == 4  # the new view's load, with the old view's inventory
+
+
+def test_a_node_tagged_chat_serves_jobs_asking_for_that_tag() -> None:
+    # "chat" is stripped from models' capabilities (every chat model has it), not from the
+    # node's own tags: the index must keep it where the scan does.
+    nodes = [node("pi1", {"m": True}, tags=frozenset({"chat"})), node("pi2", {"m": True})]
+    spec = job(tags=frozenset({"chat"}))
+    assert [c.node for c in rank_candidates(spec, NodeIndex(nodes))] == ["pi1"]
+    assert rank_candidates(spec, NodeIndex(nodes)) == rank_candidates_by_scan(spec, nodes)
