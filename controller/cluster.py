@@ -77,6 +77,9 @@ class ClusterReader:
         self._inventories: dict[str, tuple[str, NodeInfo]] = {}
         self._index: NodeIndex | None = None
         self._lock = threading.Lock()
+        # Per node: the load bytes last applied, to which inventory, and the NodeInfo it made.
+        self._applied: dict[str, tuple[bytes, NodeInfo, NodeInfo]] = {}
+        self._applied_now: dict[str, tuple[bytes, NodeInfo, NodeInfo]] = {}
 
     def read(self, redis: Redis) -> ClusterView:
         """Every node that ever heartbeated (until forgotten), with liveness and queue depth,
@@ -128,6 +131,7 @@ class ClusterReader:
                 continue
             states.append(NodeState(info=info, up=bool(alive), queued=int(queued)))
         self._inventories = seen
+        self._applied, self._applied_now = self._applied_now, {}
         return states
 
     def _info(
@@ -144,12 +148,20 @@ class ClusterReader:
             seen[name] = (digest, inventory)
         if not load:
             return inventory
+        # Reads come faster than beats (route_cache_s < heartbeat_interval_s): most find the
+        # load they already applied.
+        last = self._applied.get(name)
+        if last is not None and last[0] == load and last[1] is inventory:
+            self._applied_now[name] = last
+            return last[2]
         node_load = NodeLoad.model_validate_json(load)
         if node_load.inventory != digest:
             # The load of a newer inventory than the one stored (a beat between the two
             # writes): its numbers still belong to this node.
             log.debug("node %s: load and inventory from different beats", name)
-        return with_load(inventory, node_load)
+        info = with_load(inventory, node_load)
+        self._applied_now[name] = (load, inventory, info)
+        return info
 
 
 def read_cluster(redis: Redis) -> ClusterView:
