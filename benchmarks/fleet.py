@@ -121,6 +121,11 @@ def added_ttft_ms(
     try:
         with CorralClient(settings) as client:
             wait_until(lambda: len(client.nodes()) == nodes, 30, "the fleet")
+            # One job pinned to each node first: a client's first send to a queue declares it
+            # (one more round trip), which a long-running controller has long done.
+            for state in client.nodes():
+                warm = make_spec("warm", node=state.name, options=GenerationOptions(max_tokens=1))
+                list(client.submit(warm).events(timeout_s=30))
             for i in range(runs + 5):
                 started = time.perf_counter()
                 run = client.submit(make_spec("bench", options=GenerationOptions(max_tokens=2)))
