@@ -6,7 +6,8 @@ fleet's Celery consumer waiting on every queue), the bytes one node's heartbeat 
 whole NodeInfo and its per-beat load), Redis's memory per node, and one cluster read by the
 controller: the first (every inventory parsed) and the next ones (loads only, inventories kept).
 Then the added time to first token: a job's first token through corral (route, subscribe,
-send, claim, stream) minus the serving node's own simulated first-token time.
+send, claim, stream) minus the serving node's own simulated first-token time, with a 2-node and
+a 200-node fleet running at once and taking turns job by job.
 
     python -m benchmarks.fleet [--quick] [--models-per-node 20]
 """
@@ -18,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -28,7 +30,13 @@ from broker.schemas import DeltaEvent, GenerationOptions
 from broker.settings import build_settings
 from controller.client import CorralClient, make_spec
 from controller.cluster import ClusterReader, read_cluster
-from tests.support.servers import RedisServer, start_redis, start_sim_fleet, wait_until
+from tests.support.servers import (
+    RedisServer,
+    WorkerProcess,
+    start_redis,
+    start_sim_fleet,
+    wait_until,
+)
 from worker.sim.profiles import fleet_profiles
 
 HEARTBEAT_S = 2.0
@@ -98,48 +106,78 @@ def heartbeat_row(
     ]
 
 
-def added_ttft_ms(
-    redis_server: RedisServer, nodes: int, models: int, runs: int, log_dir: Path
-) -> list[float]:
-    db = redis_server.client()
-    db.flushall()
+@dataclass
+class Fleet:
+    """One simulated fleet on its own Redis database, and a client of it."""
+
+    nodes: int
+    own_ms: dict[str, float]
+    process: WorkerProcess
+    client: CorralClient
+    added: list[float] = field(default_factory=list)
+
+    def one_job(self, keep: bool) -> None:
+        started = time.perf_counter()
+        run = self.client.submit(make_spec("bench", options=GenerationOptions(max_tokens=2)))
+        first = None
+        for event in run.events(timeout_s=30):
+            if isinstance(event, DeltaEvent) and first is None:
+                first = (time.perf_counter() - started) * 1000
+        if first is None:
+            raise RuntimeError("no token through corral")
+        if keep:
+            self.added.append(first - self.own_ms[run.candidate.node])
+
+
+def start_fleet(
+    redis_server: RedisServer, db: int, nodes: int, models: int, log_dir: Path
+) -> Fleet:
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{db}"
+    prefix = f"n{nodes}x"
     own_ms = {
         p.name: p.first_token_s * 1000
         for p in fleet_profiles(
             nodes,
             models_per_node=models,
+            prefix=prefix,
             first_token_s=FIRST_TOKEN_MS / 1000,
             slow_fraction=0,
             failing_fraction=0,
         )
     }
-    fleet = start_sim_fleet(
-        redis_server.url, *fleet_args(nodes, models), heartbeat_s=HEARTBEAT_S, log_dir=log_dir
+    process = start_sim_fleet(
+        url,
+        *fleet_args(nodes, models),
+        f"--prefix={prefix}",
+        heartbeat_s=HEARTBEAT_S,
+        log_dir=log_dir,
     )
-    settings = build_settings(broker_url=redis_server.url, heartbeat_interval_s=HEARTBEAT_S)
-    added = []
+    client = CorralClient(build_settings(broker_url=url, heartbeat_interval_s=HEARTBEAT_S))
+    wait_until(lambda: len(client.nodes()) == nodes, 30, "the fleet")
+    # One job pinned to each node first: a client's first send to a queue declares it (one
+    # more round trip), which a long-running controller has long done.
+    for state in client.nodes():
+        warm = make_spec("warm", node=state.name, options=GenerationOptions(max_tokens=1))
+        list(client.submit(warm).events(timeout_s=30))
+    return Fleet(nodes, own_ms, process, client)
+
+
+def added_ttft_ms(redis_server: RedisServer, models: int, runs: int, log_dir: Path) -> list[Fleet]:
+    """Both fleets run at once and take turns, job by job: the machine's noise (and the
+    simulator's own CPU, which a real fleet spreads over its machines) hits both alike."""
+    redis_server.client().flushall()
+    fleets: list[Fleet] = []
     try:
-        with CorralClient(settings) as client:
-            wait_until(lambda: len(client.nodes()) == nodes, 30, "the fleet")
-            # One job pinned to each node first: a client's first send to a queue declares it
-            # (one more round trip), which a long-running controller has long done.
-            for state in client.nodes():
-                warm = make_spec("warm", node=state.name, options=GenerationOptions(max_tokens=1))
-                list(client.submit(warm).events(timeout_s=30))
-            for i in range(runs + 5):
-                started = time.perf_counter()
-                run = client.submit(make_spec("bench", options=GenerationOptions(max_tokens=2)))
-                first = None
-                for event in run.events(timeout_s=30):
-                    if isinstance(event, DeltaEvent) and first is None:
-                        first = (time.perf_counter() - started) * 1000
-                if first is None:
-                    raise RuntimeError("no token through corral")
-                if i >= 5:  # the first jobs warm connections and scripts
-                    added.append(first - own_ms[run.candidate.node])
+        for db, nodes in ((1, 2), (2, 200)):
+            fleets.append(start_fleet(redis_server, db, nodes, models, log_dir))
+        for i in range(runs + 5):
+            for fleet in fleets if i % 2 else reversed(fleets):
+                fleet.one_job(keep=i >= 5)  # the first jobs warm connections and scripts
     finally:
-        fleet.stop()
-    return added
+        for fleet in fleets:
+            fleet.client.close()
+            fleet.process.stop()
+    return fleets
 
 
 def main() -> int:
@@ -176,13 +214,12 @@ def main() -> int:
             for column in ("nodes", "jobs", "p50", "p90", "p99"):
                 ttft.add_column(column, justify="right")
             medians = {}
-            for nodes in (2, 200):
-                added = added_ttft_ms(server, nodes, args.models_per_node, runs, log_dir)
-                medians[nodes] = statistics.median(added)
+            for fleet in added_ttft_ms(server, args.models_per_node, runs, log_dir):
+                medians[fleet.nodes] = statistics.median(fleet.added)
                 ttft.add_row(
-                    str(nodes),
-                    str(len(added)),
-                    *(f"{percentile(added, q):.1f}" for q in (50, 90, 99)),
+                    str(fleet.nodes),
+                    str(len(fleet.added)),
+                    *(f"{percentile(fleet.added, q):.1f}" for q in (50, 90, 99)),
                 )
             console.print(ttft)
             gap = medians[200] - medians[2]

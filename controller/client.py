@@ -219,7 +219,8 @@ class CorralClient:
         ranked = candidates_for(
             spec, view.nodes, blocked, aliases=self.settings.aliases, sticky_node=sticky_node
         )
-        preferred = [c for c in ranked if c.backend_target not in (avoid or set())] or ranked
+        preferred = [c for c in ranked if c.backend_target not in avoid] if avoid else ranked
+        preferred = preferred or ranked
         for candidate in preferred:
             half_open = [
                 t

@@ -100,6 +100,7 @@ class Ranked(NamedTuple):
 
     key: RankKey
     candidate: Candidate
+    node: str
     target: str
     provides: frozenset[str]
 

@@ -6,6 +6,7 @@ with generated clusters (see tests/controller/test_router.py).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -154,23 +155,24 @@ def rank_candidates(
         tag_filter = spec.tags if query[0] == "model" else frozenset()
         if blocked or exclude_nodes or changed or tag_filter:
             skip = {*blocked, *exclude_nodes, *changed}
-            kept = [
-                r
-                for r in ranking
-                if r.candidate.node not in skip
-                and r.target not in blocked
-                and tag_filter <= r.provides
-            ]
-            if changed:
-                kept += [
+            if blocked or tag_filter:
+                kept = [
                     r
-                    for r in _ranked(index, query, changed)
-                    if r.candidate.node not in blocked
-                    and r.candidate.node not in exclude_nodes
-                    and r.target not in blocked
-                    and tag_filter <= r.provides
+                    for r in ranking
+                    if r.node not in skip and r.target not in blocked and tag_filter <= r.provides
                 ]
-                kept.sort(key=_by_key)
+            else:  # the usual case: only the nodes sent to since the view was read
+                kept = [r for r in ranking if r.node not in skip]
+            if changed:
+                for r in _ranked(index, query, changed):
+                    if (
+                        r.node not in blocked
+                        and r.node not in exclude_nodes
+                        and r.target not in blocked
+                        and tag_filter <= r.provides
+                    ):
+                        # A few nodes: put each in its place rather than sort the lot.
+                        bisect.insort(kept, r, key=_by_key)
             ranking = kept
         if choice:
             out += [r.candidate._replace(choice=choice) for r in ranking]
@@ -205,7 +207,9 @@ def _ranked(index: NodeIndex, query: RankingQuery, only: Collection[str] | None)
             model = holder.model
             provides = state.info.tags | (model.capabilities - {"chat"})
             candidate = _candidate(state, backend, model, 0, None)
-            out.append(Ranked(_rank_key(candidate), candidate, holder.offer.target, provides))
+            out.append(
+                Ranked(_rank_key(candidate), candidate, holder.node, holder.offer.target, provides)
+            )
     else:
         tags = query[1]
         for name in index.nodes_offering(tags) if only is None else only:
@@ -224,7 +228,7 @@ def _ranked(index: NodeIndex, query: RankingQuery, only: Collection[str] | None)
                     picks = _choices_on_backend(state.info, backend, None, tags)
                 for _, model in picks:
                     candidate = _candidate(state, backend, model, 0, None)
-                    out.append(Ranked(_rank_key(candidate), candidate, offer.target, tags))
+                    out.append(Ranked(_rank_key(candidate), candidate, name, offer.target, tags))
     out.sort(key=_by_key)
     return out
 
