@@ -11,6 +11,7 @@ built from, so code that only iterates nodes needs no change.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, NamedTuple, overload
@@ -115,7 +116,16 @@ class NodeIndex(Sequence["NodeState"]):
     nodes it changes are ranked again on their own (``requeued``).
     """
 
-    __slots__ = ("_base", "_by_model", "_by_tag", "_entries", "_nodes", "_rankings", "_states")
+    __slots__ = (
+        "_base",
+        "_by_model",
+        "_by_tag",
+        "_carried",
+        "_entries",
+        "_nodes",
+        "_rankings",
+        "_states",
+    )
 
     def __init__(self, nodes: Iterable[NodeState], *, previous: NodeIndex | None = None) -> None:
         self._nodes: list[NodeState] | None = list(nodes)
@@ -131,6 +141,7 @@ class NodeIndex(Sequence["NodeState"]):
                 entry = _entry(state)
                 changed.append(state.name)
             self._entries[state.name] = entry
+        self._carried: tuple[dict[RankingQuery, list[Ranked]], frozenset[str]] | None = None
         if previous is None:
             self._by_model: dict[str, tuple[ModelHolder, ...]] = {}
             self._by_tag: dict[str, frozenset[str]] = {}
@@ -138,6 +149,11 @@ class NodeIndex(Sequence["NodeState"]):
         else:
             gone = [n for n in previous._entries if n not in self._entries]
             self._by_model, self._by_tag = _updated(previous, [*changed, *gone], self._entries)
+        self._carried = (
+            _carried_rankings(previous, self._base, [*changed, *gone])
+            if previous is not None
+            else None
+        )
 
     # --- a sequence of NodeState ------------------------------------------------------------
 
@@ -188,15 +204,35 @@ class NodeIndex(Sequence["NodeState"]):
         smallest, *others = sorted((self._by_tag.get(t, frozenset()) for t in tags), key=len)
         return [name for name in smallest if all(name in s for s in others)]
 
-    def ranking(self, query: RankingQuery, build: Callable[[], list[Ranked]]) -> list[Ranked]:
-        """``query``'s ranking on this view, built by ``build`` the first time it is asked.
+    def ranking(
+        self, query: RankingQuery, build: Callable[[Collection[str] | None], list[Ranked]]
+    ) -> list[Ranked]:
+        """``query``'s ranking on this view, made the first time it is asked.
 
-        Shared with every ``with_queued`` copy (they differ only in ``requeued`` nodes, which
-        the router ranks again). Two threads may both build it; either answer is the same.
+        ``build(None)`` ranks every node for it, ``build(names)`` only those (as this view has
+        them before ``with_queued``). When the previous view ranked the same query, its ranking
+        is reused with only the nodes that changed since (a new load, inventory, or liveness)
+        ranked again. Shared with every ``with_queued`` copy (they differ only in ``requeued``
+        nodes, which the router ranks again). Two threads may both make it; either answer is
+        the same.
         """
         found = self._rankings.get(query)
-        if found is None:
-            found = self._rankings[query] = build()
+        if found is not None:
+            return found
+        carried = self._carried[0].get(query) if self._carried is not None else None
+        if carried is None or self._carried is None:
+            found = build(None)
+        else:
+            stale = self._carried[1]
+            found = [r for r in carried if r.node not in stale]
+            fresh = build([n for n in stale if n in self._base])
+            if len(fresh) < _INSERT_ONE_BY_ONE:
+                for ranked in fresh:
+                    bisect.insort(found, ranked, key=_rank_key)
+            else:
+                found += fresh
+                found.sort(key=_rank_key)
+        self._rankings[query] = found
         return found
 
     def with_queued(self, extra: Mapping[str, int]) -> NodeIndex:
@@ -207,6 +243,7 @@ class NodeIndex(Sequence["NodeState"]):
         copy = NodeIndex.__new__(NodeIndex)
         copy._base, copy._entries = self._base, self._entries
         copy._by_model, copy._by_tag, copy._rankings = self._by_model, self._by_tag, self._rankings
+        copy._carried = self._carried
         copy._states = dict(self._states)
         for name, count in extra.items():
             state = copy.state(name)
@@ -266,6 +303,34 @@ def _updated(
             del by_tag[tag]
     _add_entries(by_model, by_tag, (entries[n] for n in changed if n in entries))
     return by_model, by_tag
+
+
+_INSERT_ONE_BY_ONE = 32
+# Above this share of changed nodes a ranking is made afresh rather than patched.
+_CARRY_AT_MOST = 0.5
+
+
+def _rank_key(ranked: Ranked) -> RankKey:
+    return ranked.key
+
+
+def _carried_rankings(
+    previous: NodeIndex, base: Mapping[str, NodeState], changed: Iterable[str]
+) -> tuple[dict[RankingQuery, list[Ranked]], frozenset[str]] | None:
+    """The previous view's rankings and the nodes they are stale for: those whose inventory
+    changed or that came or went, and those whose state is not the same object's (the
+    cluster reader hands back the very NodeInfo when a node's load did not change)."""
+    stale = set(changed)
+    for name, state in base.items():
+        old = previous._base.get(name)
+        if old is None or not (
+            old.info is state.info and old.up == state.up and old.queued == state.queued
+        ):
+            stale.add(name)
+    # Nodes gone cost only their filtering; nodes present and changed are ranked again.
+    if sum(1 for name in stale if name in base) > _CARRY_AT_MOST * len(base):
+        return None
+    return previous._rankings, frozenset(stale)
 
 
 def _reused_entry(previous: NodeIndex | None, state: NodeState) -> NodeEntry | None:

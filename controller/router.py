@@ -151,7 +151,7 @@ def rank_candidates(
     changed = index.requeued
     out: list[Candidate] = []
     for choice, query in enumerate(queries):
-        ranking = index.ranking(query, partial(_ranked, index, query, None))
+        ranking = index.ranking(query, partial(_ranked, index, query, base=True))
         tag_filter = spec.tags if query[0] == "model" else frozenset()
         if blocked or exclude_nodes or changed or tag_filter:
             skip = {*blocked, *exclude_nodes, *changed}
@@ -164,7 +164,7 @@ def rank_candidates(
             else:  # the usual case: only the nodes sent to since the view was read
                 kept = [r for r in ranking if r.node not in skip]
             if changed:
-                for r in _ranked(index, query, changed):
+                for r in _ranked(index, query, changed, base=False):
                     if (
                         r.node not in blocked
                         and r.node not in exclude_nodes
@@ -189,16 +189,20 @@ def _by_key(ranked: Ranked) -> tuple[bool, int, bool, int, float, int, str, str]
     return ranked.key
 
 
-def _ranked(index: NodeIndex, query: RankingQuery, only: Collection[str] | None) -> list[Ranked]:
+def _ranked(
+    index: NodeIndex, query: RankingQuery, only: Collection[str] | None, *, base: bool
+) -> list[Ranked]:
     """Every candidate for ``query`` on this view, best first, before a job's own filters
     (breakers, nodes tried, extra tags, session): what the index keeps per view and query.
-    ``only``: just these nodes, as the view has them now (jobs sent since it was read)."""
+    ``only``: just these nodes. ``base``: the nodes as the view was read; else with the jobs
+    sent since (``with_queued``)."""
+    lookup = index.base_state if base else index.state
     out: list[Ranked] = []
     if query[0] == "model":
         for holder in index.holders(query[1]):
             if only is not None and holder.node not in only:
                 continue
-            state = index.state(holder.node) if only is not None else index.base_state(holder.node)
+            state = lookup(holder.node)
             if state is None or not state.up or not holder.model.serves_chat():
                 continue
             backend = state.info.backends[holder.offer.position]
@@ -213,7 +217,7 @@ def _ranked(index: NodeIndex, query: RankingQuery, only: Collection[str] | None)
     else:
         tags = query[1]
         for name in index.nodes_offering(tags) if only is None else only:
-            state = index.state(name) if only is not None else index.base_state(name)
+            state = lookup(name)
             entry = index.entry(name)
             if state is None or entry is None or not state.up:
                 continue

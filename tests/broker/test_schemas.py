@@ -41,7 +41,7 @@ def test_job_spec_round_trips_through_json() -> None:
         {"job_id": "short"},
         {"node": "bad name"},
         {"priority": "urgent"},
-        {"v": 2},
+        {"v": 1},  # an older schema version
     ],
 )
 def test_malformed_specs_are_refused(overrides: dict[str, object]) -> None:

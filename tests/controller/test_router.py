@@ -317,8 +317,14 @@ def test_the_index_answers_as_the_scan_does(
     counted = [replace(n, queued=n.queued + sent.get(n.name, 0)) for n in nodes]
     options = {"aliases": ALIASES, "exclude_nodes": exclude, "sticky_node": sticky}
     expected = rank_candidates_by_scan(spec, counted, blocked, **options)
-    # A fresh index, and one updated from an earlier view whose nodes and inventories differ.
-    for view in (NodeIndex(nodes), NodeIndex(nodes, previous=NodeIndex(before))):
+    # The previous view: some of these very nodes, some others; the jobs it served left their
+    # rankings, which a new view patches for what changed.
+    shared = nodes[1:]
+    taken = {n.name for n in shared}
+    previous = NodeIndex([*shared, *(n for n in before if n.name not in taken)])
+    for asked in (spec, earlier):
+        rank_candidates(asked, previous, aliases=ALIASES)
+    for view in (NodeIndex(nodes), NodeIndex(nodes, previous=previous)):
         # An earlier job of the same view leaves its rankings cached: they must not leak.
         rank_candidates(earlier, view, aliases=ALIASES)
         assert rank_candidates(spec, view.with_queued(sent), blocked, **options) == expected
