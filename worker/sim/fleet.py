@@ -44,7 +44,7 @@ from broker.settings import CorralSettings, redacted_url
 from worker.backends.base import Backend, Chunk
 from worker.backends.simulated import SimulatedBackend
 from worker.config import BackendSpec, WorkerConfig
-from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
+from worker.heartbeat import build_node_info, publish_node_info
 from worker.jobs import JobControl, run_job
 from worker.runtime import BackendLoad
 from worker.sim.profiles import NodeProfile
@@ -266,10 +266,13 @@ class SimFleet:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        # Every live node shows down at once (one round trip for the fleet).
+        pipe = self.redis.pipeline(transaction=False)
         for node in self.nodes.values():
             if not node.killed:
-                with contextlib.suppress(redis.exceptions.RedisError):
-                    await mark_node_down(self.redis, node.name)
+                pipe.delete(names.node_alive_key(node.name))
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await pipe.execute()
         await self.redis.aclose()
 
     async def _heartbeat(self, node: SimNode) -> None:
