@@ -143,7 +143,7 @@ class NodeIndex(Sequence["NodeState"]):
             self._entries[state.name] = entry
         self._carried: tuple[dict[RankingQuery, list[Ranked]], frozenset[str]] | None = None
         if previous is None:
-            self._by_model: dict[str, tuple[ModelHolder, ...]] = {}
+            self._by_model: ModelMap = {}
             self._by_tag: dict[str, frozenset[str]] = {}
             _add_entries(self._by_model, self._by_tag, self._entries.values())
         else:
@@ -194,7 +194,10 @@ class NodeIndex(Sequence["NodeState"]):
 
     def holders(self, model_name: str) -> Sequence[ModelHolder]:
         """Every backend holding ``model_name`` (any spelling of it)."""
-        return self._by_model.get(canonical_model_name(model_name), ())
+        on_nodes = self._by_model.get(canonical_model_name(model_name))
+        if on_nodes is None:
+            return ()
+        return [holder for holders in on_nodes.values() for holder in holders]
 
     def nodes_offering(self, tags: frozenset[str]) -> Iterable[str]:
         """Names of the nodes that could meet every one of ``tags`` (a superset of the nodes
@@ -253,30 +256,45 @@ class NodeIndex(Sequence["NodeState"]):
         return copy
 
 
-def _add_entries(
-    by_model: dict[str, tuple[ModelHolder, ...]],
-    by_tag: dict[str, frozenset[str]],
-    entries: Iterable[NodeEntry],
-) -> None:
-    models: dict[str, list[ModelHolder]] = {}
-    tags: dict[str, set[str]] = {}
+ModelMap = dict[str, dict[str, tuple[ModelHolder, ...]]]
+"""Canonical model name -> node name -> that node's backends holding it."""
+
+
+def _holders_by_model(entries: Iterable[NodeEntry]) -> dict[str, dict[str, list[ModelHolder]]]:
+    models: dict[str, dict[str, list[ModelHolder]]] = {}
     for entry in entries:
         for offer in entry.offers:
             for canonical, model in offer.by_canonical.items():
-                models.setdefault(canonical, []).append(ModelHolder(entry.name, offer, model))
+                on_node = models.setdefault(canonical, {}).setdefault(entry.name, [])
+                on_node.append(ModelHolder(entry.name, offer, model))
+    return models
+
+
+def _nodes_by_tag(entries: Iterable[NodeEntry]) -> dict[str, set[str]]:
+    tags: dict[str, set[str]] = {}
+    for entry in entries:
         for tag in entry.provides:
             tags.setdefault(tag, set()).add(entry.name)
-    for canonical, holders in models.items():
-        by_model[canonical] = (*by_model.get(canonical, ()), *holders)
-    for tag, names in tags.items():
-        by_tag[tag] = by_tag.get(tag, frozenset()) | names
+    return tags
+
+
+def _add_entries(
+    by_model: ModelMap, by_tag: dict[str, frozenset[str]], entries: Iterable[NodeEntry]
+) -> None:
+    """Build the maps of a first view."""
+    entries = list(entries)
+    for canonical, nodes in _holders_by_model(entries).items():
+        by_model[canonical] = {name: tuple(holders) for name, holders in nodes.items()}
+    for tag, names in _nodes_by_tag(entries).items():
+        by_tag[tag] = frozenset(names)
 
 
 def _updated(
     previous: NodeIndex, changed: list[str], entries: Mapping[str, NodeEntry]
-) -> tuple[dict[str, tuple[ModelHolder, ...]], dict[str, frozenset[str]]]:
+) -> tuple[ModelMap, dict[str, frozenset[str]]]:
     """The previous view's model and tag maps with ``changed`` nodes taken out and put back
-    from ``entries``: a view where few inventories changed costs what those nodes cost."""
+    from ``entries``: a view where few inventories changed costs what those nodes cost (the
+    previous view's maps are shared, so a touched entry is copied, never changed)."""
     if not changed:
         return previous._by_model, previous._by_tag
     by_model = dict(previous._by_model)
@@ -289,19 +307,25 @@ def _updated(
         if old is not None:
             touched_models.update(c for o in old.offers for c in o.by_canonical)
             touched_tags.update(old.provides)
-    for canonical in touched_models:
-        kept = tuple(h for h in by_model[canonical] if h.node not in out)
-        if kept:
-            by_model[canonical] = kept
+    new = [entries[n] for n in changed if n in entries]
+    added_models = _holders_by_model(new)
+    added_tags = _nodes_by_tag(new)
+    for canonical in touched_models | added_models.keys():
+        inner = dict(by_model.get(canonical, {}))  # a C-level copy, then a few removals
+        for name in out:
+            inner.pop(name, None)
+        for name, holders in added_models.get(canonical, {}).items():
+            inner[name] = tuple(holders)
+        if inner:
+            by_model[canonical] = inner
         else:
-            del by_model[canonical]
-    for tag in touched_tags:
-        remaining = by_tag[tag] - out
+            by_model.pop(canonical, None)
+    for tag in touched_tags | added_tags.keys():
+        remaining = (by_tag.get(tag, frozenset()) - out) | added_tags.get(tag, set())
         if remaining:
             by_tag[tag] = remaining
         else:
-            del by_tag[tag]
-    _add_entries(by_model, by_tag, (entries[n] for n in changed if n in entries))
+            by_tag.pop(tag, None)
     return by_model, by_tag
 
 
