@@ -21,6 +21,7 @@ from broker import names
 from broker.schemas import DoneEvent, ReroutedEvent, StartedEvent
 from broker.settings import build_settings
 from controller.client import CorralClient, make_spec
+from controller.router import NodeState
 from tests.support.servers import REPO_ROOT, WorkerProcess, start_sim_fleet, wait_until
 from worker.sim.profiles import NodeProfile, fleet_profiles
 
@@ -188,3 +189,31 @@ def test_corral_sim_without_a_broker_says_so_without_a_traceback() -> None:
     assert "corral sim: cannot use Redis at redis://***@127.0.0.1:1/0" in done.stderr
     assert "Traceback" not in done.stderr
     assert "hunter2" not in done.stderr + done.stdout
+
+
+def test_a_model_warmed_on_a_node_shows_loaded_in_the_next_view(client: CorralClient) -> None:
+    # The inventory changed (a loaded flag): its digest changes, the whole NodeInfo is stored
+    # again, and the controller re-reads that node while it keeps every other one.
+    name, profile = next(
+        (n, p) for n, p in sorted(PROFILES.items()) if n not in {s.name for s in down(client)}
+    )
+    model = profile.models[1]
+    before = {s.name: s for s in client.nodes()}
+    assert not _loaded(before[name], model)
+    events = list(client.model_op(name, "warm", model).events(timeout_s=30))
+    assert isinstance(events[-1], DoneEvent), events[-1]
+    after = {s.name: s for s in client.nodes()}
+    assert _loaded(after[name], model)
+    others = [n for n in after if n != name and after[n].up]
+    # Nodes whose inventory did not change keep the very model lists parsed before.
+    assert all(
+        after[n].info.backends[0].models is before[n].info.backends[0].models for n in others
+    )
+
+
+def down(client: CorralClient) -> list[NodeState]:
+    return [s for s in client.nodes() if not s.up]
+
+
+def _loaded(state: NodeState, model: str) -> bool:
+    return any(m.loaded for b in state.info.backends for m in b.models if m.name == model)

@@ -21,9 +21,8 @@ import logging
 import random
 import threading
 import time
-import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -31,91 +30,28 @@ import redis.exceptions
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from broker import names
-from broker.errors import BackendUnavailable, BrokerUnavailable
+from broker.errors import BrokerUnavailable, CorralError
 from broker.schemas import (
-    ChatMessage,
-    GenerationOptions,
     JobAssignment,
     JobResult,
-    MemoryInfo,
     ModelOpRequest,
+    Timings,
+    free_memory_bytes,
 )
 from broker.settings import CorralSettings, redacted_url
-from worker.backends.base import Backend, Chunk
-from worker.backends.simulated import SimulatedBackend
-from worker.config import BackendSpec, WorkerConfig
 from worker.heartbeat import build_node_info, publish_node_info
 from worker.jobs import JobControl, run_job
-from worker.runtime import BackendLoad
+from worker.model_ops import run_model_op
+from worker.sim.node import BACKEND_NAME, SimNode
 from worker.sim.profiles import NodeProfile
 from worker.stream import JobStream, StreamScripts
-from worker.sysinfo import SystemProbe, SystemSnapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-BACKEND_NAME = "sim"
 _RECENT_CANCELS_KEPT = 10_000
 _RECONNECT_DELAY_S = 1.0
 _REDIS_CONNECTIONS = 96
-
-
-class FailingBackend(SimulatedBackend):
-    """A backend whose server is gone: every chat fails as a refused connection would."""
-
-    async def stream_chat(
-        self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
-    ) -> AsyncIterator[Chunk]:
-        raise BackendUnavailable(f"simulated failure: backend {self.name!r} does not answer")
-        yield Chunk(text="")  # an async generator, like the real one
-
-
-class _ProfileProbe(SystemProbe):
-    """The machine a profile describes, instead of the one the fleet runs on."""
-
-    def __init__(self, profile: NodeProfile) -> None:
-        super().__init__()
-        self._memory = profile.memory_bytes
-
-    async def snapshot(self) -> SystemSnapshot:
-        return SystemSnapshot(
-            memory=MemoryInfo(total_bytes=self._memory, available_bytes=self._memory // 2),
-            gpus=(),
-            cpu_load=0.1,
-        )
-
-
-class SimNode:
-    """One simulated node agent: its backend, load, running jobs and identity."""
-
-    def __init__(self, profile: NodeProfile) -> None:
-        self.profile = profile
-        self.name = profile.name
-        spec = BackendSpec(
-            kind="simulated",
-            name=BACKEND_NAME,
-            capacity=profile.capacity,
-            first_token_s=profile.first_token_s,
-            token_s=profile.token_s,
-        )
-        self.config = WorkerConfig(name=profile.name, tags=profile.tags, backends=(spec,))
-        backend_class = FailingBackend if profile.failing else SimulatedBackend
-        self.backends: dict[str, Backend] = {
-            BACKEND_NAME: backend_class(
-                BACKEND_NAME,
-                first_token_s=profile.first_token_s,
-                token_s=profile.token_s,
-                models=profile.models,
-                capacity=profile.capacity,
-            )
-        }
-        self.load = BackendLoad(profile.capacity)
-        self.probe = _ProfileProbe(profile)
-        self.instance = uuid.uuid4().hex[:12]
-        self.started_at = time.time()
-        self.active: dict[str, JobControl] = {}
-        self.killed = False
-        self.stored_inventory: str | None = None
 
 
 class SimFleet:
@@ -201,17 +137,9 @@ class SimFleet:
             log.warning("could not report the failure of job %s: %s", assignment.spec.job_id, exc)
 
     def start_model_op(self, request: ModelOpRequest) -> None:
-        # Pull / warm / unload / rm are not simulated per node yet: the op's client is told.
-        future = asyncio.run_coroutine_threadsafe(
-            self._report_error(
-                request.op_id,
-                "unsupported",
-                "corral sim does not run model operations",
-                request.node,
-            ),
-            self._loop,
-        )
-        future.add_done_callback(lambda f: f.exception())
+        """Start a pull / warm / unload / rm on the node the request names; return at once."""
+        future = asyncio.run_coroutine_threadsafe(self._model_op(request), self._loop)
+        future.add_done_callback(_log_op_failure)
 
     # --- inside the loop --------------------------------------------------------------------
 
@@ -419,6 +347,42 @@ class SimFleet:
                 return None
             raise
 
+    async def _model_op(self, request: ModelOpRequest) -> None:
+        """The steps of ``NodeRuntime._model_op`` on the node the request names."""
+        node = self.nodes.get(request.node)
+        if node is None or node.killed:
+            return
+        stream = JobStream(self.scripts, request.op_id, self.settings.replay_ttl_s)
+        started_at = time.time()
+        system = await node.probe.snapshot()
+        free = free_memory_bytes(system.memory, system.gpus)
+        error: CorralError | None = None
+        try:
+            summary = await run_model_op(request, node.backends, free, stream.progress)
+        except CorralError as exc:
+            summary, error = str(exc), exc
+        result = JobResult(
+            job_id=request.op_id,
+            status="ok" if error is None else "error",
+            node=request.node,
+            backend=request.backend or "-",
+            model=request.model,
+            text=summary,
+            timings=Timings(
+                queued_ms=max(0.0, (started_at - request.created_at) * 1000),
+                first_token_ms=None,
+                total_ms=max(0.0, (time.time() - request.created_at) * 1000),
+            ),
+            error_code=error.code if error else None,
+            error_message=str(error) if error else None,
+        )
+        if error is None:
+            # The inventory changed: tell the cluster before saying done.
+            await self._heartbeat(node)
+            await stream.done(result)
+        else:
+            await stream.error(error.code, str(error), node.name, result)
+
     async def _report_error(
         self,
         job_id: str,
@@ -432,6 +396,11 @@ class SimFleet:
         log_length = await self.redis.llen(names.job_log_key(job_id))
         stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s, first_seq=log_length)
         await stream.error(code, problem, node_name, None, attempt=attempt, final=final)
+
+
+def _log_op_failure(future: Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("model operation failed inside the fleet", exc_info=future.exception())
 
 
 def _text(data: bytes | str) -> str:
