@@ -228,7 +228,7 @@ class NodeIndex(Sequence["NodeState"]):
         else:
             stale = self._carried[1]
             found = [r for r in carried if r.node not in stale]
-            fresh = build([n for n in stale if n in self._base])
+            fresh = build({n for n in stale if n in self._base})
             if len(fresh) < _INSERT_ONE_BY_ONE:
                 for ranked in fresh:
                     bisect.insort(found, ranked, key=_rank_key)
