@@ -149,11 +149,7 @@ class NodeIndex(Sequence["NodeState"]):
         else:
             gone = [n for n in previous._entries if n not in self._entries]
             self._by_model, self._by_tag = _updated(previous, [*changed, *gone], self._entries)
-        self._carried = (
-            _carried_rankings(previous, self._base, [*changed, *gone])
-            if previous is not None
-            else None
-        )
+            self._carried = _carried_rankings(previous, self._base, [*changed, *gone])
 
     # --- a sequence of NodeState ------------------------------------------------------------
 
