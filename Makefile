@@ -32,11 +32,15 @@ test: setup-test lint
 	scripts/ensure-redis.sh
 	$(PY) -m pytest
 
+# `make bench QUICK=--quick` keeps the routing and fleet benchmarks under a minute each.
+QUICK ?=
 bench: setup-test
 	scripts/ensure-redis.sh
 	$(PY) -m benchmarks.ttft
 	$(PY) -m benchmarks.failover
 	$(PY) -m benchmarks.job_footprint --quick
+	$(PY) -m benchmarks.routing $(QUICK)
+	$(PY) -m benchmarks.fleet $(QUICK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -145,6 +145,7 @@ def main() -> int:
             with CorralClient(settings) as client:
                 time.sleep(3)
                 rss_start, redis_start = fleet.rss_mb(), int(admin.info("memory")["used_memory"])
+                rss_start["controller"] = psutil.Process().memory_info().rss / 2**20
                 counter = iter(range(10**9))
 
                 def load() -> None:
@@ -180,6 +181,7 @@ def main() -> int:
                     t.join(JOB_TIMEOUT_S + 10)
                 time.sleep(1)
                 rss_end, redis_end = fleet.rss_mb(), int(admin.info("memory")["used_memory"])
+                rss_end["controller"] = psutil.Process().memory_info().rss / 2**20
         finally:
             for worker in fleet.workers.values():
                 worker.stop()
@@ -198,11 +200,12 @@ def main() -> int:
     memory.add_column("process")
     memory.add_column("start MB", justify="right")
     memory.add_column("end MB", justify="right")
-    for name in NODES:
+    for name in (*NODES, "controller"):
         start = rss_start.get(name)
         end = rss_end.get(name)
         memory.add_row(
-            f"worker {name}" + (" (restarted)" if name == "a" and "kill a" in struck else ""),
+            (f"worker {name}" if name != "controller" else "controller (4 client threads)")
+            + (" (restarted)" if name == "a" and "kill a" in struck else ""),
             f"{start:.1f}" if start else "-",
             f"{end:.1f}" if end else "-",
         )

@@ -7,9 +7,10 @@ liveness key and consumes only its own queue. Passwords are given as their SHA-2
 so the lines can be printed, logged and committed without the secret.
 
 What the shared keys still allow (kombu and corral keep them in one place for all nodes): a
-worker may write any field of ``corral:nodes`` (another node's last-known info, not its
-liveness), any job's stream keys (a job can be delivered to any worker that serves its node),
-and kombu's ``unacked`` set and bindings, which every consumer shares.
+worker may write any field of ``corral:nodes``, ``corral:node-loads`` and ``corral:node-digests``
+(another node's last-known info and load, not its liveness), any job's stream keys (a job
+can be delivered to any worker that serves its node), and kombu's ``unacked`` set and
+bindings, which every consumer shares.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def worker_rules(node: str, db: int = 0) -> str:
             f"~{names.job_log_key('*')} ~{names.job_lease_key('*')}",
             f"~{names.job_result_key('*')} ~{names.job_cancel_key('*')}",
             f"%RW~{names.node_alive_key(node)} %W~{names.NODES_HASH}",
+            # The heartbeat's load record and inventory digest (shared hashes, a field a node).
+            f"~{names.NODE_LOADS_HASH} ~{names.NODE_DIGESTS_HASH}",
             f"&{names.job_channel('*')} &{names.CANCEL_CHANNEL}",
             _celery_channels(db),
         )

@@ -13,7 +13,16 @@ RUN_JOB_TASK = "corral.run_job"
 """The explicit Celery task name a worker registers and the controller sends."""
 
 NODES_HASH = f"{KEY_PREFIX}nodes"
-"""Hash of node name -> last NodeInfo JSON; kept after a node dies so it can be shown as down."""
+"""Hash of node name -> NodeInfo JSON, written when the node's inventory changes (its load
+fields are those of that moment; the current load is in ``NODE_LOADS_HASH``). Kept after a
+node dies so it can be shown as down."""
+
+NODE_LOADS_HASH = f"{KEY_PREFIX}node-loads"
+"""Hash of node name -> NodeLoad JSON (broker.nodeload), written at every heartbeat."""
+
+NODE_DIGESTS_HASH = f"{KEY_PREFIX}node-digests"
+"""Hash of node name -> digest of the inventory stored in ``NODES_HASH``: a controller that
+knows it re-reads nothing else."""
 
 CANCEL_CHANNEL = f"{KEY_PREFIX}cancel"
 """Pub/sub channel every worker listens on; a message is a job id to stop."""
@@ -90,3 +99,7 @@ controller process."""
 def breaker_probe_key(target: str) -> str:
     """Held by the one controller allowed to try a half-open breaker's target."""
     return f"{KEY_PREFIX}breaker:{target}:probe"
+
+
+SIM_CONTROL_CHANNEL = f"{KEY_PREFIX}sim:control"
+"""Pub/sub channel a simulated fleet (``corral sim``) takes commands on: ``{"kill": [node]}``."""

@@ -48,7 +48,7 @@ from broker.schemas import (
 from broker.settings import CorralSettings, redacted_url
 from broker.sizing import fit_problem
 from controller.breaker import BreakerPhase, Breakers, backend_target
-from controller.cluster import ClusterView, preload_scripts, read_cluster
+from controller.cluster import ClusterReader, ClusterView, preload_scripts
 from controller.jobrun import Attempt, JobRun
 from controller.limits import check_prompt_size
 from controller.reader import JobStreamReader
@@ -134,6 +134,7 @@ class CorralClient:
         self._idle_pubsubs: list[PubSub] = []
         self._lock = threading.Lock()
         self._view: tuple[float, ClusterView] | None = None
+        self._cluster_reader = ClusterReader()
         self._sent_since_read: Counter[str] = Counter()
 
     def close(self) -> None:
@@ -163,7 +164,7 @@ class CorralClient:
                 preload_scripts(self.redis)
                 StreamControl.preload_into(self.redis)
                 self._scripts_loaded = True
-            view = read_cluster(self.redis)
+            view = self._cluster_reader.read(self.redis)
         except redis.exceptions.AuthenticationError:
             raise BrokerUnavailable(
                 f"Redis at {redacted_url(self._url)} refused the password"
@@ -178,7 +179,7 @@ class CorralClient:
         return view
 
     def nodes(self, max_age_s: float = 0.0) -> list[NodeState]:
-        return self.cluster(max_age_s).nodes
+        return list(self.cluster(max_age_s).nodes)
 
     def breaker_phases(self, view: ClusterView) -> dict[str, BreakerPhase]:
         """Every breaker that is not closed, by target."""
@@ -196,8 +197,7 @@ class CorralClient:
             sent = Counter(self._sent_since_read)
         if not sent:
             return view
-        nodes = [replace(s, queued=s.queued + sent[s.name]) for s in view.nodes]
-        return replace(view, nodes=nodes)
+        return replace(view, nodes=view.nodes.with_queued(sent))
 
     def choose(
         self,
@@ -220,7 +220,8 @@ class CorralClient:
         ranked = candidates_for(
             spec, view.nodes, blocked, aliases=self.settings.aliases, sticky_node=sticky_node
         )
-        preferred = [c for c in ranked if c.backend_target not in (avoid or set())] or ranked
+        preferred = [c for c in ranked if c.backend_target not in avoid] if avoid else ranked
+        preferred = preferred or ranked
         for candidate in preferred:
             half_open = [
                 t

@@ -71,7 +71,7 @@ def check_nodes(
                         f"fix the cause, then `corral nodes --reset-breaker {target}`",
                     )
                 )
-    return checks, view.nodes
+    return checks, list(view.nodes)
 
 
 def _node_checks(node: NodeState, now: float) -> list[Check]:

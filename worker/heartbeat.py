@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from broker import __version__, names
 from broker.errors import BackendError
+from broker.nodeload import inventory_digest, load_of
 from broker.schemas import BackendInfo, ModelInfo, NodeInfo
 from worker.backends.base import Backend, manages_models
 from worker.config import WorkerConfig
@@ -115,16 +116,41 @@ async def build_node_info(
     )
 
 
-async def publish_node_info(redis: Redis, info: NodeInfo) -> None:
-    """Record the heartbeat: the last-known info (kept) and an expiring liveness key.
+# The load of one beat and the liveness key, when the inventory stored is already this one;
+# answers 0 (and writes nothing) when it is not, e.g. after Redis lost its data.
+_PUBLISH_LOAD_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+return 1
+"""
 
-    The key holds the worker's instance id, so a client can tell a restarted worker (whose
-    predecessor's jobs are gone) from the one that took its job."""
+
+async def publish_node_info(redis: Redis, info: NodeInfo, *, stored: str | None = None) -> str:
+    """Record the heartbeat; returns its inventory digest, to pass as ``stored`` next time.
+
+    The load goes out at every beat, the whole NodeInfo (models and all) only when its
+    inventory digest differs from ``stored``, or Redis does not hold that inventory. The
+    liveness key holds the worker's instance id, so a client can tell a restarted worker
+    (whose predecessor's jobs are gone) from the one that took its job."""
     expiry_ms = int(info.heartbeat_interval_s * MISSED_HEARTBEATS_BEFORE_DOWN * 1000)
+    digest = inventory_digest(info)
+    load = load_of(info, digest).model_dump_json()
+    alive = names.node_alive_key(info.name)
+    if stored == digest:
+        # EVAL, not EVALSHA: the script is short, and the demo's fakeredis broker answers a
+        # NOSCRIPT miss by closing the connection.
+        keys = [names.NODE_DIGESTS_HASH, names.NODE_LOADS_HASH, alive]
+        args: list[str | int] = [info.name, digest, load, info.instance, expiry_ms]
+        if await redis.eval(_PUBLISH_LOAD_LUA, len(keys), *keys, *args):
+            return digest
     pipe = redis.pipeline(transaction=True)
     pipe.hset(names.NODES_HASH, info.name, info.model_dump_json())
-    pipe.set(names.node_alive_key(info.name), info.instance, px=expiry_ms)
+    pipe.hset(names.NODE_DIGESTS_HASH, info.name, digest)
+    pipe.hset(names.NODE_LOADS_HASH, info.name, load)
+    pipe.set(alive, info.instance, px=expiry_ms)
     await pipe.execute()
+    return digest
 
 
 async def mark_node_down(redis: Redis, node_name: str) -> None:

@@ -89,6 +89,8 @@ class NodeRuntime:
         self.capacity: int | None = None
         """Job slots: the sum of the backends' parallel capacities, known once started."""
         self._probe = SystemProbe()
+        self._stored_inventory: str | None = None
+        """Digest of the inventory last stored in Redis: a beat without changes sends less."""
 
     # --- life cycle (called from the main thread) ------------------------------------------
 
@@ -230,7 +232,9 @@ class NodeRuntime:
             system=self._probe,
             capacity=self.capacity,
         )
-        await publish_node_info(self.redis, info)
+        self._stored_inventory = await publish_node_info(
+            self.redis, info, stored=self._stored_inventory
+        )
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval_s

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from celery import Celery
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from broker import names
-from broker.schemas import JobAssignment, ModelOpRequest, describe_validation_error
-from worker.runtime import NodeRuntime
+from broker.schemas import JobAssignment, JobResult, ModelOpRequest, describe_validation_error
 
 log = logging.getLogger(__name__)
+
+
+class JobHost(Protocol):
+    """What the task hands a job to: a node's ``NodeRuntime``, or a simulated fleet's
+    (``worker.sim``), which passes it on to the node the assignment names."""
+
+    def run(self, assignment: JobAssignment) -> JobResult | None: ...
+    def report_malformed(self, job_id: str, problem: str) -> None: ...
+    def report_failure(self, assignment: JobAssignment, problem: str) -> None: ...
+    def start_model_op(self, request: ModelOpRequest) -> None: ...
 
 
 def job_id_of(payload: Any) -> str | None:
@@ -27,7 +36,7 @@ def job_id_of(payload: Any) -> str | None:
     return None
 
 
-def register_tasks(app: Celery, runtime: NodeRuntime) -> None:
+def register_tasks(app: Celery, runtime: JobHost) -> None:
     # Celery ships no type hints, hence the ignore on its decorator.
     @app.task(  # type: ignore[untyped-decorator]
         name=names.RUN_JOB_TASK,
@@ -68,7 +77,7 @@ def register_tasks(app: Celery, runtime: NodeRuntime) -> None:
         }
 
 
-def register_model_op_task(app: Celery, runtime: NodeRuntime) -> None:
+def register_model_op_task(app: Celery, runtime: JobHost) -> None:
     @app.task(  # type: ignore[untyped-decorator]
         name=names.MODEL_OP_TASK,
         bind=True,

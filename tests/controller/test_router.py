@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 
 from broker.errors import NoNodeAvailable, UnknownModel, UnknownNode
 from broker.schemas import BackendInfo, ChatMessage, JobSpec, ModelInfo, NodeInfo
-from controller.router import NodeState, candidates_for, rank_candidates
+from controller.node_index import NodeIndex
+from controller.router import NodeState, candidates_for, rank_candidates, rank_candidates_by_scan
 
 MODELS = ["llama3.1:8b", "qwen2.5-coder:7b", "phi3:mini", "nomic-embed-text"]
 TAGS = ["code", "gpu", "embed", "pi"]
@@ -254,3 +256,99 @@ def test_empty_answer_always_comes_with_a_reason(spec: JobSpec, nodes: list[Node
     else:
         with pytest.raises((UnknownNode, UnknownModel, NoNodeAvailable)):
             candidates_for(spec, nodes)
+
+
+# --- the index gives the scan's answers ----------------------------------------------------
+
+ALIASES = {"coder": ["qwen2.5-coder:7b", "llama3.1"], "any-small": ["phi3:mini", "phi3:mini"]}
+targets = st.frozensets(
+    st.sampled_from(NODE_NAMES) | st.builds(lambda n: f"{n}/ollama", st.sampled_from(NODE_NAMES)),
+    max_size=3,
+)
+aliased_jobs = st.builds(
+    job,
+    pin=st.none() | st.sampled_from(NODE_NAMES),
+    model=st.none() | st.sampled_from([*MODELS, "llama3.1", "coder", "any-small", "gpt-9"]),
+    tags=st.frozensets(st.sampled_from([*TAGS, "vision", "tools", "chat"]), max_size=2),
+)
+capability_maps = st.dictionaries(
+    st.sampled_from(MODELS),
+    st.frozensets(st.sampled_from(["chat", "embed", "vision", "tools"]), max_size=2),
+    max_size=4,
+)
+rich_nodes = st.builds(
+    node,
+    name=st.sampled_from(NODE_NAMES),
+    models=st.dictionaries(
+        st.sampled_from([*MODELS, "llama3.1:latest", "phi3:mini"]), st.booleans(), max_size=5
+    ),
+    capabilities=capability_maps,
+    latency_ms=st.none() | st.sampled_from([10.0, 40.0]),
+    up=st.booleans(),
+    tags=st.frozensets(st.sampled_from([*TAGS, "chat"]), max_size=3),
+    in_flight=st.integers(0, 4),
+    capacity=st.integers(1, 4),
+    queued=st.integers(0, 5),
+    healthy=st.booleans(),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    spec=aliased_jobs,
+    earlier=aliased_jobs,
+    nodes=st.lists(rich_nodes, max_size=6, unique_by=lambda n: n.name),
+    before=st.lists(rich_nodes, max_size=6, unique_by=lambda n: n.name),
+    blocked=targets,
+    exclude=st.frozensets(st.sampled_from(NODE_NAMES), max_size=2),
+    sticky=st.none() | st.sampled_from(NODE_NAMES),
+    sent=st.dictionaries(st.sampled_from(NODE_NAMES), st.integers(0, 3), max_size=3),
+)
+def test_the_index_answers_as_the_scan_does(
+    spec: JobSpec,
+    earlier: JobSpec,
+    nodes: list[NodeState],
+    before: list[NodeState],
+    blocked: frozenset[str],
+    exclude: frozenset[str],
+    sticky: str | None,
+    sent: dict[str, int],
+) -> None:
+    counted = [replace(n, queued=n.queued + sent.get(n.name, 0)) for n in nodes]
+    options = {"aliases": ALIASES, "exclude_nodes": exclude, "sticky_node": sticky}
+    expected = rank_candidates_by_scan(spec, counted, blocked, **options)
+    # The previous view: some of these very nodes, some others; the jobs it served left their
+    # rankings, which a new view patches for what changed.
+    shared = nodes[1:]
+    taken = {n.name for n in shared}
+    previous = NodeIndex([*shared, *(n for n in before if n.name not in taken)])
+    for asked in (spec, earlier):
+        rank_candidates(asked, previous, aliases=ALIASES)
+    for view in (NodeIndex(nodes), NodeIndex(nodes, previous=previous)):
+        # An earlier job of the same view leaves its rankings cached: they must not leak.
+        rank_candidates(earlier, view, aliases=ALIASES)
+        assert rank_candidates(spec, view.with_queued(sent), blocked, **options) == expected
+        assert rank_candidates(spec, view, blocked, **options) == rank_candidates_by_scan(
+            spec, nodes, blocked, **options
+        )
+
+
+def test_a_new_view_reuses_the_index_of_an_unchanged_inventory() -> None:
+    first = node("pi1", {"m": True})
+    busier = replace(first, queued=3, info=first.info.model_copy(update={"in_flight": 1}))
+    old = NodeIndex([first])
+    index = NodeIndex([busier], previous=old)
+    assert index.entry("pi1") is old.entry("pi1")
+    changed = node("pi1", {"m": True, "n": False})
+    assert NodeIndex([changed], previous=old).entry("pi1") is not old.entry("pi1")
+    (candidate,) = rank_candidates(job(model="m"), index)
+    assert candidate.load == 4  # the new view's load, with the old view's inventory
+
+
+def test_a_node_tagged_chat_serves_jobs_asking_for_that_tag() -> None:
+    # "chat" is stripped from models' capabilities (every chat model has it), not from the
+    # node's own tags: the index must keep it where the scan does.
+    nodes = [node("pi1", {"m": True}, tags=frozenset({"chat"})), node("pi2", {"m": True})]
+    spec = job(tags=frozenset({"chat"}))
+    assert [c.node for c in rank_candidates(spec, NodeIndex(nodes))] == ["pi1"]
+    assert rank_candidates(spec, NodeIndex(nodes)) == rank_candidates_by_scan(spec, nodes)

@@ -130,6 +130,25 @@ class WorkerProcess:
         return code
 
 
+def start_sim_fleet(
+    broker_url: str,
+    *args: str,
+    heartbeat_s: float = 0.5,
+    log_dir: Path,
+    ready_timeout_s: float = 60,
+) -> WorkerProcess:
+    """``python -m worker.sim ARGS`` (``corral sim``): a simulated fleet in one process."""
+    return start_worker(
+        broker_url,
+        "fleet",
+        *args,
+        heartbeat_s=heartbeat_s,
+        log_dir=log_dir,
+        module="worker.sim",
+        ready_timeout_s=ready_timeout_s,
+    )
+
+
 def start_worker(
     broker_url: str,
     name: str,
@@ -139,8 +158,12 @@ def start_worker(
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
     command_prefix: Sequence[str] = (),
+    module: str = "worker",
+    ready_timeout_s: float = 30,
 ) -> WorkerProcess:
-    """``python -m worker --name NAME ARGS`` in its own process, logging to a file."""
+    """``python -m worker --name NAME ARGS`` in its own process, logging to a file.
+
+    ``module="worker.sim"`` starts a simulated fleet instead (it takes no ``--name``)."""
     log_path = log_dir / f"worker-{name}-{time.monotonic_ns()}.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed in WorkerProcess.stop
     # The test process's own CORRAL_CONFIG is dropped; one passed in ``env`` is kept.
@@ -151,8 +174,9 @@ def start_worker(
         "CORRAL_HEARTBEAT_INTERVAL_S": str(heartbeat_s),
         **(env or {}),
     }
+    naming = ["--name", name] if module == "worker" else []
     process = subprocess.Popen(
-        [*command_prefix, sys.executable, "-m", "worker", "--name", name, *args],
+        [*command_prefix, sys.executable, "-m", module, *naming, *args],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=full_env,
@@ -163,14 +187,16 @@ def start_worker(
         try:
             wait_until(
                 lambda: "ready." in worker.log() or process.poll() is not None,
-                30,
+                ready_timeout_s,
                 f"worker {name} to be ready",
             )
         except TimeoutError:
             worker.stop()
             raise
         if process.poll() is not None:
-            raise RuntimeError(f"worker {name} exited early:\n{worker.log()}")
+            log = worker.log()
+            worker.stop()  # closes its log file
+            raise RuntimeError(f"worker {name} exited early:\n{log}")
     return worker
 
 

@@ -1,0 +1,182 @@
+"""One routing decision on the pure router, at 10, 100 and 1,000 nodes of 100 models each.
+
+Synthetic fleets, no Redis: every node holds 100 models drawn from a catalog of 1,000 (so a model
+is on about a tenth of the nodes), one in ten loaded, and two tags of twenty. Measured per
+fleet size: a job naming a model, a job naming tags, each through the index the cluster view
+keeps (``NodeIndex``, built once per view), the first time the view is asked about that model or
+those tags (each view a new cluster read where a quarter of the nodes have a new load, patched
+from the previous view's rankings) and then again (the ranking is kept for the view's life,
+``route_cache_s``), and
+through the old scan of every model of every node; and the time to build the index. A last
+row names a model every node holds: the candidates themselves are then the fleet.
+
+    python -m benchmarks.routing [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from rich.console import Console
+from rich.table import Table
+
+from broker.schemas import BackendInfo, ChatMessage, JobSpec, ModelInfo, NodeInfo
+from controller.node_index import NodeIndex
+from controller.router import NodeState, rank_candidates, rank_candidates_by_scan
+
+CATALOG = [f"model{i:04d}:7b" for i in range(1000)]
+EVERYWHERE = "common:8b"
+TAGS = [f"tag{i:02d}" for i in range(20)]
+MODELS_PER_NODE = 100
+
+
+def synthetic_fleet(nodes: int, seed: int = 7) -> list[NodeState]:
+    rng = random.Random(seed)
+    fleet = []
+    for n in range(nodes):
+        names = [EVERYWHERE, *rng.sample(CATALOG, MODELS_PER_NODE - 1)]
+        backend = BackendInfo(
+            name="ollama",
+            kind="ollama",
+            healthy=True,
+            capacity=4,
+            in_flight=rng.randint(0, 2),
+            latency_ms=rng.uniform(20, 400),
+            models=tuple(ModelInfo(name=m, loaded=rng.random() < 0.1) for m in names),
+        )
+        info = NodeInfo(
+            name=f"node{n:04d}",
+            version="bench",
+            tags=frozenset(rng.sample(TAGS, 2)),
+            backends=(backend,),
+            in_flight=backend.in_flight,
+            capacity=4,
+            heartbeat_interval_s=2,
+            started_at=0,
+            sent_at=0,
+        )
+        fleet.append(NodeState(info=info, up=rng.random() > 0.02, queued=rng.randint(0, 2)))
+    return fleet
+
+
+def next_read(fleet: list[NodeState], rng: random.Random) -> list[NodeState]:
+    return [
+        replace(state, queued=(state.queued + 1) % 3) if rng.random() < 0.25 else state
+        for state in fleet
+    ]
+
+
+def job(model: str | None = None, tags: frozenset[str] = frozenset()) -> JobSpec:
+    return JobSpec(
+        job_id="bench-job-0001",
+        messages=(ChatMessage(role="user", content="hi"),),
+        model=model,
+        tags=tags,
+        created_at=0,
+    )
+
+
+def time_us(call: Callable[[], object], runs: int) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - started) * 1e6)
+    return samples
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer runs (well under a minute)")
+    args = parser.parse_args()
+    runs, scan_runs = (300, 20) if args.quick else (3000, 100)
+    table = Table(title="one routing decision (µs); index build (ms)")
+    for column in (
+        "nodes",
+        "job",
+        "candidates",
+        "first in view p50",
+        "first p99",
+        "repeat p50",
+        "repeat p99",
+        "scan p50",
+        "scan p99",
+    ):
+        table.add_column(column, justify="right")
+    builds = Table(title="index build per cluster view (ms)")
+    for column in ("nodes", "from scratch", "no inventory changed", "10 inventories changed"):
+        builds.add_column(column, justify="right")
+    rng = random.Random(1)
+    worst: dict[str, float] = {}
+    for size in (10, 100, 1000):
+        fleet = synthetic_fleet(size)
+        other = synthetic_fleet(size, seed=8)
+        index = NodeIndex(fleet)
+        scratch = time_us(lambda fleet=fleet: NodeIndex(fleet), 3)
+        same = time_us(lambda fleet=fleet, index=index: NodeIndex(fleet, previous=index), 5)
+        ten_changed = [*other[:10], *fleet[10:]]
+        changed = time_us(
+            lambda nodes=ten_changed, index=index: NodeIndex(nodes, previous=index), 5
+        )
+        builds.add_row(
+            str(size),
+            *(f"{statistics.median(t) / 1000:.1f}" for t in (scratch, same, changed)),
+        )
+        jobs = {
+            "model": lambda: job(model=rng.choice(CATALOG)),
+            "tags": lambda: job(tags=frozenset(rng.sample(TAGS, 1))),
+            "model on every node": lambda: job(model=EVERYWHERE),
+        }
+        for label, make in jobs.items():
+            specs = [make() for _ in range(runs)]
+            first: list[float] = []
+            repeat: list[float] = []
+            view = index
+            for spec in specs:
+                # The next cluster read: a quarter of the nodes have a new load (at 2 s
+                # heartbeats and 0.5 s reads), the rest are the very same objects.
+                view = NodeIndex(next_read(fleet, rng), previous=view)
+                first += time_us(lambda spec=spec, view=view: rank_candidates(spec, view), 1)
+                repeat += time_us(lambda spec=spec, view=view: rank_candidates(spec, view), 1)
+            scan_it = iter(specs)
+            scanned = time_us(
+                lambda it=scan_it, fleet=fleet: rank_candidates_by_scan(next(it), fleet), scan_runs
+            )
+            count = statistics.mean(len(rank_candidates(s, index)) for s in specs[:50])
+            if size == 1000 and label != "model on every node":
+                worst[f"{label} first"] = percentile(first, 99)
+                worst[f"{label} repeat"] = percentile(repeat, 99)
+            table.add_row(
+                str(size),
+                label,
+                f"{count:.0f}",
+                *(
+                    f"{percentile(values, q):.0f}"
+                    for values in (first, repeat, scanned)
+                    for q in (50, 99)
+                ),
+            )
+    console = Console()
+    console.print(table)
+    console.print(builds)
+    for what, p99 in worst.items():
+        verdict = "meets" if p99 < 100 else "misses"
+        console.print(f"1,000 nodes, {what}: p99 {p99:.0f} µs ({verdict} the 100 µs target)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
