@@ -7,7 +7,7 @@ the boundary instead of being half-understood. Messages travel as
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -16,10 +16,14 @@ Priority = Literal["interactive", "batch"]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 
 
+WIRE_VERSION: Final = 2
+"""The schema version every message carries; Lua scripts that build events use it too."""
+
+
 class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[2] = 2
+    v: Literal[2] = WIRE_VERSION
     """The schema version; a reader refuses a message of another.
 
     2: ``JobSpec.route`` (a pinned node) became ``JobSpec.node``, freeing "route" for named
