@@ -12,7 +12,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 
 import redis.exceptions
 from celery import Celery
@@ -24,7 +23,6 @@ from broker import names
 from broker.celery_app import make_celery_app
 from broker.durations import keep_alive_seconds
 from broker.errors import (
-    NODE_FAILURE_CODES,
     BrokerUnavailable,
     ConfigError,
     JobError,
@@ -38,20 +36,30 @@ from broker.schemas import (
     AnyStreamEvent,
     ChatMessage,
     GenerationOptions,
-    JobAssignment,
     JobSpec,
     ModelOpKind,
     ModelOpRequest,
     Priority,
     describe_validation_error,
 )
-from broker.settings import CorralSettings, redacted_url
+from broker.settings import CorralSettings
 from broker.sizing import fit_problem
-from controller.breaker import BreakerPhase, Breakers, backend_target
+from controller.breaker import BreakerPhase, Breakers
 from controller.cluster import ClusterView, preload_scripts, read_cluster
+from controller.dispatch import (
+    NO_PROBE_PERMIT,
+    breaker_phases,
+    failure_target,
+    half_open_targets,
+    job_task,
+    preferred_candidates,
+    success_targets,
+    unreachable,
+    with_sent,
+)
 from controller.jobrun import Attempt, JobRun
 from controller.reader import JobStreamReader
-from controller.router import Candidate, NodeState, candidates_for
+from controller.router import Candidate, NodeState
 from controller.sessions import SessionStore
 from controller.stream_control import StreamControl
 
@@ -114,13 +122,18 @@ class CorralClient:
     """One per process; holds a Redis connection pool and a Celery producer pool.
 
     Thread-safe for submitting and following jobs from several threads (``ask --fanout``).
+    ``redis``: a client to share (tests, a server's pool); it stays open on ``close``. Without
+    one, the client makes its own from ``settings.broker_url`` and closes it. Celery's
+    producer always connects by ``settings.broker_url``. For asyncio, see
+    ``controller.aclient.AsyncCorralClient``.
     """
 
-    def __init__(self, settings: CorralSettings) -> None:
+    def __init__(self, settings: CorralSettings, redis: Redis | None = None) -> None:
         self.settings = settings
         url = settings.broker_url.get_secret_value()
         self._url = url
-        self.redis = Redis.from_url(url, socket_connect_timeout=5)
+        self._owns_redis = redis is None
+        self.redis = redis if redis is not None else Redis.from_url(url, socket_connect_timeout=5)
         self.app: Celery = make_celery_app(settings)
         self.breakers = Breakers(
             self.redis,
@@ -140,7 +153,8 @@ class CorralClient:
             idle, self._idle_pubsubs = self._idle_pubsubs, []
         for pubsub in idle:
             pubsub.close()
-        self.redis.close()
+        if self._owns_redis:
+            self.redis.close()
         self.app.close()
 
     def __enter__(self) -> CorralClient:
@@ -163,14 +177,9 @@ class CorralClient:
                 StreamControl.preload_into(self.redis)
                 self._scripts_loaded = True
             view = read_cluster(self.redis)
-        except redis.exceptions.AuthenticationError:
-            raise BrokerUnavailable(
-                f"Redis at {redacted_url(self._url)} refused the password"
-            ) from None
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise BrokerUnavailable(
-                f"cannot reach Redis at {redacted_url(self._url)}: {exc.__class__.__name__}"
-            ) from None
+            # AuthenticationError is a ConnectionError: a refused password lands here too.
+            raise unreachable(exc, self._url) from None
         with self._lock:
             self._view = (now, view)
             self._sent_since_read.clear()
@@ -181,11 +190,7 @@ class CorralClient:
 
     def breaker_phases(self, view: ClusterView) -> dict[str, BreakerPhase]:
         """Every breaker that is not closed, by target."""
-        phases = {
-            target: state.phase(view.redis_time, self.settings.breaker_cooldown_s)
-            for target, state in view.breakers.items()
-        }
-        return {t: p for t, p in phases.items() if p is not BreakerPhase.CLOSED}
+        return breaker_phases(view, self.settings.breaker_cooldown_s)
 
     def _routing_view(self, fresh: bool = False) -> ClusterView:
         """The cluster the router sees: reused for up to ``route_cache_s``, with the jobs this
@@ -193,10 +198,7 @@ class CorralClient:
         view = self.cluster(max_age_s=0.0 if fresh else self.settings.route_cache_s)
         with self._lock:
             sent = Counter(self._sent_since_read)
-        if not sent:
-            return view
-        nodes = [replace(s, queued=s.queued + sent[s.name]) for s in view.nodes]
-        return replace(view, nodes=nodes)
+        return with_sent(view, sent)
 
     def choose(
         self,
@@ -215,22 +217,19 @@ class CorralClient:
         """
         view = self._routing_view(fresh)
         phases = self.breaker_phases(view)
-        blocked = {t for t, p in phases.items() if p is BreakerPhase.OPEN} | (never or set())
-        ranked = candidates_for(
-            spec, view.nodes, blocked, aliases=self.settings.aliases, sticky_node=sticky_node
+        preferred = preferred_candidates(
+            spec,
+            view,
+            phases,
+            aliases=self.settings.aliases,
+            avoid=avoid,
+            never=never,
+            sticky_node=sticky_node,
         )
-        preferred = [c for c in ranked if c.backend_target not in (avoid or set())] or ranked
         for candidate in preferred:
-            half_open = [
-                t
-                for t in (candidate.node, candidate.backend_target)
-                if phases.get(t) is BreakerPhase.HALF_OPEN
-            ]
-            if all(self.breakers.try_probe(t) for t in half_open):
+            if all(self.breakers.try_probe(t) for t in half_open_targets(candidate, phases)):
                 return candidate
-        raise NoNodeAvailable(
-            "every node that could serve this job is behind a circuit breaker being probed"
-        )
+        raise NoNodeAvailable(NO_PROBE_PERMIT)
 
     # --- jobs ------------------------------------------------------------------------------
 
@@ -260,26 +259,8 @@ class CorralClient:
         )
 
     def _send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None:
-        assignment = JobAssignment(
-            spec=spec,
-            node=candidate.node,
-            backend=candidate.backend,
-            model=candidate.model,
-            attempt=attempt,
-        )
-        priority = (
-            names.INTERACTIVE_PRIORITY if spec.priority == "interactive" else names.BATCH_PRIORITY
-        )
-        self.app.send_task(
-            names.RUN_JOB_TASK,
-            args=[assignment.model_dump(mode="json")],
-            task_id=spec.job_id,
-            queue=names.node_queue(candidate.node),
-            priority=priority,
-            argsrepr=assignment.argsrepr(),
-            kwargsrepr="{}",
-            ignore_result=True,
-        )
+        task = job_task(spec, candidate, attempt)
+        self.app.send_task(task.name, **task.kwargs)
         with self._lock:
             self._sent_since_read[candidate.node] += 1
         # After the send, off the path to the first token; attach and cancel read it.
@@ -472,14 +453,11 @@ class _ClientHooks:
     def attempt_succeeded(self, candidate: Candidate) -> None:
         # Only targets with a breaker entry need resetting: no extra round trip per job.
         view = self._client.cluster(max_age_s=self._client.settings.route_cache_s)
-        for target in (candidate.node, candidate.backend_target):
-            if target in view.breakers:
-                self._client.breakers.record_success(target)
+        for target in success_targets(candidate, view):
+            self._client.breakers.record_success(target)
 
     def attempt_failed(self, candidate: Candidate, code: str) -> None:
-        node_level = code in NODE_FAILURE_CODES
-        target = candidate.node if node_level else backend_target(candidate.node, candidate.backend)
-        self._client.breakers.record_failure(target)
+        self._client.breakers.record_failure(failure_target(candidate, code))
 
     def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
         if spec.session is None:
