@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import redis.exceptions
 from celery import Celery
 from pydantic import ValidationError
-from redis import Redis
+from redis import ConnectionPool, Redis
 from redis.client import PubSub
 
 from broker import names
@@ -126,14 +126,29 @@ class CorralClient:
     one, the client makes its own from ``settings.broker_url`` and closes it. Celery's
     producer always connects by ``settings.broker_url``. For asyncio, see
     ``controller.aclient.AsyncCorralClient``.
+
+    Each followed job holds a connection of its own (its thread blocks on it), from a pool
+    of at most ``max_streams`` kept apart from the commands' pool: a few hundred streams
+    never starve routing and sending of connections.
     """
 
-    def __init__(self, settings: CorralSettings, redis: Redis | None = None) -> None:
+    def __init__(
+        self, settings: CorralSettings, redis: Redis | None = None, *, max_streams: int = 1024
+    ) -> None:
         self.settings = settings
         url = settings.broker_url.get_secret_value()
         self._url = url
         self._owns_redis = redis is None
         self.redis = redis if redis is not None else Redis.from_url(url, socket_connect_timeout=5)
+        commands = self.redis.connection_pool
+        self.max_streams = max_streams
+        self._streams = Redis.from_pool(
+            ConnectionPool(
+                connection_class=commands.connection_class,
+                max_connections=max_streams,
+                **commands.connection_kwargs,
+            )
+        )
         self.app: Celery = make_celery_app(settings)
         self.breakers = Breakers(
             self.redis,
@@ -153,6 +168,7 @@ class CorralClient:
             idle, self._idle_pubsubs = self._idle_pubsubs, []
         for pubsub in idle:
             pubsub.close()
+        self._streams.close()
         if self._owns_redis:
             self.redis.close()
         self.app.close()
@@ -404,8 +420,14 @@ class CorralClient:
         with self._lock:
             pubsub = self._idle_pubsubs.pop() if self._idle_pubsubs else None
         if pubsub is None:
-            pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]  # redis-py stub gap
-        pubsub.subscribe(names.job_channel(job_id))
+            pubsub = self._streams.pubsub()  # type: ignore[no-untyped-call]  # redis-py stub gap
+        try:
+            pubsub.subscribe(names.job_channel(job_id))
+        except redis.exceptions.MaxConnectionsError:
+            pubsub.close()
+            raise BrokerUnavailable(
+                f"this client already follows {self.max_streams} streams (max_streams)"
+            ) from None
         return JobStreamReader(self.redis, pubsub, job_id, node, release=self._release_pubsub)
 
     def _release_pubsub(self, pubsub: PubSub, channel: str) -> None:
