@@ -176,12 +176,16 @@ class AsyncCorralClient:
             sticky_node=sticky_node,
         )
         for candidate in preferred:
-            permits = [
-                await self.breakers.try_probe(t) for t in half_open_targets(candidate, phases)
-            ]
-            if all(permits):
+            if await self._probe_permits(half_open_targets(candidate, phases)):
                 return candidate
         raise NoNodeAvailable(NO_PROBE_PERMIT)
+
+    async def _probe_permits(self, targets: list[str]) -> bool:
+        """Every half-open target's probe permit, stopping at the first one refused."""
+        for target in targets:
+            if not await self.breakers.try_probe(target):
+                return False
+        return True
 
     # --- jobs ------------------------------------------------------------------------------
 

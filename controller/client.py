@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import redis.exceptions
 from celery import Celery
 from pydantic import ValidationError
-from redis import ConnectionPool, Redis
+from redis import BlockingConnectionPool, ConnectionPool, Redis
 from redis.client import PubSub
 
 from broker import names
@@ -127,9 +127,10 @@ class CorralClient:
     producer always connects by ``settings.broker_url``. For asyncio, see
     ``controller.aclient.AsyncCorralClient``.
 
-    Each followed job holds a connection of its own (its thread blocks on it), from a pool
-    of at most ``max_streams`` kept apart from the commands' pool: a few hundred streams
-    never starve routing and sending of connections.
+    Commands share at most 64 connections (a thread waits for one when all are busy). Each
+    followed job holds a connection of its own (its thread blocks on it), from a pool of at
+    most ``max_streams`` kept apart from the commands' pool: a few hundred streams never
+    starve routing and sending of connections.
     """
 
     def __init__(
@@ -139,7 +140,12 @@ class CorralClient:
         url = settings.broker_url.get_secret_value()
         self._url = url
         self._owns_redis = redis is None
-        self.redis = redis if redis is not None else Redis.from_url(url, socket_connect_timeout=5)
+        if redis is None:
+            # Threads beyond the pool's size wait for a connection instead of failing.
+            redis = Redis.from_pool(
+                BlockingConnectionPool.from_url(url, max_connections=64, socket_connect_timeout=5)
+            )
+        self.redis = redis
         commands = self.redis.connection_pool
         self.max_streams = max_streams
         self._streams = Redis.from_pool(
