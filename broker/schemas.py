@@ -7,7 +7,7 @@ the boundary instead of being half-understood. Messages travel as
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -16,14 +16,15 @@ Priority = Literal["interactive", "batch"]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 
 
-WIRE_VERSION: Final = 2
-"""The schema version every message carries; Lua scripts that build events use it too."""
+SCHEMA_VERSION = 2
+"""The wire schema every message carries as ``v`` (also written by the Lua scripts that build
+events inside Redis)."""
 
 
 class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[2] = WIRE_VERSION
+    v: Literal[2] = 2
     """The schema version; a reader refuses a message of another.
 
     2: ``JobSpec.route`` (a pinned node) became ``JobSpec.node``, freeing "route" for named
@@ -284,11 +285,33 @@ class ModelInfo(BaseModel):
         return not self.capabilities or "chat" in self.capabilities
 
 
+BackendKind = Literal[
+    "ollama",
+    "openai",
+    "simulated",
+    "anthropic",
+    "google",
+    "openai-cloud",
+    "mistral",
+    "deepseek",
+]
+"""Every kind of backend a worker can front: its transport and, for a cloud, the provider.
+
+``openai`` is any OpenAI-compatible server on the network (llama.cpp, vLLM, LM Studio);
+``openai-cloud``, ``mistral`` and ``deepseek`` are the providers reached the same way with a key.
+"""
+
+BACKEND_KINDS: frozenset[str] = frozenset(get_args(BackendKind))
+
+
 class BackendInfo(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: Name
-    kind: Literal["ollama", "openai", "simulated"]
+    kind: str = Field(min_length=1, max_length=64)
+    """A ``BackendKind``, read as plain text: a controller older than the worker (one that does
+    not know a new kind) still reads the heartbeat and routes to the node, since routing needs
+    the backend's name and models, never its transport."""
     url: str | None = None
     """Scheme, host and port only: never credentials or query strings."""
     healthy: bool

@@ -109,6 +109,11 @@ class CorralSettings(BaseSettings):
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
     """How long an open breaker keeps traffic away before one probe job may try again."""
     session_ttl_s: int = Field(default=86400, ge=60)
+    max_prompt_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    """The largest prompt (all messages, UTF-8) a front door accepts. A job's message costs Redis
+    about three times its size while queued (base64 body plus the unacked copy), so the limit
+    keeps one oversized paste from filling the broker. 2 MiB is more than any local model's
+    context window."""
     """How long a ``--session`` conversation is kept after its last turn."""
     aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     """Model aliases: ``coder: [qwen2.5-coder:7b, deepseek-coder:6.7b]``, first choice first."""

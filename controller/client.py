@@ -58,6 +58,7 @@ from controller.dispatch import (
     with_sent,
 )
 from controller.jobrun import Attempt, JobRun
+from controller.limits import check_prompt_size
 from controller.reader import JobStreamReader
 from controller.router import Candidate, NodeState
 from controller.sessions import SessionStore
@@ -258,13 +259,15 @@ class CorralClient:
     def submit(self, spec: JobSpec) -> JobRun:
         """Route ``spec``, subscribe to its stream, then send it to the chosen node's queue.
 
-        Raises a RoutingError when nothing can serve it (nothing is sent then).
+        Raises a RoutingError when nothing can serve it, and RequestTooLarge for a prompt over
+        ``max_prompt_bytes`` (nothing is sent then).
         """
         sticky: str | None = None
         if spec.session is not None:
             session = self.sessions.load(spec.session)
             sticky = session.node
             spec = with_history(session.messages, spec)
+        check_prompt_size(spec, self.settings.max_prompt_bytes)
         candidate = self.choose(spec, sticky_node=sticky)
         reader = self._subscribe_and_send(
             spec.job_id, candidate.node, lambda: self._send(spec, candidate, attempt=1)

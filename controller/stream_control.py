@@ -16,7 +16,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from broker import names
-from broker.schemas import WIRE_VERSION, AnyStreamEvent
+from broker.schemas import SCHEMA_VERSION, AnyStreamEvent
 
 # Deletes the stale copies of a job still waiting in a node's queue lists. Kombu stores each
 # message as JSON whose headers carry the task id (== the job id), so a plain substring
@@ -67,7 +67,7 @@ return 1
 # worker is told on the cancel channel and ends the stream itself.
 # Returns 2 removed while queued, 1 running (worker told), 0 already over.
 _CANCEL_LUA = (
-    f"local wire_version = {WIRE_VERSION}\n"
+    f"local SCHEMA_VERSION = {SCHEMA_VERSION}\n"
     + _REMOVE_QUEUED_LUA
     + """
 redis.call('SET', KEYS[1], 1, 'EX', ARGV[2])
@@ -82,7 +82,7 @@ if lease then attempt = tonumber(lease) end
 redis.call('SET', KEYS[2], 'x', 'EX', ARGV[2])
 remove_queued(ARGV[1], 4)
 local seq = redis.call('LLEN', KEYS[3])
-local event = cjson.encode({v = wire_version, type = 'error', job_id = ARGV[1], seq = seq,
+local event = cjson.encode({v = SCHEMA_VERSION, type = 'error', job_id = ARGV[1], seq = seq,
   ts = tonumber(ARGV[5]), code = 'cancelled', message = 'job cancelled before it started',
   attempt = attempt, final = true})
 redis.call('RPUSH', KEYS[3], event)

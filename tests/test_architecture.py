@@ -52,6 +52,8 @@ def test_front_doors_stand_apart_and_the_library_imports_none() -> None:
     """controller/ is the library; cli, gateway and mcp are thin front doors over it."""
     offenders: dict[str, list[str]] = {}
     for path in (ROOT / "controller").rglob("*.py"):
+        if path == ROOT / "controller" / "__main__.py":
+            continue  # `python -m controller` is the program: it starts the terminal front door
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         own = front_door_of(module)
         bad = sorted(

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from broker import names
 from broker.schemas import (
-    WIRE_VERSION,
+    SCHEMA_VERSION,
     AnyStreamEvent,
     DeltaEvent,
     DoneEvent,
@@ -59,7 +59,7 @@ return 1
 # sequence number is the log's length at that moment. One round trip between the worker
 # receiving a job and calling its backend. Returns {status, seq}.
 _CLAIM_LUA = (
-    f"local wire_version = {WIRE_VERSION}\n"
+    f"local SCHEMA_VERSION = {SCHEMA_VERSION}\n"
     + """
 local lease = redis.call('GET', KEYS[2])
 local allowed = (lease == false and ARGV[1] == '1') or lease == ARGV[1]
@@ -70,7 +70,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 local seq = redis.call('LLEN', KEYS[3])
-local started = cjson.encode({v = wire_version, type = 'started', job_id = ARGV[6], seq = seq,
+local started = cjson.encode({v = SCHEMA_VERSION, type = 'started', job_id = ARGV[6], seq = seq,
   ts = tonumber(ARGV[7]), node = ARGV[8], backend = ARGV[9], model = ARGV[10],
   attempt = tonumber(ARGV[1]), instance = ARGV[11]})
 redis.call('RPUSH', KEYS[3], started)

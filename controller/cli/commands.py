@@ -23,6 +23,7 @@ from broker.schemas import (
     JobSpec,
 )
 from broker.settings import build_settings
+from controller.cli.acl import acl_command
 from controller.cli.common import (
     ExitCode,
     exit_code_for,
@@ -30,6 +31,7 @@ from controller.cli.common import (
     output_width,
     print_events,
     print_json,
+    prompt_from,
     settings_from,
     split_list,
 )
@@ -81,7 +83,7 @@ def worker(args: tuple[str, ...]) -> None:
 
 
 @cli.command()
-@click.argument("prompt", nargs=-1, required=True)
+@click.argument("prompt", nargs=-1)
 @click.option("--tag", "tags", multiple=True, help="Required capability tag (repeatable, or a,b).")
 @click.option("--model", help="Model to run, e.g. llama3.1:8b.")
 @click.option("--node", help="Run on this node (same as an @NODE prefix).")
@@ -140,6 +142,8 @@ def ask(
 ) -> None:
     """Route PROMPT to the best node and stream the answer. Prefix @NODE to pick the node.
 
+    A PROMPT of `-`, or none with a pipe on stdin, reads the prompt from standard input.
+
     With --fanout or --models, several jobs run at once: a live table shows their progress,
     then their answers print side by side. The exit code is 0 only if every job succeeded
     (otherwise the leftmost failed job's code). --json then tags each event line with
@@ -148,7 +152,8 @@ def ask(
     settings = settings_from(ctx)
     models = split_list(model_list)
     try:
-        mentioned, text = split_mention(" ".join(prompt))
+        words = prompt_from(prompt, sys.stdin, settings.max_prompt_bytes)
+        mentioned, text = split_mention(words)
         if node and mentioned and node != mentioned:
             raise ConfigError(f"--node {node} and @{mentioned} disagree")
         _check_many_flags(fanout, models, node or mentioned, model, session)
@@ -385,6 +390,7 @@ def demo() -> None:
 
 
 cli.add_command(models)
+cli.add_command(acl_command)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 import click
 
@@ -19,6 +19,7 @@ from broker.errors import (
     JobCancelled,
     JobError,
     ModelOpError,
+    RequestTooLarge,
     RoutingError,
     error_from_code,
 )
@@ -32,6 +33,7 @@ from broker.schemas import (
 )
 from broker.settings import CorralSettings
 from controller.cli.render import stderr_console, summary_line
+from controller.limits import LIMIT_SETTING, human_bytes
 
 
 class ExitCode:
@@ -141,3 +143,40 @@ def print_events(events: Iterator[AnyStreamEvent], as_json: bool, sent_at: float
                     )
             return exit_code_for(error_from_code(event.code, event.message))
     return ExitCode.JOB
+
+
+def prompt_from(words: tuple[str, ...], stdin: TextIO, limit_bytes: int) -> str:
+    """The prompt of ``corral ask``: its words, with a ``-`` word (or no words at all and a
+    pipe on stdin) standing for standard input, which is how a large prompt comes in.
+
+    Reads at most ``limit_bytes + 1`` characters, so an endless pipe cannot fill memory; a
+    prompt over the limit is refused by the client with the limit named.
+    """
+    if not words:
+        if stdin.isatty():
+            raise ConfigError("give a PROMPT, or pipe one in: corral ask - < question.txt")
+        words = ("-",)
+    if words.count("-") > 1:
+        raise ConfigError("'-' (standard input) can stand only once in the prompt")
+    parts = [_read_bounded(stdin, limit_bytes) if word == "-" else word for word in words]
+    text = " ".join(parts) if "-" not in words else _join_with_stdin(words, parts)
+    if not text.strip():
+        raise ConfigError("the prompt is empty")
+    return text
+
+
+def _read_bounded(stdin: TextIO, limit_bytes: int) -> str:
+    text = stdin.read(limit_bytes + 1)
+    if len(text) > limit_bytes:  # a character is at least a byte: already over
+        raise RequestTooLarge(
+            f"the prompt on standard input is over the limit of {human_bytes(limit_bytes)}"
+            f" ({LIMIT_SETTING})"
+        )
+    return text
+
+
+def _join_with_stdin(words: tuple[str, ...], parts: list[str]) -> str:
+    # Words before and after "-" stay on their own lines: `corral ask "Summarise:" - < notes.md`.
+    i = words.index("-")
+    before, piped, after = " ".join(parts[:i]), parts[i], " ".join(parts[i + 1 :])
+    return "\n".join(p for p in (before, piped.rstrip("\n"), after) if p)

@@ -41,7 +41,7 @@ def test_job_spec_round_trips_through_json() -> None:
         {"job_id": "short"},
         {"node": "bad name"},
         {"priority": "urgent"},
-        {"v": 2},
+        {"v": 1},  # the old schema, where the pinned node was called "route"
     ],
 )
 def test_malformed_specs_are_refused(overrides: dict[str, object]) -> None:
@@ -85,3 +85,13 @@ def test_messages_are_frozen() -> None:
     message = ChatMessage(role="user", content="x")
     with pytest.raises(ValidationError):
         message.content = "y"  # type: ignore[misc]
+
+
+def test_the_lua_scripts_write_the_schema_version_the_models_read() -> None:
+    from broker.schemas import SCHEMA_VERSION, StartedEvent
+
+    assert (
+        StartedEvent.model_fields["v"].default
+        == SCHEMA_VERSION
+        == JobSpec.model_fields["v"].default
+    )

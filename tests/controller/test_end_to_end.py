@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from broker import names
-from broker.errors import NoNodeAvailable, UnknownModel, UnknownNode
+from broker.errors import NoNodeAvailable, RequestTooLarge, UnknownModel, UnknownNode
 from broker.schemas import ChatMessage, DeltaEvent, DoneEvent, ErrorEvent, StartedEvent
 from broker.settings import build_settings
 from controller.client import CorralClient, make_spec
@@ -52,14 +53,20 @@ def client(module_broker_url: str, cluster: list[WorkerProcess]) -> Iterator[Cor
         yield c
 
 
-def corral(broker_url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CORRAL_BROKER_URL": broker_url}
+def corral(
+    broker_url: str,
+    *args: str,
+    timeout: float = 60,
+    stdin: str = "",
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "controller", *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env={**os.environ, "CORRAL_BROKER_URL": broker_url, **(env or {})},
         cwd=REPO_ROOT,
     )
 
@@ -243,3 +250,43 @@ def test_wrong_redis_password_fails_fast_without_printing_it(
         assert "wrong-battery" not in cli.stderr + cli.stdout
     finally:
         guarded.stop()
+
+
+def test_cli_reads_the_prompt_from_standard_input(
+    module_broker_url: str, client: CorralClient
+) -> None:
+    piped = corral(module_broker_url, "ask", "--node", "beta", stdin="why is the sky blue\n")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.strip() == expected_reply("why is the sky blue")
+
+    framed = corral(module_broker_url, "ask", "@beta", "Summarise:", "-", stdin="notes\nmore\n")
+    assert framed.returncode == 0, framed.stderr
+    assert framed.stdout.strip() == expected_reply("Summarise:\nnotes\nmore")
+
+    empty = corral(module_broker_url, "ask", "-", stdin="  \n")
+    assert empty.returncode == 2
+    assert "the prompt is empty" in empty.stderr
+
+
+def test_an_oversized_prompt_is_refused_before_it_reaches_redis(
+    module_broker_url: str, client: CorralClient
+) -> None:
+    r = redis.Redis.from_url(module_broker_url)
+    keys_before = set(r.keys())
+    secret_text = "private words " * 1000  # 14 KB
+    cli = corral(
+        module_broker_url, "ask", "-", stdin=secret_text, env={"CORRAL_MAX_PROMPT_BYTES": "4096"}
+    )
+    assert cli.returncode == 2
+    assert "the prompt on standard input is over the limit of 4 KiB" in cli.stderr
+    assert "CORRAL_MAX_PROMPT_BYTES" in cli.stderr
+    assert "private" not in cli.stderr + cli.stdout and "Traceback" not in cli.stderr
+
+    small = build_settings(broker_url=module_broker_url, max_prompt_bytes=4096)
+    with (
+        CorralClient(small) as limited,
+        pytest.raises(RequestTooLarge, match="the prompt is 14 KiB, over the limit of 4 KiB"),
+    ):
+        limited.submit(make_spec(secret_text))
+    # Nothing was queued or logged for either attempt: no new key (kombu's restore mutex aside).
+    assert {k for k in set(r.keys()) - keys_before if not k.startswith(b"unacked")} == set()

@@ -57,12 +57,12 @@ def node(
 
 
 def job(
-    route: str | None = None, model: str | None = None, tags: frozenset[str] = frozenset()
+    pin: str | None = None, model: str | None = None, tags: frozenset[str] = frozenset()
 ) -> JobSpec:
     return JobSpec(
         job_id="job-0001",
         messages=(ChatMessage(role="user", content="hi"),),
-        route=route,
+        node=pin,
         model=model,
         tags=tags,
         created_at=0,
@@ -83,7 +83,7 @@ def test_then_the_least_loaded_node() -> None:
     assert [c.node for c in candidates_for(job(model="phi3:mini"), nodes)] == ["b", "a", "c"]
 
 
-def test_route_name_picks_that_node_even_if_another_is_better() -> None:
+def test_a_pinned_node_is_picked_even_if_another_is_better() -> None:
     nodes = [node("pi2", {"phi3:mini": False}, in_flight=1), node("gpu1", {"phi3:mini": True})]
     assert [c.node for c in candidates_for(job(pin="pi2"), nodes)] == ["pi2"]
 
@@ -104,10 +104,10 @@ def test_tags_must_all_be_present() -> None:
 
 def test_unknown_node_names_the_known_nodes() -> None:
     with pytest.raises(UnknownNode, match=r"no node named 'pi9' \(known nodes: pi1, pi2\)"):
-        candidates_for(job(route="pi9"), [node("pi1", {"m": True}), node("pi2", {"m": True})])
+        candidates_for(job(pin="pi9"), [node("pi1", {"m": True}), node("pi2", {"m": True})])
 
 
-def test_route_to_a_down_node_says_it_is_down() -> None:
+def test_a_pinned_node_that_is_down_says_so() -> None:
     with pytest.raises(NoNodeAvailable, match="node 'pi2' is down"):
         candidates_for(
             job(pin="pi2"), [node("pi2", {"m": True}, up=False), node("pi1", {"m": True})]
