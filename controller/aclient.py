@@ -24,6 +24,8 @@ import redis.exceptions
 from celery import Celery
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from broker import names
 from broker.celery_app import make_celery_app
@@ -83,8 +85,14 @@ class AsyncCorralClient:
         self._owns_redis = redis is None
         if redis is None:
             # A burst of jobs waits for a pooled connection rather than opening one per job.
+            # After a Redis restart each pooled connection fails its next command once
+            # ("closed by server", nothing executed): one immediate retry on a fresh one.
             pool = BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, socket_connect_timeout=5
+                url,
+                max_connections=max_connections,
+                socket_connect_timeout=5,
+                retry=Retry(NoBackoff(), 1),
+                retry_on_error=[_CONNECTION_ERRORS[0]],  # ConnectionError (`redis` is shadowed)
             )
             redis = AsyncRedis.from_pool(pool)
         self.redis = redis

@@ -84,10 +84,11 @@ class AsyncJobStreamReader:
                         yield event
                     if cursor.finished:
                         return
-                if live.event is None:
+                accepted = cursor.accept(live)
+                if accepted is None:
                     continue
                 cursor.progressed(time.monotonic())
-                yield cursor.take(live.event)
+                yield cursor.take(accepted)
                 if cursor.finished:
                     return
         finally:

@@ -102,10 +102,11 @@ class JobStreamReader:
                     yield from self._from_log(live.refill.stop)
                     if cursor.finished:
                         return
-                if live.event is None:
+                event = cursor.accept(live)
+                if event is None:
                     continue
                 cursor.progressed(time.monotonic())
-                yield cursor.take(live.event)
+                yield cursor.take(event)
                 if cursor.finished:
                     return
         finally:

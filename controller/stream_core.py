@@ -106,6 +106,14 @@ class StreamCursor:
             return Live(event, refill=self.log_range(upto=event.seq - 1))
         return Live(event)
 
+    def accept(self, live: Live) -> Event | None:
+        """The live event to yield now (through ``take``), once any gap before it was
+        refilled; None if the refill fell short (Redis was unreachable, say): the event stays
+        in the log, and the next read of the log yields it in order."""
+        if live.event is None or live.event.seq != self.next_seq:
+            return None
+        return live.event
+
     def take(self, event: Event) -> Event:
         """Advance past ``event`` and note where the job is now."""
         self.next_seq = event.seq + 1

@@ -37,7 +37,7 @@ from broker.settings import build_settings
 from controller.aclient import AsyncCorralClient
 from controller.client import CorralClient, make_spec
 from tests.fakes.fake_ollama import running_fake_ollama
-from tests.support.servers import WorkerProcess, running_workers, start_worker
+from tests.support.servers import WorkerProcess, running_workers, start_redis, start_worker
 from worker.backends.simulated import reply_for
 
 FAST = ["--simulate", "--sim-first-token-ms", "5", "--sim-token-ms", "1"]
@@ -248,3 +248,40 @@ def test_an_unreachable_redis_is_a_clear_error_without_the_password() -> None:
     message = asyncio.run(scenario())
     assert message.startswith("BrokerUnavailable: cannot reach Redis at")
     assert "secret" not in message
+
+
+def test_redis_restarting_mid_job_loses_no_token_on_the_shared_connection(
+    tmp_path: Path,
+) -> None:
+    server = start_redis(appendonly=True)
+    try:
+        url = server.url
+        with running_workers(url, tmp_path, ("a", ["--simulate", "--sim-token-ms", "150"])):
+
+            async def scenario() -> tuple[list[AnyStreamEvent], list[AnyStreamEvent]]:
+                async with AsyncCorralClient(build_settings(broker_url=url)) as client:
+                    await wait_for_nodes(client, 1)
+                    run = await client.submit(make_spec("survive a restart"))
+                    events = run.events(timeout_s=60)
+                    seen = []
+                    async for event in events:
+                        seen.append(event)
+                        if sum(isinstance(e, DeltaEvent) for e in seen) == 3:
+                            break
+                    await asyncio.to_thread(server.halt)
+                    await asyncio.sleep(1.0)
+                    await asyncio.to_thread(server.resume)
+                    seen += [e async for e in events]
+                    after = [e async for e in client.stream(make_spec("and after it"))]
+                    return seen, after
+
+            seen, after = asyncio.run(scenario())
+    finally:
+        server.stop()
+
+    assert_in_order_once(seen)
+    done = seen[-1]
+    assert isinstance(done, DoneEvent), seen[-3:]
+    assert done.result.text == expected("survive a restart")
+    assert "".join(e.text for e in seen if isinstance(e, DeltaEvent)) == done.result.text
+    assert isinstance(after[-1], DoneEvent)  # the shared connection came back for new jobs

@@ -46,8 +46,9 @@ def test_live_events_in_order_are_yielded_and_the_end_is_seen() -> None:
     got = []
     for event in events:
         live = cursor.from_live(raw(event))
-        assert live.refill is None and live.event is not None
-        got.append(cursor.take(live.event))
+        accepted = cursor.accept(live)
+        assert live.refill is None and accepted is not None
+        got.append(cursor.take(accepted))
     assert got == events
     assert cursor.finished and cursor.next_seq == len(events)
 
@@ -60,7 +61,18 @@ def test_a_gap_asks_for_exactly_the_missing_range_of_the_log() -> None:
     assert live.refill == LogRange(1, 3)
     refilled = list(cursor.from_log([raw(e) for e in events[1:4]]))
     assert refilled == events[1:4]
-    assert live.event is not None and cursor.take(live.event) == events[4]
+    accepted = cursor.accept(live)
+    assert accepted is not None and cursor.take(accepted) == events[4]
+
+
+def test_a_gap_the_log_could_not_fill_keeps_the_live_event_back_until_it_can() -> None:
+    cursor = StreamCursor(JOB, node="a")
+    events = stream(5)
+    list(cursor.from_log([raw(e) for e in events[:4]]))
+    live = cursor.from_live(raw(events[5]))  # 4 was missed, and Redis fails the refill
+    assert live.refill == LogRange(4, 4)
+    assert cursor.accept(live) is None  # not yielded ahead of 4
+    assert list(cursor.from_log([raw(e) for e in events[4:]])) == events[4:]
 
 
 def test_duplicates_and_garbage_on_pub_sub_are_dropped() -> None:
