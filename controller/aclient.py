@@ -32,7 +32,7 @@ from broker.celery_app import make_celery_app
 from broker.errors import BrokerUnavailable, JobError, NoNodeAvailable
 from broker.schemas import AnyStreamEvent, ChatMessage, JobSpec
 from broker.settings import CorralSettings
-from controller.acluster import read_cluster_async
+from controller.acluster import preload_scripts_async, read_cluster_async
 from controller.ajobrun import AsyncJobRun
 from controller.areader import AsyncJobStreamReader
 from controller.breaker import AsyncBreakers, BreakerPhase
@@ -112,6 +112,7 @@ class AsyncCorralClient:
         )
         self._view: tuple[float, ClusterView] | None = None
         self._view_lock: asyncio.Lock | None = None
+        self._scripts_loaded = False
         self._sent_since_read: Counter[str] = Counter()
 
     async def aclose(self) -> None:
@@ -148,6 +149,9 @@ class AsyncCorralClient:
             if self._view is not None and now - self._view[0] <= max_age_s:
                 return self._view[1]
             try:
+                if not self._scripts_loaded:
+                    await preload_scripts_async(self.redis)
+                    self._scripts_loaded = True
                 view = await read_cluster_async(self.redis)
             except _CONNECTION_ERRORS as exc:
                 raise unreachable(exc, self._url) from None

@@ -10,8 +10,18 @@ from __future__ import annotations
 from redis.asyncio import Redis as AsyncRedis
 
 from broker import names
-from controller.breaker import parse_breakers
+from controller.breaker import AsyncBreakers, parse_breakers
 from controller.cluster import _READ_NODES_LUA, ClusterView, _node_states
+from controller.stream_control import AsyncStreamControl
+
+
+async def preload_scripts_async(redis: AsyncRedis) -> None:
+    """Every script the asyncio client runs, loaded up front: no NOSCRIPT miss on a first
+    call (which fakeredis's TCP server, the demo's fallback broker, answers by closing the
+    connection)."""
+    await redis.script_load(_READ_NODES_LUA)
+    await AsyncBreakers.preload_into(redis)
+    await AsyncStreamControl.preload_into(redis)
 
 
 async def read_cluster_async(redis: AsyncRedis) -> ClusterView:

@@ -137,6 +137,11 @@ class AsyncBreakers:
         self._failure = redis.register_script(_FAILURE_LUA)
         self._success = redis.register_script(_SUCCESS_LUA)
 
+    @staticmethod
+    async def preload_into(redis: AsyncRedis) -> None:
+        await redis.script_load(_FAILURE_LUA)
+        await redis.script_load(_SUCCESS_LUA)
+
     async def record_failure(self, target: str) -> bool:
         keys = [names.BREAKERS_HASH, names.breaker_probe_key(target)]
         return bool(await self._failure(keys=keys, args=[target, self.threshold]))

@@ -201,6 +201,11 @@ class AsyncStreamControl:
         self._take_over = redis.register_script(_TAKE_OVER_LUA)
         self._cancel = redis.register_script(_CANCEL_LUA)
 
+    @staticmethod
+    async def preload_into(redis: AsyncRedis) -> None:
+        await redis.script_load(_TAKE_OVER_LUA)
+        await redis.script_load(_CANCEL_LUA)
+
     async def take_over(
         self,
         event: AnyStreamEvent,
