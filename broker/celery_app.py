@@ -32,7 +32,8 @@ def make_celery_app(settings: CorralSettings, *, name: str = "corral") -> Celery
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_transport_options={
-            "visibility_timeout": int(settings.job_timeout_s) + _VISIBILITY_MARGIN_S,
+            "visibility_timeout": settings.visibility_timeout_s
+            or int(settings.job_timeout_s) + _VISIBILITY_MARGIN_S,
             # Interactive jobs overtake batch jobs waiting in a node's queue: one Redis list
             # per step, the lowest step popped first (kombu's Redis "priority" strategy).
             "queue_order_strategy": "priority",

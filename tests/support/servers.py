@@ -176,12 +176,15 @@ def start_worker(
 
 @contextlib.contextmanager
 def running_workers(
-    broker_url: str, log_dir: Path, *specs: tuple[str, list[str]]
+    broker_url: str,
+    log_dir: Path,
+    *specs: tuple[str, list[str]],
+    env: dict[str, str] | None = None,
 ) -> Iterator[list[WorkerProcess]]:
     workers: list[WorkerProcess] = []
     try:
         for name, args in specs:
-            workers.append(start_worker(broker_url, name, *args, log_dir=log_dir))
+            workers.append(start_worker(broker_url, name, *args, log_dir=log_dir, env=env))
         yield workers
     finally:
         for w in workers:
