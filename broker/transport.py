@@ -10,7 +10,11 @@ errors, which costs corral its worker twice over:
 - a failed ack leaves the delivery in kombu's local QoS, and with a prefetch of 1 the consumer
   then never fetches again. Here the delivery is forgotten locally all the same; its copy in
   Redis's unacked set is handed back after the visibility timeout and does nothing, since the
-  job's lease no longer admits that attempt.
+  job's lease no longer admits that attempt;
+- and when Redis restarts, Celery closes the lost connection, kombu's close tries to hand the
+  unacked messages back through a connection whose settings are already gone, and the
+  AttributeError ("'NoneType' object has no attribute 'hostname'") stopped the worker now and
+  then. The hand-back is skipped then, and the visibility timeout does it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,21 @@ log = logging.getLogger(__name__)
 
 
 class _QoS(kombu_redis.QoS):
+    def restore_unacked(self, client: object = None) -> None:
+        if client is None and self.channel.connection.client is None:
+            # Celery closes a connection it has lost, and kombu's close hands the channel's
+            # unacked messages back to their queues; by then the connection's settings are
+            # gone, no Redis client can be made, and the AttributeError stopped the worker
+            # ("Error on stopping Hub"). The messages stay in Redis's unacked set, handed back
+            # after the visibility timeout; a running job's copy is refused by its lease.
+            log.warning(
+                "broker connection lost: %d unacked job(s) left for the visibility"
+                " timeout to hand back",
+                len(self._delivered),
+            )
+            return
+        super().restore_unacked(client)  # type: ignore[no-untyped-call]
+
     def ack(self, delivery_tag: str) -> None:
         self._forget(delivery_tag)
 

@@ -24,6 +24,7 @@ from broker.schemas import (
 )
 from broker.settings import build_settings
 from controller.cli.acl import acl_command
+from controller.cli.chat import chat_command
 from controller.cli.common import (
     ExitCode,
     exit_code_for,
@@ -397,6 +398,7 @@ cli.add_command(acl_command)
 cli.add_command(flower)
 cli.add_command(tunnel)
 cli.add_command(doctor)
+cli.add_command(chat_command)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kombu import Connection
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
 
 from broker.celery_app import make_celery_app
@@ -59,3 +60,16 @@ def test_the_worker_outlives_a_full_redis_and_serves_once_memory_is_freed(
             assert "Unrecoverable error" not in worker.log()
     finally:
         worker.stop()
+
+
+def test_closing_a_connection_whose_settings_are_gone_does_not_raise(
+    own_redis: RedisServer,
+) -> None:
+    """What Celery does when Redis restarts: close the lost connection. kombu's close hands
+    the unacked messages back, through a connection already torn down; the stock transport's
+    AttributeError ('NoneType' object has no attribute 'hostname') stopped the worker."""
+    connection = Connection(own_redis.url, transport=RedisTransport)
+    channel = connection.channel()
+    channel.qos._delivered["a-delivery"] = ("message", "exchange", "routing key")
+    connection.transport.client = None  # the state kombu's close leaves it in by then
+    channel.close()  # must not raise
