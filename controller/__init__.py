@@ -1,11 +1,17 @@
-"""The front door: router, client (submit / stream / cancel) and the ``corral`` CLI."""
+"""The library: router, clients (blocking and asyncio: submit / stream / cancel), job runs."""
 
+from controller.aclient import AsyncCorralClient
+from controller.ajobrun import AsyncJobRun
+from controller.areader import AsyncJobStreamReader
 from controller.client import CorralClient, make_spec
 from controller.jobrun import JobRun
 from controller.reader import JobStreamReader
 from controller.router import Candidate, NodeState, candidates_for, rank_candidates
 
 __all__ = [
+    "AsyncCorralClient",
+    "AsyncJobRun",
+    "AsyncJobStreamReader",
     "Candidate",
     "CorralClient",
     "JobRun",

@@ -16,6 +16,7 @@ import enum
 from dataclasses import dataclass
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from broker import names
 
@@ -124,3 +125,31 @@ class Breakers:
     def reset(self, target: str) -> None:
         """Close a breaker by hand (``corral nodes --reset-breaker``)."""
         self.record_success(target)
+
+
+class AsyncBreakers:
+    """``Breakers`` over an asyncio Redis: the same scripts, keys and permits."""
+
+    def __init__(self, redis: AsyncRedis, *, threshold: int, cooldown_s: float) -> None:
+        self._redis = redis
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._failure = redis.register_script(_FAILURE_LUA)
+        self._success = redis.register_script(_SUCCESS_LUA)
+
+    @staticmethod
+    async def preload_into(redis: AsyncRedis) -> None:
+        await redis.script_load(_FAILURE_LUA)
+        await redis.script_load(_SUCCESS_LUA)
+
+    async def record_failure(self, target: str) -> bool:
+        keys = [names.BREAKERS_HASH, names.breaker_probe_key(target)]
+        return bool(await self._failure(keys=keys, args=[target, self.threshold]))
+
+    async def record_success(self, target: str) -> None:
+        keys = [names.BREAKERS_HASH, names.breaker_probe_key(target)]
+        await self._success(keys=keys, args=[target])
+
+    async def try_probe(self, target: str) -> bool:
+        ttl_ms = max(1, int(self.cooldown_s * 1000))
+        return bool(await self._redis.set(names.breaker_probe_key(target), 1, nx=True, px=ttl_ms))

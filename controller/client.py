@@ -12,19 +12,17 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 
 import redis.exceptions
 from celery import Celery
 from pydantic import ValidationError
-from redis import Redis
+from redis import BlockingConnectionPool, ConnectionPool, Redis
 from redis.client import PubSub
 
 from broker import names
 from broker.celery_app import make_celery_app
 from broker.durations import keep_alive_seconds
 from broker.errors import (
-    NODE_FAILURE_CODES,
     BrokerUnavailable,
     ConfigError,
     JobError,
@@ -38,21 +36,31 @@ from broker.schemas import (
     AnyStreamEvent,
     ChatMessage,
     GenerationOptions,
-    JobAssignment,
     JobSpec,
     ModelOpKind,
     ModelOpRequest,
     Priority,
     describe_validation_error,
 )
-from broker.settings import CorralSettings, redacted_url
+from broker.settings import CorralSettings
 from broker.sizing import fit_problem
-from controller.breaker import BreakerPhase, Breakers, backend_target
+from controller.breaker import BreakerPhase, Breakers
 from controller.cluster import ClusterReader, ClusterView, preload_scripts
+from controller.dispatch import (
+    NO_PROBE_PERMIT,
+    breaker_phases,
+    failure_target,
+    half_open_targets,
+    job_task,
+    preferred_candidates,
+    success_targets,
+    unreachable,
+    with_sent,
+)
 from controller.jobrun import Attempt, JobRun
 from controller.limits import check_prompt_size
 from controller.reader import JobStreamReader
-from controller.router import Candidate, NodeState, candidates_for
+from controller.router import Candidate, NodeState
 from controller.sessions import SessionStore
 from controller.stream_control import StreamControl
 
@@ -115,13 +123,39 @@ class CorralClient:
     """One per process; holds a Redis connection pool and a Celery producer pool.
 
     Thread-safe for submitting and following jobs from several threads (``ask --fanout``).
+    ``redis``: a client to share (tests, a server's pool); it stays open on ``close``. Without
+    one, the client makes its own from ``settings.broker_url`` and closes it. Celery's
+    producer always connects by ``settings.broker_url``. For asyncio, see
+    ``controller.aclient.AsyncCorralClient``.
+
+    Commands share at most 64 connections (a thread waits for one when all are busy). Each
+    followed job holds a connection of its own (its thread blocks on it), from a pool of at
+    most ``max_streams`` kept apart from the commands' pool: a few hundred streams never
+    starve routing and sending of connections.
     """
 
-    def __init__(self, settings: CorralSettings) -> None:
+    def __init__(
+        self, settings: CorralSettings, redis: Redis | None = None, *, max_streams: int = 1024
+    ) -> None:
         self.settings = settings
         url = settings.broker_url.get_secret_value()
         self._url = url
-        self.redis = Redis.from_url(url, socket_connect_timeout=5)
+        self._owns_redis = redis is None
+        if redis is None:
+            # Threads beyond the pool's size wait for a connection instead of failing.
+            redis = Redis.from_pool(
+                BlockingConnectionPool.from_url(url, max_connections=64, socket_connect_timeout=5)
+            )
+        self.redis = redis
+        commands = self.redis.connection_pool
+        self.max_streams = max_streams
+        self._streams = Redis.from_pool(
+            ConnectionPool(
+                connection_class=commands.connection_class,
+                max_connections=max_streams,
+                **commands.connection_kwargs,
+            )
+        )
         self.app: Celery = make_celery_app(settings)
         self.breakers = Breakers(
             self.redis,
@@ -142,7 +176,9 @@ class CorralClient:
             idle, self._idle_pubsubs = self._idle_pubsubs, []
         for pubsub in idle:
             pubsub.close()
-        self.redis.close()
+        self._streams.close()
+        if self._owns_redis:
+            self.redis.close()
         self.app.close()
 
     def __enter__(self) -> CorralClient:
@@ -165,14 +201,9 @@ class CorralClient:
                 StreamControl.preload_into(self.redis)
                 self._scripts_loaded = True
             view = self._cluster_reader.read(self.redis)
-        except redis.exceptions.AuthenticationError:
-            raise BrokerUnavailable(
-                f"Redis at {redacted_url(self._url)} refused the password"
-            ) from None
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise BrokerUnavailable(
-                f"cannot reach Redis at {redacted_url(self._url)}: {exc.__class__.__name__}"
-            ) from None
+            # AuthenticationError is a ConnectionError: a refused password lands here too.
+            raise unreachable(exc, self._url) from None
         with self._lock:
             self._view = (now, view)
             self._sent_since_read.clear()
@@ -183,11 +214,7 @@ class CorralClient:
 
     def breaker_phases(self, view: ClusterView) -> dict[str, BreakerPhase]:
         """Every breaker that is not closed, by target."""
-        phases = {
-            target: state.phase(view.redis_time, self.settings.breaker_cooldown_s)
-            for target, state in view.breakers.items()
-        }
-        return {t: p for t, p in phases.items() if p is not BreakerPhase.CLOSED}
+        return breaker_phases(view, self.settings.breaker_cooldown_s)
 
     def _routing_view(self, fresh: bool = False) -> ClusterView:
         """The cluster the router sees: reused for up to ``route_cache_s``, with the jobs this
@@ -195,9 +222,7 @@ class CorralClient:
         view = self.cluster(max_age_s=0.0 if fresh else self.settings.route_cache_s)
         with self._lock:
             sent = Counter(self._sent_since_read)
-        if not sent:
-            return view
-        return replace(view, nodes=view.nodes.with_queued(sent))
+        return with_sent(view, sent)
 
     def choose(
         self,
@@ -216,23 +241,19 @@ class CorralClient:
         """
         view = self._routing_view(fresh)
         phases = self.breaker_phases(view)
-        blocked = {t for t, p in phases.items() if p is BreakerPhase.OPEN} | (never or set())
-        ranked = candidates_for(
-            spec, view.nodes, blocked, aliases=self.settings.aliases, sticky_node=sticky_node
+        preferred = preferred_candidates(
+            spec,
+            view,
+            phases,
+            aliases=self.settings.aliases,
+            avoid=avoid,
+            never=never,
+            sticky_node=sticky_node,
         )
-        preferred = [c for c in ranked if c.backend_target not in avoid] if avoid else ranked
-        preferred = preferred or ranked
         for candidate in preferred:
-            half_open = [
-                t
-                for t in (candidate.node, candidate.backend_target)
-                if phases.get(t) is BreakerPhase.HALF_OPEN
-            ]
-            if all(self.breakers.try_probe(t) for t in half_open):
+            if all(self.breakers.try_probe(t) for t in half_open_targets(candidate, phases)):
                 return candidate
-        raise NoNodeAvailable(
-            "every node that could serve this job is behind a circuit breaker being probed"
-        )
+        raise NoNodeAvailable(NO_PROBE_PERMIT)
 
     # --- jobs ------------------------------------------------------------------------------
 
@@ -264,26 +285,8 @@ class CorralClient:
         )
 
     def _send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None:
-        assignment = JobAssignment(
-            spec=spec,
-            node=candidate.node,
-            backend=candidate.backend,
-            model=candidate.model,
-            attempt=attempt,
-        )
-        priority = (
-            names.INTERACTIVE_PRIORITY if spec.priority == "interactive" else names.BATCH_PRIORITY
-        )
-        self.app.send_task(
-            names.RUN_JOB_TASK,
-            args=[assignment.model_dump(mode="json")],
-            task_id=spec.job_id,
-            queue=names.node_queue(candidate.node),
-            priority=priority,
-            argsrepr=assignment.argsrepr(),
-            kwargsrepr="{}",
-            ignore_result=True,
-        )
+        task = job_task(spec, candidate, attempt)
+        self.app.send_task(task.name, **task.kwargs)
         with self._lock:
             self._sent_since_read[candidate.node] += 1
         # After the send, off the path to the first token; attach and cancel read it.
@@ -427,8 +430,14 @@ class CorralClient:
         with self._lock:
             pubsub = self._idle_pubsubs.pop() if self._idle_pubsubs else None
         if pubsub is None:
-            pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]  # redis-py stub gap
-        pubsub.subscribe(names.job_channel(job_id))
+            pubsub = self._streams.pubsub()  # type: ignore[no-untyped-call]  # redis-py stub gap
+        try:
+            pubsub.subscribe(names.job_channel(job_id))
+        except redis.exceptions.MaxConnectionsError:
+            pubsub.close()
+            raise BrokerUnavailable(
+                f"this client already follows {self.max_streams} streams (max_streams)"
+            ) from None
         return JobStreamReader(self.redis, pubsub, job_id, node, release=self._release_pubsub)
 
     def _release_pubsub(self, pubsub: PubSub, channel: str) -> None:
@@ -476,14 +485,11 @@ class _ClientHooks:
     def attempt_succeeded(self, candidate: Candidate) -> None:
         # Only targets with a breaker entry need resetting: no extra round trip per job.
         view = self._client.cluster(max_age_s=self._client.settings.route_cache_s)
-        for target in (candidate.node, candidate.backend_target):
-            if target in view.breakers:
-                self._client.breakers.record_success(target)
+        for target in success_targets(candidate, view):
+            self._client.breakers.record_success(target)
 
     def attempt_failed(self, candidate: Candidate, code: str) -> None:
-        node_level = code in NODE_FAILURE_CODES
-        target = candidate.node if node_level else backend_target(candidate.node, candidate.backend)
-        self._client.breakers.record_failure(target)
+        self._client.breakers.record_failure(failure_target(candidate, code))
 
     def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
         if spec.session is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 from redis import Redis
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 # always comes whole. Key names come in as arguments so broker.names stays the only place they
 # are spelled. ARGV: alive prefix, alive suffix, queue prefix, priority separator, the number
 # of priority steps, the steps, then (name, digest) pairs the caller holds.
-_READ_NODES_LUA = """
+READ_NODES_LUA = """
 local steps = tonumber(ARGV[5])
 local known = {}
 for i = 6 + steps, #ARGV, 2 do known[ARGV[i]] = ARGV[i + 1] end
@@ -52,7 +53,7 @@ return {nodes, redis.call('HGETALL', KEYS[2]), t[1], t[2]}
 def preload_scripts(redis: Redis) -> None:
     """Load the Lua script up front: no NOSCRIPT miss on the first call (which fakeredis's
     TCP server, the demo's fallback broker, answers by closing the connection)."""
-    redis.script_load(_READ_NODES_LUA)
+    redis.script_load(READ_NODES_LUA)
     Breakers.preload_into(redis)
 
 
@@ -85,31 +86,36 @@ class ClusterReader:
         """Every node that ever heartbeated (until forgotten), with liveness and queue depth,
         and every breaker's state, in one round trip."""
         with self._lock:
-            return self._read(redis)
+            keys, args = self.request()
+            # register_script sends EVALSHA (the script body only once per server).
+            return self.apply(redis.register_script(READ_NODES_LUA)(keys=keys, args=args))
 
-    def _read(self, redis: Redis) -> ClusterView:
+    def request(self) -> tuple[list[str], list[str | int]]:
+        """The read script's keys and arguments, naming the inventories already held. No I/O:
+        the blocking and the asyncio reader both send it (one at a time per reader)."""
         alive_prefix, alive_suffix = names.node_alive_key("\0").split("\0")
         steps = [str(step) for step in names.PRIORITY_STEPS if step != 0]
         known = [part for name, (digest, _) in self._inventories.items() for part in (name, digest)]
-        # register_script sends EVALSHA (the script body only once per server).
-        script = redis.register_script(_READ_NODES_LUA)
-        rows, breaker_entries, seconds, micros = script(
-            keys=[
-                names.NODES_HASH,
-                names.BREAKERS_HASH,
-                names.NODE_LOADS_HASH,
-                names.NODE_DIGESTS_HASH,
-            ],
-            args=[
-                alive_prefix,
-                alive_suffix,
-                names.node_queue(""),
-                names.PRIORITY_SEPARATOR,
-                len(steps),
-                *steps,
-                *known,
-            ],
-        )
+        keys = [
+            names.NODES_HASH,
+            names.BREAKERS_HASH,
+            names.NODE_LOADS_HASH,
+            names.NODE_DIGESTS_HASH,
+        ]
+        args: list[str | int] = [
+            alive_prefix,
+            alive_suffix,
+            names.node_queue(""),
+            names.PRIORITY_SEPARATOR,
+            len(steps),
+            *steps,
+            *known,
+        ]
+        return keys, args
+
+    def apply(self, reply: list[Any]) -> ClusterView:
+        """The view from the script's reply to ``request``, updating what this reader keeps."""
+        rows, breaker_entries, seconds, micros = reply
         states = self._node_states(rows)
         self._index = NodeIndex(states, previous=self._index)
         return ClusterView(

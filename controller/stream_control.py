@@ -13,6 +13,7 @@ import enum
 import time
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from broker import names
 from broker.schemas import SCHEMA_VERSION, AnyStreamEvent
@@ -107,6 +108,52 @@ class CancelOutcome(enum.Enum):
     ALREADY_OVER = 0
 
 
+def _take_over_call(
+    event: AnyStreamEvent,
+    *,
+    attempt_seen: int,
+    new_lease: str,
+    old_node: str | None,
+    refuse_if_cancelled: bool,
+    ttl_s: int,
+) -> tuple[list[str], list[str | int]]:
+    job_id = event.job_id
+    keys = [
+        names.job_lease_key(job_id),
+        names.job_log_key(job_id),
+        names.job_cancel_key(job_id),
+        *(names.node_queue_lists(old_node) if old_node else ()),
+    ]
+    args: list[str | int] = [
+        attempt_seen,
+        new_lease,
+        event.seq,
+        event.model_dump_json(),
+        names.job_channel(job_id),
+        ttl_s,
+        job_id,
+        "1" if refuse_if_cancelled else "0",
+    ]
+    return keys, args
+
+
+def _cancel_call(job_id: str, node: str | None, ttl_s: int) -> tuple[list[str], list[str | int]]:
+    keys = [
+        names.job_cancel_key(job_id),
+        names.job_lease_key(job_id),
+        names.job_log_key(job_id),
+        *(names.node_queue_lists(node) if node else ()),
+    ]
+    args: list[str | int] = [
+        job_id,
+        ttl_s,
+        names.job_channel(job_id),
+        names.CANCEL_CHANNEL,
+        repr(time.time()),
+    ]
+    return keys, args
+
+
 class StreamControl:
     """The scripts, registered once per client."""
 
@@ -131,37 +178,53 @@ class StreamControl:
         refuse_if_cancelled: bool,
     ) -> TakeOver:
         """Append ``event`` (its seq must be the log's length) and set the lease, atomically."""
-        job_id = event.job_id
-        keys = [
-            names.job_lease_key(job_id),
-            names.job_log_key(job_id),
-            names.job_cancel_key(job_id),
-            *(names.node_queue_lists(old_node) if old_node else ()),
-        ]
-        args: list[str | int] = [
-            attempt_seen,
-            new_lease,
-            event.seq,
-            event.model_dump_json(),
-            names.job_channel(job_id),
-            self._ttl_s,
-            job_id,
-            "1" if refuse_if_cancelled else "0",
-        ]
+        keys, args = _take_over_call(
+            event,
+            attempt_seen=attempt_seen,
+            new_lease=new_lease,
+            old_node=old_node,
+            refuse_if_cancelled=refuse_if_cancelled,
+            ttl_s=self._ttl_s,
+        )
         return TakeOver(int(self._take_over(keys=keys, args=args)))
 
     def cancel(self, job_id: str, node: str | None) -> CancelOutcome:
-        keys = [
-            names.job_cancel_key(job_id),
-            names.job_lease_key(job_id),
-            names.job_log_key(job_id),
-            *(names.node_queue_lists(node) if node else ()),
-        ]
-        args: list[str | int] = [
-            job_id,
-            self._ttl_s,
-            names.job_channel(job_id),
-            names.CANCEL_CHANNEL,
-            repr(time.time()),
-        ]
+        keys, args = _cancel_call(job_id, node, self._ttl_s)
         return CancelOutcome(int(self._cancel(keys=keys, args=args)))
+
+
+class AsyncStreamControl:
+    """``StreamControl`` over an asyncio Redis: the same scripts and arguments."""
+
+    def __init__(self, redis: AsyncRedis, ttl_s: int) -> None:
+        self._ttl_s = ttl_s
+        self._take_over = redis.register_script(_TAKE_OVER_LUA)
+        self._cancel = redis.register_script(_CANCEL_LUA)
+
+    @staticmethod
+    async def preload_into(redis: AsyncRedis) -> None:
+        await redis.script_load(_TAKE_OVER_LUA)
+        await redis.script_load(_CANCEL_LUA)
+
+    async def take_over(
+        self,
+        event: AnyStreamEvent,
+        *,
+        attempt_seen: int,
+        new_lease: str,
+        old_node: str | None,
+        refuse_if_cancelled: bool,
+    ) -> TakeOver:
+        keys, args = _take_over_call(
+            event,
+            attempt_seen=attempt_seen,
+            new_lease=new_lease,
+            old_node=old_node,
+            refuse_if_cancelled=refuse_if_cancelled,
+            ttl_s=self._ttl_s,
+        )
+        return TakeOver(int(await self._take_over(keys=keys, args=args)))
+
+    async def cancel(self, job_id: str, node: str | None) -> CancelOutcome:
+        keys, args = _cancel_call(job_id, node, self._ttl_s)
+        return CancelOutcome(int(await self._cancel(keys=keys, args=args)))

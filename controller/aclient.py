@@ -1,0 +1,314 @@
+"""The controller's Python API for asyncio: route and submit a job, follow it, cancel it.
+
+``AsyncCorralClient`` has ``CorralClient``'s job surface (``submit``, ``stream``, ``attach``,
+``cancel``, ``nodes``, ``cluster``, ``choose``) over ``redis.asyncio``. Both clients share what
+they decide (``controller.dispatch``, ``controller.run_core``, ``controller.stream_core``), so
+a job moves, fails and streams the same way whichever one sent it. Every followed job shares
+one pub/sub connection (``controller.job_channels``): thousands of streams in one event loop
+cost a queue each, not a socket or a thread.
+
+Celery's producer is blocking; it publishes from a small thread pool (``send_threads``) so a
+slow broker never stalls the loop (``benchmarks/streams.py`` measures what that costs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import redis.exceptions
+from celery import Celery
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from broker import names
+from broker.celery_app import make_celery_app
+from broker.errors import BrokerUnavailable, JobError, NoNodeAvailable
+from broker.schemas import AnyStreamEvent, ChatMessage, JobSpec
+from broker.settings import CorralSettings
+from controller.acluster import AsyncClusterReader, preload_scripts_async
+from controller.ajobrun import AsyncJobRun
+from controller.areader import AsyncJobStreamReader
+from controller.breaker import AsyncBreakers, BreakerPhase
+from controller.client import with_history
+from controller.cluster import ClusterView
+from controller.dispatch import (
+    NO_PROBE_PERMIT,
+    breaker_phases,
+    failure_target,
+    half_open_targets,
+    job_task,
+    preferred_candidates,
+    success_targets,
+    unreachable,
+    with_sent,
+)
+from controller.job_channels import JobChannels
+from controller.router import Candidate, NodeState
+from controller.run_core import Attempt
+from controller.sessions import AsyncSessionStore
+from controller.stream_control import AsyncStreamControl
+
+Event = AnyStreamEvent
+
+_CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_SUBSCRIBE_CONFIRM_S = 5.0
+
+
+class AsyncCorralClient:
+    """One per event loop; use ``async with`` (or ``await aclose()``).
+
+    ``redis``: an asyncio client to share (tests, a server's pool); it stays open on
+    ``aclose``. Without one, the client makes its own from ``settings.broker_url`` and closes
+    it, with at most ``max_connections`` connections (one of them carries every followed
+    job's messages). Celery's producer always connects by ``settings.broker_url``.
+    ``send_threads`` 0 publishes on the loop itself (blocking it for the publish's round trip).
+    """
+
+    def __init__(
+        self,
+        settings: CorralSettings,
+        redis: AsyncRedis | None = None,
+        *,
+        send_threads: int = 2,
+        max_connections: int = 32,
+    ) -> None:
+        self.settings = settings
+        url = settings.broker_url.get_secret_value()
+        self._url = url
+        self._owns_redis = redis is None
+        if redis is None:
+            # A burst of jobs waits for a pooled connection rather than opening one per job.
+            # After a Redis restart each pooled connection fails its next command once
+            # ("closed by server", nothing executed): one immediate retry on a fresh one.
+            pool = BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                socket_connect_timeout=5,
+                retry=Retry(NoBackoff(), 1),
+                retry_on_error=[_CONNECTION_ERRORS[0]],  # ConnectionError (`redis` is shadowed)
+            )
+            redis = AsyncRedis.from_pool(pool)
+        self.redis = redis
+        self.app: Celery = make_celery_app(settings)
+        self.breakers = AsyncBreakers(
+            self.redis,
+            threshold=settings.breaker_threshold,
+            cooldown_s=settings.breaker_cooldown_s,
+        )
+        self.control = AsyncStreamControl(self.redis, settings.replay_ttl_s)
+        self.sessions = AsyncSessionStore(self.redis, settings.session_ttl_s)
+        self._channels: JobChannels | None = None
+        self._sender = (
+            ThreadPoolExecutor(send_threads, thread_name_prefix="corral-send")
+            if send_threads > 0
+            else None
+        )
+        self._view: tuple[float, ClusterView] | None = None
+        self._view_lock: asyncio.Lock | None = None
+        self._scripts_loaded = False
+        self._cluster_reader = AsyncClusterReader()
+        self._sent_since_read: Counter[str] = Counter()
+
+    async def aclose(self) -> None:
+        if self._channels is not None:
+            await self._channels.aclose()
+        if self._sender is not None:
+            self._sender.shutdown(wait=False)
+        if self._owns_redis:
+            await self.redis.aclose()
+        self.app.close()
+
+    async def __aenter__(self) -> AsyncCorralClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def following(self) -> int:
+        """How many job streams this client is following now."""
+        return 0 if self._channels is None else len(self._channels)
+
+    # --- the cluster ---------------------------------------------------------------------
+
+    async def cluster(self, max_age_s: float = 0.0) -> ClusterView:
+        """Nodes and breakers as Redis has them; a view up to ``max_age_s`` old may be reused.
+
+        Concurrent callers share one read: a burst of jobs costs one round trip, not one each.
+        """
+        if self._view_lock is None:
+            self._view_lock = asyncio.Lock()
+        async with self._view_lock:
+            now = time.monotonic()
+            if self._view is not None and now - self._view[0] <= max_age_s:
+                return self._view[1]
+            try:
+                if not self._scripts_loaded:
+                    await preload_scripts_async(self.redis)
+                    self._scripts_loaded = True
+                view = await self._cluster_reader.read(self.redis)
+            except _CONNECTION_ERRORS as exc:
+                raise unreachable(exc, self._url) from None
+            self._view = (now, view)
+            self._sent_since_read.clear()
+            return view
+
+    async def nodes(self, max_age_s: float = 0.0) -> list[NodeState]:
+        return list((await self.cluster(max_age_s)).nodes)
+
+    def breaker_phases(self, view: ClusterView) -> dict[str, BreakerPhase]:
+        return breaker_phases(view, self.settings.breaker_cooldown_s)
+
+    async def choose(
+        self,
+        spec: JobSpec,
+        *,
+        avoid: set[str] | None = None,
+        never: set[str] | None = None,
+        sticky_node: str | None = None,
+        fresh: bool = False,
+    ) -> Candidate:
+        """The best candidate for ``spec`` (see ``CorralClient.choose``)."""
+        view = await self.cluster(max_age_s=0.0 if fresh else self.settings.route_cache_s)
+        view = with_sent(view, Counter(self._sent_since_read))
+        phases = self.breaker_phases(view)
+        preferred = preferred_candidates(
+            spec,
+            view,
+            phases,
+            aliases=self.settings.aliases,
+            avoid=avoid,
+            never=never,
+            sticky_node=sticky_node,
+        )
+        for candidate in preferred:
+            if await self._probe_permits(half_open_targets(candidate, phases)):
+                return candidate
+        raise NoNodeAvailable(NO_PROBE_PERMIT)
+
+    async def _probe_permits(self, targets: list[str]) -> bool:
+        """Every half-open target's probe permit, stopping at the first one refused."""
+        for target in targets:
+            if not await self.breakers.try_probe(target):
+                return False
+        return True
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec) -> AsyncJobRun:
+        """Route ``spec``, subscribe to its stream, then send it to the chosen node's queue.
+
+        Raises a RoutingError when nothing can serve it (nothing is sent then).
+        """
+        sticky: str | None = None
+        if spec.session is not None:
+            session = await self.sessions.load(spec.session)
+            sticky = session.node
+            spec = with_history(session.messages, spec)
+        candidate = await self.choose(spec, sticky_node=sticky)
+        reader = await self._start_subscription(spec.job_id, candidate.node)
+        try:
+            await self._send(spec, candidate, attempt=1)
+            await self._await_subscription(reader)
+        except BaseException:
+            await reader.aclose()
+            raise
+        reader.cursor.instance = candidate.instance or None
+        return AsyncJobRun(
+            spec=spec,
+            reader=reader,
+            control=self.control,
+            hooks=_AsyncClientHooks(self),
+            attempt=Attempt(1, candidate),
+        )
+
+    async def stream(self, spec: JobSpec) -> AsyncIterator[Event]:
+        """Submit and follow: the simple form of the API."""
+        run = await self.submit(spec)
+        async for event in run.events(self.settings.job_timeout_s):
+            yield event
+
+    async def attach(self, job_id: str) -> AsyncJobStreamReader:
+        """Follow a running or finished job from its first event."""
+        node = await self.job_node(job_id)
+        if node is None and not await self.redis.exists(names.job_log_key(job_id)):
+            raise JobError(f"no job {job_id} (unknown, or older than the replay window)")
+        reader = await self._start_subscription(job_id, node)
+        await self._await_subscription(reader)
+        return reader
+
+    async def cancel(self, job_id: str) -> bool:
+        """Stop a job (see ``CorralClient.cancel``). False if the job is unknown."""
+        node = await self.job_node(job_id)
+        await self.control.cancel(job_id, node)
+        return node is not None
+
+    async def job_node(self, job_id: str) -> str | None:
+        node = await self.redis.get(names.job_node_key(job_id))
+        return node.decode() if isinstance(node, bytes) else None
+
+    async def _send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None:
+        task = job_task(spec, candidate, attempt)
+        publish = partial(self.app.send_task, task.name, **task.kwargs)
+        if self._sender is None:
+            publish()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._sender, publish)
+        self._sent_since_read[candidate.node] += 1
+        # After the send, off the path to the first token; attach and cancel read it.
+        await self.redis.set(
+            names.job_node_key(spec.job_id), candidate.node, ex=self.settings.replay_ttl_s
+        )
+
+    async def _start_subscription(self, job_id: str, node: str | None) -> AsyncJobStreamReader:
+        """Send SUBSCRIBE without waiting for Redis's answer (see ``CorralClient.submit``)."""
+        if self._channels is None:
+            self._channels = JobChannels(self.redis)
+        try:
+            inbox = await self._channels.subscribe(names.job_channel(job_id))
+        except _CONNECTION_ERRORS as exc:
+            raise unreachable(exc, self._url) from None
+        return AsyncJobStreamReader(self.redis, self._channels, inbox, job_id, node)
+
+    async def _await_subscription(self, reader: AsyncJobStreamReader) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(reader.inbox.confirmed), _SUBSCRIBE_CONFIRM_S)
+        except TimeoutError:
+            await reader.aclose()
+            raise BrokerUnavailable(
+                "Redis did not confirm the subscription to the job stream"
+            ) from None
+
+
+class _AsyncClientHooks:
+    """An AsyncJobRun's view of its client: routing, sending, breakers and sessions."""
+
+    def __init__(self, client: AsyncCorralClient) -> None:
+        self._client = client
+
+    async def next_candidate(self, spec: JobSpec, *, avoid: set[str], never: set[str]) -> Candidate:
+        return await self._client.choose(spec, avoid=avoid, never=never, fresh=True)
+
+    async def send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None:
+        await self._client._send(spec, candidate, attempt)
+
+    async def attempt_succeeded(self, candidate: Candidate) -> None:
+        view = await self._client.cluster(max_age_s=self._client.settings.route_cache_s)
+        for target in success_targets(candidate, view):
+            await self._client.breakers.record_success(target)
+
+    async def attempt_failed(self, candidate: Candidate, code: str) -> None:
+        await self._client.breakers.record_failure(failure_target(candidate, code))
+
+    async def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
+        if spec.session is None:
+            return
+        reply = ChatMessage(role="assistant", content=result_text)
+        await self._client.sessions.save(spec.session, candidate.node, (*spec.messages, reply))

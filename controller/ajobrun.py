@@ -1,0 +1,124 @@
+"""One job from an asyncio controller's side: the asyncio shell over ``RunCore``.
+
+It moves, interrupts and ends jobs exactly as ``controller.jobrun.JobRun`` does (the decisions
+are ``controller.run_core``'s); it awaits each effect instead of blocking on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from broker.errors import RoutingError
+from broker.schemas import AnyStreamEvent, JobSpec
+from controller.areader import AsyncJobStreamReader
+from controller.router import Candidate
+from controller.run_core import (
+    Attempt,
+    AttemptFailed,
+    AttemptSucceeded,
+    ChooseNext,
+    Effect,
+    Finished,
+    RunCore,
+    Send,
+    Steps,
+    Write,
+)
+from controller.stream_control import AsyncStreamControl
+
+
+class AsyncJobHooks(Protocol):
+    """What an AsyncJobRun needs from its client (see ``controller.jobrun.JobHooks``)."""
+
+    async def next_candidate(
+        self, spec: JobSpec, *, avoid: set[str], never: set[str]
+    ) -> Candidate: ...
+
+    async def send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None: ...
+
+    async def attempt_succeeded(self, candidate: Candidate) -> None: ...
+
+    async def attempt_failed(self, candidate: Candidate, code: str) -> None: ...
+
+    async def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None: ...
+
+
+class AsyncJobRun:
+    """Follows a job and moves it on failure; iterate ``events()`` with ``async for``."""
+
+    def __init__(
+        self,
+        *,
+        spec: JobSpec,
+        reader: AsyncJobStreamReader,
+        control: AsyncStreamControl,
+        hooks: AsyncJobHooks,
+        attempt: Attempt,
+    ) -> None:
+        self.spec = spec
+        self.reader = reader
+        self.control = control
+        self.hooks = hooks
+        self.core = RunCore(spec, reader.cursor, attempt)
+        reader.on_worker_lost = self._worker_lost
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id
+
+    @property
+    def attempt(self) -> Attempt:
+        return self.core.attempt
+
+    @property
+    def candidate(self) -> Candidate:
+        return self.core.candidate
+
+    async def events(self, timeout_s: float) -> AsyncIterator[AnyStreamEvent]:
+        """Every event of the job, in order, through to its end."""
+        async for event in self.reader.events(timeout_s):
+            yield event
+            await self._perform_all(self.core.after(event))
+
+    async def aclose(self) -> None:
+        """Stop following (the job itself goes on; ``cancel`` stops it)."""
+        await self.reader.aclose()
+
+    async def _worker_lost(self, reason: str) -> None:
+        await self._perform_all(self.core.on_worker_lost(reason))
+
+    async def _perform_all(self, steps: Steps) -> None:
+        result: object = None
+        while True:
+            try:
+                effect = steps.send(result)
+            except StopIteration:
+                return
+            result = await self._perform(effect)
+
+    async def _perform(self, effect: Effect) -> object:
+        hooks = self.hooks
+        match effect:
+            case AttemptSucceeded(candidate):
+                await hooks.attempt_succeeded(candidate)
+            case AttemptFailed(candidate, code):
+                await hooks.attempt_failed(candidate, code)
+            case Finished(spec, text, candidate):
+                await hooks.finished(spec, text, candidate)
+            case ChooseNext(spec, avoid, never):
+                try:
+                    return await hooks.next_candidate(spec, avoid=set(avoid), never=set(never))
+                except RoutingError as exc:
+                    return exc
+            case Write(event, attempt_seen, new_lease, old_node, refuse):
+                return await self.control.take_over(
+                    event,
+                    attempt_seen=attempt_seen,
+                    new_lease=new_lease,
+                    old_node=old_node,
+                    refuse_if_cancelled=refuse,
+                )
+            case Send(spec, candidate, number):
+                await hooks.send(spec, candidate, number)
+        return None

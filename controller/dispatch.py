@@ -1,0 +1,126 @@
+"""What both clients decide before and around sending a job, without I/O.
+
+The blocking ``CorralClient`` and the asyncio ``AsyncCorralClient`` read the cluster and call
+Redis and Celery their own way; which candidate to take, which breakers are in the way, what
+the Celery message says and which breaker a failure counts against are decided here, once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import redis.exceptions
+
+from broker import names
+from broker.errors import NODE_FAILURE_CODES, BrokerUnavailable
+from broker.schemas import JobAssignment, JobSpec
+from broker.settings import redacted_url
+from controller.breaker import BreakerPhase, backend_target
+from controller.cluster import ClusterView
+from controller.router import Candidate, candidates_for
+
+
+def with_sent(view: ClusterView, sent: Counter[str]) -> ClusterView:
+    """``view`` with the jobs a client sent since reading it counted as queued, so a burst
+    routed from one cached view still spreads out."""
+    if not sent:
+        return view
+    return replace(view, nodes=view.nodes.with_queued(sent))
+
+
+def breaker_phases(view: ClusterView, cooldown_s: float) -> dict[str, BreakerPhase]:
+    """Every breaker that is not closed, by target."""
+    phases = {
+        target: state.phase(view.redis_time, cooldown_s) for target, state in view.breakers.items()
+    }
+    return {t: p for t, p in phases.items() if p is not BreakerPhase.CLOSED}
+
+
+def preferred_candidates(
+    spec: JobSpec,
+    view: ClusterView,
+    phases: Mapping[str, BreakerPhase],
+    *,
+    aliases: Mapping[str, Sequence[str]],
+    avoid: set[str] | None = None,
+    never: set[str] | None = None,
+    sticky_node: str | None = None,
+) -> list[Candidate]:
+    """Candidates in the order to try them; RoutingError when there is none.
+
+    Open breakers keep their targets out, as do ``node/backend`` targets in ``never``;
+    those in ``avoid`` come only when nothing else is left.
+    """
+    blocked = {t for t, p in phases.items() if p is BreakerPhase.OPEN} | (never or set())
+    ranked = candidates_for(spec, view.nodes, blocked, aliases=aliases, sticky_node=sticky_node)
+    if not avoid:
+        return ranked  # the common case: no copy of the ranking
+    return [c for c in ranked if c.backend_target not in avoid] or ranked
+
+
+def half_open_targets(candidate: Candidate, phases: Mapping[str, BreakerPhase]) -> list[str]:
+    """The candidate's targets whose breaker is half-open: each needs its probe permit."""
+    return [
+        t
+        for t in (candidate.node, candidate.backend_target)
+        if phases.get(t) is BreakerPhase.HALF_OPEN
+    ]
+
+
+NO_PROBE_PERMIT = "every node that could serve this job is behind a circuit breaker being probed"
+
+
+def failure_target(candidate: Candidate, code: str) -> str:
+    """The breaker a failed attempt counts against: the node's, or its backend's."""
+    if code in NODE_FAILURE_CODES:
+        return candidate.node
+    return backend_target(candidate.node, candidate.backend)
+
+
+def success_targets(candidate: Candidate, view: ClusterView) -> list[str]:
+    """Breakers a first token resets: only those with an entry (no round trip per job)."""
+    return [t for t in (candidate.node, candidate.backend_target) if t in view.breakers]
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """One Celery ``send_task`` call, ready to make."""
+
+    name: str
+    kwargs: dict[str, Any]
+
+
+def job_task(spec: JobSpec, candidate: Candidate, attempt: int) -> TaskMessage:
+    """The ``corral.run_job`` message for this attempt, on the candidate node's queue."""
+    assignment = JobAssignment(
+        spec=spec,
+        node=candidate.node,
+        backend=candidate.backend,
+        model=candidate.model,
+        attempt=attempt,
+    )
+    priority = (
+        names.INTERACTIVE_PRIORITY if spec.priority == "interactive" else names.BATCH_PRIORITY
+    )
+    return TaskMessage(
+        names.RUN_JOB_TASK,
+        {
+            "args": [assignment.model_dump(mode="json")],
+            "task_id": spec.job_id,
+            "queue": names.node_queue(candidate.node),
+            "priority": priority,
+            "argsrepr": assignment.argsrepr(),
+            "kwargsrepr": "{}",
+            "ignore_result": True,
+        },
+    )
+
+
+def unreachable(exc: redis.exceptions.RedisError, url: str) -> BrokerUnavailable:
+    """The error a user sees when Redis cannot be used (the URL without its password)."""
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return BrokerUnavailable(f"Redis at {redacted_url(url)} refused the password")
+    return BrokerUnavailable(f"cannot reach Redis at {redacted_url(url)}: {type(exc).__name__}")
