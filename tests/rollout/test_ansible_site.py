@@ -10,8 +10,10 @@ file lands under a temporary prefix.
 
 from __future__ import annotations
 
+import base64
 import getpass
 import grp
+import hashlib
 import os
 import re
 import secrets
@@ -20,6 +22,7 @@ import stat
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +43,8 @@ from tests.rollout.units import (
 )
 from tests.support.servers import REPO_ROOT, wait_until
 
-pytestmark = pytest.mark.ansible
+# The first run downloads corral's dependencies into the role's venv: slower on a cold pip cache.
+pytestmark = [pytest.mark.ansible, pytest.mark.timeout(420)]
 
 ANSIBLE_DIR = REPO_ROOT / "ansible"
 TOOLS = Path(sys.executable).parent
@@ -256,3 +260,41 @@ def test_a_worker_started_as_the_rendered_unit_says_serves_a_job(
         code = process.wait(timeout=60)
     assert code == 0, log_path.read_text()
     assert rollout.password not in log_path.read_text()
+
+
+def rebuilt_wheel(wheel: Path, out_dir: Path, extra_name: str, extra_text: str) -> Path:
+    """The same wheel (same file name and version) with one more module: a new build of the
+    same version, as a developer's next commit gives."""
+    out_dir.mkdir()
+    out = out_dir / wheel.name
+    data = extra_text.encode()
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(out, "w") as target:
+        for item in source.infolist():
+            content = source.read(item)
+            if item.filename.endswith(".dist-info/RECORD"):
+                content += f"{extra_name},sha256={digest},{len(data)}\n".encode()
+            target.writestr(item, content)
+        target.writestr(extra_name, data)
+    return out
+
+
+def test_a_new_build_of_the_same_version_is_installed_and_restarts_the_worker(
+    rollout: Rollout, tmp_path: Path
+) -> None:
+    wheel = Path(rollout.env["CORRAL_TEST_WHEEL"])
+    new = rebuilt_wheel(wheel, tmp_path / "dist", "worker/rollout_marker.py", "BUILD = 2\n")
+    rollout.env["CORRAL_TEST_WHEEL"] = str(new)
+    run = rollout.playbook()
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"Reinstall corral \(worker\)\] \*+\nchanged", run.stdout), run.stdout
+    assert "RUNNING HANDLER [corral_worker : Restart corral worker]" in run.stdout
+    venv_python = rollout.path("opt/corral/venv/bin/python")
+    probe = subprocess.run(
+        [str(venv_python), "-c", "import worker.rollout_marker as m; print(m.BUILD)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": os.environ["PATH"]},
+    )
+    assert probe.stdout.strip() == "2", probe.stderr
