@@ -22,6 +22,8 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,6 +104,8 @@ def rollout(tmp_path_factory: pytest.TempPathFactory) -> Rollout:
         (prefix / folder).mkdir(parents=True)
     password = secrets.token_hex(16)
     port = free_port()
+    tunnel_key = root / "tunnel_ed25519"
+    tunnel_key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\ntest only\n")
     # Not this checkout's PYTHONPATH: pip in the role's venv would take it for an installed corral.
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "CORRAL_"))},
@@ -114,6 +118,8 @@ def rollout(tmp_path_factory: pytest.TempPathFactory) -> Rollout:
         "CORRAL_TEST_WHEEL": str(wheel),
         "CORRAL_TEST_USER": getpass.getuser(),
         "CORRAL_TEST_GROUP": grp.getgrgid(os.getgid()).gr_name,
+        "CORRAL_TEST_TUNNEL_KEY": str(tunnel_key),
+        "CORRAL_TEST_FLOWER_PORT": str(free_port()),
         "PATH": f"{TOOLS}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     rollout = Rollout(prefix, password, port, env, None, 0.0)  # type: ignore[arg-type]
@@ -157,7 +163,12 @@ def test_site_yml_installs_and_a_second_run_changes_nothing(rollout: Rollout) ->
 
 
 def test_secrets_stay_in_the_environment_files(rollout: Rollout) -> None:
-    for env_file in ("etc/corral/worker.env", "etc/corral/flower.env"):
+    for env_file in (
+        "etc/corral/worker.env",
+        "etc/corral/flower.env",
+        "etc/corral/tunnel.env",
+        "etc/corral/tunnel_id",
+    ):
         mode = stat.S_IMODE(rollout.path(env_file).stat().st_mode)
         assert mode == 0o600, f"{env_file} has mode {oct(mode)}"
     assert parse_environment_file(rollout.path("etc/corral/worker.env").read_text()) == {
@@ -168,6 +179,7 @@ def test_secrets_stay_in_the_environment_files(rollout: Rollout) -> None:
         "etc/corral/corral.yaml",
         "etc/systemd/system/corral-worker.service",
         "etc/systemd/system/corral-flower.service",
+        "etc/systemd/system/corral-tunnel.service",
     ):
         text = rollout.path(public).read_text()
         assert rollout.password not in text, public
@@ -175,6 +187,28 @@ def test_secrets_stay_in_the_environment_files(rollout: Rollout) -> None:
     assert "${REDIS_PASSWORD}" in rollout.path("etc/corral/worker.yaml").read_text()
     # The playbook's own output never shows them either.
     assert rollout.password not in rollout.first_run.stdout + rollout.first_run.stderr
+
+
+def test_the_tunnel_unit_runs_corral_tunnel_with_the_rendered_key_and_host_keys(
+    rollout: Rollout,
+) -> None:
+    unit = rollout.path("etc/systemd/system/corral-tunnel.service").read_text()
+    config = rollout.path("etc/corral")
+    assert exec_start(unit) == [
+        str(rollout.path("opt/corral/venv/bin/corral")),
+        "tunnel",
+        "--via",
+        "corral@127.0.0.1",
+        "--known-hosts",
+        str(config / "tunnel_known_hosts"),
+        "--identity",
+        str(config / "tunnel_id"),
+    ]
+    assert directive(unit, "Restart") == "always"
+    assert service_environment(unit) == {
+        "CORRAL_BROKER_URL": f"redis://:{rollout.password}@127.0.0.1:{rollout.port}/0"
+    }
+    assert "127.0.0.1 ssh-ed25519 " in (config / "tunnel_known_hosts").read_text()
 
 
 def test_a_typo_in_a_role_variable_fails_the_play(rollout: Rollout) -> None:
@@ -259,6 +293,60 @@ def test_a_worker_started_as_the_rendered_unit_says_serves_a_job(
         process.send_signal(kill_signal(unit))
         code = process.wait(timeout=60)
     assert code == 0, log_path.read_text()
+    assert rollout.password not in log_path.read_text()
+
+
+def test_flower_started_as_its_rendered_unit_says_asks_for_the_password(
+    rollout: Rollout, rendered_redis: redis.Redis, tmp_path: Path
+) -> None:
+    unit = rollout.path("etc/systemd/system/corral-flower.service").read_text()
+    argv = exec_start(unit)
+    assert argv[1:3] == ["flower", "--port"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "PYTHON"))}
+    env |= service_environment(unit)
+    assert env["CORRAL_FLOWER_AUTH"] == "watcher:test-only-flower-password"
+    has_flower = subprocess.run(
+        [argv[0], "flower", "--help"], env=env, capture_output=True, timeout=60
+    )
+    if has_flower.returncode != 0:
+        pytest.skip("this corral has no `corral flower` command yet")
+    port = int(argv[3])
+    log_path = tmp_path / "flower.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=directive(unit, "WorkingDirectory"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def status(auth: str | None, path: str = "/api/workers") -> int:
+        headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}", headers=headers if auth else {}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return int(exc.code)
+
+    def answers() -> bool:
+        assert process.poll() is None, log_path.read_text()
+        try:
+            status(None, "/healthcheck")  # Flower's only page without a login
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_until(answers, 60, "Flower from the rendered unit to answer")
+        assert status(None) == 401
+        assert status(env["CORRAL_FLOWER_AUTH"]) == 200
+    finally:
+        stop_process(process)
     assert rollout.password not in log_path.read_text()
 
 
