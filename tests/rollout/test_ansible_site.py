@@ -373,7 +373,7 @@ def test_a_new_build_of_the_same_version_is_installed_and_restarts_the_worker(
     wheel = Path(rollout.env["CORRAL_TEST_WHEEL"])
     new = rebuilt_wheel(wheel, tmp_path / "dist", "worker/rollout_marker.py", "BUILD = 2\n")
     rollout.env["CORRAL_TEST_WHEEL"] = str(new)
-    run = rollout.playbook()
+    run = rollout.playbook("--tags", "nodes")  # as the README's upgrade of the workers does
     assert run.returncode == 0, run.stdout + run.stderr
     assert re.search(r"Reinstall corral \(worker\)\] \*+\nchanged", run.stdout), run.stdout
     assert "RUNNING HANDLER [corral_worker : Restart corral worker]" in run.stdout
