@@ -217,6 +217,24 @@ def test_a_typo_in_a_role_variable_fails_the_play(rollout: Rollout) -> None:
     assert "unknown variable(s) corral_broker_bnd" in run.stdout
 
 
+@pytest.mark.parametrize(
+    ("extra_vars", "complaint"),
+    [
+        ('{"corral_worker_secrets": {"VLLM_KEY": "has a space"}}', "values plain"),
+        ('{"corral_worker_name": "gpu 1"}', "corral_worker_name must be"),
+        ('{"corral_worker_backends": [{"kind": "olama", "url": "http://x"}]}', "olama"),
+    ],
+)
+def test_bad_worker_settings_fail_before_anything_is_written(
+    rollout: Rollout, extra_vars: str, complaint: str
+) -> None:
+    before = rollout.path("etc/corral/worker.yaml").read_text()
+    run = rollout.playbook("--tags", "nodes", "-e", extra_vars)
+    assert run.returncode != 0
+    assert complaint in run.stdout, run.stdout
+    assert rollout.path("etc/corral/worker.yaml").read_text() == before
+
+
 @pytest.fixture(scope="module")
 def rendered_redis(rollout: Rollout) -> Iterator[redis.Redis]:
     """redis-server started with the rendered redis.conf, as its unit would."""
