@@ -113,6 +113,8 @@ def rollout(tmp_path_factory: pytest.TempPathFactory) -> Rollout:
         "ANSIBLE_NOCOLOR": "1",
         "CORRAL_TEST_PREFIX": str(prefix),
         "CORRAL_TEST_ANSIBLE_PYTHON": sys.executable,
+        # The role's venv is made by this Python (3.11+), without this venv's packages.
+        "CORRAL_TEST_VENV_PYTHON": sys.executable,
         "CORRAL_TEST_REDIS_PASSWORD": password,
         "CORRAL_TEST_REDIS_PORT": str(port),
         "CORRAL_TEST_WHEEL": str(wheel),
