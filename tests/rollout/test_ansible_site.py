@@ -11,6 +11,7 @@ file lands under a temporary prefix.
 from __future__ import annotations
 
 import base64
+import contextlib
 import getpass
 import grp
 import hashlib
@@ -275,20 +276,16 @@ def test_the_rendered_redis_conf_demands_the_password_and_keeps_jobs(
     assert rendered_redis.config_get("bind") == {"bind": "127.0.0.1"}
 
 
-def test_a_worker_started_as_the_rendered_unit_says_serves_a_job(
-    rollout: Rollout, rendered_redis: redis.Redis, tmp_path: Path
-) -> None:
+@contextlib.contextmanager
+def rolled_worker(rollout: Rollout, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The worker started exactly as its rendered unit says; stopped with the unit's
+    KillSignal, after which it must have exited cleanly."""
     unit = rollout.path("etc/systemd/system/corral-worker.service").read_text()
-    argv = exec_start(unit)
-    assert argv[0] == str(rollout.path("opt/corral/venv/bin/corral"))
-    # TimeoutStopSec outlasts Celery's hard limit on a job (job_timeout_s + 30): a stop drains.
-    assert int(directive(unit, "TimeoutStopSec")) > 600 + 30
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "PYTHON"))}
     env |= service_environment(unit)
-    log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            argv,
+            exec_start(unit),
             env=env,
             cwd=directive(unit, "WorkingDirectory"),
             stdout=log,
@@ -301,19 +298,54 @@ def test_a_worker_started_as_the_rendered_unit_says_serves_a_job(
             "the rolled-out worker to be ready",
         )
         assert process.poll() is None, log_path.read_text()
-        url = f"redis://:{rollout.password}@127.0.0.1:{rollout.port}/0"
-        with CorralClient(build_settings(broker_url=url)) as client:
-            events = list(client.stream(make_spec("hello from the rollout", node="rolled")))
-        done = events[-1]
-        assert isinstance(done, DoneEvent), events
-        assert done.result.node == "rolled" and done.result.text
-        # The installed corral, not this checkout, served it.
-        assert str(rollout.prefix) in " ".join(argv)
+        yield process
     finally:
         process.send_signal(kill_signal(unit))
         code = process.wait(timeout=60)
     assert code == 0, log_path.read_text()
     assert rollout.password not in log_path.read_text()
+
+
+def broker_url(rollout: Rollout) -> str:
+    return f"redis://:{rollout.password}@127.0.0.1:{rollout.port}/0"
+
+
+def test_a_worker_started_as_the_rendered_unit_says_serves_a_job(
+    rollout: Rollout, rendered_redis: redis.Redis, tmp_path: Path
+) -> None:
+    unit = rollout.path("etc/systemd/system/corral-worker.service").read_text()
+    # The installed corral, not this checkout, serves it.
+    assert exec_start(unit)[0] == str(rollout.path("opt/corral/venv/bin/corral"))
+    # TimeoutStopSec outlasts Celery's hard limit on a job (job_timeout_s + 30): a stop drains.
+    assert int(directive(unit, "TimeoutStopSec")) > 600 + 30
+    with (
+        rolled_worker(rollout, tmp_path / "worker.log"),
+        CorralClient(build_settings(broker_url=broker_url(rollout))) as client,
+    ):
+        events = list(client.stream(make_spec("hello from the rollout", node="rolled")))
+    done = events[-1]
+    assert isinstance(done, DoneEvent), events
+    assert done.result.node == "rolled" and done.result.text
+
+
+def test_the_role_pulls_and_warms_the_nodes_models_through_corral(
+    rollout: Rollout, rendered_redis: redis.Redis, tmp_path: Path
+) -> None:
+    """The simulated backend manages pretend models as Ollama does: a pull downloads, a warm
+    loads. The role asks the node through `corral models`, as for a real Ollama."""
+    models = '{"corral_worker_models": ["sim-vision"], "corral_worker_warm_models": ["sim-large"]}'
+    with (
+        rolled_worker(rollout, tmp_path / "worker.log"),
+        CorralClient(build_settings(broker_url=broker_url(rollout))) as client,
+    ):
+        run = rollout.playbook("--tags", "nodes", "-e", models)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert re.search(r"Pull the node's missing models\] \*+\nchanged", run.stdout), run.stdout
+        (node,) = [n for n in client.nodes() if n.info.name == "rolled"]
+    held = {m.name: m.loaded for b in node.info.backends for m in b.models}
+    assert "sim-vision" in held
+    assert held["sim-large"] is True
+    assert rollout.password not in run.stdout
 
 
 def test_flower_started_as_its_rendered_unit_says_asks_for_the_password(
