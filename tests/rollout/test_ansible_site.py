@@ -192,6 +192,17 @@ def test_secrets_stay_in_the_environment_files(rollout: Rollout) -> None:
     assert rollout.password not in rollout.first_run.stdout + rollout.first_run.stderr
 
 
+def test_the_controllers_corral_yaml_gives_corral_its_settings(
+    rollout: Rollout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_CONFIG", str(rollout.path("etc/corral/corral.yaml")))
+    monkeypatch.setenv("REDIS_PASSWORD", rollout.password)
+    settings = build_settings()
+    assert settings.broker_url.get_secret_value() == broker_url(rollout)
+    assert settings.max_attempts == 2
+    assert settings.aliases == {"coder": ("qwen2.5-coder:7b", "deepseek-coder:6.7b")}
+
+
 def test_the_tunnel_unit_runs_corral_tunnel_with_the_rendered_key_and_host_keys(
     rollout: Rollout,
 ) -> None:
