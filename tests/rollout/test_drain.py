@@ -167,3 +167,29 @@ def test_a_thread_pool_worker_drains_every_job_it_runs(
     assert code == 0
     for events, prompt in zip(seen, prompts, strict=True):
         assert_finished_where_it_started(events, "wide", prompt)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit: a clean stop marks the node down at once, and the controller ends a "
+    "pinned job whose node is down instead of waiting for the restart (README, Roll out)",
+)
+def test_a_pinned_job_followed_through_the_restart_is_served_by_the_restarted_worker(
+    broker_url: str, tmp_path: Path, client: CorralClient
+) -> None:
+    with running_workers(broker_url, tmp_path, ("alpha", SLOW)) as (alpha,):
+        streaming = client.submit(make_spec("first", node="alpha"))
+        read_until_deltas(streaming.events(timeout_s=60), 1)
+        follower = Follower(client.submit(make_spec("pinned, followed", node="alpha")))
+        follower.start()
+        code, _ = stop_as_the_unit_does(alpha)
+        assert code == 0
+        # systemd restarts it at once (Restart=, or the handler's systemctl restart).
+        restarted = start_worker(broker_url, "alpha", *SLOW, log_dir=tmp_path)
+        try:
+            follower.join(timeout=60)
+        finally:
+            restarted.stop()
+    waited = follower.events
+    assert isinstance(waited[-1], DoneEvent), waited
+    assert waited[-1].result.text == expected("pinned, followed")
