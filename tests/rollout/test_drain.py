@@ -169,14 +169,12 @@ def test_a_thread_pool_worker_drains_every_job_it_runs(
         assert_finished_where_it_started(events, "wide", prompt)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: a clean stop marks the node down at once, and the controller ends a "
-    "pinned job whose node is down instead of waiting for the restart (README, Roll out)",
-)
 def test_a_pinned_job_followed_through_the_restart_is_served_by_the_restarted_worker(
     broker_url: str, tmp_path: Path, client: CorralClient
 ) -> None:
+    """A worker that stops with jobs waiting for it does not mark its node down (it would fail
+    a job pinned to it in the second before the restart): the restarted worker's new instance
+    moves the job on, back to the same node."""
     with running_workers(broker_url, tmp_path, ("alpha", SLOW)) as (alpha,):
         streaming = client.submit(make_spec("first", node="alpha"))
         read_until_deltas(streaming.events(timeout_s=60), 1)
@@ -192,4 +190,9 @@ def test_a_pinned_job_followed_through_the_restart_is_served_by_the_restarted_wo
             restarted.stop()
     waited = follower.events
     assert isinstance(waited[-1], DoneEvent), waited
+    assert waited[-1].result.node == "alpha"
     assert waited[-1].result.text == expected("pinned, followed")
+    assert [(e.from_node, e.to_node) for e in waited if isinstance(e, ReroutedEvent)] in (
+        [],
+        [("alpha", "alpha")],
+    )
