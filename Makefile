@@ -36,6 +36,7 @@ bench: setup-test
 	scripts/ensure-redis.sh
 	$(PY) -m benchmarks.ttft
 	$(PY) -m benchmarks.failover
+	$(PY) -m benchmarks.job_footprint --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -6,6 +6,7 @@ from celery import Celery
 
 from broker import names
 from broker.settings import CorralSettings
+from broker.transport import TRANSPORT_PATH
 
 # Seconds beyond the longest job before Redis hands an unacked job to another consumer.
 _VISIBILITY_MARGIN_S = 60
@@ -15,6 +16,9 @@ def make_celery_app(settings: CorralSettings, *, name: str = "corral") -> Celery
     """A Celery app bound to the broker in ``settings``; creates no connection until used."""
     url = settings.broker_url.get_secret_value()
     app = Celery(name, broker=url, set_as_current=False)
+    if url.startswith(("redis://", "rediss://")):
+        # A full or read-only Redis is a lost connection, not a reason to stop (broker.transport).
+        app.conf.broker_transport = TRANSPORT_PATH
     app.conf.update(
         # JSON only: a pickled message is refused by the worker, never executed.
         task_serializer="json",
@@ -28,7 +32,8 @@ def make_celery_app(settings: CorralSettings, *, name: str = "corral") -> Celery
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_transport_options={
-            "visibility_timeout": int(settings.job_timeout_s) + _VISIBILITY_MARGIN_S,
+            "visibility_timeout": settings.visibility_timeout_s
+            or int(settings.job_timeout_s) + _VISIBILITY_MARGIN_S,
             # Interactive jobs overtake batch jobs waiting in a node's queue: one Redis list
             # per step, the lowest step popped first (kombu's Redis "priority" strategy).
             "queue_order_strategy": "priority",

@@ -20,22 +20,34 @@
     │   ├── ModelTooLarge       the model would not fit the node's free memory
     │   └── UnsupportedOperation  the backend cannot manage models
     └── BackendError            the node's LLM backend failed
-        ├── BackendUnavailable  connection refused, DNS, reset before any byte
+        ├── BackendUnavailable  connection refused or dropped, 503, a provider overloaded (529)
         ├── BackendTimeout      connect/read timed out
         ├── ModelNotFound       the backend says it has no such model (404)
-        └── BackendProtocolError  the backend answered something we cannot parse, or an HTTP error
+        ├── BackendProtocolError  the backend answered something we cannot parse, or an HTTP error
+        ├── BackendAuthError    the provider refused the node's API key (401/403)
+        ├── BackendRateLimited  too many requests for now (429), ``retry_after`` seconds if told
+        │   └── QuotaExhausted  the key's quota or budget is spent: waiting will not help
+        └── ContentBlocked      the provider refused the prompt or the answer (safety filters)
 
 Backend adapters translate httpx errors into ``BackendError`` subclasses at the boundary, so
 nothing above the adapter ever sees an httpx exception.
+
+Each class says whether it is ``retryable``: whether another node (another backend, another
+key) may succeed where this one failed, so the job may move on before its first token.
+``RETRYABLE_CODES`` is read off the classes; the wire carries only the code.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class CorralError(Exception):
     """Root of every error corral raises on purpose."""
 
-    code = "error"
+    code: ClassVar[str] = "error"
+    retryable: ClassVar[bool] = False
+    """Whether another node may serve the job after this failure (before its first token)."""
 
 
 class ConfigError(CorralError):
@@ -74,6 +86,14 @@ class JobError(CorralError):
 
 class NodeLost(JobError):
     code = "node_lost"
+    retryable = True
+
+
+class WorkerFailed(JobError):
+    """The node's worker failed outside its backend (an unexpected error in the task)."""
+
+    code = "worker_error"
+    retryable = True
 
 
 class JobCancelled(JobError):
@@ -110,31 +130,56 @@ class BackendError(CorralError):
 
 class BackendUnavailable(BackendError):
     code = "backend_unavailable"
+    retryable = True
 
 
 class BackendTimeout(BackendError):
     code = "backend_timeout"
+    retryable = True
 
 
 class ModelNotFound(BackendError):
     code = "model_not_found"
+    retryable = True
 
 
 class BackendProtocolError(BackendError):
     code = "backend_protocol"
+    retryable = True
 
 
-RETRYABLE_CODES = frozenset(
-    {
-        "backend_unavailable",
-        "backend_timeout",
-        "backend_protocol",
-        "model_not_found",
-        "node_lost",
-        "worker_error",
-    }
-)
-"""Failures another node may not have: a job failing so before its first token moves on."""
+class BackendAuthError(BackendError):
+    """The provider refused the key. Retryable: another node holds its own key. The message
+    names where the key comes from (its environment variable), never the key."""
+
+    code = "backend_auth"
+    retryable = True
+
+
+class BackendRateLimited(BackendError):
+    """Too many requests for this key now; ``retry_after`` is the provider's advice, seconds."""
+
+    code = "rate_limited"
+    retryable = True
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QuotaExhausted(BackendRateLimited):
+    """The key's quota (daily requests, credit) is spent: not a wait-and-retry failure."""
+
+    code = "quota_exhausted"
+    retryable = False
+
+
+class ContentBlocked(BackendError):
+    """The provider's safety filter stopped the prompt or the answer: asking another node the
+    same thing is unlikely to help, so the job ends here with the provider's reason."""
+
+    code = "content_blocked"
+
 
 NODE_FAILURE_CODES = frozenset({"node_lost", "worker_error"})
 """Retryable failures of the node's worker itself, not of one of its backends: they count
@@ -151,6 +196,9 @@ def _index(cls: type[CorralError]) -> None:
 
 
 _index(CorralError)
+
+RETRYABLE_CODES = frozenset(code for code, cls in _BY_CODE.items() if cls.retryable)
+"""Failures another node may not have: a job failing so before its first token moves on."""
 
 
 def error_from_code(code: str, message: str) -> CorralError:

@@ -7,7 +7,7 @@ the boundary instead of being half-understood. Messages travel as
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -285,11 +285,33 @@ class ModelInfo(BaseModel):
         return not self.capabilities or "chat" in self.capabilities
 
 
+BackendKind = Literal[
+    "ollama",
+    "openai",
+    "simulated",
+    "anthropic",
+    "google",
+    "openai-cloud",
+    "mistral",
+    "deepseek",
+]
+"""Every kind of backend a worker can front: its transport and, for a cloud, the provider.
+
+``openai`` is any OpenAI-compatible server on the network (llama.cpp, vLLM, LM Studio);
+``openai-cloud``, ``mistral`` and ``deepseek`` are the providers reached the same way with a key.
+"""
+
+BACKEND_KINDS: frozenset[str] = frozenset(get_args(BackendKind))
+
+
 class BackendInfo(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: Name
-    kind: Literal["ollama", "openai", "simulated"]
+    kind: str = Field(min_length=1, max_length=64)
+    """A ``BackendKind``, read as plain text: a controller older than the worker (one that does
+    not know a new kind) still reads the heartbeat and routes to the node, since routing needs
+    the backend's name and models, never its transport."""
     url: str | None = None
     """Scheme, host and port only: never credentials or query strings."""
     healthy: bool

@@ -109,6 +109,10 @@ class CorralSettings(BaseSettings):
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
     """How long an open breaker keeps traffic away before one probe job may try again."""
     session_ttl_s: int = Field(default=86400, ge=60)
+    visibility_timeout_s: int | None = Field(default=None, ge=1)
+    """How long Redis keeps a delivered, unacknowledged job before handing it out again (kombu's
+    visibility timeout). Default: ``job_timeout_s`` + 60 s. A job that outlasts it is delivered
+    a second time to its node's queue; the copy finds the job's lease taken and writes nothing."""
     max_prompt_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     """The largest prompt (all messages, UTF-8) a front door accepts. A job's message costs Redis
     about three times its size while queued (base64 body plus the unacked copy), so the limit

@@ -9,7 +9,7 @@ import click
 
 from broker.errors import CorralError
 from broker.settings import build_settings, config_path, load_yaml_config
-from worker.config import backend_spec, build_worker_config
+from worker.config import backend_spec, build_worker_config, require_keys
 from worker.node import serve
 
 
@@ -35,6 +35,41 @@ def _split_tags(value: str | None) -> frozenset[str] | None:
     multiple=True,
     metavar="URL",
     help="Front an OpenAI-compatible server: llama.cpp, llamafile, vLLM, LM Studio.",
+)
+@click.option(
+    "--anthropic",
+    "providers",
+    flag_value="anthropic",
+    multiple=True,
+    help="Front Anthropic's API with the key in ANTHROPIC_API_KEY.",
+)
+@click.option(
+    "--google",
+    "providers",
+    flag_value="google",
+    multiple=True,
+    help="Front Google's Gemini API with the key in GEMINI_API_KEY (or GOOGLE_API_KEY).",
+)
+@click.option(
+    "--openai-cloud",
+    "providers",
+    flag_value="openai-cloud",
+    multiple=True,
+    help="Front OpenAI's API with the key in OPENAI_API_KEY.",
+)
+@click.option(
+    "--mistral",
+    "providers",
+    flag_value="mistral",
+    multiple=True,
+    help="Front Mistral's API with the key in MISTRAL_API_KEY.",
+)
+@click.option(
+    "--deepseek",
+    "providers",
+    flag_value="deepseek",
+    multiple=True,
+    help="Front DeepSeek's API with the key in DEEPSEEK_API_KEY.",
 )
 @click.option("--simulate", is_flag=True, help="Front the built-in simulated backend.")
 @click.option(
@@ -74,6 +109,7 @@ def worker_command(
     tags: str | None,
     ollama_urls: tuple[str, ...],
     openai_urls: tuple[str, ...],
+    providers: tuple[str, ...],
     simulate: bool,
     sim_first_token_ms: float,
     sim_token_ms: float,
@@ -92,6 +128,9 @@ def worker_command(
         extra = {} if capacity is None else {"capacity": capacity}
         flag_backends = [backend_spec(kind="ollama", url=u, **extra) for u in ollama_urls]
         flag_backends += [backend_spec(kind="openai", url=u, **extra) for u in openai_urls]
+        # A provider's base URL and key are its own (overridable in corral.yaml); only the
+        # kind is a flag. The key is read from the environment when the backend is built.
+        flag_backends += [backend_spec(kind=kind, **extra) for kind in dict.fromkeys(providers)]
         if simulate:
             flag_backends.append(
                 backend_spec(
@@ -109,6 +148,7 @@ def worker_command(
             tags=_split_tags(tags),
             backends=tuple(flag_backends) or None,
         )
+        require_keys(config)
         code = serve(settings, config, loglevel=loglevel.upper())
     except CorralError as exc:
         click.echo(f"corral worker: {exc}", err=True)

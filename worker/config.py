@@ -1,42 +1,187 @@
 """A node worker's own configuration: its name, tags and the backends it fronts.
 
-Read from the ``worker:`` section of corral.yaml, then overridden by CLI flags. API keys are
-written in the YAML as ``${VAR}`` and held as SecretStr from then on.
+Read from the ``worker:`` section of corral.yaml, then overridden by CLI flags. Each backend is
+one entry of a union discriminated by ``kind``, so one kind's settings (a simulated backend's
+pace, a provider's key variable) do not sit on all. API keys are written in the YAML as
+``${VAR}`` (or left to the provider's usual variable, ``ANTHROPIC_API_KEY`` and the like) and
+held as SecretStr from then on.
 """
 
 from __future__ import annotations
 
+import os
 import socket
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from broker.errors import ConfigError
-from broker.schemas import Name, describe_validation_error
+from broker.schemas import BackendKind, Name, describe_validation_error
+
+__all__ = [
+    "AnthropicSpec",
+    "BackendSpec",
+    "CloudSpec",
+    "GoogleSpec",
+    "OllamaSpec",
+    "OpenAICloudSpec",
+    "OpenAICompatSpec",
+    "SimulatedSpec",
+    "WorkerConfig",
+    "api_key_for",
+    "backend_names",
+    "backend_spec",
+    "build_worker_config",
+    "require_keys",
+]
 
 
-class BackendSpec(BaseModel):
-    """One local LLM server the node fronts."""
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError("backend URL must start with http:// or https://")
+    return value.rstrip("/") if value else value
 
+
+class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["ollama", "openai", "simulated"]
     name: Name | None = None
-    url: str | None = None
-    api_key: SecretStr | None = None
     capacity: int = Field(default=1, ge=1, le=256)
-    # Simulated backend only: its pace.
+
+
+class OllamaSpec(_Spec):
+    """An Ollama server."""
+
+    kind: Literal["ollama"]
+    url: str
+
+    _check_url = field_validator("url")(_http_url)
+
+
+class OpenAICompatSpec(_Spec):
+    """An OpenAI-compatible server on the network (llama.cpp, llamafile, vLLM, LM Studio)."""
+
+    kind: Literal["openai"]
+    url: str
+    api_key: SecretStr | None = None
+
+    _check_url = field_validator("url")(_http_url)
+
+
+class SimulatedSpec(_Spec):
+    """corral's built-in simulated backend, with its pace."""
+
+    kind: Literal["simulated"]
     first_token_s: float = Field(default=0.05, ge=0)
     token_s: float = Field(default=0.02, ge=0)
     crash_on: str | None = Field(default=None, min_length=1)
     """Chaos testing: the worker process dies on a prompt containing this text."""
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("backend URL must start with http:// or https://")
-        return value.rstrip("/") if value else value
+
+class CloudSpec(_Spec):
+    """What every cloud provider's backend has: where, which key, which models."""
+
+    url: str | None = None
+    """The API's base URL; None: the provider's own (tests point it at a fake)."""
+    api_key: SecretStr | None = None
+    """The key itself, written ``${VAR}`` in corral.yaml; None: read ``api_key_env``."""
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The environment variable holding the key; None: the provider's usual one."""
+    capacity: int = Field(default=4, ge=1, le=256)
+    models: tuple[str, ...] = ()
+    """Serve these models only, without asking the provider for its list."""
+    models_ttl_s: float = Field(default=3600.0, gt=0)
+    """How long the provider's model list is kept before it is asked again."""
+
+    _check_url = field_validator("url")(_http_url)
+
+
+class OpenAICloudSpec(CloudSpec):
+    """A provider with OpenAI's chat completions API: OpenAI, Mistral, DeepSeek."""
+
+    kind: Literal["openai-cloud", "mistral", "deepseek"]
+
+
+class AnthropicSpec(CloudSpec):
+    """Anthropic's Messages API."""
+
+    kind: Literal["anthropic"]
+    anthropic_version: str = "2023-06-01"
+    max_tokens: int = Field(default=4096, ge=1)
+    """Anthropic requires a limit on every request: this one when the job sets none."""
+
+
+class GoogleSpec(CloudSpec):
+    """Google's Gemini API (generativelanguage.googleapis.com)."""
+
+    kind: Literal["google"]
+
+
+AnySpec = (
+    OllamaSpec | OpenAICompatSpec | SimulatedSpec | OpenAICloudSpec | AnthropicSpec | GoogleSpec
+)
+BackendSpec = Annotated[AnySpec, Field(discriminator="kind")]
+_SPEC: TypeAdapter[AnySpec] = TypeAdapter(BackendSpec)
+
+DEFAULT_BASE_URLS: Mapping[str, str] = {
+    "openai-cloud": "https://api.openai.com/v1",
+    "mistral": "https://api.mistral.ai/v1",
+    "deepseek": "https://api.deepseek.com/v1",
+    "anthropic": "https://api.anthropic.com",
+    "google": "https://generativelanguage.googleapis.com",
+}
+
+KEY_VARIABLES: Mapping[str, tuple[str, ...]] = {
+    "openai-cloud": ("OPENAI_API_KEY",),
+    "mistral": ("MISTRAL_API_KEY",),
+    "deepseek": ("DEEPSEEK_API_KEY",),
+    "anthropic": ("ANTHROPIC_API_KEY",),
+    "google": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+}
+"""Where each provider's key is looked for, in order, when the configuration names none."""
+
+
+def base_url_of(spec: CloudSpec, kind: BackendKind) -> str:
+    return spec.url or DEFAULT_BASE_URLS[kind]
+
+
+def api_key_for(
+    spec: CloudSpec, kind: BackendKind, name: str, environ: Mapping[str, str] | None = None
+) -> tuple[SecretStr, str]:
+    """The backend's key and where it came from (a variable's name, for messages).
+
+    A key written in corral.yaml wins; then ``api_key_env``; then the provider's usual
+    variables. None set is a ConfigError naming the variables, so the worker stops at start-up
+    instead of failing every job with a 401.
+    """
+    env = os.environ if environ is None else environ
+    if spec.api_key is not None and spec.api_key.get_secret_value():
+        return spec.api_key, f"the api_key of backend {name!r} in corral.yaml"
+    variables = (spec.api_key_env,) if spec.api_key_env else KEY_VARIABLES[kind]
+    for variable in variables:
+        value = env.get(variable, "")
+        if value:
+            return SecretStr(value), variable
+    raise ConfigError(
+        f"{kind} backend {name!r} needs an API key: set {' or '.join(variables)} "
+        "(or api_key: ${VAR} in corral.yaml)"
+    )
+
+
+def require_keys(config: WorkerConfig, environ: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError now if a cloud backend has no key (before the worker connects)."""
+    for name, spec in zip(backend_names(config.backends), config.backends, strict=True):
+        if isinstance(spec, CloudSpec):
+            api_key_for(spec, spec.kind, name, environ)
 
 
 class WorkerConfig(BaseModel):
@@ -48,10 +193,7 @@ class WorkerConfig(BaseModel):
 
     @field_validator("backends")
     @classmethod
-    def _urls_for_http_kinds(cls, value: tuple[BackendSpec, ...]) -> tuple[BackendSpec, ...]:
-        for spec in value:
-            if spec.kind != "simulated" and not spec.url:
-                raise ValueError(f"a {spec.kind} backend needs a url")
+    def _distinct_names(cls, value: tuple[AnySpec, ...]) -> tuple[AnySpec, ...]:
         names = backend_names(value)
         if len(set(names)) != len(names):
             raise ValueError(f"backend names must differ: {names}")
@@ -62,7 +204,7 @@ class WorkerConfig(BaseModel):
         return sum(spec.capacity for spec in self.backends)
 
 
-def backend_names(specs: tuple[BackendSpec, ...]) -> list[str]:
+def backend_names(specs: tuple[AnySpec, ...]) -> list[str]:
     """Each backend's name: its own, else its kind, numbered from the second of a kind."""
     seen: dict[str, int] = {}
     out = []
@@ -73,10 +215,10 @@ def backend_names(specs: tuple[BackendSpec, ...]) -> list[str]:
     return out
 
 
-def backend_spec(**fields: Any) -> BackendSpec:
-    """A BackendSpec from CLI flags; a bad value is a ConfigError that names the flag's field."""
+def backend_spec(**fields: Any) -> AnySpec:
+    """A backend's spec from CLI flags; a bad value is a ConfigError that names the field."""
     try:
-        return BackendSpec.model_validate(fields)
+        return _SPEC.validate_python(fields)
     except ValidationError as exc:
         raise ConfigError(
             f"invalid {fields.get('kind', '')} backend: {describe_validation_error(exc)}"
@@ -89,8 +231,9 @@ def build_worker_config(yaml_section: dict[str, Any] | None, **flags: Any) -> Wo
     merged.update({k: v for k, v in flags.items() if v not in (None, (), [])})
     if not merged.get("backends"):
         raise ConfigError(
-            "no backend to front: give --ollama URL, --openai-compat URL or --simulate "
-            "(or worker.backends in corral.yaml)"
+            "no backend to front: give --ollama URL, --openai-compat URL, --simulate or a "
+            "provider (--anthropic, --google, --openai-cloud, --mistral, --deepseek), "
+            "or worker.backends in corral.yaml"
         )
     try:
         return WorkerConfig.model_validate(merged)

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from broker import __version__, names
 from broker.errors import BackendError
 from broker.schemas import BackendInfo, ModelInfo, NodeInfo
-from worker.backends.base import Backend
+from worker.backends.base import Backend, manages_models
 from worker.config import WorkerConfig
 from worker.sysinfo import SystemProbe
 
@@ -58,7 +58,7 @@ async def describe_backend(
         capacity=backend.capacity,
         in_flight=in_flight,
         latency_ms=latency_ms,
-        manages_models=backend.manages_models,
+        manages_models=manages_models(backend),
         models=tuple(models),
     )
 

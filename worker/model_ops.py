@@ -18,7 +18,9 @@ from broker.sizing import estimate_load_bytes, gigabytes
 from worker.backends.base import (
     KEEP_LOADED_FOREVER,
     Backend,
+    ModelManager,
     PullProgress,
+    model_manager,
 )
 
 __all__ = ["Emit", "human_bytes", "run_model_op"]
@@ -68,7 +70,7 @@ async def run_model_op(
     return f"removed {request.model}"
 
 
-def choose_backend(request: ModelOpRequest, backends: Mapping[str, Backend]) -> Backend:
+def choose_backend(request: ModelOpRequest, backends: Mapping[str, Backend]) -> ModelManager:
     if request.backend is not None:
         backend = backends.get(request.backend)
         if backend is None:
@@ -76,15 +78,16 @@ def choose_backend(request: ModelOpRequest, backends: Mapping[str, Backend]) -> 
                 f"node {request.node!r} has no backend {request.backend!r} "
                 f"(it has {_describe(backends)})"
             )
-        if not backend.manages_models:
+        manager = model_manager(backend)
+        if manager is None:
             raise UnsupportedOperation(
                 f"backend {backend.name!r} on node {request.node!r} is {backend.kind}, "
                 f"which cannot {request.op} models (an ollama backend can)"
             )
-        return backend
+        return manager
     for backend in backends.values():
-        if backend.manages_models:
-            return backend
+        if (manager := model_manager(backend)) is not None:
+            return manager
     raise UnsupportedOperation(
         f"no backend on node {request.node!r} can {request.op} models: it has "
         f"{_describe(backends)}, and only ollama (or simulated) backends manage models"
@@ -103,7 +106,7 @@ def _too_large(model: str, estimate: int, free: int, *, basis: str, op: str) -> 
 
 
 async def _warm(
-    backend: Backend, model: str, keep_alive: str | None, limit: int | None, emit: Emit
+    backend: ModelManager, model: str, keep_alive: str | None, limit: int | None, emit: Emit
 ) -> str:
     keep = keep_alive or KEEP_LOADED_FOREVER
     try:
@@ -144,7 +147,7 @@ class _Throttle:
         return True
 
 
-async def _pull(backend: Backend, model: str, limit: int | None, emit: Emit) -> str:
+async def _pull(backend: ModelManager, model: str, limit: int | None, emit: Emit) -> str:
     layers: dict[str, int] = {}  # digest -> size: the model's size on disk when done
     throttle = _Throttle(PULL_EMITS_PER_S)
     held: PullProgress | None = None

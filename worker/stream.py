@@ -282,7 +282,7 @@ class JobStream:
         deadline = time.monotonic() + self._outage_tolerance_s
         while True:
             try:
-                written = await self._append(keys=keys, args=args)
+                written = await self._append_through_cancel(keys, args)
                 break
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 if time.monotonic() >= deadline:
@@ -291,5 +291,30 @@ class JobStream:
                 await asyncio.sleep(_RETRY_PAUSE_S)
         if not int(written):
             raise Fenced(f"job {self._job_id} has moved on; this worker no longer owns it")
+        self._wrote()
+
+    def _wrote(self) -> None:
         self._first = False
         self._seq += 1
+
+    async def _append_through_cancel(self, keys: list[str], args: list[str | int]) -> int:
+        """One append that completes even when the job is cancelled while it is in flight.
+
+        Redis may have run the script before the cancel lands; the job's sequence number
+        must then move past it, or the ``cancelled`` event written next would take the same
+        place, be refused as someone else's, and leave the stream without an end (seen in
+        ``corral chat`` when Ctrl-C closely followed a token). So the append finishes, its
+        outcome is recorded, and the cancellation goes on.
+        """
+        call = asyncio.ensure_future(self._append(keys=keys, args=args))
+        try:
+            return int(await asyncio.shield(call))
+        except asyncio.CancelledError:
+            try:
+                written = int(await call)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                # Whether it was written is unknown: cancel as before this change.
+                raise asyncio.CancelledError from None
+            if written:
+                self._wrote()
+            raise

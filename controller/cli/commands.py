@@ -23,6 +23,8 @@ from broker.schemas import (
     JobSpec,
 )
 from broker.settings import build_settings
+from controller.cli.acl import acl_command
+from controller.cli.chat import chat_command
 from controller.cli.common import (
     ExitCode,
     exit_code_for,
@@ -34,13 +36,16 @@ from controller.cli.common import (
     settings_from,
     split_list,
 )
+from controller.cli.doctor import doctor
 from controller.cli.fanout_tables import answers_table, progress_table
+from controller.cli.flower import flower
 from controller.cli.models import models
 from controller.cli.render import (
     breaker_notes,
     nodes_table,
     stderr_console,
 )
+from controller.cli.tunnel import tunnel
 from controller.client import CorralClient, Event, make_spec
 from controller.fanout import (
     FanoutJob,
@@ -59,8 +64,8 @@ from controller.prompt import parse_tags, split_mention
 @click.pass_context
 def cli(ctx: click.Context, broker: str | None) -> None:
     """corral: one front door for a home lab's LLM servers."""
-    if ctx.invoked_subcommand in ("worker", "demo"):
-        return  # they build their own settings
+    if ctx.invoked_subcommand in ("worker", "demo", "tunnel"):
+        return  # they build their own settings (a tunnel needs none)
     try:
         ctx.obj = {"settings": build_settings(broker_url=broker)}
     except CorralError as exc:
@@ -389,6 +394,11 @@ def demo() -> None:
 
 
 cli.add_command(models)
+cli.add_command(acl_command)
+cli.add_command(flower)
+cli.add_command(tunnel)
+cli.add_command(doctor)
+cli.add_command(chat_command)
 
 
 def main() -> None:

@@ -214,7 +214,11 @@ class FakeOllamaState:
     token_delay: float = 0.0
     fail_status: int | None = None
     fail_message: str = "an internal error occurred"
+    fail_headers: dict[str, str] = field(default_factory=dict)
+    """Sent with the "fail with status N" answer (a proxy's Retry-After, say)."""
     drop_after: int | None = None
+    bad_json_after: int | None = None
+    """Send a line that is not JSON in place of the generation line at this index."""
     error_after: int | None = None
     error_message: str = "llama runner process has terminated: exit status 2"
     version: str = "0.6.5"
@@ -243,6 +247,10 @@ class FakeOllamaState:
             if until <= now:
                 self.loaded.discard(name)
                 del self.keep_until[name]
+
+    @property
+    def chat_bodies(self) -> list[Any]:
+        return [r.body for r in self.requests if r.path == "/api/chat"]
 
     def requests_to(self, path: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path == path]
@@ -313,7 +321,9 @@ def build_app(state: FakeOllamaState) -> Starlette:
         async def wrapped(request: Request) -> Response:
             if state.fail_status is not None:
                 await request.body()
-                return _error(state.fail_status, state.fail_message)
+                failed = _error(state.fail_status, state.fail_message)
+                failed.headers.update(state.fail_headers)
+                return failed
             try:
                 response: Response = await fn(request)
             except _BadRequest as exc:
@@ -338,6 +348,9 @@ def build_app(state: FakeOllamaState) -> Starlette:
                         raise DropConnection
                     if state.error_after is not None and index >= state.error_after:
                         yield _ndjson({"error": state.error_message})
+                        break
+                    if state.bad_json_after is not None and index >= state.bad_json_after:
+                        yield b'{"model": "truncated\n'
                         break
                     await asyncio.sleep(
                         state.first_token_delay if index == 0 else state.token_delay

@@ -32,6 +32,10 @@ from starlette.routing import Route
 from tests.fakes import DropConnection, serve_in_thread
 
 DEFAULT_REPLY = "Tokens stream back as the backend produces them."
+MISTRAL_UNKNOWN_FIELDS = frozenset(
+    {"stream_options", "seed", "max_completion_tokens", "frequency_penalty", "logprobs"}
+)
+"""Fields of OpenAI's request that Mistral's API refuses (its ``random_seed`` is the seed)."""
 
 
 @dataclass
@@ -46,10 +50,24 @@ class FakeOpenAIState:
     api_key: str | None = None
     fail_status: int | None = None
     fail_message: str = "The server had an error while processing your request."
+    fail_type: str = "server_error"
+    fail_code: str | None = None
+    """``insufficient_quota`` with a 429 is OpenAI's "your credit is spent"."""
+    fail_headers: dict[str, str] = field(default_factory=dict)
     drop_after: int | None = None
+    bad_json_after: int | None = None
+    """Send an event whose data is not JSON in place of the chunk at this index."""
+    ratelimit_headers: dict[str, str] = field(default_factory=dict)
+    """Sent on every answer, as OpenAI sends ``x-ratelimit-remaining-requests`` and the like."""
+    model_listings: int = 0
+    dialect: str = "openai"
+    """"mistral": refuse fields Mistral does not know (422 ``extra_forbidden``, as Mistral's
+    API answers ``stream_options`` and ``seed``), read ``random_seed``, and always send the
+    usage with the last chunk."""
     error_after: int | None = None
     error_message: str = "the slot was released while generating"
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    props_requests: int = 0
     authorizations: list[str | None] = field(default_factory=list)
     streams_started: int = 0
     streams_completed: int = 0
@@ -60,11 +78,22 @@ class FakeOpenAIState:
     open_streams: int = 0
     peak_streams: int = 0
 
+    @property
+    def chat_bodies(self) -> list[dict[str, Any]]:
+        return self.bodies
 
-def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+
+def _error(
+    status: int,
+    message: str,
+    kind: str,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(
         {"error": {"message": message, "type": kind, "param": None, "code": code}},
         status_code=status,
+        headers=headers,
     )
 
 
@@ -79,7 +108,13 @@ def build_app(state: FakeOpenAIState) -> Starlette:
         auth = request.headers.get("authorization")
         state.authorizations.append(auth)
         if state.fail_status is not None:
-            return _error(state.fail_status, state.fail_message, "server_error")
+            return _error(
+                state.fail_status,
+                state.fail_message,
+                state.fail_type,
+                state.fail_code,
+                {**state.ratelimit_headers, **state.fail_headers},
+            )
         if state.api_key is not None and auth != f"Bearer {state.api_key}":
             given = (auth or "").removeprefix("Bearer ")
             return _error(
@@ -93,8 +128,9 @@ def build_app(state: FakeOpenAIState) -> Starlette:
     async def models(request: Request) -> Response:
         if (denied := refused(request)) is not None:
             return denied
+        state.model_listings += 1
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "me"} for m in state.models]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": data}, headers=state.ratelimit_headers)
 
     async def stream(events: Sequence[dict[str, Any]]) -> AsyncIterator[bytes]:
         state.streams_started += 1
@@ -111,6 +147,9 @@ def build_app(state: FakeOpenAIState) -> Starlette:
                     yield _event(
                         {"error": {"message": state.error_message, "type": "server_error"}}
                     )
+                    break
+                if state.bad_json_after is not None and index >= state.bad_json_after:
+                    yield _event('{"id": "chatcmpl-fake", "choices": [')
                     break
                 await asyncio.sleep(state.first_token_delay if index == 0 else state.token_delay)
                 yield _event(event)
@@ -134,6 +173,27 @@ def build_app(state: FakeOpenAIState) -> Starlette:
                 400, "We could not parse the JSON body of your request.", "invalid_request_error"
             )
         state.bodies.append(body)
+        if state.dialect == "mistral":
+            extra = sorted(set(body) & MISTRAL_UNKNOWN_FIELDS)
+            if extra:
+                detail = [
+                    {
+                        "type": "extra_forbidden",
+                        "loc": ["body", field],
+                        "msg": "Extra inputs are not permitted",
+                    }
+                    for field in extra
+                ]
+                return JSONResponse(
+                    {
+                        "object": "error",
+                        "message": {"detail": detail},
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    },
+                    status_code=422,
+                )
         model = body.get("model")
         if model not in state.models:
             return _error(
@@ -151,12 +211,13 @@ def build_app(state: FakeOpenAIState) -> Starlette:
                 text = text[: text.index(stop)]
         pieces = re.findall(r"\s*\S+", text)
         finish = "stop"
-        limit = body.get("max_tokens")
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if isinstance(limit, int) and limit < len(pieces):
             pieces, finish = pieces[:limit], "length"
         usage_wanted = state.supports_usage and bool(
             (body.get("stream_options") or {}).get("include_usage")
         )
+        usage_always = state.dialect == "mistral"
         base = {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
@@ -172,22 +233,28 @@ def build_app(state: FakeOpenAIState) -> Starlette:
 
         events = [chunk({"role": "assistant", "content": ""})]
         events += [chunk({"content": piece}) for piece in pieces]
-        events.append(chunk({}, finish))
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(pieces),
+            "total_tokens": prompt_tokens + len(pieces),
+        }
+        if usage_always:  # Mistral: the usage rides on the chunk with the finish reason
+            events.append({**chunk({}, finish), "usage": usage})
+        else:
+            events.append(chunk({}, finish))
         if usage_wanted:
-            prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(pieces),
-                "total_tokens": prompt_tokens + len(pieces),
-            }
             events.append({**base, "choices": [], "usage": usage})
         if not body.get("stream"):
             message = {"role": "assistant", "content": "".join(pieces)}
             choice = {"index": 0, "message": message, "finish_reason": finish}
             return JSONResponse({**base, "object": "chat.completion", "choices": [choice]})
-        return StreamingResponse(stream(events), media_type="text/event-stream")
+        return StreamingResponse(
+            stream(events), media_type="text/event-stream", headers=state.ratelimit_headers
+        )
 
     async def props(request: Request) -> Response:
+        state.props_requests += 1
         if state.total_slots is None:
             return JSONResponse({"error": "Not Found"}, status_code=404)
         return JSONResponse({"total_slots": state.total_slots, "chat_template": ""})

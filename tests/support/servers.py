@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +70,9 @@ class RedisServer:
             return False
 
 
-def start_redis(password: str | None = None, appendonly: bool = False) -> RedisServer:
+def start_redis(
+    password: str | None = None, appendonly: bool = False, bind: str | None = None
+) -> RedisServer:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not on PATH: run `make test`, which installs it")
@@ -84,6 +86,8 @@ def start_redis(password: str | None = None, appendonly: bool = False) -> RedisS
     ]
     if password:
         args += ["--requirepass", password]
+    if bind:
+        args += ["--bind", bind]  # the later --bind wins over the loopback-only default
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = RedisServer(port, process, workdir, password, args)
     try:
@@ -134,19 +138,21 @@ def start_worker(
     log_dir: Path,
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
+    command_prefix: Sequence[str] = (),
 ) -> WorkerProcess:
     """``python -m worker --name NAME ARGS`` in its own process, logging to a file."""
     log_path = log_dir / f"worker-{name}-{time.monotonic_ns()}.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed in WorkerProcess.stop
+    # The test process's own CORRAL_CONFIG is dropped; one passed in ``env`` is kept.
+    inherited = {k: v for k, v in os.environ.items() if k != "CORRAL_CONFIG"}
     full_env = {
-        **os.environ,
+        **inherited,
         "CORRAL_BROKER_URL": broker_url,
         "CORRAL_HEARTBEAT_INTERVAL_S": str(heartbeat_s),
         **(env or {}),
     }
-    full_env.pop("CORRAL_CONFIG", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--name", name, *args],
+        [*command_prefix, sys.executable, "-m", "worker", "--name", name, *args],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=full_env,
@@ -170,12 +176,15 @@ def start_worker(
 
 @contextlib.contextmanager
 def running_workers(
-    broker_url: str, log_dir: Path, *specs: tuple[str, list[str]]
+    broker_url: str,
+    log_dir: Path,
+    *specs: tuple[str, list[str]],
+    env: dict[str, str] | None = None,
 ) -> Iterator[list[WorkerProcess]]:
     workers: list[WorkerProcess] = []
     try:
         for name, args in specs:
-            workers.append(start_worker(broker_url, name, *args, log_dir=log_dir))
+            workers.append(start_worker(broker_url, name, *args, log_dir=log_dir, env=env))
         yield workers
     finally:
         for w in workers:

@@ -1,9 +1,19 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from broker.errors import ConfigError
-from worker.config import backend_names, backend_spec, build_worker_config
+from broker.settings import load_yaml_config
+from worker.config import (
+    AnthropicSpec,
+    CloudSpec,
+    api_key_for,
+    backend_names,
+    backend_spec,
+    build_worker_config,
+)
 
 
 def test_flags_override_the_yaml_section() -> None:
@@ -32,7 +42,7 @@ def test_several_backends_get_distinct_names() -> None:
 
 
 def test_no_backend_says_which_flags_to_give() -> None:
-    with pytest.raises(ConfigError, match="--ollama URL, --openai-compat URL or --simulate"):
+    with pytest.raises(ConfigError, match="--ollama URL, --openai-compat URL, --simulate or a"):
         build_worker_config(None, name="n")
 
 
@@ -47,3 +57,91 @@ def test_api_key_never_shows_in_repr() -> None:
     spec = backend_spec(kind="openai", url="http://host:8000", api_key="sk-live-123")
     assert "sk-live-123" not in repr(spec)
     assert spec.api_key is not None and spec.api_key.get_secret_value() == "sk-live-123"
+
+
+# --- one spec per kind ---------------------------------------------------------------------
+
+
+def test_one_kinds_settings_are_refused_on_another() -> None:
+    with pytest.raises(ConfigError, match="first_token_s"):
+        backend_spec(kind="ollama", url="http://a:11434", first_token_s=0.1)
+    with pytest.raises(ConfigError, match="url"):
+        backend_spec(kind="ollama")  # a local server needs its URL; a provider does not
+    assert backend_spec(kind="anthropic").kind == "anthropic"
+
+
+def test_an_unknown_kind_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="invalid worker configuration") as caught:
+        build_worker_config({"backends": [{"kind": "bedrock"}]}, name="n")
+    assert "bedrock" in str(caught.value) or "kind" in str(caught.value)
+
+
+def test_a_provider_from_the_yaml_keeps_its_own_fields() -> None:
+    config = build_worker_config(
+        {
+            "backends": [
+                {
+                    "kind": "anthropic",
+                    "url": "http://127.0.0.1:9/",
+                    "api_key": "sk-ant-from-yaml",
+                    "max_tokens": 512,
+                    "models": ["claude-test"],
+                }
+            ]
+        },
+        name="n",
+    )
+    (spec,) = config.backends
+    assert isinstance(spec, AnthropicSpec)
+    assert (spec.url, spec.max_tokens, spec.models) == ("http://127.0.0.1:9", 512, ("claude-test",))
+    assert "sk-ant-from-yaml" not in repr(config)
+
+
+# --- API keys ------------------------------------------------------------------------------
+
+
+def test_the_key_comes_from_the_providers_variable() -> None:
+    spec = backend_spec(kind="mistral")
+    assert isinstance(spec, CloudSpec)
+    key, source = api_key_for(spec, "mistral", "mistral", {"MISTRAL_API_KEY": "mk-1"})
+    assert (key.get_secret_value(), source) == ("mk-1", "MISTRAL_API_KEY")
+
+
+def test_gemini_falls_back_to_google_api_key() -> None:
+    spec = backend_spec(kind="google")
+    assert isinstance(spec, CloudSpec)
+    key, source = api_key_for(spec, "google", "google", {"GOOGLE_API_KEY": "g-2"})
+    assert (key.get_secret_value(), source) == ("g-2", "GOOGLE_API_KEY")
+    both = {"GEMINI_API_KEY": "g-1", "GOOGLE_API_KEY": "g-2"}
+    assert api_key_for(spec, "google", "google", both)[1] == "GEMINI_API_KEY"
+
+
+def test_a_key_in_the_yaml_wins_and_is_named_without_its_value() -> None:
+    spec = backend_spec(kind="anthropic", api_key="sk-ant-yaml")
+    assert isinstance(spec, CloudSpec)
+    key, source = api_key_for(spec, "anthropic", "claude", {"ANTHROPIC_API_KEY": "other"})
+    assert key.get_secret_value() == "sk-ant-yaml"
+    assert "sk-ant-yaml" not in source and "claude" in source
+
+
+def test_a_missing_key_names_the_variables_to_set() -> None:
+    spec = backend_spec(kind="google")
+    assert isinstance(spec, CloudSpec)
+    with pytest.raises(ConfigError, match="set GEMINI_API_KEY or GOOGLE_API_KEY"):
+        api_key_for(spec, "google", "google", {})
+
+
+def test_a_key_written_as_a_variable_in_corral_yaml_is_read_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MY_CLAUDE_KEY", "sk-ant-from-env-var")
+    path = tmp_path / "corral.yaml"
+    path.write_text(
+        "worker:\n  backends:\n    - kind: anthropic\n      api_key: ${MY_CLAUDE_KEY}\n"
+    )
+    config = build_worker_config(load_yaml_config(path)["worker"], name="n")
+    (spec,) = config.backends
+    assert isinstance(spec, CloudSpec)
+    key, source = api_key_for(spec, "anthropic", "anthropic", {})
+    assert key.get_secret_value() == "sk-ant-from-env-var"
+    assert "sk-ant-from-env-var" not in repr(config) + source

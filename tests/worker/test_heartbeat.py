@@ -21,7 +21,7 @@ from worker.backends.base import Backend
 from worker.backends.ollama import OllamaBackend
 from worker.backends.openai_compat import OpenAICompatBackend
 from worker.backends.simulated import SimulatedBackend
-from worker.config import BackendSpec, WorkerConfig
+from worker.config import WorkerConfig, backend_spec
 from worker.heartbeat import build_node_info, publish_node_info
 from worker.sysinfo import SystemProbe
 
@@ -29,9 +29,9 @@ CONFIG = WorkerConfig(
     name="gpu1",
     tags=frozenset({"gpu"}),
     backends=(
-        BackendSpec(kind="simulated", capacity=2),
-        BackendSpec(kind="ollama", url="http://127.0.0.1:11434", capacity=3),
-        BackendSpec(kind="openai", url="http://127.0.0.1:8080"),
+        backend_spec(kind="simulated", capacity=2),
+        backend_spec(kind="ollama", url="http://127.0.0.1:11434", capacity=3),
+        backend_spec(kind="openai", url="http://127.0.0.1:8080"),
     ),
 )
 

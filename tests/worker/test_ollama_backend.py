@@ -1,5 +1,10 @@
 """OllamaBackend against the fake Ollama on loopback (and httpx's MockTransport for the byte-level
-oddities a well-behaved fake never sends)."""
+oddities a well-behaved fake never sends).
+
+What every adapter does (stream order and usage, options, unknown model, HTTP errors,
+refused and dropped connections, errors mid-stream, bad JSON, cancel) is checked once for all
+in tests/worker/backends/test_contract.py; this file keeps what is particular to this one.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import pytest
 from broker.errors import (
     BackendError,
     BackendProtocolError,
-    BackendTimeout,
     BackendUnavailable,
     ModelNotFound,
     ModelOpError,
@@ -25,7 +29,7 @@ from broker.errors import (
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
 from controller.localcluster import free_port
 from tests.fakes.fake_ollama import NOT_IN_REGISTRY, FakeModel, running_fake_ollama
-from worker.backends.base import Chunk, PullProgress
+from worker.backends.base import Chunk, PullProgress, model_manager
 from worker.backends.ollama import OllamaBackend
 from worker.backends.ollama_wire import context_length_from, loaded_until_from, ollama_keep_alive
 
@@ -225,11 +229,8 @@ def test_inventory_on_server_error_raises_protocol_error() -> None:
 
 
 def test_ollama_manages_models() -> None:
-    assert with_backend("http://ollama.test:11434", _manages_models) is True
-
-
-async def _manages_models(backend: OllamaBackend) -> bool:
-    return backend.manages_models
+    backend = OllamaBackend("gpu0", "http://ollama.test:11434", httpx.AsyncClient())
+    assert model_manager(backend) is backend
 
 
 def test_load_without_keep_alive_keeps_the_model_loaded_for_good() -> None:
@@ -453,38 +454,6 @@ def test_keep_alive_that_ollama_would_refuse_is_a_value_error(keep_alive: str) -
 # --- streaming -----------------------------------------------------------------------------
 
 
-def test_stream_yields_the_reply_in_order_then_a_final_chunk_with_usage() -> None:
-    with running_fake_ollama(reply="Hello from the fake, corral!") as fake:
-        chunks = with_backend(fake.url, collect)
-    assert [c.text for c in chunks[:-1]] == ["Hello", " from", " the", " fake,", " corral!"]
-    assert not any(c.done for c in chunks[:-1])
-    assert chunks[-1] == Chunk(
-        text="", done=True, finish_reason="stop", prompt_tokens=4, completion_tokens=5
-    )
-
-
-def test_options_map_to_ollama_options_and_num_predict_limits_the_answer() -> None:
-    options = GenerationOptions(temperature=0.2, seed=42, stop=("\n\n", "User:"), max_tokens=3)
-    with running_fake_ollama(reply="one two three four five") as fake:
-        chunks = with_backend(fake.url, lambda b: collect(b, options=options))
-        body = fake.state.last_body("/api/chat")
-    assert body["stream"] is True
-    assert body["model"] == "llama3.2:1b"
-    assert body["messages"] == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi there"},
-    ]
-    assert body["options"] == {
-        "temperature": 0.2,
-        "seed": 42,
-        "num_predict": 3,
-        "stop": ["\n\n", "User:"],
-    }
-    assert "".join(c.text for c in chunks) == "one two three"
-    assert chunks[-1].finish_reason == "length"
-    assert chunks[-1].completion_tokens == 3
-
-
 def test_no_options_object_when_nothing_is_set() -> None:
     with running_fake_ollama() as fake:
         with_backend(fake.url, collect)
@@ -492,22 +461,6 @@ def test_no_options_object_when_nothing_is_set() -> None:
 
 
 # --- errors --------------------------------------------------------------------------------
-
-
-def test_unknown_model_raises_model_not_found_naming_model_and_backend() -> None:
-    with running_fake_ollama() as fake, pytest.raises(ModelNotFound) as caught:
-        with_backend(fake.url, lambda b: collect(b, model="gemma3:27b"))
-    assert "gemma3:27b" in str(caught.value)
-    assert "pi-ollama" in str(caught.value)
-
-
-def test_server_error_raises_protocol_error_with_status_and_body_message() -> None:
-    with running_fake_ollama(fail_status=500) as fake:
-        fake.state.fail_message = "llama runner process has terminated: signal: killed"
-        with pytest.raises(BackendProtocolError) as caught:
-            with_backend(fake.url, collect)
-    assert "HTTP 500" in str(caught.value)
-    assert "llama runner process has terminated: signal: killed" in str(caught.value)
 
 
 def test_plain_404_from_a_wrong_base_url_is_not_model_not_found() -> None:
@@ -528,56 +481,7 @@ def test_refused_connection_raises_unavailable_without_credentials() -> None:
         assert caught.value.__cause__ is None
 
 
-def test_connection_dropped_mid_stream_raises_unavailable() -> None:
-    with running_fake_ollama(drop_after=2) as fake:
-        received, error = with_backend(fake.url, collect_until_error)
-        assert fake.state.dropped_streams == 1
-    assert [c.text for c in received] == ["The", " sky"]
-    assert isinstance(error, BackendUnavailable)
-    assert "dropped" in str(error)
-
-
-def test_error_line_mid_stream_raises_protocol_error_with_its_message() -> None:
-    with running_fake_ollama(error_after=1) as fake:
-        received, error = with_backend(fake.url, collect_until_error)
-    assert [c.text for c in received] == ["The"]
-    assert isinstance(error, BackendProtocolError)
-    assert "llama runner process has terminated: exit status 2" in str(error)
-
-
-def test_slow_first_token_raises_backend_timeout() -> None:
-    with running_fake_ollama(first_token_delay=1.0) as fake:
-        with pytest.raises(BackendTimeout):
-            with_backend(fake.url, collect, timeout=httpx.Timeout(0.2))
-        # The timed-out request closed its stream; the fake saw the client leave.
-        assert fake.wait_until(lambda s: s.aborted_streams == 1)
-
-
 # --- cancellation --------------------------------------------------------------------------
-
-
-def test_cancelling_the_consumer_closes_the_stream_on_the_server() -> None:
-    async def scenario(backend: OllamaBackend) -> list[Chunk]:
-        received: list[Chunk] = []
-        first = asyncio.Event()
-
-        async def consume() -> None:
-            async for chunk in backend.stream_chat("llama3.2:1b", HELLO, NO_OPTIONS):
-                received.append(chunk)
-                first.set()
-
-        task = asyncio.create_task(consume())
-        await asyncio.wait_for(first.wait(), timeout=5)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task  # cancellation propagates: the adapter does not swallow it
-        return received
-
-    with running_fake_ollama(token_delay=0.2) as fake:
-        received = with_backend(fake.url, scenario)
-        assert fake.wait_until(lambda s: s.aborted_streams == 1)
-        assert fake.state.streams_completed == 0
-    assert [c.text for c in received] == ["The"]
 
 
 def test_closing_the_iterator_early_closes_the_stream_on_the_server() -> None:
@@ -602,14 +506,6 @@ def mock_backend(body: bytes, scenario: Callable[[OllamaBackend], Awaitable[T]])
     return with_backend(
         "http://ollama.test:11434", scenario, transport=httpx.MockTransport(respond)
     )
-
-
-def test_a_line_that_is_not_json_raises_protocol_error() -> None:
-    body = b'{"message":{"role":"assistant","content":"ok"},"done":false}\n<html>oops</html>\n'
-    received, error = mock_backend(body, collect_until_error)
-    assert [c.text for c in received] == ["ok"]
-    assert isinstance(error, BackendProtocolError)
-    assert "<html>oops</html>" in str(error)
 
 
 def test_a_stream_that_ends_without_done_raises_protocol_error() -> None:

@@ -1,5 +1,10 @@
 """OpenAICompatBackend against a fake OpenAI-style SSE server on loopback (and httpx's
-MockTransport for the byte-level variants real servers send)."""
+MockTransport for the byte-level variants real servers send).
+
+What every adapter does (stream order and usage, options, unknown model, HTTP errors,
+refused and dropped connections, errors mid-stream, bad JSON, cancel) is checked once for all
+in tests/worker/backends/test_contract.py; this file keeps what is particular to this one.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +19,11 @@ from pydantic import SecretStr
 from broker.errors import (
     BackendError,
     BackendProtocolError,
-    BackendUnavailable,
     ModelNotFound,
-    UnsupportedOperation,
 )
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
-from controller.localcluster import free_port
 from tests.fakes.fake_openai import running_fake_openai
-from worker.backends.base import Chunk, PullProgress
+from worker.backends.base import Chunk, model_manager
 from worker.backends.openai_compat import OpenAICompatBackend, api_root
 
 T = TypeVar("T")
@@ -144,47 +146,14 @@ def test_a_server_without_props_counts_as_one_slot_and_is_asked_once() -> None:
 # --- the model lifecycle is not theirs -----------------------------------------------------
 
 
-async def _pull(backend: OpenAICompatBackend) -> list[PullProgress]:
-    return [step async for step in backend.pull("tiny-model")]
-
-
-@pytest.mark.parametrize(
-    ("action", "call"),
-    [
-        ("load", lambda b: b.load("tiny-model", "30m")),
-        ("unload", lambda b: b.unload("tiny-model")),
-        ("delete", lambda b: b.delete("tiny-model")),
-        ("pull", _pull),
-    ],
-)
-def test_model_lifecycle_is_unsupported_and_says_which_backend(
-    action: str, call: Callable[[OpenAICompatBackend], Awaitable[object]]
-) -> None:
-    with running_fake_openai() as fake:
-        with pytest.raises(UnsupportedOperation) as caught:
-            with_backend(fake.url, call)
-        assert fake.state.bodies == []  # nothing was sent
-    assert f"openai backend 'gpu-box' cannot {action} models" in str(caught.value)
-
-
-def test_openai_backends_say_they_do_not_manage_models() -> None:
-    assert with_backend("http://gpu:8080", _manages_models) is False
-
-
-async def _manages_models(backend: OpenAICompatBackend) -> bool:
-    return backend.manages_models
+def test_openai_backends_do_not_manage_models() -> None:
+    """No pull/warm/unload/rm stubs: the adapter is simply no ModelManager."""
+    backend = OpenAICompatBackend("gpu-box", "http://gpu:8080", httpx.AsyncClient())
+    assert model_manager(backend) is None
+    assert not hasattr(backend, "pull")
 
 
 # --- streaming -----------------------------------------------------------------------------
-
-
-def test_stream_yields_content_in_order_then_usage_from_the_server() -> None:
-    with running_fake_openai(reply="Hello from the GPU box") as fake:
-        chunks = with_backend(fake.url, collect)
-    assert [c.text for c in chunks[:-1]] == ["Hello", " from", " the", " GPU", " box"]
-    assert chunks[-1] == Chunk(
-        text="", done=True, finish_reason="stop", prompt_tokens=3, completion_tokens=5
-    )
 
 
 def test_without_usage_from_the_server_completion_tokens_are_counted() -> None:
@@ -194,70 +163,6 @@ def test_without_usage_from_the_server_completion_tokens_are_counted() -> None:
     assert chunks[-1] == Chunk(
         text="", done=True, finish_reason="stop", prompt_tokens=None, completion_tokens=3
     )
-
-
-def test_options_map_to_openai_fields_and_max_tokens_limits_the_answer() -> None:
-    options = GenerationOptions(temperature=0.7, seed=11, stop=("END",), max_tokens=2)
-    with running_fake_openai(reply="alpha beta gamma END delta") as fake:
-        chunks = with_backend(fake.url, lambda b: collect(b, options=options))
-        body = fake.state.bodies[-1]
-    assert body == {
-        "model": "tiny-model",
-        "messages": [{"role": "user", "content": "Say something short"}],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "temperature": 0.7,
-        "seed": 11,
-        "max_tokens": 2,
-        "stop": ["END"],
-    }
-    assert "".join(c.text for c in chunks) == "alpha beta"
-    assert chunks[-1].finish_reason == "length"
-    assert chunks[-1].completion_tokens == 2
-
-
-# --- errors --------------------------------------------------------------------------------
-
-
-def test_unknown_model_raises_model_not_found() -> None:
-    with running_fake_openai() as fake, pytest.raises(ModelNotFound) as caught:
-        with_backend(fake.url, lambda b: collect(b, model="gpt-9"))
-    assert "gpt-9" in str(caught.value)
-    assert "gpu-box" in str(caught.value)
-
-
-def test_server_error_raises_protocol_error_with_status_and_body_message() -> None:
-    with running_fake_openai(fail_status=500, fail_message="CUDA out of memory") as fake:
-        with pytest.raises(BackendProtocolError) as caught:
-            with_backend(fake.url, collect)
-        with pytest.raises(BackendProtocolError, match="HTTP 500: CUDA out of memory"):
-            with_backend(fake.url, lambda b: b.inventory())
-    assert "HTTP 500" in str(caught.value)
-    assert "CUDA out of memory" in str(caught.value)
-
-
-def test_refused_connection_raises_unavailable() -> None:
-    port = free_port()
-    with pytest.raises(BackendUnavailable) as caught:
-        with_backend(f"http://127.0.0.1:{port}/v1", collect, api_key=API_KEY)
-    assert f"127.0.0.1:{port}" in str(caught.value)
-    assert API_KEY not in str(caught.value)
-
-
-def test_connection_dropped_mid_stream_raises_unavailable() -> None:
-    with running_fake_openai(drop_after=3) as fake:
-        received, error = with_backend(fake.url, collect_until_error)
-        assert fake.state.dropped_streams == 1
-    assert [c.text for c in received] == ["Tokens", " stream"]
-    assert isinstance(error, BackendUnavailable)
-
-
-def test_error_event_mid_stream_raises_protocol_error_with_its_message() -> None:
-    with running_fake_openai(error_after=2) as fake:
-        received, error = with_backend(fake.url, collect_until_error)
-    assert [c.text for c in received] == ["Tokens"]
-    assert isinstance(error, BackendProtocolError)
-    assert "the slot was released while generating" in str(error)
 
 
 # --- the API key ---------------------------------------------------------------------------
@@ -276,47 +181,6 @@ def test_no_authorization_header_without_a_key() -> None:
     with running_fake_openai() as fake:
         with_backend(fake.url, collect)
         assert fake.state.authorizations == [None]
-
-
-def test_a_rejected_key_never_appears_in_the_error() -> None:
-    wrong_key = "sk-wrong-key-that-must-stay-secret"
-    # The fake's 401 message echoes the key it was given, as some servers do.
-    with running_fake_openai(api_key=API_KEY) as fake:
-        with pytest.raises(BackendProtocolError) as caught:
-            with_backend(fake.url, collect, api_key=wrong_key)
-        with pytest.raises(BackendProtocolError) as caught_inventory:
-            with_backend(fake.url, lambda b: b.inventory(), api_key=wrong_key)
-    for error in (caught.value, caught_inventory.value):
-        assert "HTTP 401" in str(error)
-        assert "Incorrect API key provided" in str(error)
-        assert wrong_key not in str(error)
-
-
-# --- cancellation --------------------------------------------------------------------------
-
-
-def test_cancelling_the_consumer_closes_the_stream_on_the_server() -> None:
-    async def scenario(backend: OpenAICompatBackend) -> list[Chunk]:
-        received: list[Chunk] = []
-        first = asyncio.Event()
-
-        async def consume() -> None:
-            async for chunk in backend.stream_chat("tiny-model", HELLO, NO_OPTIONS):
-                received.append(chunk)
-                first.set()
-
-        task = asyncio.create_task(consume())
-        await asyncio.wait_for(first.wait(), timeout=5)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return received
-
-    with running_fake_openai(token_delay=0.2) as fake:
-        received = with_backend(fake.url, scenario)
-        assert fake.wait_until(lambda s: s.aborted_streams == 1)
-        assert fake.state.streams_completed == 0
-    assert [c.text for c in received] == ["Tokens"]
 
 
 # --- wire variants (MockTransport) ---------------------------------------------------------
@@ -354,14 +218,6 @@ def test_llama_cpp_error_field_mid_stream_raises_protocol_error() -> None:
     assert [c.text for c in received] == ["Hi"]
     assert isinstance(error, BackendProtocolError)
     assert "context shift is disabled" in str(error)
-
-
-def test_an_event_that_is_not_json_raises_protocol_error() -> None:
-    body = b"data: <html>proxy error</html>\n\n"
-    _, error = with_backend(
-        "http://llama.test:8080", collect_until_error, transport=mock_stream(body)
-    )
-    assert isinstance(error, BackendProtocolError)
 
 
 def test_a_stream_cut_before_any_finish_raises_protocol_error() -> None:

@@ -46,3 +46,35 @@ def test_a_writer_whose_place_was_taken_is_fenced() -> None:
 
     with pytest.raises(Fenced):
         asyncio.run(go())
+
+
+def test_a_job_cancelled_while_an_append_is_in_flight_still_ends_its_stream() -> None:
+    """A cancel that lands after Redis ran the append but before its reply came back: the
+    stream's next event (the cancellation) must still get the next place in the log."""
+
+    async def go() -> list[str]:
+        redis = fakeredis.FakeAsyncRedis()
+        scripts = StreamScripts(redis)
+        real_append = scripts.append
+        reply_on_its_way = asyncio.Event()
+
+        async def append_with_a_slow_reply(**kwargs: object) -> object:
+            written = await real_append(**kwargs)  # type: ignore[arg-type]
+            reply_on_its_way.set()
+            await asyncio.sleep(0.05)
+            return written
+
+        stream = JobStream(scripts, JOB, ttl_s=60)
+        stream._append = append_with_a_slow_reply  # type: ignore[assignment]
+        writing = asyncio.create_task(stream.delta("hello"))
+        await reply_on_its_way.wait()
+        writing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+        stream._append = real_append
+        await stream.error("cancelled", "job cancelled", "alpha", None)
+        logged = [parse_event(r) for r in await redis.lrange(names.job_log_key(JOB), 0, -1)]
+        await redis.aclose()
+        return [e.type for e in logged]
+
+    assert asyncio.run(go()) == ["delta", "error"]

@@ -1,6 +1,27 @@
-"""Backend adapters: one protocol, one adapter per kind of local LLM server."""
+"""Backend adapters: one contract (``Backend``, optionally ``ModelManager``), one adapter per
+transport (Ollama, OpenAI-compatible, Anthropic, Gemini, simulated), built by kind in
+``registry``."""
 
-from worker.backends.base import Backend, BackendKind, Chunk, PullProgress, public_url
+from worker.backends.base import (
+    Backend,
+    BackendKind,
+    Chunk,
+    ModelManager,
+    PullProgress,
+    manages_models,
+    model_manager,
+    public_url,
+)
 from worker.backends.simulated import SimulatedBackend
 
-__all__ = ["Backend", "BackendKind", "Chunk", "PullProgress", "SimulatedBackend", "public_url"]
+__all__ = [
+    "Backend",
+    "BackendKind",
+    "Chunk",
+    "ModelManager",
+    "PullProgress",
+    "SimulatedBackend",
+    "manages_models",
+    "model_manager",
+    "public_url",
+]

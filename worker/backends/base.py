@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from broker.errors import UnsupportedOperation
-from broker.schemas import (
-    ChatMessage,
-    GenerationOptions,
-    ModelInfo,
-)
+from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo
 
-BackendKind = Literal["ollama", "openai", "simulated"]
+__all__ = [
+    "KEEP_LOADED_FOREVER",
+    "Backend",
+    "BackendKind",
+    "Chunk",
+    "ModelManager",
+    "PullProgress",
+    "manages_models",
+    "model_manager",
+    "public_url",
+]
 
 KEEP_LOADED_FOREVER = "-1"
 """The ``keep_alive`` a warm uses unless told otherwise: a warmed model stays until unloaded."""
@@ -51,13 +56,13 @@ class PullProgress:
 
 
 class Backend(Protocol):
-    """A node-local LLM server as the worker sees it.
+    """What every backend does: stream a chat, list its models, say whether it is healthy.
 
-    Every method raises only ``broker.errors.BackendError`` subclasses (adapters translate
-    transport errors, httpx's, at this boundary), except that the model lifecycle methods of
-    a backend whose ``manages_models`` is False raise ``UnsupportedOperation``. Cancelling the
-    task that iterates ``stream_chat`` or ``pull`` must close the backend's HTTP stream, which
-    stops the generation or the download.
+    Health is the inventory: a backend whose ``inventory`` raises is reported unhealthy in the
+    node's heartbeat, with the error. Every method raises only ``broker.errors.BackendError``
+    subclasses (adapters translate transport errors, httpx's, at this boundary). Cancelling
+    the task that iterates ``stream_chat`` must close the backend's HTTP stream, which stops
+    the generation.
     """
 
     @property
@@ -88,15 +93,15 @@ class Backend(Protocol):
 
     async def aclose(self) -> None: ...
 
-    # --- the model lifecycle: pull / warm / unload / rm ------------------------------------
-    # Optional in practice: an adapter whose server cannot do these (an OpenAI-compatible
-    # server serves the models it was started with) says False here and raises
-    # UnsupportedOperation from each method; ``NoModelLifecycle`` does exactly that.
 
-    @property
-    def manages_models(self) -> bool:
-        """Whether ``pull``, ``load``, ``unload`` and ``delete`` work on this backend."""
-        ...
+@runtime_checkable
+class ModelManager(Backend, Protocol):
+    """The optional part: a backend that can pull, warm, unload and remove models (Ollama).
+
+    Adapters that cannot (an OpenAI-compatible server serves what it was started with, a
+    cloud provider serves its catalogue) simply do not have these methods; ``model_manager``
+    tells the two apart.
+    """
 
     def pull(self, model: str) -> AsyncGenerator[PullProgress, None]:
         """Download ``model``, yielding progress; the last step's status is "success".
@@ -118,43 +123,13 @@ class Backend(Protocol):
         ...
 
 
-class _Named(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def kind(self) -> BackendKind: ...
+def model_manager(backend: Backend) -> ModelManager | None:
+    """``backend`` as a ``ModelManager`` if it can manage models, else None."""
+    return backend if isinstance(backend, ModelManager) else None
 
 
-class NoModelLifecycle:
-    """The lifecycle half of ``Backend`` for adapters that cannot manage models.
-
-    Every operation raises UnsupportedOperation naming the backend and its kind, so the user
-    learns which backend said no, and why.
-    """
-
-    @property
-    def manages_models(self) -> bool:
-        return False
-
-    def pull(self: _Named, model: str) -> AsyncGenerator[PullProgress, None]:
-        raise unsupported(self, "pull")
-
-    async def load(self: _Named, model: str, keep_alive: str | None = None) -> None:
-        raise unsupported(self, "load")
-
-    async def unload(self: _Named, model: str) -> None:
-        raise unsupported(self, "unload")
-
-    async def delete(self: _Named, model: str) -> None:
-        raise unsupported(self, "delete")
-
-
-def unsupported(backend: _Named, action: str) -> UnsupportedOperation:
-    return UnsupportedOperation(
-        f"{backend.kind} backend {backend.name!r} cannot {action} models: it serves the models "
-        "its server was started with (an ollama backend can pull, warm, unload and remove them)"
-    )
+def manages_models(backend: Backend) -> bool:
+    return model_manager(backend) is not None
 
 
 def public_url(url: str) -> str:

@@ -1,26 +1,35 @@
 """Turning a backend's HTTP failures into the ``broker.errors.BackendError`` tree, secret-free.
 
-Shared by the HTTP adapters (``ollama``, ``openai_compat``): each names itself in ``where``
-(``"ollama backend 'gpu0' at http://host:11434"``), reads its own error bodies, and leaves the
-rest here: which httpx exceptions to catch and what they become, the ``HTTP <status>`` and
-model-not-found errors, and the clipping and scrubbing that keep a backend's words short and
-its base URL's credentials (and any API key) out of every message.
+The one place every HTTP adapter (``ollama``, ``openai_compat``, ``anthropic``, ``google``)
+maps failures: each names itself in ``where`` (``"ollama backend 'gpu0' at http://host:11434"``),
+reads its own error bodies into an ``ErrorReport``, and leaves the rest to ``HttpErrors``:
+which httpx exceptions to catch and what they become; what 401/403 (a refused key), 429 (a
+rate limit with its Retry-After, or an exhausted quota), 402 (credit spent), 404 (a missing
+model), 503/529 (an overloaded server) and any other status mean; and the clipping and
+scrubbing that keep a backend's words short and its base URL's credentials (and any API key)
+out of every message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from email.utils import parsedate_to_datetime
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
 
 from broker.errors import (
+    BackendAuthError,
     BackendError,
     BackendProtocolError,
+    BackendRateLimited,
     BackendTimeout,
     BackendUnavailable,
     ModelNotFound,
+    QuotaExhausted,
 )
 
 MAX_DETAIL = 300
@@ -82,34 +91,145 @@ def error_text(response: httpx.Response, message: str | None, scrub: Scrubber) -
 
 
 class ErrorReport(NamedTuple):
-    """An adapter's reading of an error response."""
+    """An adapter's reading of an error response (or of an error event in a stream)."""
 
     message: str
     """Clipped and scrubbed (``error_text``)."""
-    model_missing: bool
+    model_missing: bool = False
     """The backend says the requested model does not exist (as opposed to a wrong URL)."""
+    quota_exhausted: bool = False
+    """A 429 that waiting will not cure: the key's quota or credit is spent."""
+    auth_failed: bool = False
+    """The body says the key is bad whatever the status (Gemini answers 400 API_KEY_INVALID)."""
+    retry_after: float | None = None
+    """Seconds to wait, when the body says so (Gemini's RetryInfo) rather than a header."""
 
 
-async def check_status(
-    response: httpx.Response,
-    *,
-    backend: str,
-    where: str,
-    model: str | None,
-    read_error: Callable[[httpx.Response], ErrorReport],
-) -> None:
-    """Return if ``response`` succeeded; otherwise read its body and raise.
+OVERLOADED_STATUSES = frozenset({502, 503, 504, 529})
+"""Gateway errors, "service unavailable" and Anthropic's 529 "overloaded": the server is there
+but cannot take the request now, which another node may."""
 
-    ``ModelNotFound`` when a ``model`` was asked for and ``read_error`` says it is missing,
-    ``BackendProtocolError`` naming the status otherwise.
+
+def retry_after_seconds(headers: httpx.Headers) -> float | None:
+    """The ``Retry-After`` advice in seconds (a number or an HTTP date), or None."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())
+
+
+class HttpErrors:
+    """One adapter's translation of httpx exceptions and HTTP errors into ``BackendError``.
+
+    ``where`` names the backend in messages (``"ollama backend 'gpu0' at http://host:11434"``);
+    ``read_error`` is the adapter's reading of its server's error bodies; ``key_source`` says
+    where the API key comes from (``"ANTHROPIC_API_KEY"``), for the message of a refused key.
     """
-    if response.status_code < 400:
-        return
-    await response.aread()
-    report = read_error(response)
-    if model is not None and report.model_missing:
-        raise ModelNotFound(f"model {model!r} not found on backend {backend!r}")
-    raise BackendProtocolError(f"{where} answered HTTP {response.status_code}: {report.message}")
+
+    def __init__(
+        self,
+        *,
+        backend: str,
+        where: str,
+        scrub: Scrubber,
+        read_error: Callable[[httpx.Response], ErrorReport],
+        key_source: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.where = where
+        self.scrub = scrub
+        self._read_error = read_error
+        self._key_source = key_source
+
+    @contextmanager
+    def translating(self) -> Iterator[None]:
+        """Turn any httpx exception raised inside the block into its ``BackendError``."""
+        try:
+            yield
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(exc, self.where, self.scrub) from None
+
+    async def check(self, response: httpx.Response, model: str | None) -> None:
+        """Return if ``response`` succeeded; otherwise read its body and raise its error."""
+        if response.status_code < 400:
+            return
+        await response.aread()
+        report = self._read_error(response)
+        retry_after = retry_after_seconds(response.headers)
+        raise self.for_status(
+            response.status_code,
+            report,
+            model,
+            retry_after if retry_after is not None else report.retry_after,
+        )
+
+    def for_status(
+        self,
+        status: int,
+        report: ErrorReport,
+        model: str | None,
+        retry_after: float | None = None,
+    ) -> BackendError:
+        """The error an HTTP ``status`` (or a stream's error event of that meaning) stands for."""
+        if status in (401, 403) or report.auth_failed:
+            source = f"; check {self._key_source}" if self._key_source else ""
+            return BackendAuthError(
+                f"{self.where} refused the API key (HTTP {status}): {report.message}{source}"
+            )
+        if status == 402:
+            # Payment Required: DeepSeek's "Insufficient Balance" (and any billing proxy's).
+            return QuotaExhausted(f"{self.where} says the key's credit is spent: {report.message}")
+        if status == 429:
+            if report.quota_exhausted:
+                return QuotaExhausted(
+                    f"{self.where} says the key's quota is exhausted: {report.message}"
+                )
+            wait = f"; retry after {retry_after:g}s" if retry_after is not None else ""
+            return BackendRateLimited(
+                f"{self.where} is rate limiting this key (HTTP 429): {report.message}{wait}",
+                retry_after=retry_after,
+            )
+        if model is not None and report.model_missing:
+            return ModelNotFound(f"model {model!r} not found on backend {self.backend!r}")
+        if status in OVERLOADED_STATUSES:
+            return BackendUnavailable(
+                f"{self.where} cannot take the request now (HTTP {status}): {report.message}"
+            )
+        return BackendProtocolError(f"{self.where} answered HTTP {status}: {report.message}")
+
+    def in_stream(self, status: int, report: ErrorReport, model: str | None) -> BackendError:
+        """An error event after the 200 header, given the HTTP status its type stands for.
+
+        What the status says about the key, the rate or the server's load holds mid-stream
+        too; anything else is the server failing mid-answer.
+        """
+        if status in (401, 403, 429) or status in OVERLOADED_STATUSES or report.auth_failed:
+            return self.for_status(status, report, model, report.retry_after)
+        if model is not None and report.model_missing:
+            return self.for_status(status, report, model)
+        return self.mid_stream(report.message)
+
+    def mid_stream(self, message: str) -> BackendProtocolError:
+        """A failure the server reported after its 200 header."""
+        return BackendProtocolError(f"{self.where} failed mid-stream: {self.scrub.detail(message)}")
+
+    def bad_payload(self, what: str, payload: str) -> BackendProtocolError:
+        """Something in the body that is not what the protocol says it should be."""
+        return BackendProtocolError(f"{self.where} sent {what}: {self.scrub.detail(payload)!r}")
 
 
 def transport_error(exc: Exception, where: str, scrub: Scrubber) -> BackendError:

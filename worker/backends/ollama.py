@@ -30,13 +30,10 @@ from worker.backends.base import (
     public_url,
 )
 from worker.backends.http_errors import (
-    TRANSPORT_ERRORS,
     ErrorReport,
+    HttpErrors,
     Scrubber,
-    check_status,
-    clip,
     error_text,
-    transport_error,
     url_secrets,
 )
 from worker.backends.ollama_wire import (
@@ -85,6 +82,9 @@ class OllamaBackend:
         self._public_url = public_url(base_url)
         self._where = f"ollama backend {name!r} at {self._public_url}"
         self._scrub = Scrubber(url_secrets(base_url))
+        self._errors = HttpErrors(
+            backend=name, where=self._where, scrub=self._scrub, read_error=self._read_error
+        )
         # /api/show answers are cached by the model's digest: the heartbeat lists models every
         # couple of seconds, and a model's capabilities change only when its digest does.
         self._facts: dict[str, ModelFacts] = {}
@@ -105,10 +105,6 @@ class OllamaBackend:
     @property
     def capacity(self) -> int:
         return self._capacity
-
-    @property
-    def manages_models(self) -> bool:
-        return True
 
     async def aclose(self) -> None:
         """Nothing to release: the HTTP client is owned, and closed, by whoever injected it."""
@@ -188,7 +184,7 @@ class OllamaBackend:
         if mapped:
             body["options"] = mapped
         final: Chunk | None = None
-        try:
+        with self._errors.translating():
             # ``async with`` is what makes cancellation work: a CancelledError raised while we
             # wait for the next line unwinds through it and closes the response.
             async with self._client.stream(
@@ -214,8 +210,6 @@ class OllamaBackend:
                         # Lines without content (a thinking model's reasoning, tool calls)
                         # carry nothing a chat delta can show.
                         yield Chunk(text=text)
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, self._where, self._scrub) from None
         if final is None:
             raise BackendProtocolError(
                 f"{self._where} ended the stream without its final 'done' line"
@@ -227,7 +221,7 @@ class OllamaBackend:
 
     async def pull(self, model: str) -> AsyncGenerator[PullProgress, None]:
         succeeded = False
-        try:
+        with self._errors.translating():
             # The response stays open while the consumer handles each step; closing this
             # generator early closes it, and Ollama abandons the download.
             async with self._client.stream(
@@ -245,8 +239,6 @@ class OllamaBackend:
                         total=step.total,
                         completed=step.completed,
                     )
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, self._where, self._scrub) from None
         if not succeeded:
             raise BackendProtocolError(
                 f"{self._where} ended the pull of {model!r} without reporting success"
@@ -258,15 +250,13 @@ class OllamaBackend:
         except ValueError as exc:
             raise ModelOpError(str(exc)) from None
         body: dict[str, object] = {"model": model, "keep_alive": wire_keep_alive, "stream": False}
-        try:
+        with self._errors.translating():
             response = await self._client.post(f"{self._base_url}/api/generate", json=body)
             if response.status_code == 400 and "does not support generate" in response.text:
                 # An embedding-only model refuses /api/generate; an empty /api/embed loads it.
                 body = {"model": model, "input": [], "keep_alive": wire_keep_alive}
                 response = await self._client.post(f"{self._base_url}/api/embed", json=body)
             await self._check_status(response, model)
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, self._where, self._scrub) from None
 
     async def unload(self, model: str) -> None:
         # Ollama unloads on an empty prompt with keep_alive 0, before it checks what the model
@@ -282,19 +272,15 @@ class OllamaBackend:
     async def _request(
         self, method: str, path: str, model: str | None, json: object
     ) -> httpx.Response:
-        try:
+        with self._errors.translating():
             response = await self._client.request(method, f"{self._base_url}{path}", json=json)
             await self._check_status(response, model)
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, self._where, self._scrub) from None
         return response
 
     async def _get_models(self, path: str) -> list[ListedModel]:
-        try:
+        with self._errors.translating():
             response = await self._client.get(f"{self._base_url}{path}")
             await self._check_status(response, model=None)
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, self._where, self._scrub) from None
         listing = self._parse(ModelList, response.content, path)
         return listing.models or []
 
@@ -307,13 +293,7 @@ class OllamaBackend:
             ) from None
 
     async def _check_status(self, response: httpx.Response, model: str | None) -> None:
-        await check_status(
-            response,
-            backend=self._name,
-            where=self._where,
-            model=model,
-            read_error=self._read_error,
-        )
+        await self._errors.check(response, model)
 
     def _read_error(self, response: httpx.Response) -> ErrorReport:
         """The ``error`` field of Ollama's ``{"error": "..."}`` body, or the start of the text."""
@@ -331,24 +311,17 @@ class OllamaBackend:
         try:
             parsed = ChatLine.model_validate_json(line)
         except ValidationError:
-            raise BackendProtocolError(
-                f"{self._where} sent a line that is not a chat response: {clip(line)!r}"
-            ) from None
+            raise self._errors.bad_payload("a line that is not a chat response", line) from None
         if parsed.error is not None:
             # Ollama reports a failure after the 200 header as one last ``{"error": ...}`` line.
-            raise BackendProtocolError(
-                f"ollama backend {self._name!r} failed mid-stream: "
-                f"{self._scrub.detail(parsed.error)}"
-            )
+            raise self._errors.mid_stream(parsed.error)
         return parsed
 
     def _parse_pull_line(self, line: str, model: str) -> PullLine:
         try:
             parsed = PullLine.model_validate_json(line)
         except ValidationError:
-            raise BackendProtocolError(
-                f"{self._where} sent a line that is not pull progress: {clip(line)!r}"
-            ) from None
+            raise self._errors.bad_payload("a line that is not pull progress", line) from None
         if parsed.error is not None:
             detail = self._scrub.detail(parsed.error)
             # "pull model manifest: file does not exist": the library has no such model/tag.

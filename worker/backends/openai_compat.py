@@ -1,13 +1,15 @@
 """The adapter for OpenAI-compatible servers: llama.cpp server, llama_cpp.server, llamafile,
-vLLM, LM Studio.
+vLLM, LM Studio on the network, and the providers with the same API (OpenAI, Mistral, DeepSeek).
 
-``inventory`` reads ``GET /v1/models`` (and, once, llama.cpp's ``GET /props`` for its number of
-slots when no capacity was configured); ``stream_chat`` posts to ``/v1/chat/completions`` with
-``stream: true`` and reads Server-Sent Events until ``data: [DONE]``. httpx errors are translated
-into the ``broker.errors.BackendError`` tree here. These servers serve the models they were
-started with: they cannot pull, load, unload or delete one (``manages_models`` is False). The
-API key travels only in the
-``Authorization`` header: it is never logged and is scrubbed from every message we build.
+``inventory`` reads ``GET /v1/models`` (for a local server, also llama.cpp's ``GET /props``
+once, for its number of slots when no capacity was configured; a cloud provider's list is
+cached, see ``worker.backends.cloud``); ``stream_chat`` posts to ``/v1/chat/completions`` with
+``stream: true`` and ``stream_options.include_usage`` and reads Server-Sent Events until
+``data: [DONE]``. Failures map onto ``broker.errors`` through ``HttpErrors``; OpenAI's
+``insufficient_quota`` 429 is an exhausted quota, any other 429 a rate limit. These servers
+serve the models they were started with: the adapter is no ``ModelManager``. The API key
+travels only in the ``Authorization`` header: it is never logged and is scrubbed from every
+message we build.
 """
 
 from __future__ import annotations
@@ -19,18 +21,18 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from broker.errors import BackendProtocolError
+from broker.errors import BackendError
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
-from worker.backends.base import BackendKind, Chunk, NoModelLifecycle, public_url
+from worker.backends.base import BackendKind, Chunk, public_url
+from worker.backends.cloud import ModelCache, RateLimits
 from worker.backends.http_errors import (
-    TRANSPORT_ERRORS,
     ErrorReport,
+    HttpErrors,
     Scrubber,
-    check_status,
     error_text,
-    transport_error,
     url_secrets,
 )
+from worker.backends.sse import SSEDecoder, lines_to_the_end
 
 log = logging.getLogger(__name__)
 
@@ -105,33 +107,71 @@ def api_root(base_url: str) -> str:
 
 
 def chat_request_body(
-    model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+    model: str,
+    messages: Sequence[ChatMessage],
+    options: GenerationOptions,
+    kind: BackendKind = "openai",
 ) -> dict[str, object]:
     body: dict[str, object] = {
         "model": model,
         "messages": [{"role": m.role, "content": m.content} for m in messages],
         "stream": True,
+    }
+    if kind != "mistral":
         # Ask for the token counts in one last chunk. Servers that do not implement it ignore
         # the field (llama_cpp.server does: tests/worker/test_llama_cpp_server.py), and then
-        # the adapter counts the content deltas itself.
-        "stream_options": {"include_usage": True},
-    }
+        # the adapter counts the content deltas itself. Mistral refuses any field it does not
+        # know (422 extra_forbidden) and sends the usage anyway.
+        body["stream_options"] = {"include_usage": True}
     if options.temperature is not None:
         body["temperature"] = options.temperature
     if options.seed is not None:
-        body["seed"] = options.seed
+        body["random_seed" if kind == "mistral" else "seed"] = options.seed
     if options.max_tokens is not None:
-        body["max_tokens"] = options.max_tokens
+        # OpenAI's own API replaced max_tokens, which its reasoning models refuse; the other
+        # servers (and Mistral, which refuses the new name) still read max_tokens.
+        limit = "max_completion_tokens" if kind == "openai-cloud" else "max_tokens"
+        body[limit] = options.max_tokens
     if options.stop:
         body["stop"] = list(options.stop)
     return body
 
 
+NOT_FOR_CHAT = (
+    "whisper",
+    "tts",
+    "dall-e",
+    "moderation",
+    "realtime",
+    "transcribe",
+    "gpt-image",
+    "sora",
+    "ocr",
+    "davinci-002",
+    "babbage-002",
+)
+"""Parts of model ids a provider lists that no chat completion can use (speech, images,
+moderation, legacy completions): a cloud listing leaves them out."""
+
+
+def cloud_model_info(model_id: str) -> ModelInfo | None:
+    """A provider's model as corral routes it: embedding models say so, so no chat goes to
+    them; models that cannot chat at all are left out (None). A provider's catalogue does not
+    say what each model does, so this reads the names (OpenAI's and Mistral's)."""
+    lowered = model_id.lower()
+    if any(part in lowered for part in NOT_FOR_CHAT):
+        return None
+    if "embed" in lowered:
+        return ModelInfo(name=model_id, loaded=True, capabilities=frozenset({"embed"}))
+    return ModelInfo(name=model_id, loaded=True)
+
+
 def _error_fields(payload: Any) -> tuple[str | None, str | None]:
-    """``(message, code)`` from whatever error value a server put in its JSON."""
+    """``(message, code)`` from whatever error value a server put in its JSON (the ``type``
+    stands in for a missing ``code``: OpenAI sends both, some servers only the type)."""
     if isinstance(payload, dict):
         message = payload.get("message")
-        code = payload.get("code")
+        code = payload.get("code") or payload.get("type")
         return (
             str(message) if message is not None else None,
             str(code) if code is not None else None,
@@ -141,53 +181,18 @@ def _error_fields(payload: Any) -> tuple[str | None, str | None]:
     return str(payload), None
 
 
-class _SSEDecoder:
-    """Just enough of the Server-Sent Events format: ``data:`` lines, joined until a blank line.
-
-    The event name is kept because llama.cpp's server reports a failure after the 200 header
-    as an ``error:`` line (older builds) or an ``event: error`` (some proxies).
-    """
-
-    def __init__(self) -> None:
-        self._data: list[str] = []
-        self._event = ""
-
-    def feed(self, line: str) -> tuple[str, str] | None:
-        """Take one line; return ``(event, data)`` when a blank line completes an event."""
-        if not line:
-            return self.flush()
-        if line.startswith(":"):
-            return None  # a comment, sent as a keep-alive
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "data":
-            self._data.append(value)
-        elif field == "event":
-            self._event = value
-        elif field == "error":
-            self._event = "error"
-            self._data.append(value)
-        return None
-
-    def flush(self) -> tuple[str, str] | None:
-        if not self._data:
-            self._event = ""
-            return None
-        event = (self._event or "message", "\n".join(self._data))
-        self._data, self._event = [], ""
-        return event
-
-
-class OpenAICompatBackend(NoModelLifecycle):
+class OpenAICompatBackend:
     """One OpenAI-compatible server, reached through an injected ``httpx.AsyncClient``.
 
     These servers keep their models loaded, so every listed model reports ``loaded=True``;
     what a model can do (chat, embeddings, vision) is not in ``/v1/models``, so capabilities
     stay empty. ``capacity=None`` means "ask the server": llama.cpp's server reports its slots
-    in ``/props``; any other server counts as ``DEFAULT_CAPACITY``.
-    The client belongs to the caller, so ``aclose`` closes nothing. Cancelling the task that
-    iterates ``stream_chat`` (or calling ``aclose()`` on the iterator) closes the response,
-    which stops generation on the server.
+    in ``/props``; any other server counts as ``DEFAULT_CAPACITY``. A cloud ``kind``
+    (``openai-cloud``, ``mistral``, ``deepseek``) is never probed for local-server details, its
+    model list comes from ``models`` (cached), and its ``x-ratelimit-*`` headers are recorded in
+    ``rate_limits``. The client belongs to the caller, so ``aclose`` closes nothing. Cancelling
+    the task that iterates ``stream_chat`` (or calling ``aclose()`` on the iterator) closes the
+    response, which stops generation on the server.
     """
 
     def __init__(
@@ -197,17 +202,33 @@ class OpenAICompatBackend(NoModelLifecycle):
         client: httpx.AsyncClient,
         capacity: int | None = None,
         api_key: SecretStr | None = None,
+        *,
+        kind: BackendKind = "openai",
+        key_source: str | None = None,
+        models: ModelCache | None = None,
     ) -> None:
         self._name = name
+        self._kind: BackendKind = kind
         self._server_root = server_root(base_url)
         self._api_root = api_root(base_url)
         self._client = client
         self._capacity = capacity if capacity is not None else DEFAULT_CAPACITY
-        self._ask_for_slots = capacity is None
+        self._cloud = kind != "openai"
+        self._ask_for_slots = capacity is None and not self._cloud
         self._public_url = public_url(base_url)
         self._api_key = api_key
         key = api_key.get_secret_value() if api_key is not None else ""
         self._scrub = Scrubber((*url_secrets(base_url), key))
+        label = "openai-compatible" if kind == "openai" else kind
+        self._errors = HttpErrors(
+            backend=name,
+            where=f"{label} backend {name!r} at {self._public_url}",
+            scrub=self._scrub,
+            read_error=self._read_error,
+            key_source=key_source,
+        )
+        self._models = models if models is not None else ModelCache() if self._cloud else None
+        self.rate_limits = RateLimits(("x-ratelimit-",))
 
     @property
     def name(self) -> str:
@@ -215,7 +236,7 @@ class OpenAICompatBackend(NoModelLifecycle):
 
     @property
     def kind(self) -> BackendKind:
-        return "openai"
+        return self._kind
 
     @property
     def url(self) -> str:
@@ -229,48 +250,55 @@ class OpenAICompatBackend(NoModelLifecycle):
         """Nothing to release: the HTTP client is owned, and closed, by whoever injected it."""
 
     async def inventory(self) -> list[ModelInfo]:
-        try:
+        if self._models is not None:
+            return await self._models.get(self._list_models)
+        models = await self._list_models()
+        if self._ask_for_slots:
+            await self._learn_slots()
+        return models
+
+    async def _list_models(self) -> list[ModelInfo]:
+        with self._errors.translating():
             response = await self._client.get(f"{self._api_root}/models", headers=self._headers())
-            await self._check_status(response, model=None)
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, self._where(), self._scrub) from None
+            self.rate_limits.record(response)
+            await self._errors.check(response, model=None)
         try:
             listing = _ModelList.model_validate_json(response.content)
         except ValidationError:
-            raise BackendProtocolError(
-                f"{self._where()} answered /v1/models with a body that is not a model list"
+            raise self._errors.bad_payload(
+                "a /v1/models body that is not a model list", response.text
             ) from None
-        if self._ask_for_slots:
-            await self._learn_slots()
-        return [ModelInfo(name=m.id, loaded=True) for m in listing.data]
+        if not self._cloud:
+            return [ModelInfo(name=m.id, loaded=True) for m in listing.data]
+        return [info for m in listing.data if (info := cloud_model_info(m.id)) is not None]
 
     async def stream_chat(
         self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
     ) -> AsyncIterator[Chunk]:
-        body = chat_request_body(model, messages, options)
+        body = chat_request_body(model, messages, options, self._kind)
         finish_reason: str | None = None
         usage: _Usage | None = None
         deltas = 0
         finished = False
-        decoder = _SSEDecoder()
-        try:
+        decoder = SSEDecoder()
+        with self._errors.translating():
             # ``async with`` is what makes cancellation work: a CancelledError raised while we
             # wait for the next line unwinds through it and closes the response.
             async with self._client.stream(
                 "POST", f"{self._api_root}/chat/completions", json=body, headers=self._headers()
             ) as response:
-                await self._check_status(response, model)
-                async for line in response.aiter_lines():
+                self.rate_limits.record(response)
+                await self._errors.check(response, model)
+                async for line in lines_to_the_end(response.aiter_lines()):
                     event = decoder.feed(line)
                     if event is None or finished:
                         # After [DONE] we only drain the rest of the body, so the connection
                         # goes back to the pool instead of being torn down.
                         continue
-                    kind, data = event
-                    if data.strip() == DONE_SENTINEL:
+                    if event.data.strip() == DONE_SENTINEL:
                         finished = True
                         continue
-                    chunk = self._parse_event(kind, data)
+                    chunk = self._parse_event(event.event, event.data)
                     if chunk.usage is not None:
                         usage = chunk.usage
                     for choice in chunk.choices[:1]:
@@ -278,11 +306,9 @@ class OpenAICompatBackend(NoModelLifecycle):
                         if choice.delta.content:
                             deltas += 1
                             yield Chunk(text=choice.delta.content)
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, self._where(), self._scrub) from None
         if not finished and finish_reason is None:
             # A clean end of body with neither [DONE] nor a finish reason: the answer is cut.
-            raise BackendProtocolError(f"{self._where()} ended the stream before the answer")
+            raise self._errors.mid_stream("the stream ended before the answer")
         # Yielded after the response is closed, so a consumer that stops here leaks nothing.
         yield Chunk(
             text="",
@@ -305,9 +331,12 @@ class OpenAICompatBackend(NoModelLifecycle):
         default. A transport error leaves the question for the next inventory.
         """
         try:
-            response = await self._client.get(f"{self._server_root}/props", headers=self._headers())
-        except TRANSPORT_ERRORS as exc:
-            log.debug("%s: /props not read: %s", self._where(), type(exc).__name__)
+            with self._errors.translating():
+                response = await self._client.get(
+                    f"{self._server_root}/props", headers=self._headers()
+                )
+        except BackendError as exc:
+            log.debug("%s: /props not read: %s", self._errors.where, type(exc).__name__)
             return
         self._ask_for_slots = False
         if response.status_code != 200:
@@ -324,32 +353,17 @@ class OpenAICompatBackend(NoModelLifecycle):
             return {}
         return {"Authorization": f"Bearer {self._api_key.get_secret_value()}"}
 
-    def _where(self) -> str:
-        return f"openai-compatible backend {self._name!r} at {self._public_url}"
-
     def _parse_event(self, kind: str, data: str) -> _StreamChunk:
         try:
             chunk = _StreamChunk.model_validate_json(data)
         except ValidationError:
-            raise BackendProtocolError(
-                f"{self._where()} sent an event that is not a chat completion chunk: "
-                f"{self._scrub.detail(data)!r}"
+            raise self._errors.bad_payload(
+                "an event that is not a chat completion chunk", data
             ) from None
         if kind == "error" or chunk.error is not None:
             message, _ = _error_fields(chunk.error)
-            raise BackendProtocolError(
-                f"{self._where()} failed mid-stream: {self._scrub.detail(message or data)}"
-            )
+            raise self._errors.mid_stream(message or data)
         return chunk
-
-    async def _check_status(self, response: httpx.Response, model: str | None) -> None:
-        await check_status(
-            response,
-            backend=self._name,
-            where=self._where(),
-            model=model,
-            read_error=self._read_error,
-        )
 
     def _read_error(self, response: httpx.Response) -> ErrorReport:
         try:
@@ -367,4 +381,6 @@ class OpenAICompatBackend(NoModelLifecycle):
             "not found" in lowered or "does not exist" in lowered
         )
         missing = code == "model_not_found" or (response.status_code == 404 and says_model_missing)
-        return ErrorReport(detail, model_missing=missing)
+        return ErrorReport(
+            detail, model_missing=missing, quota_exhausted=code == "insufficient_quota"
+        )

@@ -1,16 +1,40 @@
-"""Building backend adapters from configuration, with one shared HTTP client."""
+"""Building backend adapters from configuration: one factory per kind, one shared HTTP client."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import httpx
 
+from broker.errors import ConfigError
+from broker.schemas import BackendKind
+from worker.backends.anthropic import AnthropicBackend
 from worker.backends.base import Backend
+from worker.backends.cloud import ModelCache
+from worker.backends.google import GoogleBackend
 from worker.backends.ollama import OllamaBackend
 from worker.backends.openai_compat import OpenAICompatBackend
 from worker.backends.simulated import SimulatedBackend
-from worker.config import WorkerConfig, backend_names
+from worker.config import (
+    AnthropicSpec,
+    AnySpec,
+    GoogleSpec,
+    OllamaSpec,
+    OpenAICloudSpec,
+    OpenAICompatSpec,
+    SimulatedSpec,
+    WorkerConfig,
+    api_key_for,
+    backend_names,
+    base_url_of,
+)
+
+__all__ = ["FACTORIES", "build_backend", "build_backends", "make_http_client"]
 
 CONNECT_TIMEOUT_S = 5.0
+
+Factory = Callable[[str, Any, httpx.AsyncClient], Backend]
 
 
 def make_http_client(read_timeout_s: float) -> httpx.AsyncClient:
@@ -24,28 +48,92 @@ def make_http_client(read_timeout_s: float) -> httpx.AsyncClient:
     )
 
 
+def _simulated(name: str, spec: SimulatedSpec, client: httpx.AsyncClient) -> Backend:
+    return SimulatedBackend(
+        name,
+        first_token_s=spec.first_token_s,
+        token_s=spec.token_s,
+        capacity=spec.capacity,
+        crash_on=spec.crash_on,
+    )
+
+
+def _ollama(name: str, spec: OllamaSpec, client: httpx.AsyncClient) -> Backend:
+    return OllamaBackend(name, spec.url, client, capacity=spec.capacity)
+
+
+def _openai(name: str, spec: OpenAICompatSpec, client: httpx.AsyncClient) -> Backend:
+    # Not configured: the server may say (llama.cpp's slots). The node's own capacity,
+    # which sizes Celery's pool, still follows the configuration.
+    configured = spec.capacity if "capacity" in spec.model_fields_set else None
+    return OpenAICompatBackend(name, spec.url, client, capacity=configured, api_key=spec.api_key)
+
+
+def _openai_cloud(name: str, spec: OpenAICloudSpec, client: httpx.AsyncClient) -> Backend:
+    key, source = api_key_for(spec, spec.kind, name)
+    return OpenAICompatBackend(
+        name,
+        base_url_of(spec, spec.kind),
+        client,
+        capacity=spec.capacity,
+        api_key=key,
+        kind=spec.kind,
+        key_source=source,
+        models=ModelCache(spec.models_ttl_s, spec.models),
+    )
+
+
+def _anthropic(name: str, spec: AnthropicSpec, client: httpx.AsyncClient) -> Backend:
+    key, source = api_key_for(spec, "anthropic", name)
+    return AnthropicBackend(
+        name,
+        base_url_of(spec, "anthropic"),
+        client,
+        key,
+        key_source=source,
+        capacity=spec.capacity,
+        max_tokens=spec.max_tokens,
+        version=spec.anthropic_version,
+        models=ModelCache(spec.models_ttl_s, spec.models),
+    )
+
+
+def _google(name: str, spec: GoogleSpec, client: httpx.AsyncClient) -> Backend:
+    key, source = api_key_for(spec, "google", name)
+    return GoogleBackend(
+        name,
+        base_url_of(spec, "google"),
+        client,
+        key,
+        key_source=source,
+        capacity=spec.capacity,
+        models=ModelCache(spec.models_ttl_s, spec.models),
+    )
+
+
+FACTORIES: Mapping[BackendKind, Factory] = {
+    "simulated": _simulated,
+    "ollama": _ollama,
+    "openai": _openai,
+    "openai-cloud": _openai_cloud,
+    "mistral": _openai_cloud,
+    "deepseek": _openai_cloud,
+    "anthropic": _anthropic,
+    "google": _google,
+}
+"""Every ``BackendKind`` and the adapter that serves it (tests check none is missing)."""
+
+
+def build_backend(name: str, spec: AnySpec, client: httpx.AsyncClient) -> Backend:
+    factory = FACTORIES.get(spec.kind)
+    if factory is None:  # only if a kind is added to the config without an adapter
+        raise ConfigError(f"no adapter for backend kind {spec.kind!r}")
+    return factory(name, spec, client)
+
+
 def build_backends(config: WorkerConfig, client: httpx.AsyncClient) -> dict[str, Backend]:
-    backends: dict[str, Backend] = {}
-    for name, spec in zip(backend_names(config.backends), config.backends, strict=True):
-        backend: Backend
-        if spec.kind == "simulated":
-            backend = SimulatedBackend(
-                name,
-                first_token_s=spec.first_token_s,
-                token_s=spec.token_s,
-                capacity=spec.capacity,
-                crash_on=spec.crash_on,
-            )
-        elif spec.kind == "ollama":
-            assert spec.url is not None  # checked by WorkerConfig
-            backend = OllamaBackend(name, spec.url, client, capacity=spec.capacity)
-        else:
-            assert spec.url is not None
-            # Not configured: the server may say (llama.cpp's slots). The node's own capacity,
-            # which sizes Celery's pool, still follows the configuration.
-            configured = spec.capacity if "capacity" in spec.model_fields_set else None
-            backend = OpenAICompatBackend(
-                name, spec.url, client, capacity=configured, api_key=spec.api_key
-            )
-        backends[name] = backend
-    return backends
+    """Every configured backend; a cloud backend without its key is a ConfigError."""
+    return {
+        name: build_backend(name, spec, client)
+        for name, spec in zip(backend_names(config.backends), config.backends, strict=True)
+    }

@@ -156,10 +156,6 @@ class SimulatedBackend:
     def capacity(self) -> int:
         return self._capacity
 
-    @property
-    def manages_models(self) -> bool:
-        return True
-
     async def inventory(self) -> list[ModelInfo]:
         self._expire()
         return [self._info(model) for model in self._models.values()]

@@ -1,0 +1,84 @@
+"""``corral acl``: the Redis ACL users a least-privilege cluster runs with."""
+
+from __future__ import annotations
+
+import os
+
+import click
+import redis
+
+from broker import acl
+from broker.errors import BrokerUnavailable, ConfigError
+from controller.cli.common import fail, settings_from
+
+
+@click.command("acl")
+@click.option(
+    "--worker",
+    "workers",
+    multiple=True,
+    metavar="NODE=VAR",
+    help="A worker user for NODE, its password in environment variable VAR (repeatable).",
+)
+@click.option(
+    "--controller",
+    "controller_var",
+    metavar="VAR",
+    help="The controller user (CLI, gateway, Flower), its password in environment variable VAR.",
+)
+@click.option("--db", type=click.IntRange(0, 15), default=0, show_default=True)
+@click.option("--apply", is_flag=True, help="Run the lines on the broker (an admin URL).")
+@click.pass_context
+def acl_command(
+    ctx: click.Context,
+    workers: tuple[str, ...],
+    controller_var: str | None,
+    db: int,
+    apply: bool,
+) -> None:
+    """Print (or --apply) ACL SETUSER lines: each worker may consume only its own queue and
+    heartbeat only as itself; nobody may FLUSHALL, CONFIG, KEYS or MONITOR.
+
+    Passwords are read from the environment and written as their SHA-256, never in clear.
+    Workers then connect as redis://corral-worker-NODE:PASSWORD@host/DB, controllers as
+    corral-controller.
+    """
+    try:
+        users = [_worker(spec, db) for spec in workers]
+        if controller_var:
+            users.append((acl.CONTROLLER_USER, _password(controller_var), acl.controller_rules(db)))
+        if not users:
+            raise ConfigError("name at least one --worker NODE=VAR or --controller VAR")
+        lines = [acl.setuser_line(user, password, rules) for user, password, rules in users]
+        if apply:
+            _apply(settings_from(ctx).broker_url.get_secret_value(), users)
+    except (ConfigError, BrokerUnavailable) as exc:
+        fail(exc)
+    for line in lines:
+        # Quoted so redis-cli reads the kombu priority separator (\x06\x16) in queue names.
+        click.echo(line.replace(acl.SEPARATOR, acl.SEPARATOR_ESCAPED))
+
+
+def _worker(spec: str, db: int) -> tuple[str, str, str]:
+    node, sep, var = spec.partition("=")
+    if not sep or not node or not var:
+        raise ConfigError(f"--worker takes NODE=VAR, got {spec!r}")
+    return acl.worker_user(node), _password(var), acl.worker_rules(node, db)
+
+
+def _password(var: str) -> str:
+    value = os.environ.get(var)
+    if not value:
+        raise ConfigError(f"environment variable {var} (a user's password) is not set")
+    return value
+
+
+def _apply(url: str, users: list[tuple[str, str, str]]) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        for user, password, rules in users:
+            client.execute_command(*acl.setuser_args(user, password, rules))  # type: ignore[no-untyped-call]
+    except redis.exceptions.RedisError as exc:
+        raise BrokerUnavailable(f"could not set the ACL users: {exc}") from None
+    finally:
+        client.close()

@@ -1,0 +1,337 @@
+"""``corral chat``: an interactive REPL over the cluster, with a local conversation.
+
+Line editing and a persistent input history come from prompt_toolkit (the history file is
+``$XDG_STATE_HOME/corral/chat_history``). Each prompt goes out with the system prompt and the
+latest messages of the conversation kept here (``controller.cli.conversation``), to the node
+its ``@name`` names or to the router's choice; the answer streams in and joins the
+conversation labelled with the node and model that gave it. The session is written as a
+Markdown transcript on exit and on ``/save``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from broker.errors import ConfigError, CorralError
+from broker.schemas import GenerationOptions
+from controller.cli.chat_answer import Answer, stream_answer
+from controller.cli.chat_input import (
+    ROUTES_NOT_YET,
+    UNSET,
+    Command,
+    Prompt,
+    help_text,
+    parse_line,
+)
+from controller.cli.common import ExitCode, fail, settings_from
+from controller.cli.conversation import HISTORY_WINDOW, Conversation, answer_summary
+from controller.cli.render import breaker_notes, nodes_table, stderr_console
+from controller.client import CorralClient, make_spec, with_history
+from controller.prompt import parse_tags
+
+if TYPE_CHECKING:
+    from prompt_toolkit import PromptSession
+
+
+def state_dir() -> Path:
+    """corral's own folder under the user's state directory (XDG), made private: the input
+    history and transcripts hold whatever was typed."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    folder = Path(base) / "corral"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
+def default_transcript_path(started_at: float) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started_at))
+    return state_dir() / "chats" / f"chat-{stamp}.md"
+
+
+# What the worker's cancellation says, as the chat tells it.
+_CANCEL_NOTES = {
+    "": "the node stopped generating",
+    "job cancelled": "the node stopped generating",
+    "job cancelled before it started": "it had not started yet",
+}
+
+
+@dataclass
+class ChatRepl:
+    """What the REPL does with each line; the prompt_toolkit loop is in ``chat_command``."""
+
+    client: CorralClient
+    conversation: Conversation
+    transcript_path: Path
+    tags: frozenset[str] = frozenset()
+    session: str | None = None
+    """Keep the history in the cluster's session store (``--session``) instead of sending
+    the local one."""
+    timeout_s: float = 600.0
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    out: Console = field(default_factory=lambda: Console(highlight=False, soft_wrap=True))
+    err: Console = field(default_factory=stderr_console)
+
+    def handle(self, line: str) -> bool:
+        """Act on one typed line; False when the user asked to leave."""
+        try:
+            parsed = parse_line(line)
+        except ConfigError as exc:
+            self.error(str(exc))
+            return True
+        if parsed is None:
+            return True
+        if isinstance(parsed, Prompt):
+            self.ask(parsed)
+            return True
+        return self.command(parsed)
+
+    def error(self, message: str) -> None:
+        self.err.print(f"[red]✗ {escape(message)}[/red]")
+
+    def dim(self, message: str) -> None:
+        self.err.print(f"[dim]{escape(message)}[/dim]")
+
+    # --- prompts ---------------------------------------------------------------------------
+
+    def ask(self, prompt: Prompt) -> None:
+        settings = self.client.settings
+        conv = self.conversation
+        try:
+            spec = make_spec(
+                prompt.text,
+                node=self.node_for(prompt.target),
+                model=conv.model,
+                tags=self.tags,
+                system=conv.system,
+                options=self.options,
+                session=self.session,
+                max_attempts=settings.max_attempts,
+                first_token_timeout_s=settings.first_token_timeout_s,
+            )
+        except CorralError as exc:
+            self.error(str(exc))
+            return
+        if self.session is None:
+            spec = with_history(conv.context(), spec)
+        answer = stream_answer(
+            self.client, spec, out=sys.stdout, err=self.err, timeout_s=self.timeout_s
+        )
+        self._record(prompt.text, answer, len(spec.messages), spec.job_id)
+
+    def node_for(self, target: str | None) -> str | None:
+        """Where ``@target`` sends a prompt: today the node of that name. Named routes, once
+        they exist, are looked up here first (a route of that name, then a node)."""
+        return target
+
+    def _record(self, prompt: str, answer: Answer, sent: int, job_id: str) -> None:
+        conv = self.conversation
+        if answer.outcome == "done" and answer.result is not None:
+            result = answer.result
+            conv.add_answer(prompt, answer.text, node=result.node, model=result.model)
+            summary = answer_summary(
+                result.node,
+                result.model,
+                answer.first_token_ms,
+                result.usage.completion_tokens,
+                result.usage.prompt_tokens,
+                None if self.session else sent,
+            )
+            self.dim(summary)
+            return
+        where = f" on {answer.node}" if answer.node else ""
+        if answer.outcome == "cancelled":
+            words = len(answer.text.split())
+            why = f"cancelled after {words} words"
+            conv.add_unfinished(prompt, answer.text, why, node=answer.node, model=answer.model)
+            stopped = _CANCEL_NOTES.get(answer.reason, answer.reason)
+            self.err.print(
+                f"[yellow]✂ cancelled job {job_id}{escape(where)} after {words} words: "
+                f"{escape(stopped)}[/yellow]"
+            )
+            return
+        why = f"failed: {answer.reason}"
+        conv.add_unfinished(prompt, answer.text, why, node=answer.node, model=answer.model)
+        self.error(answer.reason + (f" (job {job_id}{where})" if answer.node else ""))
+
+    # --- commands --------------------------------------------------------------------------
+
+    def command(self, command: Command) -> bool:
+        conv = self.conversation
+        name, arg = command.name, command.arg
+        if name == "exit":
+            return False
+        if name == "help":
+            self.out.print(escape(help_text()))
+        elif name == "model":
+            if arg:
+                conv.model = None if arg == UNSET else arg
+                conv.add_note(f"model: {conv.model or 'any'}")
+            self.dim(f"model: {conv.model or 'any (the router chooses)'}")
+        elif name == "system":
+            if arg:
+                conv.set_system(None if arg == UNSET else arg)
+            self.dim(f"system prompt: {conv.system or '(none)'}")
+        elif name in ("history", "clear") and self.session:
+            self.dim(
+                f"--session {self.session}: the cluster's session store holds the history "
+                "sent with each prompt; start another session ID for a fresh one"
+            )
+        elif name == "history":
+            for line in conv.history_lines(self.out.width):
+                self.out.print(escape(line))
+        elif name == "clear":
+            dropped = conv.clear()
+            self.dim(f"history cleared ({dropped} messages); the transcript keeps them")
+        elif name == "save":
+            self.save(Path(arg).expanduser() if arg else self.transcript_path)
+        elif name == "nodes":
+            self.show_nodes()
+        elif name == "route":
+            self.error(ROUTES_NOT_YET)
+        return True
+
+    def show_nodes(self) -> None:
+        try:
+            view = self.client.cluster()
+        except CorralError as exc:
+            self.error(str(exc))
+            return
+        if not view.nodes:
+            self.dim("no nodes have registered yet (start one with `corral worker`)")
+            return
+        settings = self.client.settings
+        notes = breaker_notes(view.breakers, view.redis_time, settings.breaker_cooldown_s)
+        self.out.print(nodes_table(view.nodes, notes))
+
+    def save(self, path: Path) -> bool:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(self.conversation.transcript(), encoding="utf-8")
+        except OSError as exc:
+            self.error(f"cannot write the transcript to {path}: {exc.strerror or exc}")
+            return False
+        self.dim(f"transcript saved to {path}")
+        return True
+
+
+@click.command("chat")
+@click.option("--model", help="Ask for this model (change it with /model).")
+@click.option("--system", help="A system prompt (change it with /system).")
+@click.option("--tag", "tags", multiple=True, help="Required capability tag (repeatable, or a,b).")
+@click.option(
+    "--window",
+    type=click.IntRange(0, 1000),
+    default=HISTORY_WINDOW,
+    show_default=True,
+    help="How many of the latest messages go with each prompt.",
+)
+@click.option(
+    "--session",
+    metavar="ID",
+    help="Keep the history in the cluster's session store (as `ask --session`), not here.",
+)
+@click.option(
+    "--transcript",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where the Markdown transcript goes (default: a new file under "
+    "$XDG_STATE_HOME/corral/chats).",
+)
+@click.option("--max-tokens", type=click.IntRange(1), help="Stop each answer after this many.")
+@click.option("--temperature", type=click.FloatRange(0, 2))
+@click.option(
+    "--timeout", type=click.FloatRange(min=1), help="Seconds of silence before giving up."
+)
+@click.pass_context
+def chat_command(
+    ctx: click.Context,
+    model: str | None,
+    system: str | None,
+    tags: tuple[str, ...],
+    window: int,
+    session: str | None,
+    transcript: Path | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    timeout: float | None,
+) -> None:
+    """Chat with the cluster: `@NODE prompt` asks that node, a plain prompt the router's
+    choice; the conversation's latest messages go with each prompt. /help inside lists the
+    commands; Ctrl-C stops an answer, Ctrl-D leaves (the transcript is saved then)."""
+    settings = settings_from(ctx)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        fail(ConfigError("corral chat needs a terminal; for scripts use `corral ask`"))
+    conversation = Conversation(model=model, window=window)
+    if system:
+        conversation.set_system(system)
+    try:
+        history_path = state_dir() / "chat_history"
+        path = transcript or default_transcript_path(conversation.started_at)
+    except OSError as exc:
+        fail(ConfigError(f"cannot create corral's state folder: {exc}"))
+    with CorralClient(settings) as client:
+        repl = ChatRepl(
+            client,
+            conversation,
+            path,
+            tags=parse_tags(tags),
+            session=session,
+            timeout_s=timeout or settings.job_timeout_s,
+            options=GenerationOptions(max_tokens=max_tokens, temperature=temperature),
+        )
+        _greet(repl)
+        _loop(repl, _line_editor(history_path))
+        if conversation.exchanges and not repl.save(path):
+            sys.exit(ExitCode.FAILED)
+    sys.exit(ExitCode.OK)
+
+
+def _greet(repl: ChatRepl) -> None:
+    try:
+        up = sum(node.up for node in repl.client.nodes())
+    except CorralError as exc:
+        fail(exc)
+    repl.dim(
+        f"corral chat · {up} node(s) up · /help for commands · Ctrl-C stops an answer, "
+        "Ctrl-D leaves"
+    )
+
+
+def _line_editor(history_path: Path) -> PromptSession[str]:
+    """prompt_toolkit's line editor with the input history kept in ``history_path``; Esc then
+    Enter (or Alt-Enter) starts a new line of the same prompt, Enter sends it."""
+    # Imported here: every other corral command would pay ~0.1 s to load it.
+    from prompt_toolkit import PromptSession  # noqa: PLC0415
+    from prompt_toolkit.history import FileHistory  # noqa: PLC0415
+    from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent  # noqa: PLC0415
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _(event: KeyPressEvent) -> None:
+        event.current_buffer.insert_text("\n")
+
+    return PromptSession(history=FileHistory(str(history_path)), key_bindings=bindings)
+
+
+def _loop(repl: ChatRepl, prompt: PromptSession[str]) -> None:
+    while True:
+        try:
+            line = prompt.prompt("you> ")
+        except KeyboardInterrupt:
+            continue  # as in Python's REPL: the line is dropped, the chat goes on
+        except EOFError:
+            return
+        try:
+            if not repl.handle(line):
+                return
+        except KeyboardInterrupt:
+            repl.dim("interrupted")  # a slow /nodes or /save: the chat goes on

@@ -1,0 +1,61 @@
+"""A full Redis (maxmemory under noeviction) is an outage the worker waits out, not a crash."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
+
+from broker.celery_app import make_celery_app
+from broker.settings import build_settings
+from broker.transport import RedisTransport
+from controller.client import CorralClient, make_spec
+from tests.support.servers import RedisServer, start_redis, start_worker, wait_until
+
+SLOW = ["--simulate", "--sim-first-token-ms", "5", "--sim-token-ms", "40"]
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    # Its own server: this test fills it, and every other test shares the session's.
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+def test_a_full_or_read_only_redis_counts_as_a_lost_connection() -> None:
+    assert issubclass(OutOfMemoryError, RedisTransport.connection_errors)
+    assert issubclass(ReadOnlyError, RedisTransport.connection_errors)
+    app = make_celery_app(build_settings(broker_url="redis://127.0.0.1:1/0"))
+    assert isinstance(app.connection_for_write().transport, RedisTransport)
+
+
+def test_the_worker_outlives_a_full_redis_and_serves_once_memory_is_freed(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    admin = own_redis.client()
+    worker = start_worker(own_redis.url, "alpha", *SLOW, log_dir=tmp_path)
+    try:
+        with CorralClient(build_settings(broker_url=own_redis.url)) as client:
+            wait_until(lambda: any(n.up for n in client.nodes()), 10, "alpha up")
+            run = client.submit(make_spec("tell me a long story"))
+            events = run.events(30)
+            next(events)  # started: the job is on the worker, its ack still to come
+
+            # Every write refused from here on, as when Redis reaches maxmemory.
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", "1")
+            time.sleep(4)  # the job fails, its ack fails, heartbeats fail
+            assert worker.process.poll() is None, worker.log()
+            admin.config_set("maxmemory", "0")
+
+            wait_until(lambda: any(n.up for n in client.nodes()), 15, "alpha up again")
+            done = list(client.stream(make_spec("are you back?")))
+            assert done[-1].type == "done", done[-1]
+            assert done[-1].result.node == "alpha"  # type: ignore[union-attr]
+            assert "Unrecoverable error" not in worker.log()
+    finally:
+        worker.stop()

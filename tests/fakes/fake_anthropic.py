@@ -1,0 +1,277 @@
+"""A fake of Anthropic's Messages API: ``GET /v1/models`` and streamed ``POST /v1/messages``.
+
+Written from Anthropic's API reference. Requests need ``x-api-key`` and ``anthropic-version``
+headers; the body needs ``model``, ``max_tokens`` and ``messages`` (roles ``user`` and
+``assistant`` only: a system prompt goes in the top-level ``system``). A streamed answer is
+Server-Sent Events, each ``event:`` named as its data's ``type``: ``message_start`` (the
+message with empty content and the input tokens), ``content_block_start``, a ``ping``,
+``content_block_delta`` (``text_delta``) per token, ``content_block_stop``, ``message_delta``
+(``stop_reason`` and the output tokens), ``message_stop``. Errors are
+``{"type": "error", "error": {"type", "message"}}``, as HTTP bodies (401
+``authentication_error``, 404 ``not_found_error``, 429 ``rate_limit_error``, 529
+``overloaded_error``...) and, after the 200 header, as an ``event: error``. Every answer carries
+``anthropic-ratelimit-*`` headers.
+
+Switches, named as in the other fakes: the canned reply, delays, "fail with status N" (with
+headers), "drop the connection after K events", "send an error event after K events", "send
+bad JSON after K events". The 401 message echoes the key it got (Anthropic's does not; this
+one does so a test can check the adapter scrubs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.fakes import DropConnection, serve_in_thread
+
+DEFAULT_REPLY = "Tokens stream back as the backend produces them."
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+@dataclass
+class FakeAnthropicState:
+    models: list[str] = field(default_factory=lambda: ["claude-test-1", "claude-test-2"])
+    api_key: str = "sk-ant-fake-0000"
+    reply: str = DEFAULT_REPLY
+    first_token_delay: float = 0.0
+    token_delay: float = 0.0
+    fail_status: int | None = None
+    fail_message: str = "Internal server error"
+    fail_headers: dict[str, str] = field(default_factory=dict)
+    drop_after: int | None = None
+    error_after: int | None = None
+    error_type: str = "api_error"
+    error_message: str = "Internal server error"
+    bad_json_after: int | None = None
+    refuse: bool = False
+    """End the answer with ``stop_reason: refusal`` (the model declined)."""
+    page_size: int | None = None
+    """Cap on models per listing page, to exercise pagination."""
+    ratelimit_headers: dict[str, str] = field(
+        default_factory=lambda: {
+            "anthropic-ratelimit-requests-limit": "50",
+            "anthropic-ratelimit-requests-remaining": "49",
+            "anthropic-ratelimit-requests-reset": "2026-12-02T03:00:00Z",
+        }
+    )
+    chat_bodies: list[dict[str, Any]] = field(default_factory=list)
+    headers_seen: list[dict[str, str]] = field(default_factory=list)
+    model_listings: int = 0
+    streams_started: int = 0
+    streams_completed: int = 0
+    aborted_streams: int = 0
+    dropped_streams: int = 0
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = ERROR_TYPES.get(status, "api_error")
+    return JSONResponse(
+        {"type": "error", "error": {"type": kind, "message": message}},
+        status_code=status,
+        headers={"request-id": "req_fake", **(headers or {})},
+    )
+
+
+def _sse(payload: dict[str, Any] | str, name: str | None = None) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    event = name or (payload["type"] if isinstance(payload, dict) else "message")
+    return f"event: {event}\ndata: {data}\n\n".encode()
+
+
+def build_app(state: FakeAnthropicState) -> Starlette:
+    def refused(request: Request) -> Response | None:
+        state.headers_seen.append(dict(request.headers))
+        if state.fail_status is not None:
+            return _error(
+                state.fail_status,
+                state.fail_message,
+                {**state.ratelimit_headers, **state.fail_headers},
+            )
+        key = request.headers.get("x-api-key")
+        if key != state.api_key:
+            return _error(401, f"invalid x-api-key: {key}")
+        if not request.headers.get("anthropic-version"):
+            return _error(400, "anthropic-version: header is required")
+        return None
+
+    async def models(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
+        state.model_listings += 1
+        limit = min(int(request.query_params.get("limit", "20")), state.page_size or 1000)
+        after = request.query_params.get("after_id")
+        start = state.models.index(after) + 1 if after in state.models else 0
+        page = state.models[start : start + limit]
+        data = [
+            {
+                "type": "model",
+                "id": m,
+                "display_name": m.replace("-", " ").title(),
+                "created_at": "2025-01-01T00:00:00Z",
+            }
+            for m in page
+        ]
+        return JSONResponse(
+            {
+                "data": data,
+                "has_more": start + limit < len(state.models),
+                "first_id": page[0] if page else None,
+                "last_id": page[-1] if page else None,
+            },
+            headers=state.ratelimit_headers,
+        )
+
+    async def stream(events: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+        state.streams_started += 1
+        finished = dropped = False
+        try:
+            for index, event in enumerate(events):
+                if state.drop_after is not None and index >= state.drop_after:
+                    dropped = True
+                    state.dropped_streams += 1
+                    raise DropConnection
+                if state.error_after is not None and index >= state.error_after:
+                    error = {"type": state.error_type, "message": state.error_message}
+                    yield _sse({"type": "error", "error": error})
+                    break
+                if state.bad_json_after is not None and index >= state.bad_json_after:
+                    yield _sse('{"type": "content_block_delta", "delta": {', "content_block_delta")
+                    break
+                if event["type"] == "content_block_delta":
+                    first = events[index - 1]["type"] != "content_block_delta"
+                    await asyncio.sleep(state.first_token_delay if first else state.token_delay)
+                yield _sse(event)
+            finished = True
+            state.streams_completed += 1
+        finally:
+            if not finished and not dropped:
+                state.aborted_streams += 1
+
+    async def messages(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return _error(400, "There was an error parsing the body of your request")
+        state.chat_bodies.append(body)
+        model = body.get("model")
+        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
+            return _error(400, "max_tokens: Field required")
+        chat = body.get("messages")
+        if not isinstance(chat, list) or not chat:
+            return _error(400, "messages: at least one message is required")
+        for message in chat:
+            if message.get("role") not in ("user", "assistant"):
+                return _error(
+                    400,
+                    f'messages: Unexpected role "{message.get("role")}". The Messages API '
+                    'accepts a top-level `system` parameter, not "system" as an input '
+                    "message role.",
+                )
+        if model not in state.models:
+            return _error(404, f"model: {model}")
+        text, stop_reason, stop_sequence = state.reply, "end_turn", None
+        for stop in body.get("stop_sequences") or []:
+            if stop in text:
+                text, stop_reason, stop_sequence = text[: text.index(stop)], "stop_sequence", stop
+        pieces = re.findall(r"\s*\S+", text)
+        if len(pieces) > body["max_tokens"]:
+            pieces, stop_reason, stop_sequence = pieces[: body["max_tokens"]], "max_tokens", None
+        if state.refuse:
+            pieces, stop_reason = pieces[:1], "refusal"
+        words = sum(len(str(m.get("content", "")).split()) for m in chat)
+        input_tokens = words + len(str(body.get("system", "")).split())
+        events: list[dict[str, Any]] = [
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_fake",
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "model": model,
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+                },
+            },
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+            {"type": "ping"},
+        ]
+        events += [
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}
+            for p in pieces
+        ]
+        events += [
+            {"type": "content_block_stop", "index": 0},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                "usage": {"output_tokens": len(pieces)},
+            },
+            {"type": "message_stop"},
+        ]
+        if not body.get("stream"):
+            content = [{"type": "text", "text": "".join(pieces)}]
+            message = {**events[0]["message"], "content": content, "stop_reason": stop_reason}
+            return JSONResponse(message, headers=state.ratelimit_headers)
+        return StreamingResponse(
+            stream(events), media_type="text/event-stream", headers=state.ratelimit_headers
+        )
+
+    return Starlette(
+        routes=[
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/messages", messages, methods=["POST"]),
+        ]
+    )
+
+
+@dataclass
+class FakeAnthropic:
+    url: str
+    state: FakeAnthropicState
+
+    def wait_until(
+        self, predicate: Callable[[FakeAnthropicState], bool], timeout: float = 5.0
+    ) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.state):
+                return True
+            time.sleep(0.01)
+        return predicate(self.state)
+
+
+@contextmanager
+def running_fake_anthropic(**settings: Any) -> Iterator[FakeAnthropic]:
+    """Start the fake on a free loopback port; ``settings`` are ``FakeAnthropicState`` fields."""
+    state = FakeAnthropicState(**settings)
+    with serve_in_thread(build_app(state)) as url:
+        yield FakeAnthropic(url=url, state=state)
