@@ -63,7 +63,6 @@ def test_secrets_stay_in_the_environment_files(rollout: Rollout) -> None:
     for env_file in (
         "etc/corral/worker.env",
         "etc/corral/flower.env",
-        "etc/corral/tunnel.env",
         "etc/corral/tunnel_id",
     ):
         mode = stat.S_IMODE(rollout.path(env_file).stat().st_mode)
@@ -111,11 +110,13 @@ def test_the_tunnel_unit_runs_corral_tunnel_with_the_rendered_key_and_host_keys(
         str(config / "tunnel_known_hosts"),
         "--identity",
         str(config / "tunnel_id"),
+        "--local-port",
+        str(rollout.port),
+        "--remote",
+        f"127.0.0.1:{rollout.port}",
     ]
     assert directive(unit, "Restart") == "always"
-    assert service_environment(unit) == {
-        "CORRAL_BROKER_URL": f"redis://:{rollout.password}@127.0.0.1:{rollout.port}/0"
-    }
+    assert service_environment(unit) == {"CORRAL_STATE_DIR": str(rollout.path("var/lib/corral"))}
     assert "127.0.0.1 ssh-ed25519 " in (config / "tunnel_known_hosts").read_text()
 
 

@@ -110,10 +110,10 @@ def test_flower_started_as_its_rendered_unit_says_asks_for_the_password(
         )
 
     def status(auth: str | None, path: str = "/api/workers") -> int:
-        headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}{path}", headers=headers if auth else {}
-        )
+        headers = {}
+        if auth is not None:
+            headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
                 return int(response.status)
