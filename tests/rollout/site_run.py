@@ -31,6 +31,7 @@ from tests.rollout.units import (
     service_environment,
 )
 from tests.support.servers import REPO_ROOT, wait_until
+from tests.support.ssh_server import SSHServer
 
 ANSIBLE_DIR = REPO_ROOT / "ansible"
 TOOLS = Path(sys.executable).parent
@@ -72,8 +73,9 @@ def recap(run: subprocess.CompletedProcess[str]) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
 
 
-def run_site(root: Path) -> Rollout:
-    """Build a wheel of this checkout and run site.yml once with everything under ``root``."""
+def run_site(root: Path, ssh: SSHServer) -> Rollout:
+    """Build a wheel of this checkout and run site.yml once with everything under ``root``;
+    the node's tunnel goes through ``ssh``."""
     dist = root / "dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(REPO_ROOT)],
@@ -87,8 +89,6 @@ def run_site(root: Path) -> Rollout:
         (prefix / folder).mkdir(parents=True)
     password = secrets.token_hex(16)
     port = free_port()
-    tunnel_key = root / "tunnel_ed25519"
-    tunnel_key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\ntest only\n")
     # Not this checkout's PYTHONPATH: pip in the role's venv would take it for an installed corral.
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "CORRAL_"))},
@@ -103,7 +103,10 @@ def run_site(root: Path) -> Rollout:
         "CORRAL_TEST_WHEEL": str(wheel),
         "CORRAL_TEST_USER": getpass.getuser(),
         "CORRAL_TEST_GROUP": grp.getgrgid(os.getgid()).gr_name,
-        "CORRAL_TEST_TUNNEL_KEY": str(tunnel_key),
+        "CORRAL_TEST_TUNNEL_KEY": str(ssh.write_identity()),
+        "CORRAL_TEST_TUNNEL_KNOWN_HOST": ssh.write_known_hosts().read_text().strip(),
+        "CORRAL_TEST_TUNNEL_VIA": ssh.via,
+        "CORRAL_TEST_TUNNEL_PORT": str(free_port()),
         "CORRAL_TEST_FLOWER_PORT": str(free_port()),
         "PATH": f"{TOOLS}{os.pathsep}{os.environ.get('PATH', '')}",
     }

@@ -16,10 +16,7 @@ import pytest
 from broker.settings import build_settings
 from tests.rollout.site_run import ANSIBLE_DIR, Rollout, broker_url, recap, tool
 from tests.rollout.units import (
-    directive,
-    exec_start,
     parse_environment_file,
-    service_environment,
 )
 
 # The first run downloads corral's dependencies into the role's venv: slower on a cold pip cache.
@@ -94,30 +91,6 @@ def test_the_controllers_corral_yaml_gives_corral_its_settings(
     assert settings.broker_url.get_secret_value() == broker_url(rollout)
     assert settings.max_attempts == 2
     assert settings.aliases == {"coder": ("qwen2.5-coder:7b", "deepseek-coder:6.7b")}
-
-
-def test_the_tunnel_unit_runs_corral_tunnel_with_the_rendered_key_and_host_keys(
-    rollout: Rollout,
-) -> None:
-    unit = rollout.path("etc/systemd/system/corral-tunnel.service").read_text()
-    config = rollout.path("etc/corral")
-    assert exec_start(unit) == [
-        str(rollout.path("opt/corral/venv/bin/corral")),
-        "tunnel",
-        "--via",
-        "corral@127.0.0.1",
-        "--known-hosts",
-        str(config / "tunnel_known_hosts"),
-        "--identity",
-        str(config / "tunnel_id"),
-        "--local-port",
-        str(rollout.port),
-        "--remote",
-        f"127.0.0.1:{rollout.port}",
-    ]
-    assert directive(unit, "Restart") == "always"
-    assert service_environment(unit) == {"CORRAL_STATE_DIR": str(rollout.path("var/lib/corral"))}
-    assert "127.0.0.1 ssh-ed25519 " in (config / "tunnel_known_hosts").read_text()
 
 
 def test_a_typo_in_a_role_variable_fails_the_play(rollout: Rollout) -> None:

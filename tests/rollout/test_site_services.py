@@ -26,6 +26,7 @@ from tests.rollout.site_run import Rollout, broker_url, rebuilt_wheel, rolled_wo
 from tests.rollout.units import (
     directive,
     exec_start,
+    kill_signal,
     service_environment,
 )
 from tests.support.servers import wait_until
@@ -82,6 +83,55 @@ def test_the_role_pulls_and_warms_the_nodes_models_through_corral(
     assert "sim-vision" in held
     assert held["sim-large"] is True
     assert rollout.password not in run.stdout
+
+
+def test_the_tunnel_started_as_its_rendered_unit_says_leads_to_the_broker(
+    rollout: Rollout, rendered_redis: redis.Redis, tmp_path: Path
+) -> None:
+    """corral tunnel from the rendered unit, through the test's SSH server, with the key and
+    host keys the role copied: Redis answers on the node's local port."""
+    unit = rollout.path("etc/systemd/system/corral-tunnel.service").read_text()
+    config = rollout.path("etc/corral")
+    local_port = int(rollout.env["CORRAL_TEST_TUNNEL_PORT"])
+    argv = exec_start(unit)
+    assert argv == [
+        str(rollout.path("opt/corral/venv/bin/corral")),
+        "tunnel",
+        "--via",
+        rollout.env["CORRAL_TEST_TUNNEL_VIA"],
+        "--known-hosts",
+        str(config / "tunnel_known_hosts"),
+        "--identity",
+        str(config / "tunnel_id"),
+        "--local-port",
+        str(local_port),
+        "--remote",
+        f"127.0.0.1:{rollout.port}",
+    ]
+    assert directive(unit, "Restart") == "always"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "PYTHON"))}
+    env |= service_environment(unit)
+    log_path = tmp_path / "tunnel.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    through = redis.Redis(port=local_port, password=rollout.password, socket_timeout=2)
+
+    def answers() -> bool:
+        assert process.poll() is None, log_path.read_text()
+        try:
+            return bool(through.ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    try:
+        wait_until(answers, 30, "Redis through the rolled-out tunnel")
+        through.set("corral:test:through-the-tunnel", "yes")
+        assert rendered_redis.get("corral:test:through-the-tunnel") == b"yes"
+    finally:
+        through.close()
+        process.send_signal(kill_signal(unit))
+        code = process.wait(timeout=30)
+    assert code == 0, log_path.read_text()
 
 
 def test_flower_started_as_its_rendered_unit_says_asks_for_the_password(
