@@ -206,7 +206,20 @@ class NodeRuntime:
             bg.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         try:
-            await mark_node_down(self.redis, self.config.name)
+            waiting = await self._jobs_waiting_in_queue()
+            if waiting:
+                # A drain before a restart (a rolling update): jobs wait for this node, some
+                # maybe pinned to it. Marked down, the node would lose them in the second
+                # before it is back; left to expire (three heartbeats), the restarted worker
+                # takes over and its clients move the jobs on (to it, or elsewhere). If it
+                # does not come back, they move as from a crashed node.
+                log.info(
+                    "%d job(s) wait in this node's queue: the node stays listed until its "
+                    "heartbeat expires, so a restart serves them",
+                    waiting,
+                )
+            else:
+                await mark_node_down(self.redis, self.config.name)
         except redis.exceptions.RedisError as exc:
             log.warning("could not mark node down: %s", exc)
         for backend in self.backends.values():
@@ -214,6 +227,12 @@ class NodeRuntime:
         if self._http is not None:
             await self._http.aclose()
         await self.redis.aclose()
+
+    async def _jobs_waiting_in_queue(self) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in names.node_queue_lists(self.config.name):
+            pipe.llen(queue)
+        return sum(int(n) for n in await pipe.execute())
 
     async def _heartbeat_once(self) -> None:
         info = await build_node_info(
