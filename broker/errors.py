@@ -14,6 +14,7 @@
     │   ├── NodeLost            the serving node stopped heartbeating mid-job
     │   ├── JobCancelled        somebody cancelled it
     │   ├── JobTimeout          no event within the allowed time
+    │   ├── JobStateLost        Redis lost the job's state (restarted without persistence)
     │   ├── JobInterrupted      it failed after its first token (partial text kept)
     │   └── AttemptsExhausted   it failed on every node it was tried on
     ├── ModelOpError            a pull / warm / unload / rm could not be done
@@ -98,6 +99,13 @@ class WorkerFailed(JobError):
 
 class JobCancelled(JobError):
     code = "cancelled"
+
+
+class JobStateLost(JobError):
+    """Redis no longer has the job's record or the events already seen: it restarted without
+    persistence (or the keys expired). Nobody can follow the job to its end any more."""
+
+    code = "state_lost"
 
 
 class JobTimeout(JobError):

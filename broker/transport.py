@@ -14,7 +14,9 @@ errors, which costs corral its worker twice over:
 - and when Redis restarts, Celery closes the lost connection, kombu's close tries to hand the
   unacked messages back through a connection whose settings are already gone, and the
   AttributeError ("'NoneType' object has no attribute 'hostname'") stopped the worker now and
-  then. The hand-back is skipped then, and the visibility timeout does it.
+  then; so did the ack of a job that ran across the restart, sent on the old channel. Both are
+  skipped then, and the visibility timeout hands the message back (a finished job's copy is
+  refused by its lease).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 class _QoS(kombu_redis.QoS):
     def restore_unacked(self, client: object = None) -> None:
-        if client is None and self.channel.connection.client is None:
+        if client is None and not self._connected():
             # Celery closes a connection it has lost, and kombu's close hands the channel's
             # unacked messages back to their queues; by then the connection's settings are
             # gone, no Redis client can be made, and the AttributeError stopped the worker
@@ -58,7 +60,23 @@ class _QoS(kombu_redis.QoS):
         else:
             self._forget(delivery_tag)
 
+    def _connected(self) -> bool:
+        """Whether this channel's connection still has its settings (kombu clears them when
+        Celery closes a connection it lost)."""
+        transport = self.channel.connection
+        return transport is not None and transport.client is not None
+
     def _forget(self, delivery_tag: str) -> None:
+        if not self._connected():
+            # A job that ran across a Redis restart finishes after Celery replaced the
+            # connection it came on; the old channel can make no client (the AttributeError
+            # stopped the worker). Its copy in the unacked set comes back after the visibility
+            # timeout and is skipped then: the job is over.
+            log.info(
+                "message %s came on a lost connection: left to the visibility timeout", delivery_tag
+            )
+            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            return
         try:
             self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
         except _WRITES_REFUSED as exc:

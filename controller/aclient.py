@@ -221,6 +221,7 @@ class AsyncCorralClient:
             await reader.aclose()
             raise
         reader.cursor.instance = candidate.instance or None
+        reader.cursor.has_record = True  # the send writes it
         return AsyncJobRun(
             spec=spec,
             reader=reader,

@@ -124,10 +124,18 @@ class AsyncJobStreamReader:
         if not cursor.worker_check_due(time.monotonic()) or cursor.node is None:
             return
         try:
-            alive = await self.redis.get(names.node_alive_key(cursor.node))
+            # One round trip: the worker's liveness, and whether Redis still has the job.
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(names.node_alive_key(cursor.node))
+            pipe.get(names.job_node_key(self.job_id))
+            pipe.llen(names.job_log_key(self.job_id))
+            alive, record, log_length = await pipe.execute()
         except _CONNECTION_ERRORS:
             cursor.redis_unreachable(time.monotonic())
             return
+        lost = cursor.state_lost(int(log_length), record)
+        if lost is not None:
+            raise lost
         reason = cursor.lost_reason(alive)
         if reason is None:
             return

@@ -276,6 +276,7 @@ class CorralClient:
         # A worker that restarts takes the jobs it had reserved with it, started or not; the
         # reader notices the node's instance changing and the job moves on.
         reader.instance = candidate.instance or None
+        reader.cursor.has_record = True  # _send writes it
         return JobRun(
             spec=spec,
             reader=reader,
@@ -464,7 +465,20 @@ class CorralClient:
         pubsub.close()
 
     def _await_subscription(self, reader: JobStreamReader) -> None:
-        confirmed = reader.pubsub.get_message(timeout=5)
+        try:
+            confirmed = reader.pubsub.get_message(timeout=5)
+        except redis.exceptions.ConnectionError:
+            # A kept connection that Redis closed (it restarted) fails on its first read:
+            # subscribe again on a fresh one. Whatever was published meanwhile is in the job's
+            # log, which the reader reads once subscribed.
+            reader.pubsub.close()
+            reader.pubsub = self._streams.pubsub()  # type: ignore[no-untyped-call]
+            try:
+                reader.pubsub.subscribe(names.job_channel(reader.job_id))
+                confirmed = reader.pubsub.get_message(timeout=5)
+            except redis.exceptions.ConnectionError as exc:
+                reader.close()
+                raise unreachable(exc, self._url) from None
         if confirmed is None or confirmed.get("type") != "subscribe":
             reader.close()
             raise BrokerUnavailable("Redis did not confirm the subscription to the job stream")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from broker.errors import JobTimeout, NodeLost
+from broker.errors import JobStateLost, JobTimeout, NodeLost
 from broker.schemas import AnyStreamEvent, ReroutedEvent, StartedEvent, is_terminal, parse_event
 
 Event = AnyStreamEvent
@@ -72,6 +72,9 @@ class StreamCursor:
     """Without an owner to act on a lost worker, how long to wait before raising NodeLost
     (the job's owner, the controller that sent it, moves it on meanwhile)."""
     finished: bool = False
+    has_record: bool = False
+    """The job's client wrote its node record (``job_node_key``) when sending it: that
+    record disappearing means Redis lost the job's state."""
     _redis_back_at: float = field(default=0.0, repr=False)
     _lost_since: float | None = field(default=None, repr=False)
     _deadline: float = field(default=0.0, repr=False)
@@ -165,6 +168,19 @@ class StreamCursor:
         if self.instance is not None and _text(alive) != self.instance:
             return f"the worker on node {self.node!r} restarted, ending the job it was running"
         self._lost_since = None
+        return None
+
+    def state_lost(self, log_length: int, record: bytes | str | None) -> JobStateLost | None:
+        """Whether Redis lost this job's state: its log is shorter than what was already
+        read from it, or its node record is gone. A Redis restarted without AOF wipes both
+        (and the lease, so the worker's writes are refused): waiting would only time out."""
+        if self.finished:
+            return None
+        if log_length < self.next_seq or (self.has_record and record is None):
+            return JobStateLost(
+                f"Redis lost the state of job {self.job_id} (restarted without persistence?):"
+                " it can no longer be followed; send it again"
+            )
         return None
 
     def give_up(self, reason: str, now: float) -> NodeLost | None:

@@ -73,3 +73,15 @@ def test_closing_a_connection_whose_settings_are_gone_does_not_raise(
     channel.qos._delivered["a-delivery"] = ("message", "exchange", "routing key")
     connection.transport.client = None  # the state kombu's close leaves it in by then
     channel.close()  # must not raise
+
+
+def test_acking_a_message_of_a_lost_connection_does_not_raise(own_redis: RedisServer) -> None:
+    """A job that ran across a Redis restart ends after Celery replaced its connection; the
+    ack goes to the old channel, whose transport is gone (the stock transport raised
+    AttributeError: 'NoneType' object has no attribute 'client', stopping the worker)."""
+    connection = Connection(own_redis.url, transport=RedisTransport)
+    channel = connection.channel()
+    channel.qos._delivered["a-delivery"] = ("message", "exchange", "routing key")
+    channel.connection = None  # what closing the lost connection leaves behind
+    channel.qos.ack("a-delivery")  # must not raise
+    assert "a-delivery" in channel.qos._dirty  # acknowledged here, so consuming goes on

@@ -138,3 +138,16 @@ def test_liveness_is_not_judged_right_after_redis_comes_back() -> None:
     assert not cursor.worker_check_due(now=52.0)
     assert cursor.worker_check_due(now=56.0)
     assert not StreamCursor(JOB, node=None).worker_check_due(now=0.0)  # nowhere to check yet
+
+
+def test_a_job_whose_state_redis_lost_is_told_so_not_left_to_time_out() -> None:
+    cursor = StreamCursor("job-lost-1", "a", has_record=True)
+    assert cursor.state_lost(log_length=0, record=b"a") is None  # queued, record in place
+    cursor.next_seq = 3  # three events read so far
+    assert cursor.state_lost(log_length=3, record=b"a") is None
+    wiped_log = cursor.state_lost(log_length=0, record=b"a")
+    assert wiped_log is not None and "send it again" in str(wiped_log)
+    assert cursor.state_lost(log_length=3, record=None) is not None  # record gone
+    # A model operation's stream has no record to lose; only its log counts.
+    op = StreamCursor("op-1", "a")
+    assert op.state_lost(log_length=0, record=None) is None
