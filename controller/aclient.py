@@ -40,16 +40,20 @@ from controller.client import with_history
 from controller.cluster import ClusterView
 from controller.dispatch import (
     NO_PROBE_PERMIT,
+    WRITES_REFUSED,
     breaker_phases,
     failure_target,
+    full_broker_reason,
     half_open_targets,
     job_task,
     preferred_candidates,
+    refused_write,
     success_targets,
     unreachable,
     with_sent,
 )
 from controller.job_channels import JobChannels
+from controller.limits import check_prompt_size
 from controller.router import Candidate, NodeState
 from controller.run_core import Attempt
 from controller.sessions import AsyncSessionStore
@@ -205,20 +209,28 @@ class AsyncCorralClient:
     async def submit(self, spec: JobSpec) -> AsyncJobRun:
         """Route ``spec``, subscribe to its stream, then send it to the chosen node's queue.
 
-        Raises a RoutingError when nothing can serve it (nothing is sent then).
+        Raises a RoutingError when nothing can serve it, and RequestTooLarge for a prompt over
+        ``max_prompt_bytes`` (nothing is sent then).
         """
         sticky: str | None = None
         if spec.session is not None:
             session = await self.sessions.load(spec.session)
             sticky = session.node
             spec = with_history(session.messages, spec)
-        candidate = await self.choose(spec, sticky_node=sticky)
+        check_prompt_size(spec, self.settings.max_prompt_bytes)
+        try:
+            candidate = await self.choose(spec, sticky_node=sticky)
+        except NoNodeAvailable:
+            await self._raise_if_full()
+            raise
         reader = await self._start_subscription(spec.job_id, candidate.node)
         try:
             await self._send(spec, candidate, attempt=1)
             await self._await_subscription(reader)
-        except BaseException:
+        except BaseException as exc:
             await reader.aclose()
+            if isinstance(exc, WRITES_REFUSED):
+                raise refused_write(exc) from None
             raise
         reader.cursor.instance = candidate.instance or None
         reader.cursor.has_record = True  # the send writes it
@@ -254,6 +266,15 @@ class AsyncCorralClient:
     async def job_node(self, job_id: str) -> str | None:
         node = await self.redis.get(names.job_node_key(job_id))
         return node.decode() if isinstance(node, bytes) else None
+
+    async def _raise_if_full(self) -> None:
+        """A full Redis refuses heartbeats too, so every node looks down: say so instead."""
+        try:
+            reason = full_broker_reason(await self.redis.info("memory"))
+        except redis.exceptions.RedisError:  # INFO may be denied (a least-privilege user)
+            return
+        if reason is not None:
+            raise BrokerUnavailable(reason)
 
     async def _send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None:
         task = job_task(spec, candidate, attempt)

@@ -12,6 +12,7 @@ from typing import Protocol
 from broker.errors import RoutingError
 from broker.schemas import AnyStreamEvent, JobSpec
 from controller.areader import AsyncJobStreamReader
+from controller.dispatch import WRITES_REFUSED, refused_write
 from controller.router import Candidate
 from controller.run_core import (
     Attempt,
@@ -77,9 +78,12 @@ class AsyncJobRun:
 
     async def events(self, timeout_s: float) -> AsyncIterator[AnyStreamEvent]:
         """Every event of the job, in order, through to its end."""
-        async for event in self.reader.events(timeout_s):
-            yield event
-            await self._perform_all(self.core.after(event))
+        try:
+            async for event in self.reader.events(timeout_s):
+                yield event
+                await self._perform_all(self.core.after(event))
+        except WRITES_REFUSED as exc:
+            raise refused_write(exc) from None
 
     async def aclose(self) -> None:
         """Stop following (the job itself goes on; ``cancel`` stops it)."""

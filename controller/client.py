@@ -48,11 +48,14 @@ from controller.breaker import BreakerPhase, Breakers
 from controller.cluster import ClusterReader, ClusterView, preload_scripts
 from controller.dispatch import (
     NO_PROBE_PERMIT,
+    WRITES_REFUSED,
     breaker_phases,
     failure_target,
+    full_broker_reason,
     half_open_targets,
     job_task,
     preferred_candidates,
+    refused_write,
     success_targets,
     unreachable,
     with_sent,
@@ -269,10 +272,17 @@ class CorralClient:
             sticky = session.node
             spec = with_history(session.messages, spec)
         check_prompt_size(spec, self.settings.max_prompt_bytes)
-        candidate = self.choose(spec, sticky_node=sticky)
-        reader = self._subscribe_and_send(
-            spec.job_id, candidate.node, lambda: self._send(spec, candidate, attempt=1)
-        )
+        try:
+            candidate = self.choose(spec, sticky_node=sticky)
+        except NoNodeAvailable:
+            self._raise_if_full()
+            raise
+        try:
+            reader = self._subscribe_and_send(
+                spec.job_id, candidate.node, lambda: self._send(spec, candidate, attempt=1)
+            )
+        except WRITES_REFUSED as exc:
+            raise refused_write(exc) from None
         # A worker that restarts takes the jobs it had reserved with it, started or not; the
         # reader notices the node's instance changing and the job moves on.
         reader.instance = candidate.instance or None
@@ -284,6 +294,15 @@ class CorralClient:
             hooks=_ClientHooks(self),
             attempt=Attempt(1, candidate),
         )
+
+    def _raise_if_full(self) -> None:
+        """A full Redis refuses heartbeats too, so every node looks down: say so instead."""
+        try:
+            reason = full_broker_reason(self.redis.info("memory"))
+        except redis.exceptions.RedisError:  # INFO may be denied (a least-privilege user)
+            return
+        if reason is not None:
+            raise BrokerUnavailable(reason)
 
     def _send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None:
         task = job_task(spec, candidate, attempt)

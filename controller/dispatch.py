@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import kombu.exceptions
 import redis.exceptions
 
 from broker import names
@@ -124,3 +125,39 @@ def unreachable(exc: redis.exceptions.RedisError, url: str) -> BrokerUnavailable
     if isinstance(exc, redis.exceptions.AuthenticationError):
         return BrokerUnavailable(f"Redis at {redacted_url(url)} refused the password")
     return BrokerUnavailable(f"cannot reach Redis at {redacted_url(url)}: {type(exc).__name__}")
+
+
+# Redis answers that mean it takes no writes for now: full (maxmemory under noeviction) or a
+# replica not yet promoted; and kombu's error once its publish retries ran out.
+WRITES_REFUSED: tuple[type[BaseException], ...] = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    kombu.exceptions.OperationalError,
+)
+
+
+def refused_write(exc: BaseException) -> BrokerUnavailable:
+    """What a user is told when Redis refuses a write, naming the cause and the fix."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(exc):
+        return BrokerUnavailable(
+            "Redis is full (maxmemory reached under noeviction) and refuses writes: free memory"
+            " or raise maxmemory; work goes on once it takes writes again"
+        )
+    if isinstance(exc, redis.exceptions.ReadOnlyError) or "READONLY" in str(exc):
+        return BrokerUnavailable(
+            "Redis is a read-only replica (a failover in progress?) and refuses writes"
+        )
+    return BrokerUnavailable(f"Redis refused the job's message: {type(exc).__name__}")
+
+
+def full_broker_reason(memory_info: Mapping[str, Any]) -> str | None:
+    """From INFO memory: why every node may look down (their heartbeats refused), or None."""
+    maxmemory = int(memory_info.get("maxmemory", 0) or 0)
+    used = int(memory_info.get("used_memory", 0) or 0)
+    if maxmemory and used >= maxmemory:
+        return (
+            f"Redis is full ({used / 2**20:.1f} MiB used of maxmemory {maxmemory / 2**20:.1f} MiB)"
+            " and refuses writes, heartbeats included, so every node looks down: free memory or"
+            " raise maxmemory"
+        )
+    return None

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from broker.errors import RoutingError
 from broker.schemas import AnyStreamEvent, JobSpec
+from controller.dispatch import WRITES_REFUSED, refused_write
 from controller.reader import JobStreamReader
 from controller.router import Candidate
 from controller.run_core import (
@@ -85,9 +86,12 @@ class JobRun:
 
     def events(self, timeout_s: float) -> Iterator[AnyStreamEvent]:
         """Every event of the job, in order, through to its end."""
-        for event in self.reader.events(timeout_s):
-            yield event
-            self._perform_all(self.core.after(event))
+        try:
+            for event in self.reader.events(timeout_s):
+                yield event
+                self._perform_all(self.core.after(event))
+        except WRITES_REFUSED as exc:
+            raise refused_write(exc) from None
 
     def _worker_lost(self, reason: str) -> None:
         self._perform_all(self.core.on_worker_lost(reason))
