@@ -41,6 +41,9 @@ bench: setup-test
 	$(PY) -m benchmarks.job_footprint --quick
 	$(PY) -m benchmarks.routing $(QUICK)
 	$(PY) -m benchmarks.fleet $(QUICK)
+	$(PY) -m benchmarks.streams $(QUICK)
+	# The soak's 3-minute version; `python -m benchmarks.soak` runs the 30-minute one.
+	$(PY) -m benchmarks.soak --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
