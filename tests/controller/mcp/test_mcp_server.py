@@ -25,7 +25,14 @@ from broker.schemas import ChatMessage
 from broker.settings import build_settings
 from controller.client import CorralClient
 from controller.localcluster import free_port, stop_process
-from tests.support.servers import REPO_ROOT, WorkerProcess, running_workers, wait_until
+from tests.fakes.fake_anthropic import running_fake_anthropic
+from tests.support.servers import (
+    REPO_ROOT,
+    WorkerProcess,
+    running_workers,
+    start_worker,
+    wait_until,
+)
 from worker.backends.simulated import reply_for
 
 T = TypeVar("T")
@@ -339,3 +346,33 @@ def test_http_refuses_a_foreign_host_header(http_server: str) -> None:
     assert refused.status_code == 421
     accepted = httpx.post(http_server, json=initialize, headers=headers, timeout=10)
     assert accepted.status_code == 200
+
+
+def test_a_backend_failing_mid_stream_is_a_tool_error_that_says_so(
+    broker_url: str, tmp_path: Path
+) -> None:
+    """A real worker in front of a provider (the fake Anthropic API) whose stream breaks."""
+    key = "sk-ant-mcp-test-0000"
+    with running_fake_anthropic(api_key=key, models=["claude-mcp"], error_after=2) as fake:
+        config = tmp_path / "corral.yaml"
+        config.write_text(
+            f"worker:\n  backends:\n    - kind: anthropic\n      name: claude\n"
+            f"      url: {fake.url}\n"
+        )
+        worker = start_worker(
+            broker_url,
+            "cloudy",
+            log_dir=tmp_path,
+            env={"ANTHROPIC_API_KEY": key, "CORRAL_CONFIG": str(config)},
+        )
+        try:
+            env = {"CORRAL_BROKER_URL": broker_url, "PYTHONPATH": str(REPO_ROOT)}
+            result = over_stdio(
+                env, lambda c: c.call_tool("ask", {"prompt": "hi", "model": "claude-mcp"})
+            )
+        finally:
+            worker.stop()
+    assert result.is_error
+    message = text_of(result)
+    assert "failed: backend_protocol" in message and "failed mid-stream" in message
+    assert key not in message
