@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anyio
+
 from broker.errors import CorralError, JobTimeout
 from broker.schemas import (
     AnyStreamEvent,
@@ -124,10 +126,19 @@ def progress_of(run: AsyncJobRun, *, pinned: bool) -> JobProgress:
 
 
 async def follow(
-    run: AsyncJobRun, timeout_s: float, *, pinned: bool, on_token: OnToken | None = None
+    client: AsyncCorralClient, run: AsyncJobRun, *, pinned: bool, on_token: OnToken | None = None
 ) -> JobProgress:
+    """Follow ``run`` to its end for a caller who waits; a caller who gives up (the MCP
+    request is cancelled, or times out) cancels the job too, so no node generates for nobody."""
     progress = progress_of(run, pinned=pinned)
-    return await _follow_into(progress, run, timeout_s, pinned=pinned, on_token=on_token)
+    timeout_s = client.settings.job_timeout_s
+    try:
+        return await _follow_into(progress, run, timeout_s, pinned=pinned, on_token=on_token)
+    except BaseException:
+        if not progress.finished:
+            with anyio.CancelScope(shield=True):
+                await client.cancel(run.job_id)
+        raise
 
 
 async def _follow_into(

@@ -94,7 +94,7 @@ def _settings() -> CorralSettings:
 )
 @click.pass_context
 def main(ctx: click.Context, http_port: int | None, host: str, allowed: tuple[str, ...]) -> None:
-    """corral's MCP server: ask, fanout, list_models, list_nodes, job_status, job_result."""
+    """corral's MCP server (stdio, or --http PORT); install adds it to an MCP host."""
     if ctx.invoked_subcommand is not None:
         return
     asyncio.run(serve(_settings(), http_port, host, allowed))

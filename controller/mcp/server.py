@@ -97,8 +97,8 @@ def build_server(
                 progress.summary(),
             )
         progress = await follow(
+            client,
             run,
-            client.settings.job_timeout_s,
             pinned=node is not None,
             on_token=_progress_reporter(ctx, max_tokens),
         )
@@ -141,9 +141,7 @@ def build_server(
                 run = await client.submit(spec)
             except CorralError as exc:
                 return {kind: target, "error": str(exc), "answer": ""}
-            progress = await follow(
-                run, client.settings.job_timeout_s, pinned=kind == "node", on_token=counted
-            )
+            progress = await follow(client, run, pinned=kind == "node", on_token=counted)
             return {
                 kind: target,
                 "job_id": progress.job_id,
@@ -212,6 +210,19 @@ def _add_lookups(server: MCPServer[Any], client: AsyncCorralClient, book: JobBoo
         except CorralError as exc:
             raise ToolError(str(exc)) from None
         return _answer(progress)
+
+    @server.tool(
+        description="Stop a job (one started with wait=false, say); a no-op once it is over.",
+        annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True),
+    )
+    async def job_cancel(job_id: Annotated[str, Field(min_length=1)]) -> CallToolResult:
+        try:
+            known = await client.cancel(job_id)
+        except CorralError as exc:
+            raise ToolError(str(exc)) from None
+        if not known:
+            raise ToolError(f"no job {job_id} (unknown, or older than the replay window)")
+        return _result(f"cancel sent to job {job_id}", {"job_id": job_id, "cancel_sent": True})
 
     @server.resource(
         "corral://status", name="status", mime_type="text/plain", description="Nodes and aliases."

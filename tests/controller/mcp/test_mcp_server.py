@@ -17,10 +17,13 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import redis
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, TextContent, TextResourceContents
 
+from broker import names
 from broker.schemas import ChatMessage
 from broker.settings import build_settings
 from controller.client import CorralClient
@@ -96,6 +99,7 @@ def test_tools_are_listed_with_what_each_model_and_node_is_good_for(
         "list_nodes",
         "job_status",
         "job_result",
+        "job_cancel",
     }
     ask = by_name["ask"].description or ""
     assert "sim-small" in ask and "sim-large" in ask
@@ -201,6 +205,13 @@ def test_wait_false_returns_a_job_id_to_poll(server_env: dict[str, str]) -> None
         job_id = started.structured_content["job_id"]
         status = await client.call_tool("job_status", {"job_id": job_id})
         result = await client.call_tool("job_result", {"job_id": job_id, "timeout_s": 30})
+        other = await client.call_tool(
+            "ask", {"prompt": "stop me", "node": "slowpoke", "wait": False}
+        )
+        other_id = other.structured_content["job_id"]
+        assert not (await client.call_tool("job_cancel", {"job_id": other_id})).is_error
+        stopped = await client.call_tool("job_result", {"job_id": other_id, "timeout_s": 30})
+        assert stopped.is_error and "cancelled" in text_of(stopped)
         return started, status, result
 
     started, status, result = over_stdio(server_env, poll)
@@ -376,3 +387,29 @@ def test_a_backend_failing_mid_stream_is_a_tool_error_that_says_so(
     message = text_of(result)
     assert "failed: backend_protocol" in message and "failed mid-stream" in message
     assert key not in message
+
+
+def test_a_caller_that_gives_up_cancels_the_job(
+    server_env: dict[str, str], module_broker_url: str
+) -> None:
+    def cancelled_jobs() -> set[str]:
+        found = set()
+        r = redis.Redis.from_url(module_broker_url)
+        for key in r.scan_iter(match=names.job_log_key("*")):
+            last = r.lrange(key, -1, -1)
+            if last and '"cancelled"' in last[0].decode():
+                found.add(key.decode())
+        r.close()
+        return found
+
+    before = cancelled_jobs()
+
+    async def impatient(client: Client) -> None:
+        with pytest.raises(MCPError):
+            await client.call_tool(
+                "ask", {"prompt": "take your time", "node": "slowpoke"}, read_timeout_seconds=0.4
+            )
+
+    over_stdio(server_env, impatient)
+    # The whole answer takes about 1.5 s on slowpoke; it is cancelled well before.
+    wait_until(lambda: len(cancelled_jobs() - before) == 1, 5, "the abandoned job cancelled")
