@@ -28,17 +28,24 @@ from controller.mcp.jobs import JobBook
 from controller.mcp.server import build_server
 from controller.router import NodeState
 
-_LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_ANY_ADDRESS = ("0.0.0.0", "::", "[::]")  # not a name a client writes in Host
+
+
+def _host_patterns(name: str) -> list[str]:
+    """A Host header value and its any-port pattern: ``name`` (port 80/443) and ``name:*``."""
+    if name.count(":") > 1 and not name.startswith("["):
+        name = f"[{name}]"  # a bare IPv6 address, as a Host header writes it
+    host, _, port = name.rpartition(":") if name.rfind(":") > name.rfind("]") else (name, "", "")
+    return [name] if port else [host, f"{host}:*"]
 
 
 def transport_security(host: str, allowed: tuple[str, ...]) -> TransportSecuritySettings:
-    """DNS-rebinding protection: only these Host headers (and matching Origins) are served."""
-    hosts = [*_LOOPBACK_HOSTS]
-    for name in (host, *allowed):
-        pattern = name if ":" in name.strip("[]") and not name.startswith("[") else f"{name}:*"
-        if pattern not in hosts and name not in ("0.0.0.0", "::"):
-            hosts.append(pattern)
-    origins = [f"http://{h}" for h in hosts] + [f"https://{h}" for h in hosts]
+    """DNS-rebinding protection: only requests whose Host header names this server (and whose
+    Origin, when a browser sends one, is the same name) are served; others get 421 / 403."""
+    names = [*_LOOPBACK_NAMES, *(n for n in (host, *allowed) if n not in _ANY_ADDRESS)]
+    hosts = list(dict.fromkeys(p for n in names for p in _host_patterns(n)))
+    origins = [f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")]
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
     )

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from mcp.server.transport_security import TransportSecurityMiddleware
 
 from controller.localcluster import free_port
-from controller.mcp.main import main
+from controller.mcp.main import main, transport_security
 from tests.support.servers import REPO_ROOT
 
 PASSWORDLESS = "redis://127.0.0.1:6390/3"
@@ -137,3 +138,29 @@ def test_a_config_that_is_not_json_is_left_alone(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "not valid JSON" in result.output
     assert path.read_text() == "{not json"
+
+
+@pytest.mark.parametrize(
+    ("bind", "allowed", "accepted", "refused"),
+    [
+        (
+            "127.0.0.1",
+            (),
+            ["127.0.0.1:8765", "localhost:8765", "[::1]:8765"],
+            ["evil.example:8765"],
+        ),
+        (
+            "0.0.0.0",
+            ("lab.home", "10.0.0.5:8765", "fe80::1"),
+            ["lab.home", "lab.home:8765", "10.0.0.5:8765", "[fe80::1]:8765", "localhost:1"],
+            ["0.0.0.0:8765", "10.0.0.5:9999", "lab.home.evil:8765", "evil.example"],
+        ),
+    ],
+)
+def test_http_accepts_only_the_host_names_it_was_given(
+    bind: str, allowed: tuple[str, ...], accepted: list[str], refused: list[str]
+) -> None:
+    # The SDK's own check, fed the settings `corral mcp --http` builds.
+    check = TransportSecurityMiddleware(transport_security(bind, allowed))
+    assert [h for h in accepted if not check._validate_host(h)] == []
+    assert [h for h in refused if check._validate_host(h)] == []
