@@ -29,7 +29,7 @@ def corral_mcp(
         capture_output=True,
         text=True,
         timeout=60,
-        env={**env, "HOME": str(home), "CORRAL_BROKER_URL": broker},
+        env={**env, "HOME": str(home), "CORRAL_BROKER_URL": broker, "PYTHONPATH": str(REPO_ROOT)},
         cwd=home,
     )
 
@@ -164,3 +164,28 @@ def test_http_accepts_only_the_host_names_it_was_given(
     check = TransportSecurityMiddleware(transport_security(bind, allowed))
     assert [h for h in accepted if not check._validate_host(h)] == []
     assert [h for h in refused if check._validate_host(h)] == []
+
+
+def test_corral_broker_flag_reaches_the_mcp_process(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    printed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "controller",
+            "--broker",
+            "redis://10.1.2.3:6379/4",
+            "mcp",
+            "install",
+            "--host",
+            "cursor",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "HOME": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)},
+        cwd=tmp_path,
+    )
+    assert printed.returncode == 0, printed.stderr
+    entry = json.loads(printed.stdout.split("\n", 1)[1])["mcpServers"]["corral"]
+    assert entry["env"] == {"CORRAL_BROKER_URL": "redis://10.1.2.3:6379/4"}
