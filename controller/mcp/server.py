@@ -73,6 +73,14 @@ def build_server(
         tags: Tags = None,
         system: System = None,
         max_tokens: MaxTokens = None,
+        session: Annotated[
+            str | None,
+            Field(
+                description="Continue this conversation: its history is sent along and the "
+                "node that holds it answers again. Any id of your choosing.",
+                max_length=128,
+            ),
+        ] = None,
         wait: Annotated[
             bool, Field(description="false: return the job id at once and poll.")
         ] = True,
@@ -85,6 +93,7 @@ def build_server(
                 tags=frozenset(tags or ()),
                 system=system,
                 options=GenerationOptions(max_tokens=max_tokens),
+                session=session,
             )
             run = await client.submit(spec)
         except CorralError as exc:

@@ -137,6 +137,27 @@ def test_ask_through_an_alias_and_a_pinned_node(server_env: dict[str, str]) -> N
     assert pinned.structured_content["tokens"] == 3
 
 
+def test_a_session_continues_on_the_node_that_holds_it(server_env: dict[str, str]) -> None:
+    async def conversation(client: Client) -> list[CallToolResult]:
+        first = await client.call_tool(
+            "ask", {"prompt": "remember me", "session": "mcp-talk", "max_tokens": 2}
+        )
+        rest = [
+            await client.call_tool(
+                "ask", {"prompt": f"and again {i}", "session": "mcp-talk", "max_tokens": 2}
+            )
+            for i in range(3)
+        ]
+        return [first, *rest]
+
+    answers = over_stdio(server_env, conversation)
+    first_node = answers[0].structured_content["routing"]["node"]
+    for later in answers[1:]:
+        routing = later.structured_content["routing"]
+        assert routing["node"] == first_node
+        assert routing["reason"] == "the node holding this session"
+
+
 def test_a_slow_answer_sends_progress_as_tokens_arrive(server_env: dict[str, str]) -> None:
     prompt = "tell me slowly"
     seen: list[tuple[float, str | None]] = []
