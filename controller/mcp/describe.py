@@ -1,8 +1,8 @@
 """What the MCP server tells an agent about the cluster: pure functions of the nodes and config.
 
-Tool descriptions are written once, when the server starts, from the nodes that are up and the
-``aliases`` of the settings, so an agent reading ``tools/list`` knows which models and nodes
-exist and what each is good for. The status resources are rebuilt on every read.
+The descriptions of ``ask`` and ``fanout`` are written from the nodes that are up and the
+``aliases`` of the settings each time the agent lists the tools, so it knows which models and
+nodes exist and what each is good for. The status resources are rebuilt on every read.
 """
 
 from __future__ import annotations

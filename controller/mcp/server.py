@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from mcp.types import Tool as MCPTool
 from pydantic import Field
 
 from broker.errors import CorralError
@@ -25,6 +26,7 @@ from controller.mcp.describe import cluster_summary, model_rows, node_rows, stat
 from controller.mcp.jobs import JobBook, JobProgress, follow
 from controller.router import NodeState
 
+_SUMMARY_MAX_AGE_S = 2.0
 _READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
 INSTRUCTIONS = (
@@ -46,25 +48,51 @@ System = Annotated[str | None, Field(description="An optional system prompt.")]
 MaxTokens = Annotated[int | None, Field(description="Stop after this many tokens.", ge=1)]
 
 
+_ASK = (
+    "Ask one model of the home-lab cluster and get its answer. The router picks the node "
+    "(model already loaded, spare capacity) unless you pin a node or model. Returns the answer "
+    "text, with routing {node, model, reason} as structured content. With wait=false it "
+    "returns a job_id at once: poll job_status and job_result (useful for long answers)."
+)
+_FANOUT = (
+    "Send one prompt to several models or several nodes at once and get one answer each, side "
+    "by side: compare models, or get a second opinion. Give models or nodes (not both)."
+)
+_WITH_CLUSTER = {"ask": _ASK, "fanout": _FANOUT}
+
+
+class CorralServer(MCPServer[Any]):
+    """An MCPServer whose ``ask`` and ``fanout`` descriptions list the cluster as it is when
+    the agent lists the tools (a node that joined since start-up is in them)."""
+
+    def __init__(self, client: AsyncCorralClient, nodes_at_start: Sequence[NodeState]) -> None:
+        self._client = client
+        self._summary = cluster_summary(nodes_at_start, client.settings.aliases)
+        super().__init__(
+            "corral", instructions=INSTRUCTIONS + "\n" + self._summary, log_level="WARNING"
+        )
+
+    async def list_tools(self) -> list[MCPTool]:
+        try:
+            nodes = await self._client.nodes(max_age_s=_SUMMARY_MAX_AGE_S)
+            self._summary = cluster_summary(nodes, self._client.settings.aliases)
+        except CorralError:
+            pass  # Redis is away for now: the last summary read stands
+        return [
+            tool.model_copy(update={"description": f"{_WITH_CLUSTER[tool.name]}\n{self._summary}"})
+            if tool.name in _WITH_CLUSTER
+            else tool
+            for tool in await super().list_tools()
+        ]
+
+
 def build_server(
     client: AsyncCorralClient, book: JobBook, nodes_at_start: Sequence[NodeState]
 ) -> MCPServer[Any]:
-    """The server, with tool descriptions written from the nodes seen at start and config."""
-    aliases = client.settings.aliases
-    summary = cluster_summary(nodes_at_start, aliases)
-    server: MCPServer[Any] = MCPServer(
-        "corral", instructions=INSTRUCTIONS + "\n" + summary, log_level="WARNING"
-    )
+    """The server: every tool and resource over ``client``."""
+    server = CorralServer(client, nodes_at_start)
 
-    @server.tool(
-        description=(
-            "Ask one model of the home-lab cluster and get its answer. The router picks the "
-            "node (model already loaded, spare capacity) unless you pin a node or model. "
-            "Returns the answer text, with routing {node, model, reason} as structured "
-            "content. With wait=false it returns a job_id at once: poll job_status and "
-            "job_result (useful for long answers).\n" + summary
-        )
-    )
+    @server.tool(description=_ASK)
     async def ask(
         prompt: Prompt,
         ctx: Context,
@@ -113,13 +141,7 @@ def build_server(
         )
         return _answer(progress)
 
-    @server.tool(
-        description=(
-            "Send one prompt to several models or several nodes at once and get one answer "
-            "each, side by side: compare models, or get a second opinion. Give models or "
-            "nodes (not both).\n" + summary
-        )
-    )
+    @server.tool(description=_FANOUT)
     async def fanout(
         prompt: Prompt,
         ctx: Context,

@@ -434,3 +434,36 @@ def test_a_caller_that_gives_up_cancels_the_job(
     over_stdio(server_env, impatient)
     # The whole answer takes about 1.5 s on slowpoke; it is cancelled well before.
     wait_until(lambda: len(cancelled_jobs() - before) == 1, 5, "the abandoned job cancelled")
+
+
+def test_a_node_that_joins_later_is_in_the_next_tool_listing(
+    broker_url: str, tmp_path: Path
+) -> None:
+    env = {"CORRAL_BROKER_URL": broker_url, "PYTHONPATH": str(REPO_ROOT)}
+    started: list[WorkerProcess] = []
+
+    async def scenario(client: Client) -> tuple[str, str]:
+        before = await client.list_tools()
+        started.append(
+            await asyncio.to_thread(
+                start_worker, broker_url, "latecomer", *FAST, "--tags", "vision", log_dir=tmp_path
+            )
+        )
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:
+            after = await client.list_tools()
+            ask = next(t for t in after.tools if t.name == "ask")
+            if "latecomer" in (ask.description or ""):
+                break
+            assert asyncio.get_running_loop().time() < deadline, ask.description
+            await asyncio.sleep(0.5)
+        first = next(t for t in before.tools if t.name == "ask")
+        return first.description or "", ask.description or ""
+
+    try:
+        before, after = over_stdio(env, scenario)
+    finally:
+        for worker in started:
+            worker.stop()
+    assert "No node is up" in before
+    assert "latecomer (good for: vision)" in after and "sim-small" in after
