@@ -2,4 +2,4 @@
 
 from controller.mcp.main import main
 
-main()
+main(prog_name="corral mcp")
