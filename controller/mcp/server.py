@@ -21,7 +21,9 @@ from pydantic import Field
 from broker.errors import CorralError
 from broker.schemas import GenerationOptions
 from controller.aclient import AsyncCorralClient
+from controller.breaker import BreakerPhase
 from controller.client import make_spec
+from controller.fanout import fanout_candidates
 from controller.mcp.describe import cluster_summary, model_rows, node_rows, status_text
 from controller.mcp.jobs import JobBook, JobProgress, follow
 from controller.router import NodeState
@@ -56,7 +58,8 @@ _ASK = (
 )
 _FANOUT = (
     "Send one prompt to several models or several nodes at once and get one answer each, side "
-    "by side: compare models, or get a second opinion. Give models or nodes (not both)."
+    "by side: compare models, or get a second opinion. Give models, nodes, or count (the best "
+    "COUNT nodes, optionally for one model)."
 )
 _WITH_CLUSTER = {"ask": _ASK, "fanout": _FANOUT}
 
@@ -149,10 +152,19 @@ def build_server(
             list[str] | None, Field(description="Models or aliases, one answer each.")
         ] = None,
         nodes: Annotated[list[str] | None, Field(description="Nodes, one answer each.")] = None,
+        count: Annotated[
+            int | None,
+            Field(description="Instead of a list: the best COUNT nodes, one answer each.", ge=1),
+        ] = None,
+        model: Model = None,
         max_tokens: MaxTokens = None,
     ) -> CallToolResult:
-        if bool(models) == bool(nodes):
-            raise ToolError("give either models or nodes (a list of one or more), not both")
+        if sum(1 for given in (models, nodes, count) if given) != 1:
+            raise ToolError("give one of models, nodes (a list of one or more) or count")
+        if model is not None and count is None:
+            raise ToolError("model goes with count (with models, list the models instead)")
+        if count is not None:
+            nodes = await _best_nodes(client, prompt, model, count)
         targets = [("model", m) for m in models or ()] + [("node", n) for n in nodes or ()]
         report = _progress_reporter(ctx, max_tokens and max_tokens * len(targets))
         tokens = [0] * len(targets)
@@ -165,7 +177,7 @@ def build_server(
             try:
                 spec = make_spec(
                     prompt,
-                    model=target if kind == "model" else None,
+                    model=target if kind == "model" else model,
                     node=target if kind == "node" else None,
                     options=GenerationOptions(max_tokens=max_tokens),
                 )
@@ -277,6 +289,27 @@ def _add_lookups(server: MCPServer[Any], client: AsyncCorralClient, book: JobBoo
             document = {"error": str(exc), "nodes": []}
         document["aliases"] = {a: list(t) for a, t in aliases.items()}
         return json.dumps(document)
+
+
+async def _best_nodes(
+    client: AsyncCorralClient, prompt: str, model: str | None, count: int
+) -> list[str]:
+    """The ``count`` best distinct nodes for the prompt, as ``corral ask --fanout`` picks
+    them (controller.fanout's planning); a tool error when none can serve it."""
+    try:
+        spec = make_spec(prompt, model=model)
+        view = await client.cluster()
+        blocked = {
+            target
+            for target, phase in client.breaker_phases(view).items()
+            if phase is BreakerPhase.OPEN
+        }
+        chosen = fanout_candidates(
+            spec, view.nodes, count, blocked, aliases=client.settings.aliases
+        )
+    except CorralError as exc:
+        raise ToolError(str(exc)) from None
+    return [candidate.node for candidate in chosen]
 
 
 async def _nodes(client: AsyncCorralClient) -> list[NodeState]:

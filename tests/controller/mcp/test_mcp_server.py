@@ -201,6 +201,23 @@ def test_fanout_gives_one_answer_per_model_and_per_node(server_env: dict[str, st
     assert all(r["answer"] for r in nodes)
 
 
+def test_fanout_to_the_best_count_nodes(server_env: dict[str, str]) -> None:
+    async def fan(client: Client) -> tuple[CallToolResult, CallToolResult]:
+        best = await client.call_tool(
+            "fanout", {"prompt": "two views", "count": 5, "model": "sim-large", "max_tokens": 3}
+        )
+        unknown = await client.call_tool(
+            "fanout", {"prompt": "x", "count": 2, "model": "no-such-model"}
+        )
+        return best, unknown
+
+    best, unknown = over_stdio(server_env, fan)
+    results = best.structured_content["results"]
+    assert sorted(r["routing"]["node"] for r in results) == ["alpha", "slowpoke"]  # 2 exist
+    assert {r["routing"]["model"] for r in results} == {"sim-large"}
+    assert unknown.is_error and "no-such-model" in text_of(unknown)
+
+
 def test_list_models_and_list_nodes(server_env: dict[str, str]) -> None:
     async def both(client: Client) -> tuple[CallToolResult, CallToolResult]:
         return await client.call_tool("list_models", {}), await client.call_tool("list_nodes", {})
@@ -295,7 +312,7 @@ def test_bad_requests_are_tool_errors_and_the_server_keeps_serving(
     model, node, fanout, job, after = over_stdio(server_env, errors)
     assert model.is_error and "no-such-model" in text_of(model)
     assert node.is_error and "nowhere" in text_of(node)
-    assert fanout.is_error and "models or nodes" in text_of(fanout)
+    assert fanout.is_error and "give one of models, nodes" in text_of(fanout)
     assert job.is_error and "no job 0123456789abcdef" in text_of(job)
     assert not after.is_error and after.structured_content["tokens"] == 2
 
