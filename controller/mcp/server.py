@@ -172,7 +172,7 @@ def build_server(
         async def one(index: int, kind: str, target: str) -> dict[str, Any]:
             async def counted(progress: JobProgress) -> None:
                 tokens[index] = progress.tokens
-                await report(progress, sum(tokens))
+                await report(progress, sum(tokens), target)
 
             try:
                 spec = make_spec(
@@ -330,11 +330,15 @@ class _Reporter:
         self._ctx = ctx
         self._total = total
 
-    async def __call__(self, progress: JobProgress, count: int | None = None) -> None:
+    async def __call__(
+        self, progress: JobProgress, count: int | None = None, label: str | None = None
+    ) -> None:
+        """``count``: tokens of every job so far (fanout); ``label``: whose token this is."""
+        text = progress.parts[-1] if progress.parts else ""
         await self._ctx.report_progress(
             count if count is not None else progress.tokens,
             self._total,
-            progress.parts[-1] if progress.parts else None,
+            f"[{label}] {text}" if label else text,
         )
 
 

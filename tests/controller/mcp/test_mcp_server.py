@@ -181,9 +181,16 @@ def test_a_slow_answer_sends_progress_as_tokens_arrive(server_env: dict[str, str
 def test_fanout_gives_one_answer_per_model_and_per_node(server_env: dict[str, str]) -> None:
     prompt = "compare"
 
+    messages: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
     async def both(client: Client) -> tuple[CallToolResult, CallToolResult]:
         by_model = await client.call_tool(
-            "fanout", {"prompt": prompt, "models": ["sim-small", "sim-large"]}
+            "fanout",
+            {"prompt": prompt, "models": ["sim-small", "sim-large"]},
+            progress_callback=on_progress,
         )
         by_node = await client.call_tool(
             "fanout", {"prompt": prompt, "nodes": ["alpha", "slowpoke"], "max_tokens": 4}
@@ -196,6 +203,9 @@ def test_fanout_gives_one_answer_per_model_and_per_node(server_env: dict[str, st
     assert [r["routing"]["model"] for r in models] == ["sim-small", "sim-large"]
     assert all(r["answer"] == expected(prompt) and r["error"] is None for r in models)
     assert "## sim-small on" in text_of(by_model)
+    for label in ("sim-small", "sim-large"):  # each job's tokens, labelled, in order
+        mine = [m.removeprefix(f"[{label}] ") for m in messages if m.startswith(f"[{label}] ")]
+        assert "".join(mine) == expected(prompt)
     nodes = by_node.structured_content["results"]
     assert [r["routing"]["node"] for r in nodes] == ["alpha", "slowpoke"]
     assert all(r["answer"] for r in nodes)
@@ -328,22 +338,24 @@ def test_nothing_up_is_a_tool_error(broker_url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def http_server(server_env: dict[str, str]) -> Iterator[str]:
+def http_server(server_env: dict[str, str], module_log_dir: Path) -> Iterator[str]:
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "controller.mcp", "--http", str(port)],
-        env={**os.environ, **server_env},
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log_path = module_log_dir / "mcp-http.log"
+    with open(log_path, "wb") as log:  # a file, not a pipe nobody drains
+        process = subprocess.Popen(
+            [sys.executable, "-m", "controller.mcp", "--http", str(port)],
+            env={**os.environ, **server_env},
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     url = f"http://127.0.0.1:{port}/mcp"
 
     def answers() -> bool:
         try:
             httpx.get(url, timeout=1)
         except httpx.TransportError:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert process.poll() is None, log_path.read_text()
             return False
         return True
 
@@ -352,8 +364,6 @@ def http_server(server_env: dict[str, str]) -> Iterator[str]:
         yield url
     finally:
         stop_process(process)
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 def test_http_tools_and_progress(http_server: str) -> None:
