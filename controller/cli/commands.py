@@ -39,6 +39,7 @@ from controller.cli.common import (
 from controller.cli.doctor import doctor
 from controller.cli.fanout_tables import answers_table, progress_table
 from controller.cli.flower import flower
+from controller.cli.mcp import mcp_command
 from controller.cli.models import models
 from controller.cli.render import (
     breaker_notes,
@@ -410,6 +411,7 @@ def demo() -> None:
 cli.add_command(models)
 cli.add_command(acl_command)
 cli.add_command(flower)
+cli.add_command(mcp_command)
 cli.add_command(tunnel)
 cli.add_command(doctor)
 cli.add_command(chat_command)

@@ -1,0 +1,143 @@
+"""``python -m controller.mcp``: serve MCP on stdio or streamable HTTP; install into a host.
+
+``corral mcp ARGS`` hands its process over to this (front doors never import each other).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import click
+from mcp.server.transport_security import TransportSecuritySettings
+
+from broker.errors import CorralError
+from broker.settings import CorralSettings, build_settings
+from controller.aclient import AsyncCorralClient
+from controller.mcp.install import (
+    HOSTS,
+    Host,
+    config_path,
+    install,
+    server_entry,
+    snippet,
+    uninstall,
+)
+from controller.mcp.jobs import JobBook
+from controller.mcp.server import build_server
+from controller.router import NodeState
+
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_ANY_ADDRESS = ("0.0.0.0", "::", "[::]")  # not a name a client writes in Host
+
+
+def _host_patterns(name: str) -> list[str]:
+    """A Host header value and its any-port pattern: ``name`` (port 80/443) and ``name:*``."""
+    if name.count(":") > 1 and not name.startswith("["):
+        name = f"[{name}]"  # a bare IPv6 address, as a Host header writes it
+    host, _, port = name.rpartition(":") if name.rfind(":") > name.rfind("]") else (name, "", "")
+    return [name] if port else [host, f"{host}:*"]
+
+
+def transport_security(host: str, allowed: tuple[str, ...]) -> TransportSecuritySettings:
+    """DNS-rebinding protection: only requests whose Host header names this server (and whose
+    Origin, when a browser sends one, is the same name) are served; others get 421 / 403."""
+    names = [*_LOOPBACK_NAMES, *(n for n in (host, *allowed) if n not in _ANY_ADDRESS)]
+    hosts = list(dict.fromkeys(p for n in names for p in _host_patterns(n)))
+    origins = [f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")]
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
+    )
+
+
+async def serve(
+    settings: CorralSettings, http_port: int | None, host: str, allowed: tuple[str, ...]
+) -> None:
+    async with AsyncCorralClient(settings) as client:
+        try:
+            nodes: list[NodeState] = await client.nodes()
+        except CorralError as exc:  # Redis may come up later: every tool reads it afresh
+            click.echo(f"corral mcp: cannot read the cluster yet: {exc}", err=True)
+            nodes = []
+        book = JobBook(client)
+        server = build_server(client, book, nodes)
+        try:
+            if http_port is None:
+                await server.run_stdio_async()
+            else:
+                click.echo(
+                    f"corral mcp: streamable HTTP at http://{host}:{http_port}/mcp", err=True
+                )
+                await server.run_streamable_http_async(
+                    host=host, port=http_port, transport_security=transport_security(host, allowed)
+                )
+        finally:
+            await book.aclose()
+
+
+def _settings() -> CorralSettings:
+    try:
+        return build_settings()
+    except CorralError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--http",
+    "http_port",
+    type=click.IntRange(1, 65535),
+    metavar="PORT",
+    help="Serve streamable HTTP on PORT (path /mcp) instead of stdio.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (HTTP).")
+@click.option(
+    "--allow-host",
+    "allowed",
+    multiple=True,
+    metavar="NAME",
+    help="Another Host header to accept (HTTP; loopback names always are). Repeatable.",
+)
+@click.pass_context
+def main(ctx: click.Context, http_port: int | None, host: str, allowed: tuple[str, ...]) -> None:
+    """corral's MCP server (stdio, or --http PORT); install adds it to an MCP host."""
+    if ctx.invoked_subcommand is not None:
+        return
+    asyncio.run(serve(_settings(), http_port, host, allowed))
+
+
+_HOST_OPTION = click.option(
+    "--host", "app", type=click.Choice(HOSTS), required=True, help="The MCP host to configure."
+)
+
+
+@main.command("install")
+@_HOST_OPTION
+@click.option("--write", is_flag=True, help="Write the entry into the host's config file.")
+def install_command(app: Host, write: bool) -> None:
+    """Print (or --write) the host's config entry that starts corral's MCP server."""
+    entry = server_entry(app, _settings())
+    path = config_path(app, Path.home())
+    if not write:
+        click.echo(f"# add to {path} (or run again with --write):")
+        click.echo(snippet(entry))
+        return
+    try:
+        click.echo(install(path, entry).message)
+    except CorralError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command("uninstall")
+@_HOST_OPTION
+def uninstall_command(app: Host) -> None:
+    """Remove corral's entry from the host's config file."""
+    try:
+        click.echo(uninstall(config_path(app, Path.home())).message)
+    except CorralError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
