@@ -64,7 +64,7 @@ from controller.prompt import parse_tags, split_mention
 @click.pass_context
 def cli(ctx: click.Context, broker: str | None) -> None:
     """corral: one front door for a home lab's LLM servers."""
-    if ctx.invoked_subcommand in ("worker", "sim", "demo", "tunnel"):
+    if ctx.invoked_subcommand in ("worker", "sim", "demo", "tunnel", "serve"):
         return  # they build their own settings (a tunnel needs none)
     try:
         ctx.obj = {"settings": build_settings(broker_url=broker)}
@@ -98,6 +98,20 @@ def sim(args: tuple[str, ...]) -> None:
     """Run a simulated fleet of nodes in one process (see `corral sim --help`)."""
     # Like `corral worker`: the controller never imports worker/, so hand the process over.
     os.execv(sys.executable, [sys.executable, "-m", "worker.sim", *args])  # noqa: S606
+
+
+@cli.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    }
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def serve(args: tuple[str, ...]) -> None:
+    """Serve OpenAI- and Ollama-compatible HTTP APIs (see `corral serve --help`)."""
+    # Front doors never import each other: hand the process over to the gateway.
+    os.execv(sys.executable, [sys.executable, "-m", "controller.gateway", *args])  # noqa: S606
 
 
 @cli.command()

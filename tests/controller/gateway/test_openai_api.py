@@ -1,0 +1,133 @@
+"""The OpenAI-compatible API, driven by the official ``openai`` client as its users drive it,
+through the gateway process, onto real simulated workers on a real Redis."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from broker.schemas import ChatMessage
+from tests.controller.gateway.conftest import Gateway
+from worker.backends.simulated import reply_for
+
+
+def expected(prompt: str) -> str:
+    return reply_for([ChatMessage(role="user", content=prompt)])
+
+
+def client_for(gateway: Gateway, base: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base or gateway.v1, api_key="unused", max_retries=0)
+
+
+def test_a_streamed_answer_arrives_in_chunks_then_a_finish_then_usage(gateway: Gateway) -> None:
+    client = client_for(gateway)
+    prompt = "why is the sky blue"
+    chunks = list(
+        client.chat.completions.create(
+            model="sim-small",
+            messages=[{"role": "user", "content": prompt}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected(prompt)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage is not None and usage_chunk.usage.completion_tokens > 0
+    assert {c.model for c in chunks} == {"sim-small"}
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_a_whole_answer_says_which_node_and_job_served_it(gateway: Gateway) -> None:
+    client = client_for(gateway)
+    raw = client.chat.completions.with_raw_response.create(
+        model="sim-small@beta",
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hello there"}]},
+        ],
+    )
+    completion = raw.parse()
+    assert raw.headers["x-corral-node"] == "beta"
+    assert len(raw.headers["x-corral-job"]) >= 8
+    answer = completion.choices[0].message
+    assert answer.role == "assistant" and answer.content
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+
+def test_routing_hints_by_header_and_by_at_node(gateway: Gateway) -> None:
+    client = client_for(gateway)
+    for model, headers, node in (
+        ("@alpha", {}, "alpha"),
+        ("sim-small", {"X-Corral-Node": "beta"}, "beta"),
+        ("sim-small", {"X-Corral-Tags": "gpu"}, "alpha"),
+    ):
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], extra_headers=headers
+        )
+        assert raw.headers["x-corral-node"] == node, (model, headers)
+
+
+def test_the_model_list_has_every_model_and_its_nodes_with_or_without_v1(
+    gateway: Gateway,
+) -> None:
+    for base in (gateway.v1, gateway.url):
+        models = client_for(gateway, base).models.list().data
+        by_id = {m.id: m for m in models}
+        assert {"sim-small", "sim-large"} <= set(by_id)
+        extension = by_id["sim-small"].model_extra or {}
+        assert sorted(extension["corral"]["nodes"]) == ["alpha", "beta"]
+
+
+def test_an_unknown_model_is_a_404_in_openai_shape(gateway: Gateway) -> None:
+    client = client_for(gateway)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.status_code == 404
+    assert "no-such-model" in caught.value.message
+    assert caught.value.code == "model_not_found"
+
+
+def test_bad_requests_are_400s_that_say_what_is_wrong(gateway: Gateway) -> None:
+    client = client_for(gateway)
+    with pytest.raises(openai.BadRequestError, match="tools are not supported"):
+        client.chat.completions.create(
+            model="sim-small",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(
+            model="sim-small",
+            messages=[{"role": "wizard", "content": "hi"}],  # type: ignore[misc,list-item]
+        )
+    answer = httpx.post(gateway.v1 + "/chat/completions", content=b"{not json", timeout=5)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "the request body is not valid JSON"
+    assert "Traceback" not in answer.text
+
+
+def test_a_prompt_over_the_cluster_limit_is_a_413(gateway: Gateway) -> None:
+    client = client_for(gateway)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(
+            model="sim-small", messages=[{"role": "user", "content": "x" * 5000}]
+        )
+    assert caught.value.status_code == 413
+    assert "over the limit" in caught.value.message
+
+
+def test_embeddings_are_a_clear_501(gateway: Gateway) -> None:
+    client = client_for(gateway)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.embeddings.create(model="sim-embed", input="hello")
+    assert caught.value.status_code == 501
+    assert "embeddings are not routed" in caught.value.message
