@@ -1,0 +1,124 @@
+"""What a gateway client sees when things go wrong: no node up, a node failing before its
+first token, a bad API key, and what a client that hangs up does to its job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.controller.gateway.conftest import FAST, running_gateway, wait_for_models
+from tests.fakes.fake_ollama import running_fake_ollama
+from tests.support.servers import REPO_ROOT, start_worker
+
+LONG_REPLY = " ".join(f"word{i}" for i in range(80))
+
+
+def test_no_node_up_is_a_503_with_retry_after(broker_url: str, tmp_path: Path) -> None:
+    with running_gateway(broker_url, tmp_path) as gw:
+        node = start_worker(broker_url, "gone", *FAST, log_dir=tmp_path)
+        wait_for_models(gw, {"sim-small"})
+        node.stop()
+        client = openai.OpenAI(base_url=gw.v1, api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(
+                model="sim-small", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert caught.value.status_code == 503
+        assert caught.value.response.headers["retry-after"].isdigit()
+        answer = httpx.post(gw.url + "/api/chat", json={"model": "x", "messages": []}, timeout=5)
+        assert answer.status_code == 404  # Ollama's load request for a model nobody has
+        assert answer.json() == {"error": "model 'x' not found"}
+
+
+def test_a_node_failing_before_its_first_token_becomes_another_nodes_answer(
+    broker_url: str, tmp_path: Path
+) -> None:
+    aliases = json.dumps({"coder": ["broken:7b", "good:7b"]})
+    with (
+        running_fake_ollama(["broken:7b"], error_after=0) as broken,
+        running_fake_ollama(["good:7b"], reply="all good here") as good,
+    ):
+        nodes = [
+            start_worker(broker_url, "broken", "--ollama", broken.url, log_dir=tmp_path),
+            start_worker(broker_url, "good", "--ollama", good.url, log_dir=tmp_path),
+        ]
+        try:
+            env = {"CORRAL_ALIASES": aliases}
+            with running_gateway(broker_url, tmp_path, env=env) as gw:
+                wait_for_models(gw, {"broken:7b", "good:7b"})
+                client = openai.OpenAI(base_url=gw.v1, api_key="unused", max_retries=0)
+                raw = client.chat.completions.with_raw_response.create(
+                    model="coder",
+                    messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                )
+                text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+                assert raw.headers["x-corral-node"] == "good"
+                assert text == "all good here"
+                assert [r.path for r in broken.state.requests].count("/api/chat") == 1
+                # With nowhere else to go, the failure is an HTTP error, not an empty 200.
+                with pytest.raises(openai.APIStatusError) as caught:
+                    client.chat.completions.create(
+                        model="broken:7b", messages=[{"role": "user", "content": "hi"}], stream=True
+                    )
+                assert caught.value.status_code >= 500
+        finally:
+            for node in nodes:
+                node.stop()
+
+
+def test_a_client_that_hangs_up_cancels_its_job(broker_url: str, tmp_path: Path) -> None:
+    with running_fake_ollama(["slow:1b"], reply=LONG_REPLY, token_delay=0.1) as fake:
+        node = start_worker(broker_url, "slow", "--ollama", fake.url, log_dir=tmp_path)
+        try:
+            with running_gateway(broker_url, tmp_path) as gw:
+                wait_for_models(gw, {"slow:1b"})
+                requests = (
+                    (gw.v1 + "/chat/completions", {"model": "slow:1b", "stream": True}),
+                    (gw.url + "/api/chat", {"model": "slow:1b"}),  # Ollama streams by default
+                )
+                for number, (url, body) in enumerate(requests, start=1):
+                    messages = [{"role": "user", "content": "count"}]
+                    with httpx.stream("POST", url, json={**body, "messages": messages}) as r:
+                        assert r.status_code == 200
+                        lines = r.iter_lines()
+                        assert "word0" in next(line for line in lines if line.strip())
+                    # Closed after the first token: the backend's stream must stop.
+                    assert fake.wait_until(lambda s, n=number: s.aborted_streams == n, 10)
+                assert fake.state.streams_completed == 0
+        finally:
+            node.stop()
+
+
+def test_api_keys_are_required_when_set_and_off_loopback(broker_url: str, tmp_path: Path) -> None:
+    refused = subprocess.run(
+        [sys.executable, "-m", "controller.gateway", "--host", "0.0.0.0"],  # noqa: S104
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "CORRAL_BROKER_URL": broker_url},
+    )
+    assert refused.returncode == 2
+    assert "CORRAL_API_KEYS" in refused.stderr
+    with running_gateway(broker_url, tmp_path, env={"CORRAL_API_KEYS": "k-one, k-two"}) as gw:
+        bad = openai.OpenAI(base_url=gw.v1, api_key="k-three", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as caught:
+            bad.models.list()
+        assert caught.value.status_code == 401
+        assert caught.value.response.headers["www-authenticate"].startswith("Bearer")
+        assert "k-three" not in caught.value.response.text
+        for key in ("k-one", "k-two"):
+            good = openai.OpenAI(base_url=gw.v1, api_key=key, max_retries=0)
+            assert good.models.list().data == []
+        ollama_answer = httpx.get(gw.url + "/api/tags", timeout=5)
+        assert ollama_answer.status_code == 401
+        assert "API key" in ollama_answer.json()["error"]
+        assert httpx.get(gw.url + "/", timeout=5).text == "Ollama is running"
+        assert "k-one" not in gw.log() and "k-two" not in gw.log()
