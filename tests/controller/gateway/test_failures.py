@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,13 +21,18 @@ from tests.support.servers import REPO_ROOT, start_worker
 LONG_REPLY = " ".join(f"word{i}" for i in range(80))
 
 
+@contextmanager
+def openai_client(base_url: str, key: str = "unused") -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=base_url, api_key=key, max_retries=0) as client:
+        yield client
+
+
 def test_no_node_up_is_a_503_with_retry_after(broker_url: str, tmp_path: Path) -> None:
     with running_gateway(broker_url, tmp_path) as gw:
         node = start_worker(broker_url, "gone", *FAST, log_dir=tmp_path)
         wait_for_models(gw, {"sim-small"})
         node.stop()
-        client = openai.OpenAI(base_url=gw.v1, api_key="unused", max_retries=0)
-        with pytest.raises(openai.InternalServerError) as caught:
+        with pytest.raises(openai.InternalServerError) as caught, openai_client(gw.v1) as client:
             client.chat.completions.create(
                 model="sim-small", messages=[{"role": "user", "content": "hi"}]
             )
@@ -50,9 +57,9 @@ def test_a_node_failing_before_its_first_token_becomes_another_nodes_answer(
         ]
         try:
             env = {"CORRAL_ALIASES": aliases}
-            with running_gateway(broker_url, tmp_path, env=env) as gw:
+            with running_gateway(broker_url, tmp_path, env=env) as gw, ExitStack() as stack:
                 wait_for_models(gw, {"broken:7b", "good:7b"})
-                client = openai.OpenAI(base_url=gw.v1, api_key="unused", max_retries=0)
+                client = stack.enter_context(openai_client(gw.v1))
                 raw = client.chat.completions.with_raw_response.create(
                     model="coder",
                     messages=[{"role": "user", "content": "hi"}],
@@ -98,7 +105,7 @@ def test_a_client_that_hangs_up_cancels_its_job(broker_url: str, tmp_path: Path)
 
 def test_api_keys_are_required_when_set_and_off_loopback(broker_url: str, tmp_path: Path) -> None:
     refused = subprocess.run(
-        [sys.executable, "-m", "controller.gateway", "--host", "0.0.0.0"],  # noqa: S104
+        [sys.executable, "-m", "controller.gateway", "--host", "0.0.0.0"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -108,15 +115,17 @@ def test_api_keys_are_required_when_set_and_off_loopback(broker_url: str, tmp_pa
     assert refused.returncode == 2
     assert "CORRAL_API_KEYS" in refused.stderr
     with running_gateway(broker_url, tmp_path, env={"CORRAL_API_KEYS": "k-one, k-two"}) as gw:
-        bad = openai.OpenAI(base_url=gw.v1, api_key="k-three", max_retries=0)
-        with pytest.raises(openai.AuthenticationError) as caught:
+        with (
+            pytest.raises(openai.AuthenticationError) as caught,
+            openai_client(gw.v1, "k-3") as bad,
+        ):
             bad.models.list()
         assert caught.value.status_code == 401
         assert caught.value.response.headers["www-authenticate"].startswith("Bearer")
-        assert "k-three" not in caught.value.response.text
+        assert "k-3" not in caught.value.response.text
         for key in ("k-one", "k-two"):
-            good = openai.OpenAI(base_url=gw.v1, api_key=key, max_retries=0)
-            assert good.models.list().data == []
+            with openai_client(gw.v1, key) as good:
+                assert good.models.list().data == []
         ollama_answer = httpx.get(gw.url + "/api/tags", timeout=5)
         assert ollama_answer.status_code == 401
         assert "API key" in ollama_answer.json()["error"]

@@ -3,6 +3,8 @@ through the gateway process, onto real simulated workers on a real Redis."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import openai
 import pytest
@@ -16,12 +18,15 @@ def expected(prompt: str) -> str:
     return reply_for([ChatMessage(role="user", content=prompt)])
 
 
-def client_for(gateway: Gateway, base: str | None = None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base or gateway.v1, api_key="unused", max_retries=0)
+@pytest.fixture
+def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0) as c:
+        yield c
 
 
-def test_a_streamed_answer_arrives_in_chunks_then_a_finish_then_usage(gateway: Gateway) -> None:
-    client = client_for(gateway)
+def test_a_streamed_answer_arrives_in_chunks_then_a_finish_then_usage(
+    gateway: Gateway, client: openai.OpenAI
+) -> None:
     prompt = "why is the sky blue"
     chunks = list(
         client.chat.completions.create(
@@ -43,8 +48,9 @@ def test_a_streamed_answer_arrives_in_chunks_then_a_finish_then_usage(gateway: G
     assert len({c.id for c in chunks}) == 1
 
 
-def test_a_whole_answer_says_which_node_and_job_served_it(gateway: Gateway) -> None:
-    client = client_for(gateway)
+def test_a_whole_answer_says_which_node_and_job_served_it(
+    gateway: Gateway, client: openai.OpenAI
+) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model="sim-small@beta",
         messages=[
@@ -61,8 +67,7 @@ def test_a_whole_answer_says_which_node_and_job_served_it(gateway: Gateway) -> N
     assert completion.usage is not None and completion.usage.completion_tokens > 0
 
 
-def test_routing_hints_by_header_and_by_at_node(gateway: Gateway) -> None:
-    client = client_for(gateway)
+def test_routing_hints_by_header_and_by_at_node(client: openai.OpenAI) -> None:
     for model, headers, node in (
         ("@alpha", {}, "alpha"),
         ("sim-small", {"X-Corral-Node": "beta"}, "beta"),
@@ -75,18 +80,17 @@ def test_routing_hints_by_header_and_by_at_node(gateway: Gateway) -> None:
 
 
 def test_the_model_list_has_every_model_and_its_nodes_with_or_without_v1(
-    gateway: Gateway,
+    gateway: Gateway, client: openai.OpenAI
 ) -> None:
     for base in (gateway.v1, gateway.url):
-        models = client_for(gateway, base).models.list().data
+        models = client.with_options(base_url=base).models.list().data
         by_id = {m.id: m for m in models}
         assert {"sim-small", "sim-large"} <= set(by_id)
         extension = by_id["sim-small"].model_extra or {}
         assert sorted(extension["corral"]["nodes"]) == ["alpha", "beta"]
 
 
-def test_an_unknown_model_is_a_404_in_openai_shape(gateway: Gateway) -> None:
-    client = client_for(gateway)
+def test_an_unknown_model_is_a_404_in_openai_shape(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(
             model="no-such-model", messages=[{"role": "user", "content": "hi"}]
@@ -96,8 +100,9 @@ def test_an_unknown_model_is_a_404_in_openai_shape(gateway: Gateway) -> None:
     assert caught.value.code == "model_not_found"
 
 
-def test_bad_requests_are_400s_that_say_what_is_wrong(gateway: Gateway) -> None:
-    client = client_for(gateway)
+def test_bad_requests_are_400s_that_say_what_is_wrong(
+    gateway: Gateway, client: openai.OpenAI
+) -> None:
     with pytest.raises(openai.BadRequestError, match="tools are not supported"):
         client.chat.completions.create(
             model="sim-small",
@@ -115,8 +120,7 @@ def test_bad_requests_are_400s_that_say_what_is_wrong(gateway: Gateway) -> None:
     assert "Traceback" not in answer.text
 
 
-def test_a_prompt_over_the_cluster_limit_is_a_413(gateway: Gateway) -> None:
-    client = client_for(gateway)
+def test_a_prompt_over_the_cluster_limit_is_a_413(client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(
             model="sim-small", messages=[{"role": "user", "content": "x" * 5000}]
@@ -125,8 +129,7 @@ def test_a_prompt_over_the_cluster_limit_is_a_413(gateway: Gateway) -> None:
     assert "over the limit" in caught.value.message
 
 
-def test_embeddings_are_a_clear_501(gateway: Gateway) -> None:
-    client = client_for(gateway)
+def test_embeddings_are_a_clear_501(client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
         client.embeddings.create(model="sim-embed", input="hello")
     assert caught.value.status_code == 501
