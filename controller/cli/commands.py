@@ -108,10 +108,14 @@ def sim(args: tuple[str, ...]) -> None:
     }
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def serve(args: tuple[str, ...]) -> None:
+@click.pass_context
+def serve(ctx: click.Context, args: tuple[str, ...]) -> None:
     """Serve OpenAI- and Ollama-compatible HTTP APIs (see `corral serve --help`)."""
+    broker = ctx.parent.params.get("broker") if ctx.parent is not None else None
+    forwarded = ["--broker", broker] if broker else []
     # Front doors never import each other: hand the process over to the gateway.
-    os.execv(sys.executable, [sys.executable, "-m", "controller.gateway", *args])  # noqa: S606
+    command = [sys.executable, "-m", "controller.gateway", *forwarded, *args]
+    os.execv(sys.executable, command)  # noqa: S606
 
 
 @cli.command()

@@ -24,7 +24,7 @@ from broker.schemas import (
     GenerationOptions,
     StartedEvent,
 )
-from controller.gateway.catalog import catalog
+from controller.gateway.catalog import CatalogEntry, catalog, find
 from controller.gateway.errors import HttpError, bad_request, embeddings_not_routed, http_error
 from controller.gateway.jobs import HeldJob, build_spec, final_failure, hints_from
 from controller.gateway.requests import optional, options_from
@@ -237,24 +237,31 @@ async def _whole(job: HeldJob, created: int) -> dict[str, Any]:
     }
 
 
+def _model_object(entry: CatalogEntry) -> dict[str, Any]:
+    return {
+        "id": entry.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "corral",
+        "corral": {"nodes": entry.nodes, "loaded_on": entry.loaded_on, "alias_of": entry.alias_of},
+    }
+
+
 async def list_models(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    entries = await catalog(gateway)
-    data = [
-        {
-            "id": entry.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "corral",
-            "corral": {
-                "nodes": entry.nodes,
-                "loaded_on": entry.loaded_on,
-                "alias_of": entry.alias_of,
-            },
-        }
-        for entry in entries
-    ]
+    data = [_model_object(entry) for entry in await catalog(gateway)]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    name = request.path_params["model"]
+    entry = find(await catalog(gateway), name)
+    if entry is None:
+        raise HttpError(
+            404, f"the model {name!r} does not exist on any up node", code="model_not_found"
+        )
+    return JSONResponse(_model_object(entry))
 
 
 async def embeddings(request: Request) -> Response:
@@ -267,6 +274,7 @@ def routes() -> list[Route]:
         found += [
             Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
             Route(f"{prefix}/models", list_models, methods=["GET"]),
+            Route(f"{prefix}/models/{{model:path}}", retrieve_model, methods=["GET"]),
             Route(f"{prefix}/embeddings", embeddings, methods=["POST"]),
         ]
     return found

@@ -37,15 +37,21 @@ class Gateway:
 
 @contextmanager
 def running_gateway(
-    broker_url: str, log_dir: Path, *args: str, env: dict[str, str] | None = None
+    broker_url: str,
+    log_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    command: tuple[str, ...] = ("-m", "controller.gateway"),
 ) -> Iterator[Gateway]:
+    """``python -m controller.gateway ARGS``; ``command`` ``("-m", "controller", "serve")``
+    starts it as ``corral serve`` does."""
     port = free_port()
     log_path = log_dir / f"gateway-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     full_env.update({"CORRAL_BROKER_URL": broker_url, **(env or {})})
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "controller.gateway", "--port", str(port), *args],
+            [sys.executable, *command, "--port", str(port), *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=full_env,

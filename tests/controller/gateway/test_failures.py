@@ -131,3 +131,16 @@ def test_api_keys_are_required_when_set_and_off_loopback(broker_url: str, tmp_pa
         assert "API key" in ollama_answer.json()["error"]
         assert httpx.get(gw.url + "/", timeout=5).text == "Ollama is running"
         assert "k-one" not in gw.log() and "k-two" not in gw.log()
+
+
+def test_corral_serve_execs_the_gateway_with_the_broker_flag(
+    broker_url: str, tmp_path: Path
+) -> None:
+    command = ("-m", "controller", "--broker", broker_url, "serve")
+    env = {"CORRAL_BROKER_URL": "redis://127.0.0.1:1/0"}  # wrong: the flag must win
+    with running_gateway(broker_url, tmp_path, env=env, command=command) as gw:
+        node = start_worker(broker_url, "served", *FAST, log_dir=tmp_path)
+        try:
+            wait_for_models(gw, {"sim-small"})
+        finally:
+            node.stop()

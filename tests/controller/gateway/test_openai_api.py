@@ -88,6 +88,9 @@ def test_the_model_list_has_every_model_and_its_nodes_with_or_without_v1(
         assert {"sim-small", "sim-large"} <= set(by_id)
         extension = by_id["sim-small"].model_extra or {}
         assert sorted(extension["corral"]["nodes"]) == ["alpha", "beta"]
+    assert client.models.retrieve("sim-large:latest").id == "sim-large"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
 
 
 def test_an_unknown_model_is_a_404_in_openai_shape(client: openai.OpenAI) -> None:
