@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ class Gateway:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     _blocking: CorralClient | None = None
+    _blocking_lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def aclose(self) -> None:
         if self._blocking is not None:
@@ -142,9 +144,11 @@ class Gateway:
         library's ``model_op`` is blocking-only); waits for the node to finish it."""
 
         def run() -> None:
-            if self._blocking is None:
-                self._blocking = CorralClient(self.settings)
-            reader = self._blocking.model_op(node, op, model, keep_alive=keep_alive)
+            with self._blocking_lock:
+                if self._blocking is None:
+                    self._blocking = CorralClient(self.settings)
+                blocking = self._blocking
+            reader = blocking.model_op(node, op, model, keep_alive=keep_alive)
             for _event in reader.events(_MODEL_OP_TIMEOUT_S):
                 pass
 

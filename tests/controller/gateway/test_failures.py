@@ -98,6 +98,11 @@ def test_a_client_that_hangs_up_cancels_its_job(broker_url: str, tmp_path: Path)
                         assert "word0" in next(line for line in lines if line.strip())
                     # Closed after the first token: the backend's stream must stop.
                     assert fake.wait_until(lambda s, n=number: s.aborted_streams == n, 10)
+                # Not streamed: a client that gives up waiting for the whole answer.
+                body = {"model": "slow:1b", "messages": [{"role": "user", "content": "count"}]}
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(gw.v1 + "/chat/completions", json=body, timeout=1.0)
+                assert fake.wait_until(lambda s: s.aborted_streams == 3, 10)
                 assert fake.state.streams_completed == 0
         finally:
             node.stop()
