@@ -145,6 +145,10 @@ def final_failure(event: AnyStreamEvent) -> CorralError | None:
         return error_from_code(event.code, event.message)
     if isinstance(event, InterruptedEvent):
         return error_from_code(event.code, event.message)
+    if isinstance(event, DoneEvent) and event.result.status != "ok":
+        result = event.result
+        code = result.error_code or result.status
+        return error_from_code(code, result.error_message or f"the job ended: {result.status}")
     return None
 
 

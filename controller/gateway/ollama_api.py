@@ -34,6 +34,7 @@ from controller.gateway.service import Gateway
 API = "ollama"
 NDJSON = "application/x-ndjson"
 _ROLES = ("system", "user", "assistant")
+_NOT_PASSED_THROUGH = frozenset({"tools", "vision"})
 
 
 def error_body(exc: HttpError) -> dict[str, Any]:
@@ -178,6 +179,9 @@ def _failure(event: AnyStreamEvent) -> HttpError | None:
 async def _stream_lines(job: HeldJob, *, chat: bool) -> AsyncIterator[bytes]:
     try:
         async for event in job.all_events():
+            if (failure := _failure(event)) is not None:
+                yield _line(error_body(failure))  # Ollama's mid-stream error line
+                return
             if isinstance(event, StartedEvent):
                 job.node, job.model = event.node, event.model
             elif isinstance(event, DeltaEvent) and event.text:
@@ -187,9 +191,6 @@ async def _stream_lines(job: HeldJob, *, chat: bool) -> AsyncIterator[bytes]:
                 job.record_done(event)
                 yield _line(_final(job, event, chat=chat))
                 return
-            elif (failure := _failure(event)) is not None:
-                yield _line(error_body(failure))  # Ollama's mid-stream error line
-                return
     except JobError as exc:
         yield _line(error_body(http_error(exc)))
 
@@ -198,6 +199,8 @@ async def _whole(job: HeldJob, *, chat: bool) -> dict[str, Any]:
     parts: list[str] = []
     try:
         async for event in job.all_events():
+            if (failure := _failure(event)) is not None:
+                raise failure
             if isinstance(event, StartedEvent):
                 job.node, job.model = event.node, event.model
             elif isinstance(event, DeltaEvent):
@@ -205,8 +208,6 @@ async def _whole(job: HeldJob, *, chat: bool) -> dict[str, Any]:
             elif isinstance(event, DoneEvent):
                 job.record_done(event)
                 return _final(job, event, chat=chat, text="".join(parts))
-            elif (failure := _failure(event)) is not None:
-                raise failure
     except JobError as exc:
         raise http_error(exc) from None
     raise HttpError(502, "the job ended without an answer", "server_error")
@@ -314,6 +315,9 @@ async def show(request: Request) -> Response:
     if info is not None and info.context_length is not None:
         model_info[f"{family}.context_length"] = info.context_length
     capabilities = sorted(info.capabilities) if info and info.capabilities else ["chat"]
+    # Only what the gateway can pass through: a client that reads "tools" or "vision" here
+    # would send tools or images, which are refused for now.
+    capabilities = [c for c in capabilities if c not in _NOT_PASSED_THROUGH]
     return JSONResponse(
         {
             "license": "",

@@ -163,6 +163,11 @@ async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> Asy
     first = True
     try:
         async for event in job.all_events():
+            if (failure := _failure(event)) is not None:
+                # After the first token the status line is sent: the error goes in the stream,
+                # where the openai client raises it.
+                yield _sse(error_body(failure))
+                return
             if isinstance(event, StartedEvent):
                 job.node, job.model = event.node, event.model
             elif isinstance(event, DeltaEvent) and event.text:
@@ -186,11 +191,6 @@ async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> Asy
                     yield _sse(usage_chunk)
                 yield b"data: [DONE]\n\n"
                 return
-            elif (failure := _failure(event)) is not None:
-                # After the first token the status line is sent: the error goes in the stream,
-                # where the openai client raises it.
-                yield _sse(error_body(failure))
-                return
     except JobError as exc:
         yield _sse(error_body(http_error(exc)))
 
@@ -205,6 +205,8 @@ async def _whole(job: HeldJob, created: int) -> dict[str, Any]:
     done: DoneEvent | None = None
     try:
         async for event in job.all_events():
+            if (failure := _failure(event)) is not None:
+                raise failure
             if isinstance(event, StartedEvent):
                 job.node, job.model = event.node, event.model
             elif isinstance(event, DeltaEvent):
@@ -213,8 +215,6 @@ async def _whole(job: HeldJob, created: int) -> dict[str, Any]:
                 done = event
                 job.record_done(event)
                 break
-            elif (failure := _failure(event)) is not None:
-                raise failure
     except JobError as exc:
         raise http_error(exc) from None
     if done is None:

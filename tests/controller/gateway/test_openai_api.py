@@ -117,6 +117,12 @@ def test_bad_requests_are_400s_that_say_what_is_wrong(
             model="sim-small",
             messages=[{"role": "wizard", "content": "hi"}],  # type: ignore[misc,list-item]
         )
+    with pytest.raises(openai.BadRequestError, match="X-Corral-Priority"):
+        client.chat.completions.create(
+            model="sim-small",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"X-Corral-Priority": "urgent"},
+        )
     answer = httpx.post(gateway.v1 + "/chat/completions", content=b"{not json", timeout=5)
     assert answer.status_code == 400
     assert answer.json()["error"]["message"] == "the request body is not valid JSON"
