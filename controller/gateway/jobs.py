@@ -134,10 +134,21 @@ class HeldJob:
         async for event in self.rest:
             yield event
 
+    async def drain(self) -> None:
+        await drain(self.rest)
+
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):
             await self.rest.aclose()  # type: ignore[attr-defined]
         await self.run.aclose()
+
+
+async def drain(events: AsyncIterator[AnyStreamEvent]) -> None:
+    """Iterate to the end: the job run performs what follows its last event (saving the
+    session, resetting or tripping breakers) only as it is iterated past it."""
+    with contextlib.suppress(JobError):
+        async for _event in events:
+            pass
 
 
 def final_failure(event: AnyStreamEvent) -> CorralError | None:
@@ -177,6 +188,7 @@ async def submit_and_hold(client: AsyncCorralClient, spec: JobSpec, timeout_s: f
                 node, model = event.node, event.model
             failure = final_failure(event)
             if failure is not None:
+                await drain(events)
                 raise http_error(failure)
             if isinstance(event, DeltaEvent) and event.text:
                 job = HeldJob(run, held, events, node, model, submitted_at, time.monotonic())

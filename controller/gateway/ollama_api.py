@@ -23,7 +23,6 @@ from broker.schemas import (
     GenerationOptions,
     ModelInfo,
     StartedEvent,
-    canonical_model_name,
 )
 from controller.gateway.catalog import CatalogEntry, catalog, find
 from controller.gateway.errors import HttpError, bad_request, embeddings_not_routed, http_error
@@ -181,6 +180,7 @@ async def _stream_lines(job: HeldJob, *, chat: bool) -> AsyncIterator[bytes]:
         async for event in job.all_events():
             if (failure := _failure(event)) is not None:
                 yield _line(error_body(failure))  # Ollama's mid-stream error line
+                await job.drain()  # the library's after-end steps (session, breakers)
                 return
             if isinstance(event, StartedEvent):
                 job.node, job.model = event.node, event.model
@@ -190,6 +190,7 @@ async def _stream_lines(job: HeldJob, *, chat: bool) -> AsyncIterator[bytes]:
             elif isinstance(event, DoneEvent):
                 job.record_done(event)
                 yield _line(_final(job, event, chat=chat))
+                await job.drain()  # the library's after-end steps (session, breakers)
                 return
     except JobError as exc:
         yield _line(error_body(http_error(exc)))
@@ -200,6 +201,7 @@ async def _whole(job: HeldJob, *, chat: bool) -> dict[str, Any]:
     try:
         async for event in job.all_events():
             if (failure := _failure(event)) is not None:
+                await job.drain()  # the library's after-end steps (session, breakers)
                 raise failure
             if isinstance(event, StartedEvent):
                 job.node, job.model = event.node, event.model
@@ -362,4 +364,4 @@ def routes() -> list[Route]:
     ]
 
 
-__all__ = ["canonical_model_name", "error_body", "routes"]
+__all__ = ["error_body", "routes"]

@@ -84,6 +84,13 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             "tools are not supported by the corral gateway yet: no backend passes them through",
             "tools_not_supported",
         )
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
+        raise bad_request(
+            "response_format other than text (JSON mode, JSON schema) is not supported by the"
+            " corral gateway yet",
+            "response_format_not_supported",
+        )
     n = body.get("n", 1)
     if n not in (1, None):
         raise bad_request("only n=1 is supported")
@@ -167,6 +174,7 @@ async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> Asy
                 # After the first token the status line is sent: the error goes in the stream,
                 # where the openai client raises it.
                 yield _sse(error_body(failure))
+                await job.drain()  # the library's after-end steps (session, breakers)
                 return
             if isinstance(event, StartedEvent):
                 job.node, job.model = event.node, event.model
@@ -190,6 +198,7 @@ async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> Asy
                     usage_chunk["usage"] = _usage(event)
                     yield _sse(usage_chunk)
                 yield b"data: [DONE]\n\n"
+                await job.drain()  # the library's after-end steps (session, breakers)
                 return
     except JobError as exc:
         yield _sse(error_body(http_error(exc)))
@@ -206,6 +215,7 @@ async def _whole(job: HeldJob, created: int) -> dict[str, Any]:
     try:
         async for event in job.all_events():
             if (failure := _failure(event)) is not None:
+                await job.drain()  # the library's after-end steps (session, breakers)
                 raise failure
             if isinstance(event, StartedEvent):
                 job.node, job.model = event.node, event.model
@@ -214,6 +224,7 @@ async def _whole(job: HeldJob, created: int) -> dict[str, Any]:
             elif isinstance(event, DoneEvent):
                 done = event
                 job.record_done(event)
+                await job.drain()  # the library's after-end steps (session, breakers)
                 break
     except JobError as exc:
         raise http_error(exc) from None

@@ -117,6 +117,12 @@ def test_bad_requests_are_400s_that_say_what_is_wrong(
             model="sim-small",
             messages=[{"role": "wizard", "content": "hi"}],  # type: ignore[misc,list-item]
         )
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(
+            model="sim-small",
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "json_object"},
+        )
     with pytest.raises(openai.BadRequestError, match="X-Corral-Priority"):
         client.chat.completions.create(
             model="sim-small",
@@ -143,3 +149,19 @@ def test_embeddings_are_a_clear_501(client: openai.OpenAI) -> None:
         client.embeddings.create(model="sim-embed", input="hello")
     assert caught.value.status_code == 501
     assert "embeddings are not routed" in caught.value.message
+
+
+def test_a_session_keeps_its_node(client: openai.OpenAI) -> None:
+    def ask(model: str, session: str) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=model,
+            messages=[{"role": "user", "content": "and then?"}],
+            extra_headers={"X-Corral-Session": session},
+        )
+        return raw.headers["x-corral-node"]
+
+    assert ask("sim-small@beta", "gw-session-1") == "beta"
+    assert ask("sim-small@alpha", "gw-session-2") == "alpha"
+    for _ in range(2):
+        assert ask("sim-small", "gw-session-1") == "beta"
+        assert ask("sim-small", "gw-session-2") == "alpha"
