@@ -217,20 +217,31 @@ async def unless_disconnected(
     on_disconnect: Callable[[], Awaitable[None]],
 ) -> _T:
     """``work``'s result; if the client leaves first, ``work`` is cancelled, ``on_disconnect``
-    awaited and ``ClientGone`` raised."""
+    awaited and ``ClientGone`` raised. The same happens when the request itself is cancelled
+    (the server shutting down), which is then re-raised."""
     work_task = asyncio.ensure_future(work)
     watch_task = asyncio.ensure_future(wait_for_disconnect(receive))
     try:
         await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        await _abandon(work_task, on_disconnect)
+        raise
     finally:
         watch_task.cancel()
     if work_task.done():
         return work_task.result()
+    await _abandon(work_task, on_disconnect)
+    raise ClientGone
+
+
+async def _abandon(
+    work_task: asyncio.Future[_T], on_abandon: Callable[[], Awaitable[None]]
+) -> None:
     work_task.cancel()
     with contextlib.suppress(BaseException):
         await work_task
-    await on_disconnect()
-    raise ClientGone
+    # Shielded: it must reach Redis even when this request is being cancelled.
+    await asyncio.shield(on_abandon())
 
 
 class ClientGone(Exception):

@@ -94,6 +94,9 @@ class Gateway:
         except HttpError as exc:
             self.metrics.refused.labels(api, str(exc.status)).inc()
             raise
+        except ClientGone:
+            self.metrics.refused.labels(api, "499").inc()  # nginx's "client closed request"
+            raise
         self.metrics.job_started()
         return job
 
@@ -187,19 +190,28 @@ class JobStreamResponse(Response):
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             pump = asyncio.ensure_future(self._pump(send))
             watch = asyncio.ensure_future(wait_for_disconnect(receive))
-            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-            watch.cancel()
+            try:
+                await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # The server is shutting down: stop the job rather than leave it running.
+                await self._stop(pump)
+                raise
+            finally:
+                watch.cancel()
             if not pump.done():
-                pump.cancel()
-                with contextlib.suppress(BaseException):
-                    await pump
-                job.outcome = "cancelled"
-                await self._gateway.client.cancel(job.job_id)
+                await self._stop(pump)
                 return
             with contextlib.suppress(ClientGone, OSError):
                 pump.result()
         finally:
             await self._gateway.finish(self._api, job)
+
+    async def _stop(self, pump: asyncio.Future[None]) -> None:
+        pump.cancel()
+        with contextlib.suppress(BaseException):
+            await pump
+        self._job.outcome = "cancelled"
+        await asyncio.shield(self._gateway.client.cancel(self._job.job_id))
 
     async def _pump(self, send: Send) -> None:
         async for frame in self._frames:

@@ -4,6 +4,7 @@ first token, a bad API key, and what a client that hangs up does to its job."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -147,5 +148,25 @@ def test_corral_serve_execs_the_gateway_with_the_broker_flag(
         node = start_worker(broker_url, "served", *FAST, log_dir=tmp_path)
         try:
             wait_for_models(gw, {"sim-small"})
+        finally:
+            node.stop()
+
+
+def test_a_gateway_that_stops_cancels_the_jobs_it_was_streaming(
+    broker_url: str, tmp_path: Path
+) -> None:
+    with running_fake_ollama(["slow:1b"], reply=LONG_REPLY, token_delay=0.1) as fake:
+        node = start_worker(broker_url, "slow", "--ollama", fake.url, log_dir=tmp_path)
+        try:
+            with running_gateway(broker_url, tmp_path) as gw:
+                wait_for_models(gw, {"slow:1b"})
+                body = {"model": "slow:1b", "messages": [{"role": "user", "content": "count"}]}
+                with httpx.stream("POST", gw.url + "/api/chat", json=body, timeout=30) as r:
+                    assert "word0" in next(line for line in r.iter_lines() if line.strip())
+                    gw.process.send_signal(signal.SIGTERM)  # past its 5 s grace, it cancels
+                    # uvicorn exits by re-raising the signal once it has shut down.
+                    assert gw.process.wait(timeout=20) in (0, -signal.SIGTERM)
+                assert fake.wait_until(lambda s: s.aborted_streams == 1, 10)
+                assert fake.state.streams_completed == 0
         finally:
             node.stop()
