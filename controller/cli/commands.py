@@ -45,6 +45,7 @@ from controller.cli.render import (
     nodes_table,
     stderr_console,
 )
+from controller.cli.serve import serve
 from controller.cli.tunnel import tunnel
 from controller.client import CorralClient, Event, make_spec
 from controller.fanout import (
@@ -64,7 +65,7 @@ from controller.prompt import parse_tags, split_mention
 @click.pass_context
 def cli(ctx: click.Context, broker: str | None) -> None:
     """corral: one front door for a home lab's LLM servers."""
-    if ctx.invoked_subcommand in ("worker", "sim", "demo", "tunnel", "serve"):
+    if ctx.invoked_subcommand in ("worker", "sim", "demo", "tunnel"):
         return  # they build their own settings (a tunnel needs none)
     try:
         ctx.obj = {"settings": build_settings(broker_url=broker)}
@@ -98,24 +99,6 @@ def sim(args: tuple[str, ...]) -> None:
     """Run a simulated fleet of nodes in one process (see `corral sim --help`)."""
     # Like `corral worker`: the controller never imports worker/, so hand the process over.
     os.execv(sys.executable, [sys.executable, "-m", "worker.sim", *args])  # noqa: S606
-
-
-@cli.command(
-    context_settings={
-        "ignore_unknown_options": True,
-        "allow_extra_args": True,
-        "help_option_names": [],
-    }
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.pass_context
-def serve(ctx: click.Context, args: tuple[str, ...]) -> None:
-    """Serve OpenAI- and Ollama-compatible HTTP APIs (see `corral serve --help`)."""
-    broker = ctx.parent.params.get("broker") if ctx.parent is not None else None
-    forwarded = ["--broker", broker] if broker else []
-    # Front doors never import each other: hand the process over to the gateway.
-    command = [sys.executable, "-m", "controller.gateway", *forwarded, *args]
-    os.execv(sys.executable, command)  # noqa: S606
 
 
 @cli.command()
@@ -431,6 +414,7 @@ cli.add_command(flower)
 cli.add_command(tunnel)
 cli.add_command(doctor)
 cli.add_command(chat_command)
+cli.add_command(serve)
 
 
 def main() -> None:
