@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.settings import CorralSettings
 from controller.aclient import AsyncCorralClient
-from controller.gateway import ollama_api, openai_api
+from controller.gateway import ollama_api, openai_api, openai_completions
 from controller.gateway.errors import HttpError
 from controller.gateway.jobs import ClientGone
 from controller.gateway.service import DEFAULT_MAX_BODY_BYTES, Gateway
@@ -127,6 +127,7 @@ def build_app(
         Route("/", root, methods=["GET", "HEAD"]),
         Route("/metrics", metrics, methods=["GET"]),
         *openai_api.routes(),
+        *openai_completions.routes(),
         *ollama_api.routes(),
     ]
     app = Starlette(

@@ -32,7 +32,7 @@ from controller.gateway.service import Gateway
 
 API = "openai"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 
 
 def error_body(exc: HttpError) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def messages_from(body: dict[str, Any]) -> list[ChatMessage]:
     return messages
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
+def refuse_unsupported(body: dict[str, Any]) -> None:
     if body.get("tools") or body.get("functions"):
         raise bad_request(
             "tools are not supported by the corral gateway yet: no backend passes them through",
@@ -96,7 +96,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise bad_request("only n=1 is supported")
 
 
-def _generation_options(body: dict[str, Any]) -> GenerationOptions:
+def generation_options(body: dict[str, Any]) -> GenerationOptions:
     max_tokens = optional(body, "max_completion_tokens", int)
     if max_tokens is None:
         max_tokens = optional(body, "max_tokens", int)
@@ -113,11 +113,11 @@ def _completion_id(job: HeldJob) -> str:
     return f"chatcmpl-{job.job_id}"
 
 
-def _corral_headers(job: HeldJob) -> dict[str, str]:
+def corral_headers(job: HeldJob) -> dict[str, str]:
     return {"X-Corral-Node": job.node, "X-Corral-Job": job.job_id}
 
 
-def _usage(done: DoneEvent) -> dict[str, int]:
+def usage_of(done: DoneEvent) -> dict[str, int]:
     usage = done.result.usage
     prompt = usage.prompt_tokens or 0
     return {
@@ -127,7 +127,7 @@ def _usage(done: DoneEvent) -> dict[str, int]:
     }
 
 
-def _sse(payload: object) -> bytes:
+def sse(payload: object) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
@@ -137,23 +137,23 @@ async def chat_completions(request: Request) -> Response:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required: a model, an alias, model@node or @node")
-    _refuse_unsupported(body)
+    refuse_unsupported(body)
     stream = bool(body.get("stream", False))
     stream_options = body.get("stream_options") or {}
     include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
     spec = build_spec(
         messages_from(body),
         hints_from(model, request.headers),
-        _generation_options(body),
+        generation_options(body),
         gateway.settings.max_prompt_bytes,
     )
     job = await gateway.hold(request, API, spec)
     created = int(time.time())
     if stream:
         frames = _stream_frames(job, created, include_usage)
-        return gateway.stream(API, job, frames, "text/event-stream", _corral_headers(job))
+        return gateway.stream(API, job, frames, "text/event-stream", corral_headers(job))
     answer = await gateway.collect(request, API, job, lambda: _whole(job, created))
-    return JSONResponse(answer, headers=_corral_headers(job))
+    return JSONResponse(answer, headers=corral_headers(job))
 
 
 async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> AsyncIterator[bytes]:
@@ -170,10 +170,10 @@ async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> Asy
     first = True
     try:
         async for event in job.all_events():
-            if (failure := _failure(event)) is not None:
+            if (failure := failure_of(event)) is not None:
                 # After the first token the status line is sent: the error goes in the stream,
                 # where the openai client raises it.
-                yield _sse(error_body(failure))
+                yield sse(error_body(failure))
                 await job.drain()  # the library's after-end steps (session, breakers)
                 return
             if isinstance(event, StartedEvent):
@@ -185,26 +185,26 @@ async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> Asy
                     else {"content": event.text}
                 )
                 first = False
-                yield _sse(chunk(delta, None))
+                yield sse(chunk(delta, None))
             elif isinstance(event, DoneEvent):
                 job.record_done(event)
                 if first:
-                    yield _sse(chunk({"role": "assistant", "content": ""}, None))
-                reason = _FINISH.get(event.result.finish_reason or "stop", "stop")
-                yield _sse(chunk({}, reason))
+                    yield sse(chunk({"role": "assistant", "content": ""}, None))
+                reason = FINISH_REASONS.get(event.result.finish_reason or "stop", "stop")
+                yield sse(chunk({}, reason))
                 if include_usage:
                     usage_chunk = chunk({}, None)
                     usage_chunk["choices"] = []
-                    usage_chunk["usage"] = _usage(event)
-                    yield _sse(usage_chunk)
+                    usage_chunk["usage"] = usage_of(event)
+                    yield sse(usage_chunk)
                 yield b"data: [DONE]\n\n"
                 await job.drain()  # the library's after-end steps (session, breakers)
                 return
     except JobError as exc:
-        yield _sse(error_body(http_error(exc)))
+        yield sse(error_body(http_error(exc)))
 
 
-def _failure(event: AnyStreamEvent) -> HttpError | None:
+def failure_of(event: AnyStreamEvent) -> HttpError | None:
     failure = final_failure(event)
     return None if failure is None else http_error(failure)
 
@@ -214,7 +214,7 @@ async def _whole(job: HeldJob, created: int) -> dict[str, Any]:
     done: DoneEvent | None = None
     try:
         async for event in job.all_events():
-            if (failure := _failure(event)) is not None:
+            if (failure := failure_of(event)) is not None:
                 await job.drain()  # the library's after-end steps (session, breakers)
                 raise failure
             if isinstance(event, StartedEvent):
@@ -241,10 +241,10 @@ async def _whole(job: HeldJob, created: int) -> dict[str, Any]:
                 "index": 0,
                 "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
                 "logprobs": None,
-                "finish_reason": _FINISH.get(done.result.finish_reason or "stop", "stop"),
+                "finish_reason": FINISH_REASONS.get(done.result.finish_reason or "stop", "stop"),
             }
         ],
-        "usage": _usage(done),
+        "usage": usage_of(done),
     }
 
 
@@ -280,6 +280,7 @@ async def embeddings(request: Request) -> Response:
 
 
 def routes() -> list[Route]:
+
     found = []
     for prefix in ("/v1", ""):
         found += [

@@ -165,3 +165,15 @@ def test_a_session_keeps_its_node(client: openai.OpenAI) -> None:
     for _ in range(2):
         assert ask("sim-small", "gw-session-1") == "beta"
         assert ask("sim-small", "gw-session-2") == "alpha"
+
+
+def test_the_legacy_completions_endpoint(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model="sim-small", prompt="hello there")
+    assert whole.choices[0].text == expected("hello there")
+    assert whole.choices[0].finish_reason == "stop"
+    assert whole.usage is not None and whole.usage.completion_tokens > 0
+    streamed = list(client.completions.create(model="sim-small", prompt="hello", stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == expected("hello")
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="fill-in-the-middle"):
+        client.completions.create(model="sim-small", prompt="def f(", suffix="return 1")
