@@ -170,3 +170,13 @@ def test_a_gateway_that_stops_cancels_the_jobs_it_was_streaming(
                 assert fake.state.streams_completed == 0
         finally:
             node.stop()
+
+
+def test_redis_out_of_reach_is_a_503_that_hides_the_password(tmp_path: Path) -> None:
+    unreachable = "redis://:hunter2-secret@127.0.0.1:1/0"
+    with running_gateway(unreachable, tmp_path) as gw:
+        answer = httpx.get(gw.v1 + "/models", timeout=10)
+        assert answer.status_code == 503
+        assert answer.headers["retry-after"].isdigit()
+        assert "cannot reach Redis" in answer.json()["error"]["message"]
+        assert "hunter2" not in answer.text and "hunter2" not in gw.log()
