@@ -22,6 +22,7 @@ from broker.schemas import (
     DoneEvent,
     GenerationOptions,
     ModelInfo,
+    ModelOpKind,
     StartedEvent,
 )
 from controller.gateway.catalog import CatalogEntry, catalog, find
@@ -219,7 +220,8 @@ async def _load_or_unload(
     gateway: Gateway, model: str, keep_alive: object, *, chat: bool
 ) -> Response:
     """No prompt: ``keep_alive: 0`` unloads ``model`` from every node holding it, anything else
-    warms it on the node that would serve it (as Ollama loads it)."""
+    warms it on a node that has it loaded already, else the first that has it (as Ollama
+    loads it). A node whose backend cannot manage models (llama.cpp) is left as it is."""
     name, node = split_model(model)
     entries = await catalog(gateway)
     entry = find(entries, name) if name else None
@@ -230,12 +232,12 @@ async def _load_or_unload(
     if unload:
         for target in entry.loaded_on:
             if node is None or target == node:
-                await gateway.model_op(target, "unload", real)
+                await _model_op_if_supported(gateway, target, "unload", real, None)
     else:
         targets = [node] if node else (entry.loaded_on[:1] or entry.nodes[:1])
         alive = None if keep_alive is None else str(keep_alive)
         for target in targets:
-            await gateway.model_op(target, "warm", real, keep_alive=alive)
+            await _model_op_if_supported(gateway, target, "warm", real, alive)
     payload: dict[str, Any] = {
         "model": model,
         "created_at": _now(),
@@ -244,6 +246,16 @@ async def _load_or_unload(
         "done": True,
     }
     return JSONResponse(payload)
+
+
+async def _model_op_if_supported(
+    gateway: Gateway, node: str, op: ModelOpKind, model: str, keep_alive: str | None
+) -> None:
+    try:
+        await gateway.model_op(node, op, model, keep_alive=keep_alive)
+    except HttpError as exc:
+        if exc.status != 501:  # 501: the node's backend does not manage models
+            raise
 
 
 def _details(info: ModelInfo | None) -> dict[str, Any]:
