@@ -10,8 +10,10 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+import ollama
 import openai
 import pytest
 
@@ -180,3 +182,38 @@ def test_redis_out_of_reach_is_a_503_that_hides_the_password(tmp_path: Path) -> 
         assert answer.headers["retry-after"].isdigit()
         assert "cannot reach Redis" in answer.json()["error"]["message"]
         assert "hunter2" not in answer.text and "hunter2" not in gw.log()
+
+
+def text_until_error(parts: Iterator[str]) -> tuple[str, Exception | None]:
+    """The text a client shows, and the error its library raised mid-stream (if any)."""
+    text = ""
+    try:
+        for part in parts:
+            text += part
+    except (openai.APIError, ollama.ResponseError) as exc:
+        return text, exc
+    return text, None
+
+
+def test_a_failure_after_the_first_token_ends_the_stream_with_an_error(
+    broker_url: str, tmp_path: Path
+) -> None:
+    with running_fake_ollama(["flaky:1b"], reply=LONG_REPLY, error_after=3) as fake:
+        node = start_worker(broker_url, "flaky", "--ollama", fake.url, log_dir=tmp_path)
+        try:
+            with running_gateway(broker_url, tmp_path) as gw, openai_client(gw.v1) as client:
+                wait_for_models(gw, {"flaky:1b"})
+                messages: list[Any] = [{"role": "user", "content": "count"}]
+                chunks = client.chat.completions.create(
+                    model="flaky:1b", messages=messages, stream=True
+                )
+                text, error = text_until_error(c.choices[0].delta.content or "" for c in chunks)
+                assert text.startswith("word0")
+                assert isinstance(error, openai.APIError) and "llama runner" in str(error)
+                with ollama.Client(host=gw.url) as ollama_client:
+                    parts = ollama_client.chat(model="flaky:1b", messages=messages, stream=True)
+                    text, error = text_until_error(p.message.content or "" for p in parts)
+                assert text.startswith("word0")
+                assert isinstance(error, ollama.ResponseError) and "llama runner" in str(error)
+        finally:
+            node.stop()
