@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from broker.errors import RoutingError
-from broker.schemas import AnyStreamEvent, JobSpec
+from broker.schemas import AnyStreamEvent, JobSpec, is_terminal
 from controller.areader import AsyncJobStreamReader
 from controller.dispatch import WRITES_REFUSED, refused_write
 from controller.router import Candidate
@@ -80,8 +80,14 @@ class AsyncJobRun:
         """Every event of the job, in order, through to its end."""
         try:
             async for event in self.reader.events(timeout_s):
+                # A job's last event is acted on (session saved, breakers told) before the
+                # caller sees it: a caller may well stop reading there.
+                last = is_terminal(event)
+                if last:
+                    await self._perform_all(self.core.after(event))
                 yield event
-                await self._perform_all(self.core.after(event))
+                if not last:
+                    await self._perform_all(self.core.after(event))
         except WRITES_REFUSED as exc:
             raise refused_write(exc) from None
 

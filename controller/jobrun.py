@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from broker.errors import RoutingError
-from broker.schemas import AnyStreamEvent, JobSpec
+from broker.schemas import AnyStreamEvent, JobSpec, is_terminal
 from controller.dispatch import WRITES_REFUSED, refused_write
 from controller.reader import JobStreamReader
 from controller.router import Candidate
@@ -88,8 +88,14 @@ class JobRun:
         """Every event of the job, in order, through to its end."""
         try:
             for event in self.reader.events(timeout_s):
+                # A job's last event is acted on (session saved, breakers told) before the
+                # caller sees it: a caller may well stop reading there.
+                last = is_terminal(event)
+                if last:
+                    self._perform_all(self.core.after(event))
                 yield event
-                self._perform_all(self.core.after(event))
+                if not last:
+                    self._perform_all(self.core.after(event))
         except WRITES_REFUSED as exc:
             raise refused_write(exc) from None
 

@@ -46,6 +46,7 @@ from controller.cli.render import (
     nodes_table,
     stderr_console,
 )
+from controller.cli.serve import serve
 from controller.cli.tunnel import tunnel
 from controller.client import CorralClient, Event, make_spec
 from controller.fanout import (
@@ -415,6 +416,7 @@ cli.add_command(mcp_command)
 cli.add_command(tunnel)
 cli.add_command(doctor)
 cli.add_command(chat_command)
+cli.add_command(serve)
 
 
 def main() -> None:

@@ -1,0 +1,259 @@
+"""The HTTP gateway against the Python API, on the simulated backend.
+
+1. Added time to first token: the same short job through the asyncio Python API (in this
+   process), through the gateway's OpenAI path (``/v1/chat/completions``, SSE) and its Ollama
+   path (``/api/chat``, NDJSON), interleaved in one run so machine noise hits them alike.
+2. Load: N streaming OpenAI requests from C concurrent clients: requests/s, tokens/s, p50/p99
+   of the whole request.
+3. Gateway memory per open stream: RSS with S streams held open (a slow node) minus at rest.
+
+    python -m benchmarks.gateway [--quick] [--runs 200] [--requests 200] [--clients 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from broker.schemas import DeltaEvent, GenerationOptions
+from broker.settings import build_settings
+from controller.aclient import AsyncCorralClient
+from controller.client import make_spec
+from controller.localcluster import free_port, stop_process
+from tests.support.servers import REPO_ROOT, start_redis, start_worker
+
+MESSAGES = [{"role": "user", "content": "benchmark"}]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+async def python_api_ms(client: AsyncCorralClient) -> float:
+    started = time.perf_counter()
+    run = await client.submit(
+        make_spec("benchmark", node="fast", options=GenerationOptions(max_tokens=2))
+    )
+    first: float | None = None
+    async for event in run.events(30):
+        if isinstance(event, DeltaEvent) and first is None:
+            first = (time.perf_counter() - started) * 1000
+    assert first is not None
+    return first
+
+
+async def http_first_token_ms(http: httpx.AsyncClient, path: str, body: dict[str, object]) -> float:
+    started = time.perf_counter()
+    first: float | None = None
+    async with http.stream("POST", path, json=body) as answer:
+        answer.raise_for_status()
+        async for line in answer.aiter_lines():
+            if first is None and line.strip():
+                first = (time.perf_counter() - started) * 1000
+    assert first is not None
+    return first
+
+
+OPENAI_BODY = {"model": "@fast", "messages": MESSAGES, "stream": True, "max_tokens": 2}
+OLLAMA_BODY = {"model": "@fast", "messages": MESSAGES, "options": {"num_predict": 2}}
+
+
+async def measure_ttft(url: str, broker_url: str, runs: int) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {
+        "Python API (asyncio)": [],
+        "OpenAI path": [],
+        "Ollama path": [],
+    }
+    async with (
+        AsyncCorralClient(build_settings(broker_url=broker_url)) as client,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        for warm in range(runs + 10):
+            a = await python_api_ms(client)
+            b = await http_first_token_ms(http, "/v1/chat/completions", OPENAI_BODY)
+            c = await http_first_token_ms(http, "/api/chat", OLLAMA_BODY)
+            if warm >= 10:
+                for key, value in zip(results, (a, b, c), strict=True):
+                    results[key].append(value)
+    return results
+
+
+async def measure_load(url: str, requests: int, clients: int) -> dict[str, float]:
+    body = {"model": "@fast", "messages": MESSAGES, "stream": True}
+    durations: list[float] = []
+    tokens = 0
+    gate = asyncio.Semaphore(clients)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+
+        async def one() -> None:
+            nonlocal tokens
+            async with gate:
+                started = time.perf_counter()
+                async with http.stream("POST", "/v1/chat/completions", json=body) as answer:
+                    answer.raise_for_status()
+                    async for line in answer.aiter_lines():
+                        if '"content"' in line:
+                            tokens += 1
+                durations.append((time.perf_counter() - started) * 1000)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(requests)))
+        elapsed = time.perf_counter() - started
+    return {
+        "requests/s": requests / elapsed,
+        "tokens/s": tokens / elapsed,
+        "p50 ms": percentile(durations, 50),
+        "p99 ms": percentile(durations, 99),
+    }
+
+
+async def measure_memory(url: str, gateway_pid: int, streams: int) -> tuple[float, float]:
+    """(RSS at rest MiB, KiB per open stream)."""
+    process = psutil.Process(gateway_pid)
+    rest = process.memory_info().rss
+    body = {"model": "@slow", "messages": MESSAGES, "stream": True}
+    opened = asyncio.Event()
+    release = asyncio.Event()
+    first_seen = 0
+    limits = httpx.Limits(max_connections=streams + 4)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+
+        async def hold() -> None:
+            nonlocal first_seen
+            async with http.stream("POST", "/v1/chat/completions", json=body) as answer:
+                async for _line in answer.aiter_lines():
+                    first_seen += 1
+                    if first_seen == streams:
+                        opened.set()
+                    await release.wait()
+                    return  # closing it cancels the job
+
+        tasks = [asyncio.create_task(hold()) for _ in range(streams)]
+        await asyncio.wait_for(opened.wait(), 120)
+        held = process.memory_info().rss
+        release.set()
+        await asyncio.gather(*tasks)
+    return rest / 2**20, (held - rest) / 1024 / streams
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer runs: under a minute")
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--first-token-ms", type=float, default=20.0)
+    args = parser.parse_args()
+    if args.quick:
+        args.runs = 30
+
+    redis_server = start_redis()
+    log_dir = Path(tempfile.mkdtemp(prefix="corral-bench-gateway-"))
+    sim = ["--simulate", "--sim-first-token-ms", str(args.first_token_ms), "--heartbeat", "2"]
+    capacity = str(max(args.clients, 1))
+    workers = [
+        start_worker(
+            redis_server.url,
+            "fast",
+            *sim,
+            "--sim-token-ms",
+            "1",
+            "--capacity",
+            capacity,
+            log_dir=log_dir,
+        ),
+        start_worker(
+            redis_server.url,
+            "slow",
+            *sim,
+            "--sim-token-ms",
+            "500",
+            "--capacity",
+            str(args.streams),
+            log_dir=log_dir,
+        ),
+    ]
+    port = free_port()
+    env = {**os.environ, "CORRAL_BROKER_URL": redis_server.url}
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "controller.gateway", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(log_dir / "gateway.log").open("wb"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    console = Console(stderr=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/v1/models").json()["data"]:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the gateway never listed a model")
+            time.sleep(0.1)
+        console.print(f"time to first token, {args.runs} interleaved runs ...")
+        ttft = asyncio.run(measure_ttft(url, redis_server.url, args.runs))
+        console.print(f"load: {args.requests} streams from {args.clients} clients ...")
+        load = asyncio.run(measure_load(url, args.requests, args.clients))
+        console.print(f"memory: {args.streams} open streams ...")
+        rest_mib, per_stream_kib = asyncio.run(measure_memory(url, gateway.pid, args.streams))
+    finally:
+        stop_process(gateway, timeout_s=10)
+        for worker in workers:
+            worker.stop()
+        redis_server.stop()
+
+    table = Table(
+        title=f"time to first token, {args.runs} interleaved runs, simulated first token "
+        f"{args.first_token_ms:.0f} ms"
+    )
+    for column in ("path", "p50 ms", "p99 ms", "mean ms", "added p50 ms"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    base = ttft["Python API (asyncio)"]
+    for label, values in ttft.items():
+        added = [v - b for v, b in zip(values, base, strict=True)]
+        table.add_row(
+            label,
+            f"{percentile(values, 50):.2f}",
+            f"{percentile(values, 99):.2f}",
+            f"{statistics.fmean(values):.2f}",
+            f"{percentile(added, 50):.2f}",
+        )
+    Console().print(table)
+    load_table = Table(title=f"{args.requests} streaming requests from {args.clients} clients")
+    for column in load:
+        load_table.add_column(column, justify="right")
+    load_table.add_row(*(f"{v:.1f}" for v in load.values()))
+    Console().print(load_table)
+    Console().print(
+        f"gateway memory: {rest_mib:.1f} MiB at rest, {per_stream_kib:.1f} KiB per open stream"
+        f" ({args.streams} held open)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""One request's job: routing hints in, a spec, and its stream held until the first token.
+
+A job whose node fails before its first token is moved by the library (``AsyncJobRun``); the
+gateway holds the HTTP status line until the first real token (or the job's end) so such a job
+becomes another node's answer or a proper HTTP error, never a 200 with an empty answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from broker.errors import CorralError, JobError, error_from_code
+from broker.schemas import (
+    AnyStreamEvent,
+    ChatMessage,
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    GenerationOptions,
+    InterruptedEvent,
+    JobSpec,
+    Priority,
+    StartedEvent,
+)
+from controller.aclient import AsyncCorralClient
+from controller.ajobrun import AsyncJobRun
+from controller.client import make_spec
+from controller.gateway.errors import HttpError, bad_request, http_error
+from controller.limits import check_prompt_size
+from controller.prompt import parse_tags
+
+_T = TypeVar("_T")
+
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
+
+
+@dataclass(frozen=True)
+class Hints:
+    """Where a request may run: from its ``model`` field and the ``X-Corral-*`` headers."""
+
+    model: str | None
+    node: str | None = None
+    tags: frozenset[str] = frozenset()
+    priority: Priority = "interactive"
+    session: str | None = None
+
+
+def split_model(model: str | None) -> tuple[str | None, str | None]:
+    """``"llama3@gpu1"`` -> ``("llama3", "gpu1")``; ``"@gpu1"`` -> ``(None, "gpu1")``."""
+    if not model:
+        return None, None
+    name, at, node = model.partition("@")
+    if not at:
+        return model, None
+    if not node:
+        raise bad_request(f"model {model!r} ends with '@': name a node after it", "invalid_model")
+    return name or None, node
+
+
+def hints_from(model: str | None, headers: Mapping[str, str]) -> Hints:
+    name, node = split_model(model)
+    header_node = headers.get("x-corral-node") or None
+    if header_node and node and header_node != node:
+        raise bad_request(f"the model names node {node!r} but X-Corral-Node says {header_node!r}")
+    priority = headers.get("x-corral-priority", "interactive")
+    if priority not in PRIORITIES:
+        raise bad_request(f"X-Corral-Priority must be one of {', '.join(PRIORITIES)}")
+    return Hints(
+        model=name,
+        node=node or header_node,
+        tags=parse_tags((headers.get("x-corral-tags", ""),)),
+        priority=priority,  # checked against PRIORITIES above
+        session=headers.get("x-corral-session") or None,
+    )
+
+
+def build_spec(
+    messages: list[ChatMessage], hints: Hints, options: GenerationOptions, max_prompt_bytes: int
+) -> JobSpec:
+    """The job; ``HttpError`` 400 for a bad hint, 413 for a prompt over the cluster's limit."""
+    if not messages:
+        raise bad_request("messages must hold at least one message")
+    try:
+        spec = make_spec(
+            "-",
+            node=hints.node,
+            model=hints.model,
+            tags=hints.tags,
+            options=options,
+            priority=hints.priority,
+            session=hints.session,
+        ).model_copy(update={"messages": tuple(messages)})
+        check_prompt_size(spec, max_prompt_bytes)
+    except CorralError as exc:
+        raise http_error(exc) from None
+    return spec
+
+
+@dataclass
+class HeldJob:
+    """A job whose first token (or end) has arrived: the status line can now be sent."""
+
+    run: AsyncJobRun
+    held: list[AnyStreamEvent]
+    rest: AsyncIterator[AnyStreamEvent]
+    node: str
+    model: str
+    submitted_at: float
+    first_token_at: float | None = None
+    finished: bool = False
+    outcome: str = "error"
+    """How it ended for the metrics: ok, error, cancelled (the client left)."""
+    prompt_tokens: int | None = None
+    completion_tokens: int = 0
+
+    def record_done(self, event: DoneEvent) -> None:
+        self.outcome = "ok" if event.result.status == "ok" else event.result.status
+        self.prompt_tokens = event.result.usage.prompt_tokens
+        self.completion_tokens = event.result.usage.completion_tokens
+
+    @property
+    def job_id(self) -> str:
+        return self.run.job_id
+
+    async def all_events(self) -> AsyncIterator[AnyStreamEvent]:
+        """The held events, then the rest as they come; raises JobError from the library."""
+        for event in self.held:
+            yield event
+        async for event in self.rest:
+            yield event
+
+    async def drain(self) -> None:
+        await drain(self.rest)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.rest.aclose()  # type: ignore[attr-defined]
+        await self.run.aclose()
+
+
+async def drain(events: AsyncIterator[AnyStreamEvent]) -> None:
+    """Iterate to the end: the job run performs what follows its last event (saving the
+    session, resetting or tripping breakers) only as it is iterated past it."""
+    with contextlib.suppress(JobError):
+        async for _event in events:
+            pass
+
+
+def final_failure(event: AnyStreamEvent) -> CorralError | None:
+    if isinstance(event, ErrorEvent) and event.final:
+        return error_from_code(event.code, event.message)
+    if isinstance(event, InterruptedEvent):
+        return error_from_code(event.code, event.message)
+    if isinstance(event, DoneEvent) and event.result.status != "ok":
+        result = event.result
+        code = result.error_code or result.status
+        return error_from_code(code, result.error_message or f"the job ended: {result.status}")
+    return None
+
+
+async def submit_and_hold(client: AsyncCorralClient, spec: JobSpec, timeout_s: float) -> HeldJob:
+    """Submit ``spec`` and read its events up to the first token or its end.
+
+    Raises ``HttpError`` when the job cannot start or fails before its first token (after the
+    library has tried the other nodes it may move to).
+    """
+    submitted_at = time.monotonic()
+    try:
+        run = await client.submit(spec)
+    except CorralError as exc:
+        raise http_error(exc) from None
+    events = run.events(timeout_s).__aiter__()
+    held: list[AnyStreamEvent] = []
+    node, model = run.candidate.node, run.candidate.model
+    try:
+        while True:
+            try:
+                event = await events.__anext__()
+            except StopAsyncIteration:
+                raise HttpError(502, "the job ended without an answer", "server_error") from None
+            held.append(event)
+            if isinstance(event, StartedEvent):
+                node, model = event.node, event.model
+            failure = final_failure(event)
+            if failure is not None:
+                await drain(events)
+                raise http_error(failure)
+            if isinstance(event, DeltaEvent) and event.text:
+                job = HeldJob(run, held, events, node, model, submitted_at, time.monotonic())
+                return job
+            if isinstance(event, DoneEvent):
+                return HeldJob(run, held, events, node, model, submitted_at, None, finished=True)
+    except JobError as exc:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise http_error(exc) from None
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+
+
+async def wait_for_disconnect(receive: Callable[[], Awaitable[Mapping[str, object]]]) -> None:
+    """Returns when the client has gone away (its request body was read already)."""
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+async def unless_disconnected(
+    work: Awaitable[_T],
+    receive: Callable[[], Awaitable[Mapping[str, object]]],
+    on_disconnect: Callable[[], Awaitable[None]],
+) -> _T:
+    """``work``'s result; if the client leaves first, ``work`` is cancelled, ``on_disconnect``
+    awaited and ``ClientGone`` raised. The same happens when the request itself is cancelled
+    (the server shutting down), which is then re-raised."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        await _abandon(work_task, on_disconnect)
+        raise
+    finally:
+        watch_task.cancel()
+    if work_task.done():
+        return work_task.result()
+    await _abandon(work_task, on_disconnect)
+    raise ClientGone
+
+
+async def _abandon(
+    work_task: asyncio.Future[_T], on_abandon: Callable[[], Awaitable[None]]
+) -> None:
+    work_task.cancel()
+    with contextlib.suppress(BaseException):
+        await work_task
+    # Shielded: it must reach Redis even when this request is being cancelled.
+    await asyncio.shield(on_abandon())
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready; nobody is left to tell."""

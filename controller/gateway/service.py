@@ -1,0 +1,219 @@
+"""What both APIs share: the library's clients, the limits, metrics, and how a held job is
+answered (streamed with a disconnect watch, or collected whole)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from broker.errors import CorralError
+from broker.schemas import JobSpec, ModelOpKind
+from broker.settings import CorralSettings
+from controller.aclient import AsyncCorralClient
+from controller.client import CorralClient
+from controller.gateway.errors import HttpError, bad_request, http_error
+from controller.gateway.jobs import (
+    ClientGone,
+    HeldJob,
+    submit_and_hold,
+    unless_disconnected,
+    wait_for_disconnect,
+)
+from controller.gateway.metrics import GatewayMetrics
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+_MODEL_OP_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Gateway:
+    settings: CorralSettings
+    client: AsyncCorralClient
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    _blocking: CorralClient | None = None
+    _blocking_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def aclose(self) -> None:
+        if self._blocking is not None:
+            await asyncio.to_thread(self._blocking.close)
+        await self.client.aclose()
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        """The request's JSON object; 413 past ``max_body_bytes`` (read no further), 400 if
+        it is not a JSON object."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large()
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > self.max_body_bytes:
+                raise self._too_large()
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request("the request body is not valid JSON") from None
+        if not isinstance(parsed, dict):
+            raise bad_request("the request body must be a JSON object")
+        return parsed
+
+    def _too_large(self) -> HttpError:
+        return HttpError(
+            413,
+            f"the request body is over the gateway's limit of {self.max_body_bytes} bytes"
+            " (corral serve --max-body-bytes)",
+            code="request_too_large",
+        )
+
+    # --- jobs ----------------------------------------------------------------------------
+
+    async def hold(self, request: Request, api: str, spec: JobSpec) -> HeldJob:
+        """Submit and wait for the first token; the job is cancelled if the client leaves."""
+
+        async def cancel() -> None:
+            await self.client.cancel(spec.job_id)
+
+        try:
+            job = await unless_disconnected(
+                submit_and_hold(self.client, spec, self.settings.job_timeout_s),
+                request.receive,
+                cancel,
+            )
+        except HttpError as exc:
+            self.metrics.refused.labels(api, str(exc.status)).inc()
+            raise
+        except ClientGone:
+            self.metrics.refused.labels(api, "499").inc()  # nginx's "client closed request"
+            raise
+        self.metrics.job_started()
+        return job
+
+    def stream(
+        self,
+        api: str,
+        job: HeldJob,
+        frames: AsyncIterator[bytes],
+        media_type: str,
+        headers: dict[str, str],
+    ) -> Response:
+        return JobStreamResponse(self, api, job, frames, media_type, headers)
+
+    async def collect(
+        self, request: Request, api: str, job: HeldJob, render: Callable[[], Any]
+    ) -> Any:
+        """Await the whole job (``render`` consumes its events); cancel it if the client
+        leaves."""
+
+        async def cancel() -> None:
+            job.outcome = "cancelled"
+            await self.client.cancel(job.job_id)
+
+        try:
+            return await unless_disconnected(render(), request.receive, cancel)
+        finally:
+            await self.finish(api, job)
+
+    async def finish(self, api: str, job: HeldJob) -> None:
+        await job.aclose()
+        self.metrics.job_ended(
+            api=api,
+            node=job.node,
+            model=job.model,
+            outcome=job.outcome,
+            submitted_at=job.submitted_at,
+            first_token_at=job.first_token_at,
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=job.completion_tokens,
+        )
+
+    # --- model operations ----------------------------------------------------------------
+
+    async def model_op(
+        self, node: str, op: ModelOpKind, model: str, keep_alive: str | None = None
+    ) -> None:
+        """A pull / warm / unload on ``node``, through the blocking client in a thread (the
+        library's ``model_op`` is blocking-only); waits for the node to finish it."""
+
+        def run() -> None:
+            with self._blocking_lock:
+                if self._blocking is None:
+                    self._blocking = CorralClient(self.settings)
+                blocking = self._blocking
+            reader = blocking.model_op(node, op, model, keep_alive=keep_alive)
+            for _event in reader.events(_MODEL_OP_TIMEOUT_S):
+                pass
+
+        try:
+            await asyncio.to_thread(run)
+        except CorralError as exc:
+            raise http_error(exc) from None
+
+
+class JobStreamResponse(Response):
+    """A streamed answer that watches its client: when the client leaves, the job is
+    cancelled (its node stops generating) instead of running on for nobody."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        api: str,
+        job: HeldJob,
+        frames: AsyncIterator[bytes],
+        media_type: str,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(None, 200, headers, media_type)
+        # Streamed: no Content-Length (Response sets one for its empty body), and no proxy
+        # buffering (nginx), so each token leaves as it comes.
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.raw_headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        self._gateway = gateway
+        self._api = api
+        self._job = job
+        self._frames = frames
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        job = self._job
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            pump = asyncio.ensure_future(self._pump(send))
+            watch = asyncio.ensure_future(wait_for_disconnect(receive))
+            try:
+                await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # The server is shutting down: stop the job rather than leave it running.
+                await self._stop(pump)
+                raise
+            finally:
+                watch.cancel()
+            if not pump.done():
+                await self._stop(pump)
+                return
+            with contextlib.suppress(ClientGone, OSError):
+                pump.result()
+        finally:
+            await self._gateway.finish(self._api, job)
+
+    async def _stop(self, pump: asyncio.Future[None]) -> None:
+        pump.cancel()
+        with contextlib.suppress(BaseException):
+            await pump
+        self._job.outcome = "cancelled"
+        await asyncio.shield(self._gateway.client.cancel(self._job.job_id))
+
+    async def _pump(self, send: Send) -> None:
+        async for frame in self._frames:
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
