@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ from worker.backends.simulated import SimulatedBackend
 from worker.config import (
     AnthropicSpec,
     AnySpec,
+    CloudSpec,
     GoogleSpec,
     OllamaSpec,
     OpenAICloudSpec,
@@ -30,22 +32,39 @@ from worker.config import (
     base_url_of,
 )
 
-__all__ = ["FACTORIES", "build_backend", "build_backends", "make_http_client"]
+__all__ = ["FACTORIES", "build_backend", "build_backends", "make_http_client", "needs_tls"]
 
 CONNECT_TIMEOUT_S = 5.0
 
 Factory = Callable[[str, Any, httpx.AsyncClient], Backend]
 
 
-def make_http_client(read_timeout_s: float) -> httpx.AsyncClient:
+def make_http_client(read_timeout_s: float, *, tls: bool = True) -> httpx.AsyncClient:
     """One pooled client for every adapter of the node.
 
     Reads may wait long (a Pi loading a model before its first token), connects may not.
+    ``tls=False`` is for a node whose backends are all plain HTTP (an Ollama on the same
+    machine): httpx's default context loads the whole CA bundle, about 3 MB of a Pi's memory
+    resident for nothing. Its stand-in still verifies, and trusts no one, so an HTTPS request
+    made by mistake fails with a certificate error instead of going unverified.
     """
+    verify: ssl.SSLContext | bool = True if tls else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     return httpx.AsyncClient(
         timeout=httpx.Timeout(read_timeout_s, connect=CONNECT_TIMEOUT_S),
         limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        verify=verify,
     )
+
+
+def needs_tls(config: WorkerConfig) -> bool:
+    """Whether any configured backend is reached over HTTPS (every cloud provider is)."""
+    for spec in config.backends:
+        if isinstance(spec, SimulatedSpec):
+            continue
+        url = base_url_of(spec, spec.kind) if isinstance(spec, CloudSpec) else spec.url
+        if not url.lower().startswith("http://"):
+            return True
+    return False
 
 
 def _simulated(name: str, spec: SimulatedSpec, client: httpx.AsyncClient) -> Backend:
