@@ -32,7 +32,8 @@ test: setup-test lint
 	scripts/ensure-redis.sh
 	$(PY) -m pytest
 
-# `make bench QUICK=--quick` keeps the routing and fleet benchmarks under a minute each.
+# `make bench QUICK=--quick` keeps the routing, fleet, throughput and footprint benchmarks under a
+# minute each.
 QUICK ?=
 bench: setup-test
 	scripts/ensure-redis.sh
@@ -41,6 +42,8 @@ bench: setup-test
 	$(PY) -m benchmarks.job_footprint --quick
 	$(PY) -m benchmarks.routing $(QUICK)
 	$(PY) -m benchmarks.fleet $(QUICK)
+	$(PY) -m benchmarks.throughput $(QUICK)
+	$(PY) -m benchmarks.footprint $(QUICK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

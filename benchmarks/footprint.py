@@ -6,6 +6,8 @@ and what its imports cost.
    heartbeat. After it is ready and has settled, its RSS, PSS and USS are read from
    /proc/<pid>/smaps_rollup, and its CPU time is sampled over an idle window. The Celery pool
    is the same process (solo, or threads for capacity > 1), so these are the pool's figures.
+   Beside it, idle plain Celery workers (``benchmarks.celery_noop``): on corral's Celery
+   settings, and from Celery alone, which is the floor any Celery-based worker starts from.
 2. What imports cost: the RSS of a fresh interpreter after importing each layer in turn
    (bare Python, then pydantic, redis, httpx, celery, the worker's own modules), and the
    slowest imports by ``python -X importtime``.
@@ -27,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tests.fakes.fake_ollama import running_fake_ollama
-from tests.support.servers import REPO_ROOT, start_redis, start_worker
+from tests.support.servers import REPO_ROOT, WorkerProcess, start_redis, start_worker
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _LEAN_IMPORTS = "exec(compile(open('worker/lean_imports.py').read(), 'lean_imports', 'exec'))"
@@ -76,33 +78,16 @@ def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def idle_worker(idle_s: float, settle_s: float) -> dict[str, float]:
-    redis_server = start_redis()
-    log_dir = Path(tempfile.mkdtemp(prefix="corral-footprint-"))
-    try:
-        with running_fake_ollama(models=("llama3.2:1b",)) as ollama:
-            worker = start_worker(
-                redis_server.url,
-                "footprint",
-                "--ollama",
-                ollama.url,
-                log_dir=log_dir,
-                heartbeat_s=2.0,
-            )
-            try:
-                pid = worker.process.pid
-                time.sleep(settle_s)
-                before = cpu_seconds(pid)
-                started = time.monotonic()
-                time.sleep(idle_s)
-                cpu = cpu_seconds(pid) - before
-                elapsed = time.monotonic() - started
-                memory = memory_kb(pid)
-                threads = thread_count(pid)
-            finally:
-                worker.stop()
-    finally:
-        redis_server.stop()
+def idle_figures(worker: WorkerProcess, idle_s: float, settle_s: float) -> dict[str, float]:
+    pid = worker.process.pid
+    time.sleep(settle_s)
+    before = cpu_seconds(pid)
+    started = time.monotonic()
+    time.sleep(idle_s)
+    cpu = cpu_seconds(pid) - before
+    elapsed = time.monotonic() - started
+    memory = memory_kb(pid)
+    threads = thread_count(pid)
     return {
         "rss_mb": memory["rss"] / 1024,
         "pss_mb": memory["pss"] / 1024,
@@ -111,6 +96,45 @@ def idle_worker(idle_s: float, settle_s: float) -> dict[str, float]:
         "threads": float(threads),
         "idle_s": elapsed,
     }
+
+
+def idle_workers(idle_s: float, settle_s: float) -> dict[str, dict[str, float]]:
+    """A corral node fronting one Ollama, and plain Celery workers beside it, each idle."""
+    redis_server = start_redis()
+    log_dir = Path(tempfile.mkdtemp(prefix="corral-footprint-"))
+    figures: dict[str, dict[str, float]] = {}
+    try:
+        with running_fake_ollama(models=("llama3.2:1b",)) as ollama:
+            node = start_worker(
+                redis_server.url,
+                "footprint",
+                "--ollama",
+                ollama.url,
+                log_dir=log_dir,
+                heartbeat_s=2.0,
+            )
+            try:
+                figures["corral worker, one Ollama backend"] = idle_figures(node, idle_s, settle_s)
+            finally:
+                node.stop()
+        for label, args in (
+            ("plain Celery worker, corral's Celery settings", ()),
+            ("plain Celery worker, Celery alone (no corral modules)", ("--bare",)),
+        ):
+            plain = start_worker(
+                redis_server.url,
+                "plain",
+                *args,
+                module="benchmarks.celery_noop",
+                log_dir=log_dir,
+            )
+            try:
+                figures[label] = idle_figures(plain, idle_s, settle_s)
+            finally:
+                plain.stop()
+    finally:
+        redis_server.stop()
+    return figures
 
 
 def layer_rss_kb() -> list[tuple[str, int]]:
@@ -159,25 +183,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="a 10 s idle window")
+    parser.add_argument("--quick", action="store_true", help="an 8 s idle window per worker")
     parser.add_argument("--idle-s", type=float, default=30.0)
     args = parser.parse_args()
-    idle_s = 10.0 if args.quick else args.idle_s
+    idle_s = 8.0 if args.quick else args.idle_s
 
     console = Console()
-    figures = idle_worker(idle_s, settle_s=3.0)
-    table = Table(
-        title=f"idle worker, one Ollama backend, solo pool, {figures['idle_s']:.0f} s idle"
-    )
-    for column in ("RSS MB", "PSS MB", "USS MB", "CPU % of a core", "threads"):
-        table.add_column(column, justify="right")
-    table.add_row(
-        f"{figures['rss_mb']:.1f}",
-        f"{figures['pss_mb']:.1f}",
-        f"{figures['uss_mb']:.1f}",
-        f"{figures['cpu_pct']:.2f}",
-        f"{figures['threads']:.0f}",
-    )
+    table = Table(title=f"idle workers, solo pool, {idle_s:.0f} s idle each")
+    for column in ("process", "RSS MB", "PSS MB", "USS MB", "CPU % of a core", "threads"):
+        table.add_column(column, justify="left" if column == "process" else "right")
+    for label, figures in idle_workers(idle_s, settle_s=3.0).items():
+        table.add_row(
+            label,
+            f"{figures['rss_mb']:.1f}",
+            f"{figures['pss_mb']:.1f}",
+            f"{figures['uss_mb']:.1f}",
+            f"{figures['cpu_pct']:.2f}",
+            f"{figures['threads']:.0f}",
+        )
     console.print(table)
 
     layers = Table(title="RSS after each import layer (one fresh interpreter, cumulative)")
