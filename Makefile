@@ -32,7 +32,8 @@ test: setup-test lint
 	scripts/ensure-redis.sh
 	$(PY) -m pytest
 
-# `make bench QUICK=--quick` keeps the routing and fleet benchmarks under a minute each.
+# `make bench QUICK=--quick` keeps the routing, fleet, throughput and footprint benchmarks under a
+# minute each.
 QUICK ?=
 bench: setup-test
 	scripts/ensure-redis.sh
@@ -44,6 +45,8 @@ bench: setup-test
 	$(PY) -m benchmarks.streams $(QUICK)
 	# The soak's 3-minute version; `python -m benchmarks.soak` runs the 30-minute one.
 	$(PY) -m benchmarks.soak --quick
+	$(PY) -m benchmarks.throughput $(QUICK)
+	$(PY) -m benchmarks.footprint $(QUICK)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -56,6 +55,10 @@ def config_path() -> Path | None:
 def load_yaml_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
+    # Imported only when there is a file to read: a node started by flags alone never pays
+    # for the YAML parser (see worker/__init__.py).
+    import yaml  # noqa: PLC0415
+
     try:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -17,11 +17,19 @@ errors, which costs corral its worker twice over:
   then; so did the ack of a job that ran across the restart, sent on the old channel. Both are
   skipped then, and the visibility timeout hands the message back (a finished job's copy is
   refused by its lease).
+
+It also keeps one Redis client per channel where kombu builds a new one for every publish,
+ack and queue-length read (``conn_or_acquire``): the client holds no connection of its own
+(each command borrows one from the channel's pool, as before), and building it costs about
+50 us of Python each time, twice or more per job.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -91,6 +99,19 @@ class _QoS(kombu_redis.QoS):
 
 class _Channel(kombu_redis.Channel):
     QoS = _QoS
+    _held_client: Any = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        if client:
+            yield client
+            return
+        held = self._held_client
+        # A channel whose pool was replaced (kombu drops it on close) gets a client on the new
+        # pool; redis-py's client is safe to share between threads (it borrows connections).
+        if held is None or held.connection_pool is not self.pool:
+            held = self._held_client = self._create_client()  # type: ignore[no-untyped-call]
+        yield held
 
 
 class RedisTransport(kombu_redis.Transport):

@@ -54,6 +54,7 @@ from controller.dispatch import (
 )
 from controller.job_channels import JobChannels
 from controller.limits import check_prompt_size
+from controller.publisher import HeldPublisher
 from controller.router import Candidate, NodeState
 from controller.run_core import Attempt
 from controller.sessions import AsyncSessionStore
@@ -101,6 +102,7 @@ class AsyncCorralClient:
             redis = AsyncRedis.from_pool(pool)
         self.redis = redis
         self.app: Celery = make_celery_app(settings)
+        self._publisher = HeldPublisher(self.app)
         self.breakers = AsyncBreakers(
             self.redis,
             threshold=settings.breaker_threshold,
@@ -127,6 +129,7 @@ class AsyncCorralClient:
             self._sender.shutdown(wait=False)
         if self._owns_redis:
             await self.redis.aclose()
+        self._publisher.close()
         self.app.close()
 
     async def __aenter__(self) -> AsyncCorralClient:
@@ -278,7 +281,7 @@ class AsyncCorralClient:
 
     async def _send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None:
         task = job_task(spec, candidate, attempt)
-        publish = partial(self.app.send_task, task.name, **task.kwargs)
+        publish = partial(self._publisher.send_task, task.name, **task.kwargs)
         if self._sender is None:
             publish()
         else:

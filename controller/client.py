@@ -62,6 +62,7 @@ from controller.dispatch import (
 )
 from controller.jobrun import Attempt, JobRun
 from controller.limits import check_prompt_size
+from controller.publisher import HeldPublisher
 from controller.reader import JobStreamReader
 from controller.router import Candidate, NodeState
 from controller.sessions import SessionStore
@@ -160,6 +161,7 @@ class CorralClient:
             )
         )
         self.app: Celery = make_celery_app(settings)
+        self._publisher = HeldPublisher(self.app)
         self.breakers = Breakers(
             self.redis,
             threshold=settings.breaker_threshold,
@@ -182,6 +184,7 @@ class CorralClient:
         self._streams.close()
         if self._owns_redis:
             self.redis.close()
+        self._publisher.close()
         self.app.close()
 
     def __enter__(self) -> CorralClient:
@@ -306,7 +309,7 @@ class CorralClient:
 
     def _send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None:
         task = job_task(spec, candidate, attempt)
-        self.app.send_task(task.name, **task.kwargs)
+        self._publisher.send_task(task.name, **task.kwargs)
         with self._lock:
             self._sent_since_read[candidate.node] += 1
         # After the send, off the path to the first token; attach and cancel read it.

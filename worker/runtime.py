@@ -33,7 +33,7 @@ from broker.schemas import (
 )
 from broker.settings import CorralSettings, redacted_url
 from worker.backends.base import Backend
-from worker.backends.registry import build_backends, make_http_client
+from worker.backends.registry import build_backends, make_http_client, needs_tls
 from worker.config import WorkerConfig
 from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
 from worker.jobs import JobControl, run_job
@@ -186,7 +186,7 @@ class NodeRuntime:
             ) from None
         self._scripts = StreamScripts(self._redis)
         await self._scripts.preload()
-        self._http = make_http_client(self.settings.job_timeout_s)
+        self._http = make_http_client(self.settings.job_timeout_s, tls=needs_tls(self.config))
         self.backends = build_backends(self.config, self._http)
         await self._heartbeat_once()
         # After the first inventory: an adapter may have learnt its parallel capacity from

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from kombu import Connection
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
 
+from broker import names
 from broker.celery_app import make_celery_app
 from broker.settings import build_settings
 from broker.transport import RedisTransport
@@ -85,3 +87,31 @@ def test_acking_a_message_of_a_lost_connection_does_not_raise(own_redis: RedisSe
     channel.connection = None  # what closing the lost connection leaves behind
     channel.qos.ack("a-delivery")  # must not raise
     assert "a-delivery" in channel.qos._dirty  # acknowledged here, so consuming goes on
+
+
+def test_a_channel_keeps_one_redis_client_and_publishes_across_a_redis_restart(
+    own_redis: RedisServer,
+) -> None:
+    """The held client borrows a pooled connection per command, so after a restart the next
+    publish reconnects like kombu's own per-publish client did, and every message lands."""
+    app = make_celery_app(build_settings(broker_url=own_redis.url))
+    queue = names.node_queue("q")
+    try:
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+                assert first is second
+            for i in range(3):
+                app.send_task(names.RUN_JOB_TASK, args=[i], queue=queue, connection=connection)
+            own_redis.halt()  # no AOF: the three queued messages go with it
+            own_redis.resume()
+            app.send_task(names.RUN_JOB_TASK, args=[3], queue=queue, connection=connection)
+        admin = own_redis.client()
+        try:
+            assert [json.loads(m)["headers"]["argsrepr"] for m in admin.lrange(queue, 0, -1)] == [
+                "[3]"
+            ]
+        finally:
+            admin.close()
+    finally:
+        app.close()

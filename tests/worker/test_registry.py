@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+import subprocess
+import sys
 from pathlib import Path
 from typing import get_args
 
@@ -11,9 +15,10 @@ from click.testing import CliRunner
 
 from broker.errors import ConfigError
 from broker.schemas import BackendKind
+from tests.support.servers import REPO_ROOT
 from worker.__main__ import worker_command
-from worker.backends.registry import FACTORIES, build_backends
-from worker.config import backend_spec, build_worker_config
+from worker.backends.registry import FACTORIES, build_backends, make_http_client, needs_tls
+from worker.config import BackendSpec, backend_spec, build_worker_config
 
 
 def test_every_kind_has_a_factory() -> None:
@@ -67,3 +72,68 @@ def test_a_missing_key_is_a_clear_cli_error(
     assert result.exit_code == 2
     assert "set ANTHROPIC_API_KEY" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("specs", "expected"),
+    [
+        ((backend_spec(kind="ollama", url="http://127.0.0.1:11434"),), False),
+        ((backend_spec(kind="simulated"), backend_spec(kind="openai", url="http://a:8080")), False),
+        ((backend_spec(kind="ollama", url="https://gpu.lan:11434"),), True),
+        ((backend_spec(kind="ollama", url="http://a:1"), backend_spec(kind="anthropic")), True),
+        ((backend_spec(kind="openai-cloud", url="http://127.0.0.1:9000/v1"),), False),
+    ],
+)
+def test_a_node_loads_tls_trust_only_when_a_backend_is_https(
+    specs: tuple[BackendSpec, ...], expected: bool
+) -> None:
+    assert needs_tls(build_worker_config(None, name="n", backends=specs)) is expected
+
+
+def test_a_plain_http_node_refuses_https_rather_than_skip_verification(tmp_path: Path) -> None:
+    """Without TLS trust loaded, an HTTPS request fails on the certificate; it is never sent
+    unverified."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    handshakes: list[str] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handshakes.append("completed")
+        writer.close()
+
+    async def request() -> None:
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with make_http_client(5.0, tls=False) as client:
+                with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await client.get(f"https://127.0.0.1:{port}/api/tags")
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(request())
+    assert handshakes == []  # no handshake completed, so no request was sent
+
+
+def test_a_worker_process_does_not_import_what_it_never_runs() -> None:
+    probe = (
+        "import sys, worker, celery.apps.worker\n"
+        "never = ('httpx._main', 'rich', 'yaml', 'psutil')\n"
+        "print(sorted(m for m in never if sys.modules.get(m)))\n"
+        "import yaml, psutil\n"  # still there for corral's own use
+        "print(yaml.safe_load('a: 1'), psutil.virtual_memory().total > 0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    ).stdout.splitlines()
+    assert out == ["[]", "{'a': 1} True"]

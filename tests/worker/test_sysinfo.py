@@ -11,7 +11,14 @@ import psutil
 import pytest
 
 from broker.schemas import GpuInfo
-from worker.sysinfo import SystemProbe, cpu_load_now, memory_now, parse_nvidia_smi
+from worker.sysinfo import (
+    MEMINFO,
+    SystemProbe,
+    cpu_load_now,
+    memory_now,
+    parse_meminfo,
+    parse_nvidia_smi,
+)
 
 MIB = 1024 * 1024
 TWO_GPUS = "NVIDIA GeForce RTX 3090, 24576, 23810\nTesla P40, 24576, 1024\n"
@@ -145,3 +152,22 @@ def test_memory_and_cpu_load_describe_this_machine() -> None:
     load = cpu_load_now()
     assert load is not None
     assert load == pytest.approx(os.getloadavg()[0] / (os.cpu_count() or 1), abs=0.5)
+
+
+def test_memory_from_proc_meminfo_agrees_with_psutil() -> None:
+    memory = parse_meminfo(Path(MEMINFO).read_text())
+    reference = psutil.virtual_memory()
+    assert memory.total_bytes == reference.total
+    # Both read the same kernel counter a moment apart.
+    assert memory.available_bytes == pytest.approx(reference.available, rel=0.05)
+
+
+def test_a_kernel_without_memavailable_falls_back_to_psutil(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old_kernel = tmp_path / "meminfo"
+    old_kernel.write_text("MemTotal:        2048000 kB\nMemFree:          512000 kB\n")
+    with pytest.raises(KeyError):
+        parse_meminfo(old_kernel.read_text())
+    monkeypatch.setattr("worker.sysinfo.MEMINFO", str(old_kernel))
+    assert memory_now().total_bytes == psutil.virtual_memory().total

@@ -1,0 +1,48 @@
+"""Keep a worker process from importing what it never runs.
+
+Imported first by ``worker/__init__.py``, before httpx, kombu and Celery. Measured on the
+project's VM (``python -m benchmarks.footprint``), a node fronting one Ollama saves about
+3.6 MB of resident memory this way, about 6% of it:
+
+- httpx imports its own command-line program (``httpx._main``) when click, rich and pygments
+  are installed, as they are for corral's CLI: some 65 modules, 2.8 MB. The worker never runs
+  it; httpx falls back to a stub ``main`` when the import fails, as it does without them.
+- kombu registers a YAML serializer when PyYAML is importable, and Celery's worker imports
+  psutil for its memory-sampling remote commands (``memsample``, which then answers nothing).
+  corral accepts JSON messages only, so both are imported here with those two held back;
+  corral's own code imports them later where it needs them (a ``corral.yaml``, a machine
+  without /proc/meminfo), which this does not prevent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import cast
+
+_NEVER_RUN = ("httpx._main",)
+_HELD_BACK = ("yaml", "psutil")
+_IMPORTED_WITHOUT = ("kombu.serialization", "celery.utils.debug")
+
+
+def keep_lean() -> None:
+    # None in sys.modules makes an import fail with ImportError, which these libraries expect
+    # of a package that is not installed (typeshed does not allow for it, hence the cast).
+    modules = cast("dict[str, ModuleType | None]", sys.modules)
+    for name in _NEVER_RUN:
+        modules.setdefault(name, None)
+    held = [name for name in _HELD_BACK if name not in sys.modules]
+    if all(name in sys.modules for name in _IMPORTED_WITHOUT):
+        return  # too late (already imported with them), or done before
+    for name in held:
+        modules[name] = None
+    try:
+        for module in _IMPORTED_WITHOUT:
+            importlib.import_module(module)
+    finally:
+        for name in held:
+            del modules[name]
+
+
+keep_lean()
