@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 import redis.exceptions
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from broker import names
 from broker.errors import BrokerUnavailable, CorralError
@@ -40,6 +40,9 @@ from worker.jobs import JobControl, run_job
 from worker.model_ops import run_model_op
 from worker.stream import JobStream, StreamScripts
 from worker.sysinfo import SystemProbe
+
+_REDIS_CONNECTIONS = 512
+"""The worker's Redis connections at most (heartbeat, cancel listener, one per running job)."""
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,7 +174,17 @@ class NodeRuntime:
 
     async def _startup(self) -> None:
         url = self.settings.broker_url.get_secret_value()
-        self._redis = Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        # A blocking pool: past its size a write waits (up to 30 s) for a connection instead of
+        # failing at once (the default pool raised MaxConnectionsError at 100, and a job whose
+        # claim failed was lost). Each running job holds at most one connection at a time.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=_REDIS_CONNECTIONS,
+            timeout=30,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+        self._redis = Redis(connection_pool=pool)
         try:
             await self._redis.ping()
         except redis.exceptions.AuthenticationError:
