@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.schemas import GpuInfo, MemoryInfo, Message, Name, NodeInfo
+from broker.schemas import GpuInfo, JobCounters, MemoryInfo, Message, Name, NodeInfo
 
 _VOLATILE_NODE_FIELDS = {"instance", "in_flight", "memory", "gpus", "cpu_load", "sent_at"}
-_VOLATILE_BACKEND_FIELDS = {"in_flight", "latency_ms"}
+_VOLATILE_BACKEND_FIELDS = {"in_flight", "latency_ms", "counters"}
 _INVENTORY_ONLY: Any = {
     **dict.fromkeys(_VOLATILE_NODE_FIELDS, True),
     "backends": {"__all__": _VOLATILE_BACKEND_FIELDS},
@@ -30,6 +30,7 @@ class BackendLoad(BaseModel):
     name: Name
     in_flight: int = Field(default=0, ge=0)
     latency_ms: float | None = None
+    counters: JobCounters = JobCounters()
 
 
 class NodeLoad(Message):
@@ -64,7 +65,9 @@ def load_of(info: NodeInfo, digest: str) -> NodeLoad:
         cpu_load=info.cpu_load,
         sent_at=info.sent_at,
         backends=tuple(
-            BackendLoad(name=b.name, in_flight=b.in_flight, latency_ms=b.latency_ms)
+            BackendLoad(
+                name=b.name, in_flight=b.in_flight, latency_ms=b.latency_ms, counters=b.counters
+            )
             for b in info.backends
         ),
     )
@@ -79,6 +82,7 @@ def with_load(inventory: NodeInfo, load: NodeLoad) -> NodeInfo:
             update={
                 "in_flight": by_backend[b.name].in_flight,
                 "latency_ms": by_backend[b.name].latency_ms,
+                "counters": by_backend[b.name].counters,
             }
         )
         if b.name in by_backend

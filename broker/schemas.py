@@ -304,6 +304,19 @@ BackendKind = Literal[
 BACKEND_KINDS: frozenset[str] = frozenset(get_args(BackendKind))
 
 
+class JobCounters(BaseModel):
+    """What a backend has done since its worker started: counted by the worker, so any reader
+    (``corral top``) derives rates from two heartbeats without watching job streams."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tokens_out: int = Field(default=0, ge=0)
+    """Completion tokens streamed, running jobs' tokens so far included."""
+    jobs_done: int = Field(default=0, ge=0)
+    jobs_failed: int = Field(default=0, ge=0)
+    """Jobs that ended with an error (a cancelled job is neither done nor failed)."""
+
+
 class BackendInfo(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -324,6 +337,7 @@ class BackendInfo(BaseModel):
     manages_models: bool = False
     """Whether pull / warm / unload / rm work on it (Ollama)."""
     models: tuple[ModelInfo, ...] = ()
+    counters: JobCounters = JobCounters()
 
     @property
     def spare(self) -> int:

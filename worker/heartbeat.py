@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from broker import __version__, names
 from broker.errors import BackendError
 from broker.nodeload import inventory_digest, load_of
-from broker.schemas import BackendInfo, ModelInfo, NodeInfo
+from broker.schemas import BackendInfo, JobCounters, ModelInfo, NodeInfo
 from worker.backends.base import Backend, manages_models
 from worker.config import WorkerConfig
 from worker.sysinfo import SystemProbe
@@ -39,6 +39,7 @@ async def describe_backend(
     *,
     in_flight: int = 0,
     latency_ms: float | None = None,
+    counters: JobCounters | None = None,
 ) -> BackendInfo:
     """A backend's inventory, or its error if it does not answer in time."""
     models: list[ModelInfo] = []
@@ -61,6 +62,7 @@ async def describe_backend(
         latency_ms=latency_ms,
         manages_models=manages_models(backend),
         models=tuple(models),
+        counters=counters or JobCounters(),
     )
 
 
@@ -76,12 +78,14 @@ async def build_node_info(
     backend_latency_ms: Mapping[str, float],
     system: SystemProbe | None = None,
     capacity: int | None = None,
+    backend_counters: Mapping[str, JobCounters] | None = None,
 ) -> NodeInfo:
     """The node's heartbeat: its backends' inventories and load, and the machine's resources.
 
     ``backend_in_flight`` and ``backend_latency_ms`` are keyed by backend name; a backend
     missing from them has no job running and no latency measured yet. ``capacity`` is the
     node's job slots; None means the sum over its backends as they describe themselves now.
+    ``backend_counters``: each backend's tokens and jobs since the worker started.
     """
     probe = system or _PROCESS_PROBE
     timeout_s = max(0.5, interval_s)
@@ -93,6 +97,7 @@ async def build_node_info(
                     timeout_s,
                     in_flight=backend_in_flight.get(name, 0),
                     latency_ms=backend_latency_ms.get(name),
+                    counters=(backend_counters or {}).get(name),
                 )
                 for name, backend in backends.items()
             )

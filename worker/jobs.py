@@ -32,6 +32,9 @@ class JobControl:
 
     assignment: JobAssignment
     cancel_requested: bool = False
+    tokens_streamed: int = 0
+    """Text chunks sent so far (a chunk is a token on every streaming backend): the
+    heartbeat counts a running job's tokens before it ends, so a rate shows while it runs."""
     task: asyncio.Task[JobResult | None] | None = field(default=None, repr=False)
 
 
@@ -145,6 +148,7 @@ async def _run_claimed(
         while chunk is not None:
             if chunk.text:
                 progress.add(chunk.text)
+                control.tokens_streamed += 1
                 await stream.delta(chunk.text)
             if chunk.done:
                 progress.final = chunk

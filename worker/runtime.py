@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from concurrent.futures import Future
 from typing import Any, Literal, TypeVar
 
@@ -26,6 +26,7 @@ from broker import names
 from broker.errors import BrokerUnavailable, CorralError
 from broker.schemas import (
     JobAssignment,
+    JobCounters,
     JobResult,
     ModelOpRequest,
     Timings,
@@ -62,12 +63,37 @@ class BackendLoad:
         self.slots = asyncio.Semaphore(capacity)
         self.in_flight = 0
         self.latency_ms: float | None = None
+        self.tokens_of_ended_jobs = 0
+        self.jobs_done = 0
+        self.jobs_failed = 0
 
     def observe_first_token(self, ms: float) -> None:
         if self.latency_ms is None:
             self.latency_ms = ms
         else:
             self.latency_ms += _LATENCY_EWMA_WEIGHT * (ms - self.latency_ms)
+
+    def job_ended(self, control: JobControl, result: JobResult | None) -> None:
+        """Count a job that ran here, in the same step that drops it from the running jobs
+        (so a heartbeat never counts its tokens twice or not at all)."""
+        reported = result.usage.completion_tokens if result is not None else None
+        # The backend's own count when it gave one, never less than what was streamed: the
+        # counter only goes up, so a reader's rate is never negative.
+        self.tokens_of_ended_jobs += max(control.tokens_streamed, reported or 0)
+        if result is None:
+            return  # another delivery owns it, or the worker is stopping: not this one's
+        if result.status == "ok":
+            self.jobs_done += 1
+        elif result.status == "error":
+            self.jobs_failed += 1
+
+    def counters(self, running: Iterable[JobControl]) -> JobCounters:
+        """Since the worker started; ``running`` are the jobs on this backend now."""
+        return JobCounters(
+            tokens_out=self.tokens_of_ended_jobs + sum(c.tokens_streamed for c in running),
+            jobs_done=self.jobs_done,
+            jobs_failed=self.jobs_failed,
+        )
 
 
 class NodeRuntime:
@@ -263,6 +289,12 @@ class NodeRuntime:
             started_at=self._started_at,
             system=self._probe,
             capacity=self.capacity,
+            backend_counters={
+                name: load.counters(
+                    c for c in self._active.values() if c.assignment.backend == name
+                )
+                for name, load in self._load.items()
+            },
         )
         self._stored_inventory = await publish_node_info(
             self.redis, info, stored=self._stored_inventory
@@ -309,6 +341,7 @@ class NodeRuntime:
         control = JobControl(assignment, cancel_requested=job_id in self._recent_cancels)
         self._active[job_id] = control
         load = self._load.get(assignment.backend)
+        result: JobResult | None = None
         try:
             if load is not None:
                 await load.slots.acquire()
@@ -319,6 +352,7 @@ class NodeRuntime:
                 if load is not None:
                     load.in_flight -= 1
                     load.slots.release()
+                    load.job_ended(control, result)
             if result is not None and load is not None and result.timings.first_token_ms:
                 load.observe_first_token(result.timings.first_token_ms)
             return result

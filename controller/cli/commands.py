@@ -47,6 +47,7 @@ from controller.cli.render import (
     stderr_console,
 )
 from controller.cli.serve import serve
+from controller.cli.top import top
 from controller.cli.tunnel import tunnel
 from controller.client import CorralClient, Event, make_spec
 from controller.fanout import (
@@ -417,6 +418,7 @@ cli.add_command(tunnel)
 cli.add_command(doctor)
 cli.add_command(chat_command)
 cli.add_command(serve)
+cli.add_command(top)
 
 
 def main() -> None:

@@ -217,6 +217,7 @@ class SimFleet:
             started_at=node.started_at,
             system=node.probe,
             capacity=node.profile.capacity,
+            backend_counters={BACKEND_NAME: node.load.counters(node.active.values())},
         )
         node.stored_inventory = await publish_node_info(
             self.redis, info, stored=node.stored_inventory
@@ -302,6 +303,7 @@ class SimFleet:
         job_id = assignment.spec.job_id
         control = JobControl(assignment, cancel_requested=job_id in self._recent_cancels)
         node.active[job_id] = control
+        result: JobResult | None = None
         try:
             async with node.load.slots:
                 if node.killed:
@@ -311,6 +313,7 @@ class SimFleet:
                     result = await self._run_claimed(node, control)
                 finally:
                     node.load.in_flight -= 1
+                    node.load.job_ended(control, result)
             if result is not None and result.timings.first_token_ms:
                 node.load.observe_first_token(result.timings.first_token_ms)
             return result
