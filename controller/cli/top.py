@@ -25,6 +25,7 @@ from rich.text import Text
 from broker.errors import CorralError
 from broker.settings import CorralSettings, redacted_url
 from controller.activity import ActivityTracker, NodeActivity, totals_of
+from controller.breaker import BreakerPhase
 from controller.cli.common import fail, output_width, settings_from
 from controller.cli.render import BreakerNote, ago, breaker_notes
 from controller.client import CorralClient
@@ -52,7 +53,7 @@ def top_frame(
     """One frame: a header with the broker (password hidden) and the totals, then one row
     per backend; a down node's rows are greyed."""
     totals = totals_of(nodes)
-    opened = sum(1 for n in notes.values() if n.short.startswith("breaker open"))
+    opened = sum(1 for n in notes.values() if n.phase is BreakerPhase.OPEN)
     header = Text.assemble(
         ("corral top", "bold"),
         f"  broker {redacted_url(broker)}  ",
@@ -83,9 +84,9 @@ def top_frame(
         if node_breaker is not None:
             state.append(f"\n{node_breaker.short}", style="red")
         style = None if node.up else "dim"
-        rows = node.backends or ()
+        rows = node.backends
         if not rows:
-            table.add_row(node.name, state, str(node.queued), "-", "-", "-", "-", "-", "-", "-")
+            table.add_row(node.name, state, str(node.queued), *["-"] * 7, style=style)
         for index, backend in enumerate(rows):
             first = index == 0
             failed = Text(str(backend.jobs_failed), style="red" if backend.jobs_failed else "")
