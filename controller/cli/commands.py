@@ -47,7 +47,7 @@ from controller.cli.render import (
     stderr_console,
 )
 from controller.cli.serve import serve
-from controller.cli.top import top
+from controller.cli.top import top, watch_nodes
 from controller.cli.tunnel import tunnel
 from controller.client import CorralClient, Event, make_spec
 from controller.fanout import (
@@ -324,11 +324,27 @@ def _print_answers(jobs: Sequence[FanoutJob]) -> None:
     multiple=True,
     help="Close a circuit breaker now (NODE or NODE/BACKEND), e.g. after fixing the node.",
 )
+@click.option("--watch", is_flag=True, help="Redraw in place until q or Ctrl-C (see `corral top`).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1, max=3600),
+    default=2.0,
+    show_default=True,
+    metavar="S",
+    help="Seconds between redraws with --watch.",
+)
 @click.pass_context
-def nodes(ctx: click.Context, as_json: bool, reset: tuple[str, ...]) -> None:
+def nodes(
+    ctx: click.Context, as_json: bool, reset: tuple[str, ...], watch: bool, interval: float
+) -> None:
     """Show every node: up or down, backends with jobs/capacity and time to first token,
     models (* loaded), free RAM and GPU memory, CPU load, and open circuit breakers."""
     settings = settings_from(ctx)
+    if watch:
+        if as_json or reset:
+            fail(ConfigError("--watch draws the table: not with --json or --reset-breaker"))
+        watch_nodes(settings, interval)
+        return
     try:
         with CorralClient(settings) as client:
             for target in reset:

@@ -13,11 +13,11 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import click
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -27,10 +27,10 @@ from broker.settings import CorralSettings, redacted_url
 from controller.activity import ActivityTracker, NodeActivity, totals_of
 from controller.breaker import BreakerPhase
 from controller.cli.common import fail, output_width, settings_from
-from controller.cli.render import BreakerNote, ago, breaker_notes
+from controller.cli.render import BreakerNote, ago, breaker_notes, nodes_table
 from controller.client import CorralClient
 
-__all__ = ["top", "top_frame"]
+__all__ = ["top", "top_frame", "watch", "watch_nodes"]
 
 _QUIT_KEYS = {"q", "Q"}
 
@@ -199,17 +199,36 @@ def top(ctx: click.Context, interval: float, once: bool) -> None:
             if once:
                 _once(frames, console)
                 return
-            _live(frames, console, interval)
+            watch(frames.read, console, interval)
     except CorralError as exc:
         fail(exc)
 
 
-def _live(frames: _Frames, console: Console, interval: float) -> None:
+def watch(read: Callable[[], RenderableType], console: Console, interval: float) -> None:
+    """Draw ``read()`` every ``interval`` seconds in place until q or Ctrl-C (also behind
+    ``corral nodes --watch``)."""
     # Ctrl-C is a way out, like q: the last frame stays on the screen, the terminal restored.
     with (
         contextlib.suppress(KeyboardInterrupt),
         _keys() as fd,
-        Live(frames.read(), console=console, auto_refresh=False) as live,
+        Live(read(), console=console, auto_refresh=False) as live,
     ):
         while not _quit_pressed(fd, interval):
-            live.update(frames.read(), refresh=True)
+            live.update(read(), refresh=True)
+
+
+def watch_nodes(settings: CorralSettings, interval: float) -> None:
+    """``corral nodes --watch``: the ``corral nodes`` table, redrawn in place."""
+    console = Console(highlight=False, width=output_width(120))
+
+    def frame(client: CorralClient) -> Group:
+        view = client.cluster()
+        notes = breaker_notes(view.breakers, view.redis_time, settings.breaker_cooldown_s)
+        lines = [Text(note.line, style="red") for note in notes.values()]
+        return Group(nodes_table(view.nodes, notes), *lines)
+
+    try:
+        with CorralClient(settings) as client:
+            watch(lambda: frame(client), console, interval)
+    except CorralError as exc:
+        fail(exc)

@@ -193,3 +193,42 @@ def test_top_off_a_broker_says_so_without_a_traceback(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and PASSWORD not in result.stderr
     assert "127.0.0.1:1" in result.stderr
+
+
+def test_nodes_watch_redraws_the_nodes_table_until_q(
+    server: RedisServer, client: CorralClient
+) -> None:
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "controller", "nodes", "--watch", "--interval", "0.3"],
+        env=corral_env(server),
+        cwd=str(REPO_ROOT),
+        dimensions=(40, 140),
+        encoding="utf-8",
+        timeout=20,
+    )
+    try:
+        for _ in range(2):  # drawn, then drawn again
+            child.expect("corral nodes")
+            child.expect("alpha")
+            child.expect("beta")
+        child.send("q")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0, child.before
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+
+
+def test_nodes_watch_refuses_json(server: RedisServer) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "controller", "nodes", "--watch", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=corral_env(server),
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode != 0
+    assert "--watch" in result.stderr and "Traceback" not in result.stderr
