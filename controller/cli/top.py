@@ -33,6 +33,9 @@ from controller.client import CorralClient
 __all__ = ["top", "top_frame", "watch", "watch_nodes"]
 
 _QUIT_KEYS = {"q", "Q"}
+_FRAME_LINES = 8
+"""Lines of a frame that are not backend rows (header, totals, the table's edges, heading
+and rule, the "more nodes" line), and one spare so that the frame never scrolls."""
 
 
 def _rate(tokens_per_s: float | None) -> str:
@@ -49,9 +52,12 @@ def top_frame(
     notes: Mapping[str, BreakerNote],
     broker: str,
     now: float,
+    max_rows: int | None = None,
 ) -> Group:
     """One frame: a header with the broker (password hidden) and the totals, then one row
-    per backend; a down node's rows are greyed."""
+    per backend; a down node's rows are greyed. With ``max_rows``, the nodes whose rows do
+    not fit are left out (a line says how many): a terminal shows no more, and drawing a
+    thousand rows takes over a second."""
     totals = totals_of(nodes)
     opened = sum(1 for n in notes.values() if n.phase is BreakerPhase.OPEN)
     header = Text.assemble(
@@ -76,7 +82,11 @@ def top_frame(
     table.add_column("failed", justify="right")
     table.add_column("ttft", justify="right")
     table.add_column("breaker")
+    shown = 0
     for node in nodes:
+        if max_rows is not None and table.row_count + max(1, len(node.backends)) > max_rows:
+            break
+        shown += 1
         state = (
             Text("up", style="green") if node.up else Text(f"down, seen {ago(now - node.sent_at)}")
         )
@@ -110,14 +120,20 @@ def top_frame(
         return Group(
             header, summary, Text("no nodes have registered yet (start one with `corral worker`)")
         )
+    if shown < len(nodes):
+        more = Text(f"… and {len(nodes) - shown} more nodes (counted in the totals)", style="dim")
+        return Group(header, summary, table, more)
     return Group(header, summary, table)
 
 
 class _Frames:
     """Reads the cluster and draws the next frame."""
 
-    def __init__(self, client: CorralClient, settings: CorralSettings) -> None:
+    def __init__(
+        self, client: CorralClient, settings: CorralSettings, max_rows: int | None = None
+    ) -> None:
         self.client = client
+        self.max_rows = max_rows
         self.settings = settings
         self.tracker = ActivityTracker()
         self.last: list[NodeActivity] = []
@@ -127,7 +143,7 @@ class _Frames:
         view = self.client.cluster()
         self.last = self.tracker.update(view.nodes)
         notes = breaker_notes(view.breakers, view.redis_time, self.settings.breaker_cooldown_s)
-        return top_frame(self.last, notes, self.broker, time.time())
+        return top_frame(self.last, notes, self.broker, time.time(), self.max_rows)
 
     def rates_known(self) -> bool:
         return all(
@@ -195,11 +211,11 @@ def top(ctx: click.Context, interval: float, once: bool) -> None:
     console = Console(highlight=False, width=output_width(120))
     try:
         with CorralClient(settings) as client:
-            frames = _Frames(client, settings)
             if once:
-                _once(frames, console)
+                _once(_Frames(client, settings), console)  # every node: a script reads it all
                 return
-            watch(frames.read, console, interval)
+            rows = max(1, console.height - _FRAME_LINES) if console.is_terminal else None
+            watch(_Frames(client, settings, rows).read, console, interval)
     except CorralError as exc:
         fail(exc)
 

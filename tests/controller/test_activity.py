@@ -142,3 +142,13 @@ def test_a_frame_hides_the_password_greys_down_nodes_and_shows_breakers() -> Non
     segments = console.render(top_frame(nodes, {}, "redis://x", 110.0))
     dim_text = "".join(seg.text for seg in segments if seg.style and seg.style.dim)
     assert "beta" in dim_text and "alpha" not in dim_text
+
+
+def test_a_frame_keeps_to_the_rows_that_fit_and_says_how_many_are_left_out() -> None:
+    nodes = ActivityTracker().update([node(f"n{i}", 1.0, 0) for i in range(5)])
+    console = Console(width=140, record=True, file=io.StringIO())
+    console.print(top_frame(nodes, {}, "redis://x", now=2.0, max_rows=2))
+    text = console.export_text()
+    assert "n0" in text and "n1" in text and "n2" not in text
+    assert "… and 3 more nodes (counted in the totals)" in text
+    assert "nodes 5/5 up" in text
