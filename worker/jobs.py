@@ -33,8 +33,9 @@ class JobControl:
     assignment: JobAssignment
     cancel_requested: bool = False
     tokens_streamed: int = 0
-    """Text chunks sent so far (a chunk is a token on every streaming backend): the
-    heartbeat counts a running job's tokens before it ends, so a rate shows while it runs."""
+    """Text chunks sent so far: the heartbeat counts a running job's tokens before it ends,
+    so a rate shows while it runs. A chunk is a token on Ollama and llama.cpp; a cloud API may
+    send several in one, and the job's own token count takes over when it ends."""
     task: asyncio.Task[JobResult | None] | None = field(default=None, repr=False)
 
 
