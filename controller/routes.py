@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from broker import names
 from broker.errors import ConfigError, RoutingError, UnknownNode
@@ -191,8 +192,42 @@ def resolve_mention(
     (no worker serves the route: exit code 3) or UnknownNode listing the close matches.
     """
     route = store.get(name)
+    enabled = store.enabled() if route is not None else True
+    names_known = (
+        [] if route is not None or _is_node(name, nodes) else [r.name for r in store.all()]
+    )
+    return choose_mention(name, route, enabled, names_known, nodes, model)
+
+
+async def aresolve_mention(
+    name: str, redis: AsyncRedis, nodes: Sequence[NodeState], *, model: str | None = None
+) -> Mention:
+    """``resolve_mention`` over an asyncio Redis client (the gateway, the MCP server)."""
+    raw = await redis.hget(names.ROUTES_HASH, name.strip().lower())
+    route = None if raw is None else Route.model_validate_json(raw)
+    enabled = not await redis.exists(names.ROUTING_OFF_KEY) if route is not None else True
+    names_known: list[str] = []
+    if route is None and not _is_node(name, nodes):
+        keys = await redis.hkeys(names.ROUTES_HASH)
+        names_known = [k.decode() if isinstance(k, bytes) else k for k in keys]
+    return choose_mention(name, route, enabled, names_known, nodes, model)
+
+
+def _is_node(name: str, nodes: Sequence[NodeState]) -> bool:
+    return any(state.name == name for state in nodes)
+
+
+def choose_mention(
+    name: str,
+    route: Route | None,
+    enabled: bool,
+    route_names: Sequence[str],
+    nodes: Sequence[NodeState],
+    model: str | None,
+) -> Mention:
+    """The pure part of ``resolve_mention``: what was read from Redis in, the answer out."""
     if route is not None:
-        if not store.enabled():
+        if not enabled:
             raise ConfigError(f"@{route.name} is a route and routing is off: `corral route on`")
         wanted = model or route.model
         if wanted is None:
@@ -201,11 +236,10 @@ def resolve_mention(
         if not serving:
             raise RoutingError(f"route @{route.name}: {missing_server_reason(route)}")
         return Mention(node=serving[0][0].name, model=wanted, route=route)
-    if any(state.name == name for state in nodes):
+    if _is_node(name, nodes):
         return Mention(node=name, model=model)
-    routes = [r.name for r in store.all()]
     nodes_known = sorted(state.name for state in nodes)
-    close = difflib.get_close_matches(name.lower(), routes + nodes_known, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name.lower(), [*route_names, *nodes_known], n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join('@' + c for c in close)}?" if close else ""
     raise UnknownNode(
         f"no node named {name!r} (known nodes: {', '.join(nodes_known) or 'none'}) "

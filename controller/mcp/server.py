@@ -27,6 +27,7 @@ from controller.fanout import fanout_candidates
 from controller.mcp.describe import cluster_summary, model_rows, node_rows, status_text
 from controller.mcp.jobs import JobBook, JobProgress, follow
 from controller.router import NodeState
+from controller.routes import aresolve_mention
 
 _SUMMARY_MAX_AGE_S = 2.0
 _READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
@@ -42,7 +43,10 @@ Prompt = Annotated[str, Field(description="The prompt (the user message).", min_
 Model = Annotated[
     str | None, Field(description="A model or alias (see list_models); default: router's pick.")
 ]
-Node = Annotated[str | None, Field(description="Run on this node only (see list_nodes).")]
+Node = Annotated[
+    str | None,
+    Field(description="Run on this named route (its node and model) or node (see list_nodes)."),
+]
 Tags = Annotated[
     list[str] | None, Field(description="Capability tags the node must have, e.g. ['code'].")
 ]
@@ -117,6 +121,10 @@ def build_server(
         ] = True,
     ) -> CallToolResult:
         try:
+            if node is not None:
+                nodes = await client.nodes(max_age_s=client.settings.route_cache_s)
+                mention = await aresolve_mention(node, client.redis, nodes, model=model)
+                node, model = mention.node, mention.model
             spec = make_spec(
                 prompt,
                 node=node,

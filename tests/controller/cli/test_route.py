@@ -8,6 +8,7 @@ test uses route names the others leave alone.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -16,9 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import httpx
 import pytest
+from mcp.client import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp.types import CallToolResult, TextContent
 
 from controller.cli import ExitCode
+from tests.controller.gateway.conftest import running_gateway
 from tests.fakes.fake_anthropic import running_fake_anthropic
 from tests.fakes.fake_ollama import DEFAULT_REPLY, running_fake_ollama
 from tests.support.servers import REPO_ROOT, start_worker
@@ -231,3 +237,43 @@ def test_routes_export_and_import_through_a_file_with_secrets_only_as_references
     refused = corral(cluster.broker_url, "route", "import", str(clear))
     assert refused.returncode == ExitCode.USAGE and "${VAR}" in refused.stderr
     assert "sk-in-clear-77" not in refused.stderr
+
+
+def test_the_gateway_and_the_mcp_ask_tool_resolve_a_route_too(
+    cluster: Cluster, module_log_dir: Path
+) -> None:
+    where = cluster.anthropic_url.removeprefix("http://")
+    route = ("route", "add", "front", f"anthropic+http://{where}", CLAUDE_MODEL)
+    assert corral(cluster.broker_url, *route).returncode == ExitCode.OK
+    with running_gateway(cluster.broker_url, module_log_dir) as gateway:
+        answer = httpx.post(
+            f"{gateway.v1}/chat/completions",
+            json={"model": "@front", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == CLAUDE_REPLY
+        assert answer.json()["model"] == CLAUDE_MODEL
+        unknown = httpx.post(
+            f"{gateway.v1}/chat/completions",
+            json={"model": "@frnt", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert unknown.status_code == 404 and "did you mean @front" in unknown.text
+
+    async def scenario(client: Client) -> CallToolResult:
+        return await client.call_tool("ask", {"prompt": "hi", "node": "front"})
+
+    env = {"CORRAL_BROKER_URL": cluster.broker_url, "PYTHONPATH": str(REPO_ROOT)}
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "controller.mcp"], env=env, cwd=REPO_ROOT
+    )
+
+    async def run() -> CallToolResult:
+        async with Client(params, read_timeout_seconds=60) as client:
+            return await scenario(client)
+
+    result = asyncio.run(run())
+    assert not result.is_error
+    text = "".join(block.text for block in result.content if isinstance(block, TextContent))
+    assert CLAUDE_REPLY in text
