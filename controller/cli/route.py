@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -158,8 +159,10 @@ def list_routes(ctx: click.Context) -> None:
     table = Table(box=None, pad_edge=False)
     for column in ("", "ROUTE", "URL", "MODEL", "STATE"):
         table.add_column(column)
-    for route in routes:
-        mark, note = route_state(route, nodes)
+    # Probed at once: a host that drops packets costs one timeout, not one per route.
+    with ThreadPoolExecutor(max_workers=min(16, len(routes))) as pool:
+        states = list(pool.map(lambda route: route_state(route, nodes), routes))
+    for route, (mark, note) in zip(routes, states, strict=True):
         table.add_row(mark, "@" + route.name, escape(route.url), route.model or "-", escape(note))
     Console(width=200).print(table)
     if not enabled:
