@@ -38,7 +38,7 @@ from controller.cli.conversation import HISTORY_WINDOW, Conversation, answer_sum
 from controller.cli.render import breaker_notes, nodes_table, stderr_console
 from controller.client import CorralClient, make_spec, with_history
 from controller.prompt import parse_tags
-from controller.routes import RouteStore, resolve_mention
+from controller.routes import Mention, RouteStore, resolve_mention
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -108,11 +108,12 @@ class ChatRepl:
         settings = self.client.settings
         conv = self.conversation
         try:
-            node, model = self.node_for(prompt.target, conv.model)
+            mention = self.node_for(prompt.target, conv.model)
             spec = make_spec(
                 prompt.text,
-                node=node,
-                model=model,
+                node=mention.node if mention else None,
+                model=mention.model if mention else conv.model,
+                route=mention.route.name if mention and mention.route else None,
                 tags=self.tags,
                 system=conv.system,
                 options=self.options,
@@ -132,15 +133,14 @@ class ChatRepl:
         )
         self._record(prompt.text, answer, len(spec.messages), spec.job_id)
 
-    def node_for(self, target: str | None, model: str | None) -> tuple[str | None, str | None]:
+    def node_for(self, target: str | None, model: str | None) -> Mention | None:
         """Where ``@target`` sends a prompt, and with which model: a route of that name (its
         serving node and model, unless /model names one), else the node of that name."""
         if target is None:
-            return None, model
-        mention = resolve_mention(
+            return None
+        return resolve_mention(
             target, RouteStore(self.client.redis), self.client.nodes(), model=model
         )
-        return mention.node, mention.model
 
     def _record(self, prompt: str, answer: Answer, sent: int, job_id: str) -> None:
         conv = self.conversation

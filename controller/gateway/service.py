@@ -111,7 +111,10 @@ class Gateway:
             mention = await aresolve_mention(spec.node, self.client.redis, nodes, model=spec.model)
         except CorralError as exc:
             raise http_error(exc) from None
-        return spec.model_copy(update={"node": mention.node, "model": mention.model})
+        route = mention.route.name if mention.route else None
+        return spec.model_copy(
+            update={"node": mention.node, "model": mention.model, "route": route}
+        )
 
     def stream(
         self,

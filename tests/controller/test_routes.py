@@ -77,3 +77,14 @@ def test_a_route_file_round_trips_and_refuses_secrets_in_clear() -> None:
     assert ok == [make_route("a", "openai://")]
     with pytest.raises(ConfigError, match=r"routes\[0\]: .*unknown route scheme"):
         parse_route_file('{"routes": [{"name": "a", "url": "ftp://x"}]}')
+
+
+def test_the_route_name_travels_in_the_job_and_shows_in_flower_never_its_url() -> None:
+    from broker.schemas import JobAssignment
+    from controller.client import make_spec
+
+    spec = make_spec("hi", node="cloudy", model="claude-x", route="claude")
+    task = JobAssignment(spec=spec, node="cloudy", backend="b", model="claude-x")
+    assert f"job={spec.job_id} route=claude node=cloudy" in task.argsrepr()
+    plain = JobAssignment(spec=make_spec("hi"), node="pi1", backend="b", model="m")
+    assert "route=" not in plain.argsrepr()
