@@ -38,7 +38,7 @@ from controller.cli.conversation import HISTORY_WINDOW, Conversation, answer_sum
 from controller.cli.render import breaker_notes, nodes_table, stderr_console
 from controller.client import CorralClient, make_spec, with_history
 from controller.prompt import parse_tags
-from controller.routes import Mention, RouteStore, resolve_mention
+from controller.routes import Mention, RouteStore, make_route, resolve_mention
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -206,7 +206,7 @@ class ChatRepl:
         elif name == "nodes":
             self.show_nodes()
         elif name == "route":
-            self.show_routes()
+            self.route(arg)
         return True
 
     def show_nodes(self) -> None:
@@ -222,13 +222,30 @@ class ChatRepl:
         notes = breaker_notes(view.breakers, view.redis_time, settings.breaker_cooldown_s)
         self.out.print(nodes_table(view.nodes, notes))
 
-    def show_routes(self) -> None:
+    def route(self, arg: str) -> None:
+        """``/route`` lists; ``/route add NAME URL [MODEL]`` and ``/route rm NAME`` change."""
+        words = arg.split()
+        store = RouteStore(self.client.redis)
         try:
-            store = RouteStore(self.client.redis)
-            routes, enabled = store.all(), store.enabled()
+            if not words:
+                self.show_routes(store)
+            elif words[0] == "add" and len(words) in (3, 4):
+                added = make_route(words[1], words[2], words[3] if len(words) == 4 else None)
+                store.add(added)
+                self.dim(f"route @{added.name} -> {added.url} {added.model or '(no model)'}")
+            elif words[0] == "rm" and len(words) == 2:
+                if not store.remove(words[1]):
+                    raise ConfigError(f"no route named {words[1]!r}")
+                self.dim(f"removed route @{words[1].lower()}")
+            else:
+                raise ConfigError("/route, /route add NAME URL [MODEL] or /route rm NAME")
+        except CorralError as exc:
+            self.error(str(exc))
         except redis.RedisError as exc:
             self.error(f"Redis: {exc.__class__.__name__}")
-            return
+
+    def show_routes(self, store: RouteStore) -> None:
+        routes, enabled = store.all(), store.enabled()
         for route in routes:
             self.out.print(escape(f"@{route.name}  {route.url}  {route.model or '(no model)'}"))
         state = "on" if enabled else "off (`corral route on`)"

@@ -15,7 +15,7 @@ COMMANDS: dict[str, str] = {
     "save": "/save [FILE]     write the transcript as Markdown (default: the session's file)",
     "clear": "/clear           forget the history (the transcript keeps it)",
     "nodes": "/nodes           the cluster's nodes, their backends, models and load",
-    "route": "/route           the cluster's named routes (@name goes to a route first)",
+    "route": "/route [add NAME URL [MODEL] | rm NAME]   the cluster's named routes",
     "help": "/help            this list",
     "exit": "/exit            leave (as Ctrl-D does)",
 }
@@ -24,7 +24,7 @@ ALIASES = {"quit": "exit", "?": "help"}
 UNSET = "-"
 """The argument that resets ``/model`` and ``/system``."""
 
-ROUTES_HOW = "add or remove one with `corral route add NAME URL [MODEL]` / `corral route rm NAME`"
+ROUTES_HOW = "add one with /route add NAME URL [MODEL] (or `corral route add NAME URL [MODEL]`)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,6 +243,13 @@ def test_commands_errors_save_and_the_input_history_across_sessions(
     for command in ("/model", "/system", "/history", "/save", "/clear", "/nodes", "/route"):
         assert command in help_text
     assert "0 route(s), routing on" in flat(chat.send("/route"))
+    assert "route @coder -> ollama://127.0.0.1:9 qwen" in flat(
+        chat.send("/route add Coder ollama://127.0.0.1:9 qwen")
+    )
+    assert "@coder ollama://127.0.0.1:9 qwen" in flat(chat.send("/route"))
+    assert "is a node's name" in flat(chat.send("/route add alpha ollama://127.0.0.1:9"))
+    assert "did you mean @coder" in flat(chat.send("@codr hi"))
+    assert "removed route @coder" in flat(chat.send("/route rm coder"))
     assert "unknown command /frob (/help lists them)" in chat.send("/frob")
     nodes = chat.send("/nodes")
     assert "alpha" in nodes and "beta" in nodes and "sim-small" in nodes
