@@ -103,3 +103,11 @@ def breaker_probe_key(target: str) -> str:
 
 SIM_CONTROL_CHANNEL = f"{KEY_PREFIX}sim:control"
 """Pub/sub channel a simulated fleet (``corral sim``) takes commands on: ``{"kill": [node]}``."""
+
+
+ROUTES_HASH = f"{KEY_PREFIX}routes"
+"""Hash of route name -> Route JSON (controller.routes): named endpoints behind ``@name``."""
+
+ROUTING_OFF_KEY = f"{KEY_PREFIX}routes:off"
+"""Present while routing is off (``corral route off``): ``@route`` is then refused. Absent (the
+default), routes answer as soon as they are added."""

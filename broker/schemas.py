@@ -56,7 +56,10 @@ class JobSpec(Message):
     job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")
     messages: tuple[ChatMessage, ...] = Field(min_length=1)
     node: Name | None = None
-    """Run on this node only (``@name`` when the name is a node)."""
+    """Run on this node only (``@name`` when the name is a node, or a route's serving node)."""
+    route: Name | None = None
+    """The named route ``@name`` resolved to (its node and model are ``node`` and ``model``);
+    for the record (Flower, logs): never a URL or a key."""
     model: str | None = Field(default=None, min_length=1)
     tags: frozenset[str] = frozenset()
     priority: Priority = "interactive"
@@ -83,7 +86,11 @@ class JobAssignment(Message):
 
     def argsrepr(self) -> str:
         """What Flower and the worker log show instead of the prompt."""
-        return f"job={self.spec.job_id} node={self.node} model={self.model} attempt={self.attempt}"
+        route = f" route={self.spec.route}" if self.spec.route else ""
+        return (
+            f"job={self.spec.job_id}{route} node={self.node} model={self.model} "
+            f"attempt={self.attempt}"
+        )
 
 
 ModelOpKind = Literal["pull", "warm", "unload", "rm"]

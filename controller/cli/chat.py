@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+import redis
 from rich.console import Console
 from rich.markup import escape
 
-from broker.errors import ConfigError, CorralError
+from broker.errors import ConfigError, CorralError, RoutingError
 from broker.schemas import GenerationOptions
 from controller.cli.chat_answer import Answer, stream_answer
 from controller.cli.chat_input import (
-    ROUTES_NOT_YET,
+    ROUTES_HOW,
     UNSET,
     Command,
     Prompt,
@@ -37,6 +38,7 @@ from controller.cli.conversation import HISTORY_WINDOW, Conversation, answer_sum
 from controller.cli.render import breaker_notes, nodes_table, stderr_console
 from controller.client import CorralClient, make_spec, with_history
 from controller.prompt import parse_tags
+from controller.routes import Mention, RouteStore, make_route, resolve_mention
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -106,10 +108,12 @@ class ChatRepl:
         settings = self.client.settings
         conv = self.conversation
         try:
+            mention = self.node_for(prompt.target, conv.model)
             spec = make_spec(
                 prompt.text,
-                node=self.node_for(prompt.target),
-                model=conv.model,
+                node=mention.node if mention else None,
+                model=mention.model if mention else conv.model,
+                route=mention.route.name if mention and mention.route else None,
                 tags=self.tags,
                 system=conv.system,
                 options=self.options,
@@ -118,6 +122,8 @@ class ChatRepl:
                 first_token_timeout_s=settings.first_token_timeout_s,
             )
         except CorralError as exc:
+            if isinstance(exc, RoutingError):  # the transcript keeps a prompt nothing could serve
+                conv.add_unfinished(prompt.text, "", f"failed: {exc}")
             self.error(str(exc))
             return
         if self.session is None:
@@ -127,10 +133,14 @@ class ChatRepl:
         )
         self._record(prompt.text, answer, len(spec.messages), spec.job_id)
 
-    def node_for(self, target: str | None) -> str | None:
-        """Where ``@target`` sends a prompt: today the node of that name. Named routes, once
-        they exist, are looked up here first (a route of that name, then a node)."""
-        return target
+    def node_for(self, target: str | None, model: str | None) -> Mention | None:
+        """Where ``@target`` sends a prompt, and with which model: a route of that name (its
+        serving node and model, unless /model names one), else the node of that name."""
+        if target is None:
+            return None
+        return resolve_mention(
+            target, RouteStore(self.client.redis), self.client.nodes(), model=model
+        )
 
     def _record(self, prompt: str, answer: Answer, sent: int, job_id: str) -> None:
         conv = self.conversation
@@ -196,7 +206,7 @@ class ChatRepl:
         elif name == "nodes":
             self.show_nodes()
         elif name == "route":
-            self.error(ROUTES_NOT_YET)
+            self.route(arg)
         return True
 
     def show_nodes(self) -> None:
@@ -211,6 +221,35 @@ class ChatRepl:
         settings = self.client.settings
         notes = breaker_notes(view.breakers, view.redis_time, settings.breaker_cooldown_s)
         self.out.print(nodes_table(view.nodes, notes))
+
+    def route(self, arg: str) -> None:
+        """``/route`` lists; ``/route add NAME URL [MODEL]`` and ``/route rm NAME`` change."""
+        words = arg.split()
+        store = RouteStore(self.client.redis)
+        try:
+            if not words:
+                self.show_routes(store)
+            elif words[0] == "add" and len(words) in (3, 4):
+                added = make_route(words[1], words[2], words[3] if len(words) == 4 else None)
+                store.add(added)
+                self.dim(f"route @{added.name} -> {added.url} {added.model or '(no model)'}")
+            elif words[0] == "rm" and len(words) == 2:
+                if not store.remove(words[1]):
+                    raise ConfigError(f"no route named {words[1]!r}")
+                self.dim(f"removed route @{words[1].lower()}")
+            else:
+                raise ConfigError("/route, /route add NAME URL [MODEL] or /route rm NAME")
+        except CorralError as exc:
+            self.error(str(exc))
+        except redis.RedisError as exc:
+            self.error(f"Redis: {exc.__class__.__name__}")
+
+    def show_routes(self, store: RouteStore) -> None:
+        routes, enabled = store.all(), store.enabled()
+        for route in routes:
+            self.out.print(escape(f"@{route.name}  {route.url}  {route.model or '(no model)'}"))
+        state = "on" if enabled else "off (`corral route on`)"
+        self.dim(f"{len(routes)} route(s), routing {state}; {ROUTES_HOW}")
 
     def save(self, path: Path) -> bool:
         try:

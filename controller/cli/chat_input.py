@@ -15,7 +15,7 @@ COMMANDS: dict[str, str] = {
     "save": "/save [FILE]     write the transcript as Markdown (default: the session's file)",
     "clear": "/clear           forget the history (the transcript keeps it)",
     "nodes": "/nodes           the cluster's nodes, their backends, models and load",
-    "route": "/route ...       named routes (not available yet)",
+    "route": "/route [add NAME URL [MODEL] | rm NAME]   the cluster's named routes",
     "help": "/help            this list",
     "exit": "/exit            leave (as Ctrl-D does)",
 }
@@ -24,9 +24,7 @@ ALIASES = {"quit": "exit", "?": "help"}
 UNSET = "-"
 """The argument that resets ``/model`` and ``/system``."""
 
-ROUTES_NOT_YET = (
-    "named routes are not available yet: @name names a node for now (see /nodes for their names)"
-)
+ROUTES_HOW = "add one with /route add NAME URL [MODEL] (or `corral route add NAME URL [MODEL]`)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +37,8 @@ class Command:
 class Prompt:
     text: str
     target: str | None = None
-    """The ``@name`` the line began with: a node today, a named route first once routes
-    exist (the REPL resolves it, not this parser)."""
+    """The ``@name`` the line began with: a named route first, then a node (the REPL
+    resolves it, not this parser)."""
 
 
 def parse_line(line: str) -> Command | Prompt | None:

@@ -9,11 +9,13 @@ import time
 from collections.abc import Sequence
 
 import click
+import redis
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 
 from broker.errors import (
+    BrokerUnavailable,
     ConfigError,
     CorralError,
     JobError,
@@ -46,6 +48,7 @@ from controller.cli.render import (
     nodes_table,
     stderr_console,
 )
+from controller.cli.route import route_command
 from controller.cli.serve import serve
 from controller.cli.top import top, watch_nodes
 from controller.cli.tunnel import tunnel
@@ -60,6 +63,7 @@ from controller.fanout import (
     wait_for,
 )
 from controller.prompt import parse_tags, split_mention
+from controller.routes import RouteStore, resolve_mention
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -172,16 +176,25 @@ def ask(
     """
     settings = settings_from(ctx)
     models = split_list(model_list)
+    client = CorralClient(settings)
     try:
         words = prompt_from(prompt, sys.stdin, settings.max_prompt_bytes)
         mentioned, text = split_mention(words)
         if node and mentioned and node != mentioned:
             raise ConfigError(f"--node {node} and @{mentioned} disagree")
         _check_many_flags(fanout, models, node or mentioned, model, session)
+        route = None
+        if mentioned:
+            mention = resolve_mention(
+                mentioned, RouteStore(client.redis), client.nodes(), model=model
+            )
+            mentioned, model = mention.node, mention.model
+            route = mention.route.name if mention.route else None
         spec = make_spec(
             text,
             node=node or mentioned,
             model=model,
+            route=route,
             tags=parse_tags(tags),
             system=system,
             options=GenerationOptions(max_tokens=max_tokens, temperature=temperature),
@@ -192,9 +205,13 @@ def ask(
             first_token_timeout_s=settings.first_token_timeout_s,
         )
     except CorralError as exc:
+        client.close()
         fail(exc)
+    except redis.RedisError as exc:
+        client.close()
+        fail(BrokerUnavailable(f"Redis: {exc.__class__.__name__}"))
     timeout_s = timeout or settings.job_timeout_s
-    with CorralClient(settings) as client:
+    with client:
         if fanout is not None or models:
             code = run_many(client, spec, fanout, models, as_json=as_json, timeout_s=timeout_s)
         else:
@@ -435,6 +452,7 @@ cli.add_command(doctor)
 cli.add_command(chat_command)
 cli.add_command(serve)
 cli.add_command(top)
+cli.add_command(route_command)
 
 
 def main() -> None:

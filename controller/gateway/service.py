@@ -29,6 +29,7 @@ from controller.gateway.jobs import (
     wait_for_disconnect,
 )
 from controller.gateway.metrics import GatewayMetrics
+from controller.routes import aresolve_mention
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 _MODEL_OP_TIMEOUT_S = 120.0
@@ -86,6 +87,7 @@ class Gateway:
             await self.client.cancel(spec.job_id)
 
         try:
+            spec = await self.resolve_mention(spec)
             job = await unless_disconnected(
                 submit_and_hold(self.client, spec, self.settings.job_timeout_s),
                 request.receive,
@@ -99,6 +101,20 @@ class Gateway:
             raise
         self.metrics.job_started()
         return job
+
+    async def resolve_mention(self, spec: JobSpec) -> JobSpec:
+        """``model@name`` or ``X-Corral-Node``: a named route's node and model, else a node."""
+        if spec.node is None:
+            return spec
+        try:
+            nodes = await self.client.nodes(max_age_s=self.settings.route_cache_s)
+            mention = await aresolve_mention(spec.node, self.client.redis, nodes, model=spec.model)
+        except CorralError as exc:
+            raise http_error(exc) from None
+        route = mention.route.name if mention.route else None
+        return spec.model_copy(
+            update={"node": mention.node, "model": mention.model, "route": route}
+        )
 
     def stream(
         self,

@@ -27,6 +27,7 @@ from controller.fanout import fanout_candidates
 from controller.mcp.describe import cluster_summary, model_rows, node_rows, status_text
 from controller.mcp.jobs import JobBook, JobProgress, follow
 from controller.router import NodeState
+from controller.routes import aresolve_mention
 
 _SUMMARY_MAX_AGE_S = 2.0
 _READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
@@ -42,7 +43,10 @@ Prompt = Annotated[str, Field(description="The prompt (the user message).", min_
 Model = Annotated[
     str | None, Field(description="A model or alias (see list_models); default: router's pick.")
 ]
-Node = Annotated[str | None, Field(description="Run on this node only (see list_nodes).")]
+Node = Annotated[
+    str | None,
+    Field(description="Run on this named route (its node and model) or node (see list_nodes)."),
+]
 Tags = Annotated[
     list[str] | None, Field(description="Capability tags the node must have, e.g. ['code'].")
 ]
@@ -116,11 +120,18 @@ def build_server(
             bool, Field(description="false: return the job id at once and poll.")
         ] = True,
     ) -> CallToolResult:
+        route = None
         try:
+            if node is not None:
+                nodes = await client.nodes(max_age_s=client.settings.route_cache_s)
+                mention = await aresolve_mention(node, client.redis, nodes, model=model)
+                node, model = mention.node, mention.model
+                route = mention.route.name if mention.route else None
             spec = make_spec(
                 prompt,
                 node=node,
                 model=model,
+                route=route,
                 tags=frozenset(tags or ()),
                 system=system,
                 options=GenerationOptions(max_tokens=max_tokens),

@@ -31,6 +31,11 @@ SUMMARY = re.compile(
 )
 
 
+def flat(text: str) -> str:
+    """Whitespace folded: the terminal wraps long lines."""
+    return " ".join(text.split())
+
+
 def reply(prompt: str) -> str:
     return reply_for([ChatMessage(role="user", content=prompt)])
 
@@ -237,14 +242,21 @@ def test_commands_errors_save_and_the_input_history_across_sessions(
     help_text = chat.send("/help")
     for command in ("/model", "/system", "/history", "/save", "/clear", "/nodes", "/route"):
         assert command in help_text
-    assert "named routes are not available yet" in chat.send("/route add coder @gpu1")
+    assert "0 route(s), routing on" in flat(chat.send("/route"))
+    assert "route @coder -> ollama://127.0.0.1:9 qwen" in flat(
+        chat.send("/route add Coder ollama://127.0.0.1:9 qwen")
+    )
+    assert "@coder ollama://127.0.0.1:9 qwen" in flat(chat.send("/route"))
+    assert "is a node's name" in flat(chat.send("/route add alpha ollama://127.0.0.1:9"))
+    assert "did you mean @coder" in flat(chat.send("@codr hi"))
+    assert "removed route @coder" in flat(chat.send("/route rm coder"))
     assert "unknown command /frob (/help lists them)" in chat.send("/frob")
     nodes = chat.send("/nodes")
     assert "alpha" in nodes and "beta" in nodes and "sim-small" in nodes
 
     # Errors are one line each, and the chat goes on.
     out = chat.send("@pi9 hello")
-    assert out.strip() == "✗ no node named 'pi9' (known nodes: alpha, beta)"
+    assert flat(out) == "✗ no node named 'pi9' (known nodes: alpha, beta) and no route of that name"
     assert "model: llama3.1:8b" in chat.send("/model llama3.1:8b")
     out = chat.send("@beta hello")
     assert (

@@ -6,7 +6,7 @@ import pytest
 
 from broker.errors import ConfigError
 from broker.schemas import ChatMessage
-from controller.cli.chat_input import ROUTES_NOT_YET, Command, Prompt, help_text, parse_line
+from controller.cli.chat_input import ROUTES_HOW, Command, Prompt, help_text, parse_line
 from controller.cli.conversation import Conversation, answer_summary
 from controller.client import make_spec, with_history
 
@@ -172,4 +172,4 @@ def test_help_lists_every_command_and_the_route_stub_says_routes_are_not_there_y
     text = help_text()
     for name in ("/model", "/system", "/history", "/save", "/clear", "/help", "/nodes", "/route"):
         assert name in text
-    assert ROUTES_NOT_YET.startswith("named routes are not available yet")
+    assert "corral route add NAME URL" in ROUTES_HOW

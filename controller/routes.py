@@ -1,0 +1,247 @@
+"""Named routes (``@name``): endpoints kept in Redis, so every controller process agrees.
+
+A route is a name, a URL (``broker.route_url`` reads it) and maybe a model. ``@name`` resolves
+to a route first, then to a node. A route runs on the node whose own backend it is: the node
+that fronts a backend at the route's URL (a local Ollama or llama.cpp, or a cloud provider's
+endpoint that a worker is configured for with its own key).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from broker import names
+from broker.errors import ConfigError, RoutingError, UnknownNode
+from broker.route_url import RouteTarget, origin_of, parse_route_url
+from broker.schemas import BackendInfo, describe_validation_error
+from controller.router import NodeState
+
+_ROUTE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+_SECRET_REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+
+class Route(BaseModel):
+    """One named endpoint, as stored in ``ROUTES_HASH`` and exported to a file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=_ROUTE_NAME.pattern)
+    url: str = Field(min_length=1, max_length=512)
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @property
+    def target(self) -> RouteTarget:
+        return parse_route_url(self.url)
+
+
+def check_route_name(name: str) -> str:
+    """The name in lowercase, or ConfigError if it is not letters, digits and hyphens."""
+    normal = name.strip().lower()
+    if not _ROUTE_NAME.match(normal):
+        raise ConfigError(
+            f"route name {name!r}: letters, digits and hyphens only (not first or last), "
+            "at most 64 characters"
+        )
+    return normal
+
+
+def make_route(name: str, url: str, model: str | None = None) -> Route:
+    """A checked route: its name normalized and its URL parsed (ConfigError otherwise)."""
+    parse_route_url(url)
+    return Route(name=check_route_name(name), url=url.strip(), model=model or None)
+
+
+class RouteStore:
+    """The cluster's routes and the routing switch, in Redis."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    def add(self, route: Route, *, replace: bool = False) -> None:
+        """Store ``route``; ConfigError if its name is a node's or taken (unless ``replace``)."""
+        if self.redis.hexists(names.NODES_HASH, route.name):
+            raise ConfigError(f"{route.name!r} is a node's name: a route may not shadow it")
+        if replace:
+            self.redis.hset(names.ROUTES_HASH, route.name, route.model_dump_json())
+        elif not self.redis.hsetnx(names.ROUTES_HASH, route.name, route.model_dump_json()):
+            raise ConfigError(f"route {route.name!r} exists: `corral route rm {route.name}` first")
+
+    def remove(self, name: str) -> bool:
+        return bool(self.redis.hdel(names.ROUTES_HASH, name.strip().lower()))
+
+    def get(self, name: str) -> Route | None:
+        raw = self.redis.hget(names.ROUTES_HASH, name.strip().lower())
+        return None if raw is None else Route.model_validate_json(raw)
+
+    def all(self) -> list[Route]:
+        raw = self.redis.hgetall(names.ROUTES_HASH)
+        routes = [Route.model_validate_json(value) for value in raw.values()]
+        return sorted(routes, key=lambda r: r.name)
+
+    def enabled(self) -> bool:
+        return not self.redis.exists(names.ROUTING_OFF_KEY)
+
+    def set_enabled(self, on: bool) -> None:
+        if on:
+            self.redis.delete(names.ROUTING_OFF_KEY)
+        else:
+            self.redis.set(names.ROUTING_OFF_KEY, "1")
+
+
+# --- export and import ---------------------------------------------------------------------
+
+
+def export_routes(routes: Sequence[Route], path: str) -> str:
+    """The routes as YAML (or JSON when ``path`` ends in .json)."""
+    data = {"routes": [r.model_dump(exclude_none=True) for r in routes]}
+    if path.endswith(".json"):
+        return json.dumps(data, indent=2) + "\n"
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def parse_route_file(text: str) -> list[Route]:
+    """Routes from an exported file; ConfigError for bad YAML/JSON, a bad route or a secret
+    written in clear (a value with "key" or "token" in its name must be a ``${VAR}``)."""
+    try:
+        data = yaml.safe_load(text)  # JSON is YAML too
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"route file is neither YAML nor JSON: {exc.__class__.__name__}"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("routes"), list):
+        raise ConfigError("a route file holds `routes:`, a list of {name, url, model}")
+    routes: list[Route] = []
+    for i, item in enumerate(data["routes"]):
+        if not isinstance(item, dict):
+            raise ConfigError(f"routes[{i}] is not a mapping of name, url, model")
+        for key, value in item.items():
+            secretish = any(word in str(key).lower() for word in ("key", "token", "secret"))
+            if secretish and not _SECRET_REFERENCE.match(str(value)):
+                raise ConfigError(f"routes[{i}].{key}: write secrets as ${{VAR}}, never in clear")
+        try:
+            routes.append(
+                make_route(str(item.get("name", "")), str(item.get("url", "")), item.get("model"))
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"routes[{i}]: {describe_validation_error(exc)}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"routes[{i}]: {exc}") from None
+    return routes
+
+
+# --- resolution ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mention:
+    """What ``@name`` means: the node to pin, the model the route names, the route itself."""
+
+    node: str
+    model: str | None = None
+    route: Route | None = None
+
+
+def serving_backends(
+    route: Route, nodes: Iterable[NodeState]
+) -> list[tuple[NodeState, BackendInfo]]:
+    """The (node, backend) pairs that front the route's endpoint, up nodes first."""
+    target = route.target
+    found = [
+        (state, backend)
+        for state in nodes
+        for backend in state.info.backends
+        if backend.url is not None
+        and backend.kind == target.kind
+        and _same_origin(backend.url, target.base_url)
+    ]
+    return sorted(found, key=lambda pair: (not pair[0].up, not pair[1].healthy, pair[0].name))
+
+
+def _same_origin(a: str, b: str) -> bool:
+    left, right = origin_of(a), origin_of(b)
+    return left is not None and left == right
+
+
+def missing_server_reason(route: Route) -> str:
+    """Why no worker serves ``route``, and what to start so one does."""
+    target = route.target
+    if target.cloud:
+        keys = " or ".join(target.key_variables)
+        return (
+            f"no worker serves {target.kind} at {target.base_url}: start one with {keys} in its "
+            f"environment and a {target.kind} backend at that URL in its corral.yaml"
+        )
+    return f"no worker fronts {target.base_url}: start one with that backend on the node"
+
+
+def resolve_mention(
+    name: str, store: RouteStore, nodes: Sequence[NodeState], *, model: str | None = None
+) -> Mention:
+    """``@name`` -> a route's serving node and model, else the node of that name.
+
+    Raises ConfigError (routing off, or a route with no model and none given), RoutingError
+    (no worker serves the route: exit code 3) or UnknownNode listing the close matches.
+    """
+    route = store.get(name)
+    enabled = store.enabled() if route is not None else True
+    names_known = (
+        [] if route is not None or _is_node(name, nodes) else [r.name for r in store.all()]
+    )
+    return choose_mention(name, route, enabled, names_known, nodes, model)
+
+
+async def aresolve_mention(
+    name: str, redis: AsyncRedis, nodes: Sequence[NodeState], *, model: str | None = None
+) -> Mention:
+    """``resolve_mention`` over an asyncio Redis client (the gateway, the MCP server)."""
+    raw = await redis.hget(names.ROUTES_HASH, name.strip().lower())
+    route = None if raw is None else Route.model_validate_json(raw)
+    enabled = not await redis.exists(names.ROUTING_OFF_KEY) if route is not None else True
+    names_known: list[str] = []
+    if route is None and not _is_node(name, nodes):
+        keys = await redis.hkeys(names.ROUTES_HASH)
+        names_known = [k.decode() if isinstance(k, bytes) else k for k in keys]
+    return choose_mention(name, route, enabled, names_known, nodes, model)
+
+
+def _is_node(name: str, nodes: Sequence[NodeState]) -> bool:
+    return any(state.name == name for state in nodes)
+
+
+def choose_mention(
+    name: str,
+    route: Route | None,
+    enabled: bool,
+    route_names: Sequence[str],
+    nodes: Sequence[NodeState],
+    model: str | None,
+) -> Mention:
+    """The pure part of ``resolve_mention``: what was read from Redis in, the answer out."""
+    if route is not None:
+        if not enabled:
+            raise ConfigError(f"@{route.name} is a route and routing is off: `corral route on`")
+        wanted = model or route.model
+        if wanted is None:
+            raise ConfigError(f"route @{route.name} names no model: ask `@{route.name} --model M`")
+        serving = [pair for pair in serving_backends(route, nodes) if pair[0].up]
+        if not serving:
+            raise RoutingError(f"route @{route.name}: {missing_server_reason(route)}")
+        return Mention(node=serving[0][0].name, model=wanted, route=route)
+    if _is_node(name, nodes):
+        return Mention(node=name, model=model)
+    nodes_known = sorted(state.name for state in nodes)
+    close = difflib.get_close_matches(name.lower(), [*route_names, *nodes_known], n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join('@' + c for c in close)}?" if close else ""
+    raise UnknownNode(
+        f"no node named {name!r} (known nodes: {', '.join(nodes_known) or 'none'}) "
+        f"and no route of that name{hint}"
+    )
