@@ -37,6 +37,8 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError
 
 TRANSPORT_PATH = "broker.transport:RedisTransport"
 """What Celery's ``broker_transport`` names, so kombu loads this class for redis:// URLs."""
+SENTINEL_TRANSPORT_PATH = "broker.transport:SentinelTransport"
+"""The same for sentinel:// URLs: kombu's Sentinel transport with the same tolerance."""
 
 _WRITES_REFUSED = (OutOfMemoryError, ReadOnlyError)
 
@@ -117,3 +119,14 @@ class _Channel(kombu_redis.Channel):
 class RedisTransport(kombu_redis.Transport):
     Channel = _Channel
     connection_errors = (*kombu_redis.Transport.connection_errors, *_WRITES_REFUSED)
+
+
+class _SentinelChannel(_Channel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (it asks the sentinels for the primary) with the held client
+    and the QoS above. During a failover the old primary's replicas answer READONLY until one
+    is promoted: a lost connection, as above, not a reason to stop."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = _SentinelChannel
+    connection_errors = (*kombu_redis.SentinelTransport.connection_errors, *_WRITES_REFUSED)
