@@ -6,7 +6,11 @@ from celery import Celery
 
 from broker import names
 from broker.settings import CorralSettings
-from broker.transport import SENTINEL_TRANSPORT_PATH, TRANSPORT_PATH
+from broker.transport import (
+    SENTINEL_TRANSPORT_PATH,
+    TRANSPORT_PATH,
+    use_corral_sentinel_transport,
+)
 
 # Seconds beyond the longest job before Redis hands an unacked job to another consumer.
 _VISIBILITY_MARGIN_S = 60
@@ -21,6 +25,7 @@ def make_celery_app(settings: CorralSettings, *, name: str = "corral") -> Celery
         app.conf.broker_transport = TRANSPORT_PATH
     elif url.startswith("sentinel://"):
         app.conf.broker_transport = SENTINEL_TRANSPORT_PATH
+        use_corral_sentinel_transport()  # for the failover entries too
     transport_options: dict[str, object] = {}
     if url.startswith("sentinel://"):
         transport_options["master_name"] = settings.broker_master_name

@@ -24,6 +24,8 @@ from controller.localcluster import free_port, redis_server_command, stop_proces
 from tests.support.servers import wait_until
 
 MASTER_NAME = "corralmaster"
+PASSWORD = "ha-s3cret-pw"
+"""The primary's and replica's password (the sentinels take none, as in most home labs)."""
 # Sentinel's timing, shortened for a test: a primary silent for 1 s is down; the sentinels'
 # own timeouts stay at their defaults otherwise.
 DOWN_AFTER_MS = 1000
@@ -37,8 +39,10 @@ def _binary() -> str:
     return binary
 
 
-def _ping(port: int) -> bool:
-    client = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
+def _ping(port: int, password: str | None = None) -> bool:
+    client = redis.Redis(
+        port=port, password=password, socket_connect_timeout=0.5, socket_timeout=0.5
+    )
     try:
         return bool(client.ping())
     except redis.exceptions.RedisError:
@@ -57,7 +61,10 @@ class RedisHA:
 
     @property
     def url(self) -> str:
-        return ";".join(f"sentinel://127.0.0.1:{port}" for port in self.sentinels) + "/0"
+        """The broker URL: the primary's password in the first entry, as kombu reads it."""
+        entries = [f"sentinel://127.0.0.1:{port}" for port in self.sentinels]
+        entries[0] = entries[0].replace("//", f"//:{PASSWORD}@")
+        return ";".join(entries[:1]) + "/0;" + ";".join(entries[1:])
 
     def primary_port(self) -> int:
         """Where the sentinels say the primary is now."""
@@ -85,11 +92,15 @@ def _start_data_server(ha: RedisHA, replica_of: int | None) -> int:
     port = free_port()
     workdir = ha.workdir / f"redis-{port}"
     workdir.mkdir()
-    args = redis_server_command(_binary(), port, workdir)
+    # masterauth on both: the replica promoted later is then the one the other follows.
+    args = [
+        *redis_server_command(_binary(), port, workdir),
+        *("--requirepass", PASSWORD, "--masterauth", PASSWORD),
+    ]
     if replica_of is not None:
         args += ["--replicaof", "127.0.0.1", str(replica_of)]
     ha.servers[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: _ping(port), 10, f"redis-server on {port}")
+    wait_until(lambda: _ping(port, PASSWORD), 10, f"redis-server on {port}")
     return port
 
 
@@ -103,6 +114,7 @@ def _start_sentinel(ha: RedisHA, primary: int) -> int:
         f"dir {ha.workdir}\n"
         f"logfile {ha.workdir / f'sentinel-{port}.log'}\n"
         f"sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} 2\n"
+        f"sentinel auth-pass {MASTER_NAME} {PASSWORD}\n"
         f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
         f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n"
         f"sentinel parallel-syncs {MASTER_NAME} 1\n"
@@ -117,7 +129,7 @@ def _start_sentinel(ha: RedisHA, primary: int) -> int:
 
 
 def _replica_in_sync(port: int) -> bool:
-    client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+    client = redis.Redis(port=port, password=PASSWORD, socket_timeout=1, decode_responses=True)
     try:
         return client.info("replication").get("master_link_status") == "up"
     except redis.exceptions.RedisError:
@@ -132,15 +144,12 @@ def _sentinels_know_everyone(ha: RedisHA) -> bool:
     for port in ha.sentinels:
         client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
         try:
-            state = client.execute_command(  # type: ignore[no-untyped-call]
-                "SENTINEL", "MASTER", MASTER_NAME
-            )
+            state = client.sentinel_master(MASTER_NAME)  # redis-py parses it into a dict
         except redis.exceptions.RedisError:
             return False
         finally:
             client.close()
-        fields = dict(zip(state[::2], state[1::2], strict=True))
-        if int(fields["num-slaves"]) < 1 or int(fields["num-other-sentinels"]) < 2:
+        if int(state["num-slaves"]) < 1 or int(state["num-other-sentinels"]) < 2:
             return False
     return True
 
