@@ -142,6 +142,10 @@ class CorralSettings(BaseSettings):
             raise ValueError(
                 "broker URL must start with redis://, rediss://, unix:// or sentinel://"
             )
+        if url.startswith("sentinel://") and not all(
+            entry.strip().startswith("sentinel://") for entry in url.split(";")
+        ):
+            raise ValueError("every ;-separated entry of a Sentinel broker URL is sentinel://")
         return value
 
     @field_validator("broker_ca_file")

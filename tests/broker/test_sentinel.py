@@ -44,6 +44,12 @@ def test_a_bad_sentinel_url_is_a_clear_error_without_its_password() -> None:
     assert "s3cret" not in str(raised.value)
 
 
+def test_settings_refuse_a_sentinel_list_mixing_schemes_without_echoing_it() -> None:
+    with pytest.raises(ConfigError, match="every ;-separated entry") as raised:
+        build_settings(broker_url="sentinel://:s3cret@h1:26379;redis://h2:6379")
+    assert "s3cret" not in str(raised.value)
+
+
 def test_redacted_url_hides_every_sentinel_entrys_password() -> None:
     shown = redacted_url("sentinel://:p@ss@h1:26379/0;sentinel://u:pw@h2:26379")
     assert shown == "sentinel://***@h1:26379/0;sentinel://***@h2:26379"
