@@ -96,6 +96,36 @@ def _tls_options(url: str, ca_file: str | None) -> dict[str, Any]:
     return {}
 
 
+def _no_primary(sentinels: list[Any], service_name: str) -> redis.sentinel.MasterNotFoundError:
+    # redis-py's message lists the repr of every sentinel connection (kilobytes of pool
+    # internals); this one says what a user can act on.
+    asked = ", ".join(
+        f"{s.connection_pool.connection_kwargs.get('host')}:"
+        f"{s.connection_pool.connection_kwargs.get('port')}"
+        for s in sentinels
+    )
+    return redis.sentinel.MasterNotFoundError(
+        f"no sentinel ({asked}) names a reachable primary {service_name!r}: are the"
+        " sentinels up, and is broker_master_name right?"
+    )
+
+
+class _Sentinel(redis.sentinel.Sentinel):
+    def discover_master(self, service_name: str) -> Any:
+        try:
+            return super().discover_master(service_name)  # type: ignore[no-untyped-call]
+        except redis.sentinel.MasterNotFoundError:
+            raise _no_primary(self.sentinels, service_name) from None
+
+
+class _AsyncSentinel(redis.asyncio.sentinel.Sentinel):
+    async def discover_master(self, service_name: str) -> Any:
+        try:
+            return await super().discover_master(service_name)
+        except redis.sentinel.MasterNotFoundError:
+            raise _no_primary(self.sentinels, service_name) from None
+
+
 class _BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
     """A Sentinel pool that, past its size, waits for a connection instead of failing
     (redis-py has the two separately: Sentinel's address lookup, the blocking pool's queue)."""
@@ -121,7 +151,7 @@ def sync_pool(
         options["timeout"] = blocking_timeout_s
     if is_sentinel_url(url):
         target = parse_sentinel_url(url, master_name)
-        manager = redis.sentinel.Sentinel(
+        manager = _Sentinel(
             list(target.sentinels), socket_connect_timeout=options.get("socket_connect_timeout")
         )  # type: ignore[no-untyped-call]
         pool_class = (
@@ -175,7 +205,7 @@ def async_pool(
         options["timeout"] = blocking_timeout_s
     if is_sentinel_url(url):
         target = parse_sentinel_url(url, master_name)
-        manager = redis.asyncio.sentinel.Sentinel(
+        manager = _AsyncSentinel(
             list(target.sentinels), socket_connect_timeout=options.get("socket_connect_timeout")
         )  # type: ignore[no-untyped-call]
         pool_class = (

@@ -19,6 +19,7 @@ from broker.schemas import AnyStreamEvent, ChatMessage, DeltaEvent, DoneEvent, I
 from broker.settings import build_settings, redacted_url
 from broker.transport import SentinelTransport
 from controller.client import CorralClient, make_spec
+from controller.health import check_broker
 from tests.support.redis_ha import MASTER_NAME, PASSWORD, running_redis_ha
 from tests.support.servers import start_worker, wait_until
 from worker.backends.simulated import reply_for
@@ -48,6 +49,15 @@ def test_settings_refuse_a_sentinel_list_mixing_schemes_without_echoing_it() -> 
     with pytest.raises(ConfigError, match="every ;-separated entry") as raised:
         build_settings(broker_url="sentinel://:s3cret@h1:26379;redis://h2:6379")
     assert "s3cret" not in str(raised.value)
+
+
+def test_unreachable_sentinels_are_a_short_check_failure_without_the_password() -> None:
+    settings = build_settings(broker_url="sentinel://:s3cret@127.0.0.1:1/0;sentinel://127.0.0.1:2")
+    checks, client = check_broker(settings)
+    assert client is None
+    [failed] = checks
+    assert "no sentinel (127.0.0.1:1, 127.0.0.1:2) names a reachable primary" in failed.detail
+    assert "s3cret" not in failed.detail and len(failed.detail) < 300, failed.detail
 
 
 def test_redacted_url_hides_every_sentinel_entrys_password() -> None:
