@@ -126,14 +126,31 @@ class _AsyncSentinel(redis.asyncio.sentinel.Sentinel):
             raise _no_primary(self.sentinels, service_name) from None
 
 
-class _BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
+class _SentinelPool(redis.sentinel.SentinelConnectionPool):
+    """redis-py's Sentinel pool, which also closes its connections to the sentinels when it
+    is disconnected (redis-py leaves them open: a closed client leaked a socket each)."""
+
+    def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        super().disconnect(*args, **kwargs)
+        for sentinel in self.sentinel_manager.sentinels:
+            sentinel.close()
+
+
+class _BlockingSentinelPool(_SentinelPool, redis.BlockingConnectionPool):
     """A Sentinel pool that, past its size, waits for a connection instead of failing
     (redis-py has the two separately: Sentinel's address lookup, the blocking pool's queue)."""
 
 
-class _AsyncBlockingSentinelPool(
-    redis.asyncio.sentinel.SentinelConnectionPool, redis.asyncio.BlockingConnectionPool
-):
+class _AsyncSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool):
+    """The asyncio twin of ``_SentinelPool``."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        for sentinel in self.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+class _AsyncBlockingSentinelPool(_AsyncSentinelPool, redis.asyncio.BlockingConnectionPool):
     """The asyncio twin of ``_BlockingSentinelPool``."""
 
 
@@ -154,11 +171,7 @@ def sync_pool(
         manager = _Sentinel(
             list(target.sentinels), socket_connect_timeout=options.get("socket_connect_timeout")
         )  # type: ignore[no-untyped-call]
-        pool_class = (
-            _BlockingSentinelPool
-            if blocking_timeout_s is not None
-            else redis.sentinel.SentinelConnectionPool
-        )
+        pool_class = _BlockingSentinelPool if blocking_timeout_s is not None else _SentinelPool
         pool: redis.ConnectionPool = pool_class(
             target.master_name,
             manager,
@@ -209,9 +222,7 @@ def async_pool(
             list(target.sentinels), socket_connect_timeout=options.get("socket_connect_timeout")
         )  # type: ignore[no-untyped-call]
         pool_class = (
-            _AsyncBlockingSentinelPool
-            if blocking_timeout_s is not None
-            else redis.asyncio.sentinel.SentinelConnectionPool
+            _AsyncBlockingSentinelPool if blocking_timeout_s is not None else _AsyncSentinelPool
         )
         pool: redis.asyncio.ConnectionPool = pool_class(
             target.master_name,

@@ -5,6 +5,7 @@ The failover time measured here is the one the README quotes."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,9 @@ from broker.celery_app import make_celery_app
 from broker.errors import ConfigError
 from broker.redis_clients import parse_sentinel_url, sync_client
 from broker.schemas import AnyStreamEvent, ChatMessage, DeltaEvent, DoneEvent, InterruptedEvent
-from broker.settings import build_settings, redacted_url
+from broker.settings import CorralSettings, build_settings, redacted_url
 from broker.transport import SentinelTransport
+from controller.aclient import AsyncCorralClient
 from controller.client import CorralClient, make_spec
 from controller.health import check_broker
 from tests.support.redis_ha import MASTER_NAME, PASSWORD, running_redis_ha
@@ -131,6 +133,8 @@ def test_jobs_in_flight_end_and_new_jobs_flow_when_the_primary_dies(tmp_path: Pa
                 after += list(after_events)
                 for events, so_far in zip(streams, seen, strict=True):
                     so_far += list(events)
+                # The asyncio client (the gateway's, MCP's) finds the new primary as well.
+                async_after = asyncio.run(_async_job(settings, "and asynchronously"))
             for worker in workers:
                 assert worker.process.poll() is None, worker.log()
                 assert PASSWORD not in worker.log()
@@ -157,6 +161,12 @@ def test_jobs_in_flight_end_and_new_jobs_flow_when_the_primary_dies(tmp_path: Pa
         if isinstance(last, DoneEvent):
             assert last.result.text == reply_for_prompt(prompt)
     assert isinstance(after[-1], DoneEvent), after[-3:]
+    assert isinstance(async_after[-1], DoneEvent), async_after[-3:]
+
+
+async def _async_job(settings: CorralSettings, prompt: str) -> list[AnyStreamEvent]:
+    async with AsyncCorralClient(settings) as client:
+        return [event async for event in client.stream(make_spec(prompt))]
 
 
 def reply_for_prompt(prompt: str) -> str:
