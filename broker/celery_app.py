@@ -6,7 +6,11 @@ from celery import Celery
 
 from broker import names
 from broker.settings import CorralSettings
-from broker.transport import TRANSPORT_PATH
+from broker.transport import (
+    SENTINEL_TRANSPORT_PATH,
+    TRANSPORT_PATH,
+    use_corral_sentinel_transport,
+)
 
 # Seconds beyond the longest job before Redis hands an unacked job to another consumer.
 _VISIBILITY_MARGIN_S = 60
@@ -19,6 +23,21 @@ def make_celery_app(settings: CorralSettings, *, name: str = "corral") -> Celery
     if url.startswith(("redis://", "rediss://")):
         # A full or read-only Redis is a lost connection, not a reason to stop (broker.transport).
         app.conf.broker_transport = TRANSPORT_PATH
+    elif url.startswith("sentinel://"):
+        app.conf.broker_transport = SENTINEL_TRANSPORT_PATH
+        use_corral_sentinel_transport()  # for the failover entries too
+    transport_options: dict[str, object] = {}
+    if url.startswith("sentinel://"):
+        transport_options["master_name"] = settings.broker_master_name
+    if url.startswith("rediss://") and settings.broker_ca_file:
+        # The broker's certificate is checked against this CA (and its name against the host).
+        # ssl is imported only here: a node on plain redis:// never loads it (footprint).
+        import ssl  # noqa: PLC0415
+
+        app.conf.broker_use_ssl = {
+            "ssl_cert_reqs": ssl.CERT_REQUIRED,
+            "ssl_ca_certs": settings.broker_ca_file,
+        }
     app.conf.update(
         # JSON only: a pickled message is refused by the worker, never executed.
         task_serializer="json",
@@ -38,6 +57,7 @@ def make_celery_app(settings: CorralSettings, *, name: str = "corral") -> Celery
             # per step, the lowest step popped first (kombu's Redis "priority" strategy).
             "queue_order_strategy": "priority",
             "priority_steps": list(names.PRIORITY_STEPS),
+            **transport_options,
         },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -92,7 +92,12 @@ class CorralSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore", frozen=True)
 
     broker_url: SecretStr = SecretStr(DEFAULT_BROKER_URL)
-    """Redis URL; a SecretStr because it may carry a password."""
+    """Redis URL; a SecretStr because it may carry a password. ``rediss://`` is Redis over TLS;
+    ``sentinel://h1:26379;sentinel://h2:26379`` asks those sentinels where the primary is."""
+    broker_ca_file: str | None = None
+    """PEM file of the CA that signed the broker's TLS certificate (``rediss://`` only)."""
+    broker_master_name: str = Field(default="mymaster", min_length=1)
+    """The primary's name the sentinels watch (``sentinel://`` broker URLs only)."""
     heartbeat_interval_s: float = Field(default=2.0, gt=0, le=60)
     job_timeout_s: float = Field(default=600.0, gt=0)
     """Longest a job may run; also sizes Celery's visibility timeout."""
@@ -133,9 +138,28 @@ class CorralSettings(BaseSettings):
     @classmethod
     def _redis_scheme(cls, value: SecretStr) -> SecretStr:
         url = value.get_secret_value()
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("broker URL must start with redis://, rediss:// or unix://")
+        if not url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+            raise ValueError(
+                "broker URL must start with redis://, rediss://, unix:// or sentinel://"
+            )
+        if url.startswith("sentinel://") and not all(
+            entry.strip().startswith("sentinel://") for entry in url.split(";")
+        ):
+            raise ValueError("every ;-separated entry of a Sentinel broker URL is sentinel://")
         return value
+
+    @field_validator("broker_ca_file")
+    @classmethod
+    def _readable_ca_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"broker CA file {value} is not a file")
+        return value
+
+    @model_validator(mode="after")
+    def _ca_file_needs_tls(self) -> CorralSettings:
+        if self.broker_ca_file and not self.broker_url.get_secret_value().startswith("rediss://"):
+            raise ValueError("broker_ca_file is set but the broker URL is not rediss:// (TLS)")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -167,8 +191,10 @@ def _without_input_values(message: str) -> str:
 
 
 def redacted_url(url: str) -> str:
-    """A URL safe to print: the password (and user) replaced by ``***``."""
-    return re.sub(r"//[^@/]*@", "//***@", url)
+    """A URL safe to print: the password (and user) replaced by ``***``, in every entry of a
+    ``sentinel://a;sentinel://b`` list too. The user part ends at the last ``@`` before the
+    path, so a password holding ``@`` is hidden whole."""
+    return re.sub(r"//[^/;]*@", "//***@", url)
 
 
 __all__ = [

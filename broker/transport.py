@@ -27,18 +27,26 @@ ack and queue-length read (``conn_or_acquire``): the client holds no connection 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from kombu import transport as kombu_transports
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
 
 TRANSPORT_PATH = "broker.transport:RedisTransport"
 """What Celery's ``broker_transport`` names, so kombu loads this class for redis:// URLs."""
+SENTINEL_TRANSPORT_PATH = "broker.transport:SentinelTransport"
+"""The same for sentinel:// URLs: kombu's Sentinel transport with the same tolerance."""
 
 _WRITES_REFUSED = (OutOfMemoryError, ReadOnlyError)
+PROMOTION_WAIT_S = 10.0
+"""How long a Sentinel connection attempt keeps asking for a primary before it fails (and
+Celery's own backoff takes over): longer than a failover tuned as the README says."""
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +125,39 @@ class _Channel(kombu_redis.Channel):
 class RedisTransport(kombu_redis.Transport):
     Channel = _Channel
     connection_errors = (*kombu_redis.Transport.connection_errors, *_WRITES_REFUSED)
+
+
+class _SentinelChannel(_Channel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (it asks the sentinels for the primary) with the held client
+    and the QoS above. During a failover the old primary's replicas answer READONLY until one
+    is promoted: a lost connection, as above, not a reason to stop."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = _SentinelChannel
+    connection_errors = (*kombu_redis.SentinelTransport.connection_errors, *_WRITES_REFUSED)
+
+    def establish_connection(self) -> Any:
+        # Until the sentinels agree the primary is down they still name it (refused), then
+        # they name none until a replica is promoted. Celery's consumer sleeps 2 s, 4 s,
+        # 6 s... between attempts (its backoff is fixed), and a promotion 2 s in was taken up
+        # 6 s in; asking again every quarter second for a while connects as soon as the
+        # replica is promoted.
+        deadline = time.monotonic() + PROMOTION_WAIT_S
+        while True:
+            try:
+                return super().establish_connection()  # type: ignore[no-untyped-call]
+            except (RedisConnectionError, OSError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.25)
+
+
+def use_corral_sentinel_transport() -> None:
+    """Make ``sentinel://`` name corral's transport in this process.
+
+    Celery treats each ``;`` entry of a broker URL as a failover alternative, and kombu's
+    switch to the next one reads the transport from the URL's scheme again, dropping the
+    ``broker_transport`` setting: a worker was back on kombu's stock Sentinel transport (no
+    OOM/READONLY tolerance) after its first reconnect."""
+    kombu_transports.TRANSPORT_ALIASES["sentinel"] = SENTINEL_TRANSPORT_PATH

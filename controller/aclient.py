@@ -22,7 +22,6 @@ from functools import partial
 
 import redis.exceptions
 from celery import Celery
-from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -30,6 +29,7 @@ from redis.backoff import NoBackoff
 from broker import names
 from broker.celery_app import make_celery_app
 from broker.errors import BrokerUnavailable, JobError, NoNodeAvailable
+from broker.redis_clients import async_client
 from broker.schemas import AnyStreamEvent, ChatMessage, JobSpec
 from broker.settings import CorralSettings
 from controller.acluster import AsyncClusterReader, preload_scripts_async
@@ -92,14 +92,14 @@ class AsyncCorralClient:
             # A burst of jobs waits for a pooled connection rather than opening one per job.
             # After a Redis restart each pooled connection fails its next command once
             # ("closed by server", nothing executed): one immediate retry on a fresh one.
-            pool = BlockingConnectionPool.from_url(
-                url,
+            redis = async_client(
+                settings,
                 max_connections=max_connections,
+                blocking_timeout_s=20,
                 socket_connect_timeout=5,
                 retry=Retry(NoBackoff(), 1),
                 retry_on_error=[_CONNECTION_ERRORS[0]],  # ConnectionError (`redis` is shadowed)
             )
-            redis = AsyncRedis.from_pool(pool)
         self.redis = redis
         self.app: Celery = make_celery_app(settings)
         self._publisher = HeldPublisher(self.app)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import redis.exceptions
 from celery import Celery
 from pydantic import ValidationError
-from redis import BlockingConnectionPool, ConnectionPool, Redis
+from redis import ConnectionPool, Redis
 from redis.client import PubSub
 
 from broker import names
@@ -32,6 +32,7 @@ from broker.errors import (
     UnknownNode,
     UnsupportedOperation,
 )
+from broker.redis_clients import sync_client
 from broker.schemas import (
     AnyStreamEvent,
     ChatMessage,
@@ -149,8 +150,8 @@ class CorralClient:
         self._owns_redis = redis is None
         if redis is None:
             # Threads beyond the pool's size wait for a connection instead of failing.
-            redis = Redis.from_pool(
-                BlockingConnectionPool.from_url(url, max_connections=64, socket_connect_timeout=5)
+            redis = sync_client(
+                settings, max_connections=64, blocking_timeout_s=20, socket_connect_timeout=5
             )
         self.redis = redis
         commands = self.redis.connection_pool

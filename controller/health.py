@@ -17,6 +17,7 @@ import httpx
 import redis
 import redis.exceptions
 
+from broker.redis_clients import sync_client
 from broker.settings import CorralSettings, redacted_url
 from controller.tunnel import TunnelState, read_tunnel_states
 
@@ -63,7 +64,7 @@ def check_broker(settings: CorralSettings) -> tuple[list[Check], redis.Redis | N
     answered (node checks read through it)."""
     url = settings.broker_url.get_secret_value()
     shown = redacted_url(url)
-    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5)
+    client = sync_client(settings, max_connections=4, socket_connect_timeout=3, socket_timeout=5)
     started = time.perf_counter()
     try:
         client.ping()

@@ -25,6 +25,7 @@ import httpx
 import redis
 
 from broker.errors import BrokerUnavailable
+from broker.redis_clients import sync_client
 
 OLLAMA_DEFAULT_URL = "http://127.0.0.1:11434"
 
@@ -46,7 +47,7 @@ def ollama_answers(url: str = OLLAMA_DEFAULT_URL) -> bool:
 
 def _wait_for_ping(url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    client = sync_client(url, max_connections=1, socket_connect_timeout=1)
     try:
         while time.monotonic() < deadline:
             try:

@@ -20,10 +20,11 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 import redis.exceptions
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from broker import names
 from broker.errors import BrokerUnavailable, CorralError
+from broker.redis_clients import async_client
 from broker.schemas import (
     JobAssignment,
     JobCounters,
@@ -203,14 +204,13 @@ class NodeRuntime:
         # A blocking pool: past its size a write waits (up to 30 s) for a connection instead of
         # failing at once (the default pool raised MaxConnectionsError at 100, and a job whose
         # claim failed was lost). Each running job holds at most one connection at a time.
-        pool = BlockingConnectionPool.from_url(
-            url,
+        self._redis = async_client(
+            self.settings,
             max_connections=_REDIS_CONNECTIONS,
-            timeout=30,
+            blocking_timeout_s=30,
             socket_connect_timeout=5,
             health_check_interval=30,
         )
-        self._redis = Redis(connection_pool=pool)
         try:
             await self._redis.ping()
         except redis.exceptions.AuthenticationError:

@@ -9,6 +9,8 @@ import redis
 
 from broker import acl
 from broker.errors import BrokerUnavailable, ConfigError
+from broker.redis_clients import sync_client
+from broker.settings import CorralSettings
 from controller.cli.common import fail, settings_from
 
 
@@ -51,7 +53,7 @@ def acl_command(
             raise ConfigError("name at least one --worker NODE=VAR or --controller VAR")
         lines = [acl.setuser_line(user, password, rules) for user, password, rules in users]
         if apply:
-            _apply(settings_from(ctx).broker_url.get_secret_value(), users)
+            _apply(settings_from(ctx), users)
     except (ConfigError, BrokerUnavailable) as exc:
         fail(exc)
     for line in lines:
@@ -73,8 +75,8 @@ def _password(var: str) -> str:
     return value
 
 
-def _apply(url: str, users: list[tuple[str, str, str]]) -> None:
-    client = redis.Redis.from_url(url)
+def _apply(settings: CorralSettings, users: list[tuple[str, str, str]]) -> None:
+    client = sync_client(settings, max_connections=1)
     try:
         for user, password, rules in users:
             client.execute_command(*acl.setuser_args(user, password, rules))  # type: ignore[no-untyped-call]

@@ -50,6 +50,11 @@ def server_entry(
     url = settings.broker_url.get_secret_value()
     if redacted_url(url) == url:
         entry["env"] = {"CORRAL_BROKER_URL": url}
+        # How to reach that broker goes along with it (neither is a secret).
+        if settings.broker_ca_file:
+            entry["env"]["CORRAL_BROKER_CA_FILE"] = settings.broker_ca_file
+        if url.startswith("sentinel://"):
+            entry["env"]["CORRAL_BROKER_MASTER_NAME"] = settings.broker_master_name
     return entry
 
 

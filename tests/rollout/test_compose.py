@@ -145,3 +145,18 @@ def test_the_redis_services_command_starts_redis_with_the_password_and_aof(
     finally:
         client.close()
         stop_process(process)
+
+
+def test_the_sentinel_profile_adds_a_replica_and_three_sentinels_on_loopback() -> None:
+    services = rendered("sentinel")["services"]
+    sentinels = [services[f"sentinel-{i}"] for i in (1, 2, 3)]
+    assert {host_ips(s)[0] for s in sentinels} == {"127.0.0.1"}
+    assert len({s["ports"][0] for s in sentinels}) == 3  # three distinct host ports
+    for sentinel in sentinels:
+        script = sentinel["command"][-1]
+        assert "--sentinel" in script and "sentinel monitor corral redis 6379 2" in script
+        assert SECRETS["REDIS_PASSWORD"] not in script  # read from the environment at start
+    replica = services["redis-replica"]
+    assert "replicaof redis 6379" in replica["command"][-1]
+    assert "redis-replica-data" in str(replica["volumes"])
+    assert "sentinel-1" not in rendered()["services"]  # only with the profile

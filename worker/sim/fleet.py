@@ -27,10 +27,11 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import redis.exceptions
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from broker import names
 from broker.errors import BrokerUnavailable, CorralError
+from broker.redis_clients import async_client
 from broker.schemas import (
     JobAssignment,
     JobResult,
@@ -161,14 +162,13 @@ class SimFleet:
         url = self.settings.broker_url.get_secret_value()
         # One pool for the fleet, bounded: a beat or a job waits for a connection rather than
         # the fleet opening one per node.
-        pool = BlockingConnectionPool.from_url(
-            url,
+        self._redis = async_client(
+            self.settings,
             max_connections=_REDIS_CONNECTIONS,
-            timeout=30,
+            blocking_timeout_s=30,
             socket_connect_timeout=5,
             health_check_interval=30,
         )
-        self._redis = Redis(connection_pool=pool)
         try:
             await self._redis.ping()
         except (redis.exceptions.RedisError, OSError) as exc:
