@@ -301,11 +301,13 @@ BackendKind = Literal[
     "openai-cloud",
     "mistral",
     "deepseek",
+    "cli",
 ]
 """Every kind of backend a worker can front: its transport and, for a cloud, the provider.
 
 ``openai`` is any OpenAI-compatible server on the network (llama.cpp, vLLM, LM Studio);
-``openai-cloud``, ``mistral`` and ``deepseek`` are the providers reached the same way with a key.
+``openai-cloud``, ``mistral`` and ``deepseek`` are the providers reached the same way with a key;
+``cli`` is an installed agent CLI (``claude -p``, ``codex exec``) on the node's subscription.
 """
 
 BACKEND_KINDS: frozenset[str] = frozenset(get_args(BackendKind))
