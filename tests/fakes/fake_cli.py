@@ -52,7 +52,8 @@ elif mode == "ratelimit-stderr":
     sys.stderr.write("working...\n" + RATE + "\n")
     sys.exit(1)
 elif mode == "fail":
-    sys.stderr.write("fatal: login refused for token " + os.environ.get("FAKE_CLI_TOKEN", "") + "\n")
+    token = os.environ.get("FAKE_CLI_TOKEN", "")
+    sys.stderr.write("fatal: login refused for token " + token + "\n")
     sys.exit(2)
 elif mode == "hang":
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])

@@ -147,7 +147,10 @@ class AgentCliBackend:
     async def _answer(
         self, process: asyncio.subprocess.Process, prompt: str
     ) -> AsyncIterator[Chunk]:
-        assert process.stdin and process.stdout and process.stderr
+        # All three are pipes (see _spawn).
+        assert process.stdin is not None
+        assert process.stdout is not None
+        assert process.stderr is not None
         feeding = asyncio.create_task(_feed(process.stdin, prompt))
         stderr = asyncio.create_task(_tail(process.stderr))
         invocation = self._invocation

@@ -95,7 +95,7 @@ def test_json_lines_give_the_text_at_the_field_path_and_skip_the_rest(script: Pa
 
 def test_json_mode_with_a_path_that_never_matches_is_a_protocol_error(script: Path) -> None:
     b = backend(script, "stream", output="jsonl", text_path="message.text")
-    with pytest.raises(BackendProtocolError, match="message.text"):
+    with pytest.raises(BackendProtocolError, match=r"message\.text"):
         asyncio.run(collect(b))
 
 
