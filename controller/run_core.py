@@ -209,6 +209,9 @@ class RunCore:
             )
             return
         candidate = _expect(chosen, Candidate)
+        # The answer's reason starts with what made the job leave the route it was on.
+        left = f"{attempt.candidate.backend_target} ({attempt.candidate.tier}) failed: {message}"
+        candidate = candidate._replace(reason=f"{left[:300]}; then {candidate.reason or ''}")
         number = attempt.number + 1
         rerouted = ReroutedEvent(
             job_id=self.job_id,
