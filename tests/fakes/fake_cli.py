@@ -8,6 +8,7 @@ stdin, takes ``--model NAME``, and answers on stdout. Its mode is its first argu
 - ``ratelimit``: a usage-limit message naming a reset time on stdout, exit 1.
 - ``ratelimit-stderr``: the same on stderr, exit 1.
 - ``fail``: an error on stderr that echoes ``$FAKE_CLI_TOKEN`` (a secret), exit 2.
+- ``@PATH``: the mode written in the file PATH, read on each run (a test switches it).
 - ``hang``: starts a child in its own process group, writes both pids to ``$FAKE_CLI_PIDS``,
   prints one line, then sleeps until killed.
 """
@@ -25,6 +26,9 @@ SCRIPT = r"""
 import json, os, subprocess, sys, time
 
 mode = sys.argv[1]
+if mode.startswith("@"):  # the mode is read from this file on each run: a test switches it
+    with open(mode[1:]) as f:
+        mode = f.read().strip()
 args = sys.argv[2:]
 model = args[args.index("--model") + 1] if "--model" in args else "default"
 prompt = sys.stdin.read()
