@@ -12,10 +12,12 @@ from collections.abc import Collection, Mapping, Sequence
 from broker.schemas import JobSpec, canonical_model_name
 from broker.tiers import TIER_ORDER, tier_of_kind
 from controller.node_index import NodeIndex
-from controller.router import Candidate, NodeState, wanted_models
+from controller.router import PRIORITY_ALIAS, Candidate, NodeState, wanted_models
 
 __all__ = ["explain_choice"]
 
+_MAX_LISTED = 5
+"""Routes named per skipped (model, tier); the rest are counted."""
 _MAX_REASON = 900
 """The reason travels in the task message: long lists of skipped routes are cut."""
 
@@ -35,6 +37,12 @@ def explain_choice(
     where = f"{chosen.model} on {chosen.tier} {chosen.node}/{chosen.backend}"
     if chosen.sticky:
         return f"{where}: the session's node"
+    if chosen.choice == 0 and TIER_ORDER.get(chosen.tier, 0) == 0:
+        # Nothing ranks ahead of the first model's cheapest tier: no routes to look at (the
+        # usual case, kept off the path to the first token).
+        if spec.model is None and not aliases.get(PRIORITY_ALIAS):
+            return f"{where}: no model asked, the cheapest tier's least loaded route"
+        return f"{where}: the first choice's cheapest tier"
     wanted = wanted_models(spec, aliases)
     if wanted is None:
         return f"{where}: no model asked, the cheapest tier's least loaded route"
@@ -60,7 +68,9 @@ def explain_choice(
                 )
             )
         for skipped_tier in sorted(why_by_tier, key=lambda t: TIER_ORDER.get(t, 0)):
-            causes = ", ".join(sorted(why_by_tier[skipped_tier]))
+            why = sorted(why_by_tier[skipped_tier])
+            more = f" and {len(why) - _MAX_LISTED} more" if len(why) > _MAX_LISTED else ""
+            causes = ", ".join(why[:_MAX_LISTED]) + more
             skipped.append(f"{model} {skipped_tier}: {causes}")
     if not skipped:
         return f"{where}: the first choice's cheapest tier"
