@@ -83,6 +83,11 @@ class JobAssignment(Message):
     model: str = Field(min_length=1)
     attempt: int = Field(default=1, ge=1)
     """Which try this is; only the attempt the job's lease authorises may stream."""
+    tier: str | None = None
+    """The cost tier of the chosen backend (``local``, ``subscription``, ``metered``)."""
+    reason: str | None = Field(default=None, max_length=1000)
+    """Why the router chose this route (what cheaper routes it skipped): echoed in the
+    started event and the result."""
 
     def argsrepr(self) -> str:
         """What Flower and the worker log show instead of the prompt."""
@@ -135,6 +140,10 @@ class StartedEvent(_Event):
     attempt: int = 1
     instance: str | None = None
     """The worker process serving it: a restarted worker has a new one."""
+    tier: str | None = None
+    """The cost tier serving it (``local``, ``subscription``, ``metered``)."""
+    reason: str | None = None
+    """Why this route: the cheaper routes skipped and what was wrong with them."""
 
 
 class DeltaEvent(_Event):
@@ -174,6 +183,10 @@ class JobResult(Message):
     timings: Timings
     error_code: str | None = None
     error_message: str | None = None
+    tier: str | None = None
+    """The cost tier that served it (``local``, ``subscription``, ``metered``)."""
+    reason: str | None = None
+    """Why that route (see ``StartedEvent.reason``)."""
 
 
 class DoneEvent(_Event):
@@ -301,11 +314,13 @@ BackendKind = Literal[
     "openai-cloud",
     "mistral",
     "deepseek",
+    "cli",
 ]
 """Every kind of backend a worker can front: its transport and, for a cloud, the provider.
 
 ``openai`` is any OpenAI-compatible server on the network (llama.cpp, vLLM, LM Studio);
-``openai-cloud``, ``mistral`` and ``deepseek`` are the providers reached the same way with a key.
+``openai-cloud``, ``mistral`` and ``deepseek`` are the providers reached the same way with a key;
+``cli`` is an installed agent CLI (``claude -p``, ``codex exec``) on the node's subscription.
 """
 
 BACKEND_KINDS: frozenset[str] = frozenset(get_args(BackendKind))

@@ -129,6 +129,10 @@ class CorralSettings(BaseSettings):
     """How long a ``--session`` conversation is kept after its last turn."""
     aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     """Model aliases: ``coder: [qwen2.5-coder:7b, deepseek-coder:6.7b]``, first choice first."""
+    priority: tuple[str, ...] = ()
+    """Models to walk, best first, for a job that names no model (or names ``auto``): each
+    model's routes cheapest tier first (local, subscription, metered); the next model only
+    when every route of this one is down, open-breakered or rate limited."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: they add about 2 ms to every
     job's first token, and Flower switches them on by itself while it runs (its

@@ -40,6 +40,7 @@ from controller.client import with_history
 from controller.cluster import ClusterView
 from controller.dispatch import (
     NO_PROBE_PERMIT,
+    RATE_LIMIT_CODES,
     WRITES_REFUSED,
     breaker_phases,
     failure_target,
@@ -50,12 +51,13 @@ from controller.dispatch import (
     refused_write,
     success_targets,
     unreachable,
+    with_reason,
     with_sent,
 )
 from controller.job_channels import JobChannels
 from controller.limits import check_prompt_size
 from controller.publisher import HeldPublisher
-from controller.router import Candidate, NodeState
+from controller.router import Candidate, NodeState, routing_aliases
 from controller.run_core import Attempt
 from controller.sessions import AsyncSessionStore
 from controller.stream_control import AsyncStreamControl
@@ -186,18 +188,19 @@ class AsyncCorralClient:
         view = await self.cluster(max_age_s=0.0 if fresh else self.settings.route_cache_s)
         view = with_sent(view, Counter(self._sent_since_read))
         phases = self.breaker_phases(view)
+        aliases = routing_aliases(self.settings.aliases, self.settings.priority)
         preferred = preferred_candidates(
             spec,
             view,
             phases,
-            aliases=self.settings.aliases,
+            aliases=aliases,
             avoid=avoid,
             never=never,
             sticky_node=sticky_node,
         )
         for candidate in preferred:
             if await self._probe_permits(half_open_targets(candidate, phases)):
-                return candidate
+                return with_reason(spec, candidate, view, phases, aliases=aliases, never=never)
         raise NoNodeAvailable(NO_PROBE_PERMIT)
 
     async def _probe_permits(self, targets: list[str]) -> bool:
@@ -330,7 +333,9 @@ class _AsyncClientHooks:
             await self._client.breakers.record_success(target)
 
     async def attempt_failed(self, candidate: Candidate, code: str) -> None:
-        await self._client.breakers.record_failure(failure_target(candidate, code))
+        await self._client.breakers.record_failure(
+            failure_target(candidate, code), open_now=code in RATE_LIMIT_CODES
+        )
 
     async def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
         if spec.session is None:

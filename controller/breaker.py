@@ -104,10 +104,12 @@ class Breakers:
         redis.script_load(_FAILURE_LUA)
         redis.script_load(_SUCCESS_LUA)
 
-    def record_failure(self, target: str) -> bool:
-        """Count a failure; True when the breaker is (now) open."""
+    def record_failure(self, target: str, *, open_now: bool = False) -> bool:
+        """Count a failure; True when the breaker is (now) open. ``open_now``: open it
+        whatever the count (a rate limit: the target will refuse the next jobs too)."""
         keys = [names.BREAKERS_HASH, names.breaker_probe_key(target)]
-        return bool(self._failure(keys=keys, args=[target, self.threshold]))
+        threshold = 1 if open_now else self.threshold
+        return bool(self._failure(keys=keys, args=[target, threshold]))
 
     def record_success(self, target: str) -> None:
         keys = [names.BREAKERS_HASH, names.breaker_probe_key(target)]
@@ -142,9 +144,10 @@ class AsyncBreakers:
         await redis.script_load(_FAILURE_LUA)
         await redis.script_load(_SUCCESS_LUA)
 
-    async def record_failure(self, target: str) -> bool:
+    async def record_failure(self, target: str, *, open_now: bool = False) -> bool:
         keys = [names.BREAKERS_HASH, names.breaker_probe_key(target)]
-        return bool(await self._failure(keys=keys, args=[target, self.threshold]))
+        threshold = 1 if open_now else self.threshold
+        return bool(await self._failure(keys=keys, args=[target, threshold]))
 
     async def record_success(self, target: str) -> None:
         keys = [names.BREAKERS_HASH, names.breaker_probe_key(target)]

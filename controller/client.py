@@ -49,6 +49,7 @@ from controller.breaker import BreakerPhase, Breakers
 from controller.cluster import ClusterReader, ClusterView, preload_scripts
 from controller.dispatch import (
     NO_PROBE_PERMIT,
+    RATE_LIMIT_CODES,
     WRITES_REFUSED,
     breaker_phases,
     failure_target,
@@ -59,13 +60,14 @@ from controller.dispatch import (
     refused_write,
     success_targets,
     unreachable,
+    with_reason,
     with_sent,
 )
 from controller.jobrun import Attempt, JobRun
 from controller.limits import check_prompt_size
 from controller.publisher import HeldPublisher
 from controller.reader import JobStreamReader
-from controller.router import Candidate, NodeState
+from controller.router import Candidate, NodeState, routing_aliases
 from controller.sessions import SessionStore
 from controller.stream_control import StreamControl
 
@@ -250,18 +252,19 @@ class CorralClient:
         """
         view = self._routing_view(fresh)
         phases = self.breaker_phases(view)
+        aliases = routing_aliases(self.settings.aliases, self.settings.priority)
         preferred = preferred_candidates(
             spec,
             view,
             phases,
-            aliases=self.settings.aliases,
+            aliases=aliases,
             avoid=avoid,
             never=never,
             sticky_node=sticky_node,
         )
         for candidate in preferred:
             if all(self.breakers.try_probe(t) for t in half_open_targets(candidate, phases)):
-                return candidate
+                return with_reason(spec, candidate, view, phases, aliases=aliases, never=never)
         raise NoNodeAvailable(NO_PROBE_PERMIT)
 
     # --- jobs ------------------------------------------------------------------------------
@@ -528,7 +531,9 @@ class _ClientHooks:
             self._client.breakers.record_success(target)
 
     def attempt_failed(self, candidate: Candidate, code: str) -> None:
-        self._client.breakers.record_failure(failure_target(candidate, code))
+        self._client.breakers.record_failure(
+            failure_target(candidate, code), open_now=code in RATE_LIMIT_CODES
+        )
 
     def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
         if spec.session is None:

@@ -22,6 +22,7 @@ from broker.settings import redacted_url
 from controller.breaker import BreakerPhase, backend_target
 from controller.cluster import ClusterView
 from controller.router import Candidate, candidates_for
+from controller.tiers import explain_choice
 
 
 def with_sent(view: ClusterView, sent: Counter[str]) -> ClusterView:
@@ -62,6 +63,23 @@ def preferred_candidates(
     return [c for c in ranked if c.backend_target not in avoid] or ranked
 
 
+def with_reason(
+    spec: JobSpec,
+    candidate: Candidate,
+    view: ClusterView,
+    phases: Mapping[str, BreakerPhase],
+    *,
+    aliases: Mapping[str, Sequence[str]],
+    never: set[str] | None = None,
+) -> Candidate:
+    """``candidate`` with the reason it was chosen (the cheaper routes skipped, and why)."""
+    blocked = {t for t, p in phases.items() if p is BreakerPhase.OPEN}
+    reason = explain_choice(
+        spec, candidate, view.nodes, blocked, aliases=aliases, failed=never or ()
+    )
+    return candidate._replace(reason=reason)
+
+
 def half_open_targets(candidate: Candidate, phases: Mapping[str, BreakerPhase]) -> list[str]:
     """The candidate's targets whose breaker is half-open: each needs its probe permit."""
     return [
@@ -72,6 +90,14 @@ def half_open_targets(candidate: Candidate, phases: Mapping[str, BreakerPhase]) 
 
 
 NO_PROBE_PERMIT = "every node that could serve this job is behind a circuit breaker being probed"
+
+
+RATE_LIMIT_CODES = frozenset({"rate_limited", "quota_exhausted"})
+"""Failures that open their breaker at once: a rate-limited route stays rate limited for a
+while, so the next jobs go to the next route (or tier) without trying it first."""
+
+MAX_REASON = 1000
+"""``JobAssignment.reason``'s limit."""
 
 
 def failure_target(candidate: Candidate, code: str) -> str:
@@ -102,6 +128,8 @@ def job_task(spec: JobSpec, candidate: Candidate, attempt: int) -> TaskMessage:
         backend=candidate.backend,
         model=candidate.model,
         attempt=attempt,
+        tier=candidate.tier,
+        reason=candidate.reason[:MAX_REASON] if candidate.reason else None,
     )
     priority = (
         names.INTERACTIVE_PRIORITY if spec.priority == "interactive" else names.BATCH_PRIORITY

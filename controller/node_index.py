@@ -93,7 +93,7 @@ def _entry(state: NodeState) -> NodeEntry:
 RankingQuery = tuple[Literal["model"], str] | tuple[Literal["tags"], frozenset[str]]
 """What a cached ranking answers: a model (canonical name), or chat jobs needing these tags."""
 
-RankKey = tuple[bool, int, bool, int, float, int, str, str]
+RankKey = tuple[bool, int, int, bool, int, float, int, str, str]
 
 
 class Ranked(NamedTuple):

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from broker.errors import NoNodeAvailable, RoutingError, UnknownModel, UnknownNode
 from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo, canonical_model_name
+from broker.tiers import TIER_ORDER, tier_of_kind
 from controller.node_index import NodeIndex, Ranked, RankingQuery
 
 
@@ -58,16 +59,21 @@ class Candidate(NamedTuple):
     latency_ms: float | None = None
     instance: str = ""
     """The node's worker process when the router saw it (a restart changes it)."""
+    tier: str = "local"
+    """The backend's cost tier (``broker.tiers``): cheaper tiers of a model rank first."""
+    reason: str | None = None
+    """Why this candidate was chosen, set once it is (``controller.tiers.explain_choice``)."""
 
     @property
     def backend_target(self) -> str:
         return f"{self.node}/{self.backend}"
 
 
-def _rank_key(c: Candidate) -> tuple[bool, int, bool, int, float, int, str, str]:
+def _rank_key(c: Candidate) -> tuple[bool, int, int, bool, int, float, int, str, str]:
     return (
         not c.sticky,
         c.choice,
+        TIER_ORDER.get(c.tier, 0),
         not c.model_loaded,
         -c.spare,
         c.latency_ms if c.latency_ms is not None else 0.0,
@@ -77,10 +83,25 @@ def _rank_key(c: Candidate) -> tuple[bool, int, bool, int, float, int, str, str]
     )
 
 
+PRIORITY_ALIAS = "auto"
+"""The alias the ``priority`` list goes by; a job naming no model walks it too."""
+
+
+def routing_aliases(
+    aliases: Mapping[str, Sequence[str]], priority: Sequence[str]
+) -> Mapping[str, Sequence[str]]:
+    """The aliases the router uses: the configured ones, and ``auto`` for the priority list."""
+    if not priority:
+        return aliases
+    return {**aliases, PRIORITY_ALIAS: tuple(priority)}
+
+
 def wanted_models(spec: JobSpec, aliases: Mapping[str, Sequence[str]]) -> list[str] | None:
-    """The models that may serve ``spec``, best first; None means any chat model."""
+    """The models that may serve ``spec``, best first; None means any chat model.
+
+    A job naming no model walks the priority list (the ``auto`` alias) when there is one."""
     if spec.model is None:
-        return None
+        return list(aliases.get(PRIORITY_ALIAS, ())) or None
     return list(aliases.get(spec.model, ())) or [spec.model]
 
 
@@ -185,7 +206,7 @@ def rank_candidates(
     return out
 
 
-def _by_key(ranked: Ranked) -> tuple[bool, int, bool, int, float, int, str, str]:
+def _by_key(ranked: Ranked) -> tuple[bool, int, int, bool, int, float, int, str, str]:
     return ranked.key
 
 
@@ -259,6 +280,7 @@ def _candidate(
         state.info.name == sticky_node,
         backend.latency_ms,
         state.info.instance,
+        tier_of_kind(backend.kind),
     )
 
 
@@ -315,11 +337,12 @@ def explain_no_candidate(
     ):
         everywhere = sorted({m for n in nodes for m in n.info.model_names()})
         where = f"on node {spec.node!r}" if spec.node else "on any node"
-        what = (
-            f"model {spec.model!r}"
-            if wanted == [spec.model]
-            else f"none of alias {spec.model!r}'s models ({', '.join(wanted)})"
-        )
+        if wanted == [spec.model]:
+            what = f"model {spec.model!r}"
+        elif spec.model is None:
+            what = f"none of the priority list's models ({', '.join(wanted)})"
+        else:
+            what = f"none of alias {spec.model!r}'s models ({', '.join(wanted)})"
         return UnknownModel(
             f"{what} is not installed {where} (available: {', '.join(everywhere) or 'none'})"
         )

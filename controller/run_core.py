@@ -209,6 +209,10 @@ class RunCore:
             )
             return
         candidate = _expect(chosen, Candidate)
+        # The answer's reason starts with what made the job leave the route it was on.
+        left = f"{attempt.candidate.backend_target} ({attempt.candidate.tier}) failed: {message}"
+        then = f"; then {candidate.reason}" if candidate.reason else ""
+        candidate = candidate._replace(reason=left[:300] + then)
         number = attempt.number + 1
         rerouted = ReroutedEvent(
             job_id=self.job_id,

@@ -30,6 +30,7 @@ from broker.schemas import BackendKind, Name, describe_validation_error
 __all__ = [
     "AnthropicSpec",
     "BackendSpec",
+    "CliSpec",
     "CloudSpec",
     "GoogleSpec",
     "OllamaSpec",
@@ -126,8 +127,47 @@ class GoogleSpec(CloudSpec):
     kind: Literal["google"]
 
 
+CliPresetName = Literal["claude", "codex", "gemini", "opencode"]
+CliOutput = Literal["text", "jsonl"]
+
+
+class CliSpec(_Spec):
+    """An installed agent CLI run once per job on the node's subscription (``claude -p``).
+
+    ``preset`` gives the command, model flag and output format of a known CLI; ``command``,
+    ``model_flag``, ``output`` and ``text_path`` describe another one, or override the
+    preset's. The prompt always goes on stdin, never on the command line.
+    """
+
+    kind: Literal["cli"]
+    preset: CliPresetName | None = None
+    command: tuple[str, ...] = ()
+    """The program and its fixed arguments; empty: the preset's."""
+    model_flag: str | None = None
+    """The flag that names the model (``--model``); None: the preset's; "" for none."""
+    output: CliOutput | None = None
+    """``text``: each stdout line is answer text; ``jsonl``: each line is a JSON object whose
+    ``text_path`` holds the text. None: the preset's (text without a preset)."""
+    text_path: str | None = Field(default=None, min_length=1)
+    """Dotted path to the text in a JSON line (``event.delta.text``)."""
+    match: dict[str, str] = Field(default_factory=dict)
+    """JSON lines are text only where these dotted paths have these values."""
+    models: tuple[str, ...] = Field(min_length=1)
+    """The models this CLI serves, as the router sees them (passed with ``model_flag``)."""
+    rate_limit_patterns: tuple[str, ...] = ()
+    """Extra regular expressions (case-insensitive) that mark the CLI's output a rate limit."""
+    workdir: str | None = None
+    """Where the CLI runs; None: a fresh empty directory per job (an agent may write files)."""
+
+
 AnySpec = (
-    OllamaSpec | OpenAICompatSpec | SimulatedSpec | OpenAICloudSpec | AnthropicSpec | GoogleSpec
+    OllamaSpec
+    | OpenAICompatSpec
+    | SimulatedSpec
+    | OpenAICloudSpec
+    | AnthropicSpec
+    | GoogleSpec
+    | CliSpec
 )
 BackendSpec = Annotated[AnySpec, Field(discriminator="kind")]
 _SPEC: TypeAdapter[AnySpec] = TypeAdapter(BackendSpec)

@@ -78,6 +78,8 @@ class _Progress:
             ),
             error_code=error.code if error else None,
             error_message=str(error) if error else None,
+            tier=self.assignment.tier,
+            reason=self.assignment.reason,
         )
 
 

@@ -52,7 +52,7 @@ return 1
 """
 
 # KEYS: cancel, lease, log. ARGV: attempt, token, lease TTL, channel, log TTL, job id, ts,
-# node, backend, model, instance.
+# node, backend, model, instance, tier, reason (empty: left out of the event).
 # The lease is absent (attempt 1 may start), "<n>" (attempt n may start), "<n>:<claimer>"
 # (attempt n is running) or "x" (the job is over). A delivery may start only the attempt the
 # lease authorises; it then writes the started event at the log's end, built here so its
@@ -72,7 +72,8 @@ redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 local seq = redis.call('LLEN', KEYS[3])
 local started = cjson.encode({v = SCHEMA_VERSION, type = 'started', job_id = ARGV[6], seq = seq,
   ts = tonumber(ARGV[7]), node = ARGV[8], backend = ARGV[9], model = ARGV[10],
-  attempt = tonumber(ARGV[1]), instance = ARGV[11]})
+  attempt = tonumber(ARGV[1]), instance = ARGV[11],
+  tier = (ARGV[12] ~= '' and ARGV[12] or nil), reason = (ARGV[13] ~= '' and ARGV[13] or nil)})
 redis.call('RPUSH', KEYS[3], started)
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 redis.call('PUBLISH', ARGV[4], started)
@@ -161,6 +162,8 @@ class JobStream:
         backend: str,
         model: str,
         lease_ttl_s: int,
+        tier: str | None = None,
+        reason: str | None = None,
     ) -> Claim:
         """Take the lease for ``attempt`` and publish the started event (see _CLAIM_LUA)."""
         token = f"{attempt}:{claimer}"
@@ -181,6 +184,8 @@ class JobStream:
             backend,
             model,
             claimer,
+            tier or "",
+            reason or "",
         ]
         status, seq = await self._claim(keys=keys, args=args)
         claim = Claim(int(status))

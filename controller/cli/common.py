@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import NoReturn, TextIO
 
 import click
+from rich.markup import escape
 
 from broker.errors import (
     BackendError,
@@ -129,6 +130,8 @@ def print_events(events: Iterator[AnyStreamEvent], as_json: bool, sent_at: float
                 sys.stdout.write("\n")
                 total_ms = (time.perf_counter() - sent_at) * 1000
                 err.print(f"[dim]{summary_line(event.result, first_token_ms, total_ms)}[/dim]")
+                if event.result.reason:
+                    err.print(f"[dim]why: {escape(event.result.reason)}[/dim]")
             return ExitCode.OK
         if isinstance(event, ErrorEvent | InterruptedEvent) and event.final:
             if not as_json:

@@ -399,8 +399,9 @@ def summary_line(
     result: JobResult, client_first_token_ms: float | None, client_total_ms: float
 ) -> str:
     ttft = f"{client_first_token_ms:.0f} ms" if client_first_token_ms is not None else "-"
+    tier = f"tier {result.tier} · " if result.tier else ""
     return (
-        f"node {result.node} · {result.backend} · model {result.model} · "
+        f"node {result.node} · {result.backend} · model {result.model} · {tier}"
         f"{result.usage.completion_tokens} tokens · first token {ttft} · "
         f"total {client_total_ms / 1000:.2f} s"
     )

@@ -117,6 +117,8 @@ class HeldJob:
     """How it ended for the metrics: ok, error, cancelled (the client left)."""
     prompt_tokens: int | None = None
     completion_tokens: int = 0
+    tier: str | None = None
+    """The cost tier serving it (local, subscription, metered), from its started event."""
 
     def record_done(self, event: DoneEvent) -> None:
         self.outcome = "ok" if event.result.status == "ok" else event.result.status
@@ -126,6 +128,13 @@ class HeldJob:
     @property
     def job_id(self) -> str:
         return self.run.job_id
+
+    def headers(self) -> dict[str, str]:
+        """corral's response headers: who served the job, and from which tier."""
+        headers = {"X-Corral-Node": self.node, "X-Corral-Job": self.job_id}
+        if self.tier:
+            headers["X-Corral-Tier"] = self.tier
+        return headers
 
     async def all_events(self) -> AsyncIterator[AnyStreamEvent]:
         """The held events, then the rest as they come; raises JobError from the library."""
@@ -176,7 +185,7 @@ async def submit_and_hold(client: AsyncCorralClient, spec: JobSpec, timeout_s: f
         raise http_error(exc) from None
     events = run.events(timeout_s).__aiter__()
     held: list[AnyStreamEvent] = []
-    node, model = run.candidate.node, run.candidate.model
+    node, model, tier = run.candidate.node, run.candidate.model, run.candidate.tier
     try:
         while True:
             try:
@@ -185,16 +194,20 @@ async def submit_and_hold(client: AsyncCorralClient, spec: JobSpec, timeout_s: f
                 raise HttpError(502, "the job ended without an answer", "server_error") from None
             held.append(event)
             if isinstance(event, StartedEvent):
-                node, model = event.node, event.model
+                node, model, tier = event.node, event.model, event.tier or tier
             failure = final_failure(event)
             if failure is not None:
                 await drain(events)
                 raise http_error(failure)
             if isinstance(event, DeltaEvent) and event.text:
-                job = HeldJob(run, held, events, node, model, submitted_at, time.monotonic())
+                job = HeldJob(
+                    run, held, events, node, model, submitted_at, time.monotonic(), tier=tier
+                )
                 return job
             if isinstance(event, DoneEvent):
-                return HeldJob(run, held, events, node, model, submitted_at, None, finished=True)
+                return HeldJob(
+                    run, held, events, node, model, submitted_at, None, finished=True, tier=tier
+                )
     except JobError as exc:
         await events.aclose()  # type: ignore[attr-defined]
         raise http_error(exc) from None

@@ -137,7 +137,7 @@ async def _answer(
         gateway.settings.max_prompt_bytes,
     )
     job = await gateway.hold(request, API, spec)
-    headers = {"X-Corral-Node": job.node, "X-Corral-Job": job.job_id}
+    headers = job.headers()
     if body.get("stream", True):
         frames = _stream_lines(job, chat=chat)
         return gateway.stream(API, job, frames, NDJSON, headers)

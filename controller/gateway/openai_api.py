@@ -114,7 +114,7 @@ def _completion_id(job: HeldJob) -> str:
 
 
 def corral_headers(job: HeldJob) -> dict[str, str]:
-    return {"X-Corral-Node": job.node, "X-Corral-Job": job.job_id}
+    return job.headers()
 
 
 def usage_of(done: DoneEvent) -> dict[str, int]:

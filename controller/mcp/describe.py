@@ -114,6 +114,8 @@ def routing_reason(candidate: Candidate, *, pinned: bool, rerouted_from: Sequenc
         reason = f"pinned to node {candidate.node}"
     elif candidate.sticky:
         reason = "the node holding this session"
+    elif candidate.reason:
+        reason = candidate.reason  # the router's: the tier, and the cheaper routes skipped
     elif candidate.choice > 0:
         reason = f"alias choice {candidate.choice + 1} (earlier choices unavailable)"
     elif candidate.model_loaded:

@@ -45,6 +45,7 @@ class JobProgress:
     status: JobStatus = "queued"
     node: str | None = None
     model: str | None = None
+    tier: str | None = None
     reason: str = ""
     parts: list[str] = field(default_factory=list)
     tokens: int = 0
@@ -60,7 +61,7 @@ class JobProgress:
         return self.status in ("done", "failed", "cancelled")
 
     def routing(self) -> dict[str, Any]:
-        return {"node": self.node, "model": self.model, "reason": self.reason}
+        return {"node": self.node, "model": self.model, "tier": self.tier, "reason": self.reason}
 
     def summary(self) -> dict[str, Any]:
         """``job_status``'s structured answer (the text so far is left to ``job_result``)."""
@@ -74,8 +75,9 @@ class JobProgress:
 
     def apply(self, event: AnyStreamEvent) -> None:
         match event:
-            case StartedEvent(node=node, model=model):
+            case StartedEvent(node=node, model=model, tier=tier):
                 self.status, self.node, self.model = "running", node, model
+                self.tier = tier or self.tier
             case DeltaEvent(text=text):
                 self.parts.append(text)
                 self.tokens += 1
@@ -120,7 +122,10 @@ async def fold(
 
 def progress_of(run: AsyncJobRun, *, pinned: bool) -> JobProgress:
     """A fresh progress record whose reason is filled in from the run once it is over."""
-    progress = JobProgress(run.job_id, node=run.candidate.node, model=run.candidate.model)
+    candidate = run.candidate
+    progress = JobProgress(
+        run.job_id, node=candidate.node, model=candidate.model, tier=candidate.tier
+    )
     progress.reason = routing_reason(run.candidate, pinned=pinned, rerouted_from=())
     return progress
 

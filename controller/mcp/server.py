@@ -57,7 +57,7 @@ MaxTokens = Annotated[int | None, Field(description="Stop after this many tokens
 _ASK = (
     "Ask one model of the home-lab cluster and get its answer. The router picks the node "
     "(model already loaded, spare capacity) unless you pin a node or model. Returns the answer "
-    "text, with routing {node, model, reason} as structured content. With wait=false it "
+    "text, with routing {node, model, tier, reason} as structured content. With wait=false it "
     "returns a job_id at once: poll job_status and job_result (useful for long answers)."
 )
 _FANOUT = (

@@ -104,7 +104,11 @@ def test_a_node_lost_before_its_first_token_moves_the_job_to_the_next_candidate(
     assert isinstance(rerouted, ReroutedEvent)
     assert (rerouted.seq, rerouted.attempt, rerouted.to_node) == (1, 2, "b")
     assert isinstance(effects[2], Write) and effects[2].new_lease == "2"
-    assert effects[-1] == Send(run.spec, candidate("b", "wb"), 2)
+    sent = effects[-1]
+    assert isinstance(sent, Send) and (sent.spec, sent.attempt) == (run.spec, 2)
+    assert sent.candidate._replace(reason=None) == candidate("b", "wb")
+    # The answer will say why it left the first route.
+    assert sent.candidate.reason == "a/sim (local) failed: node 'a' died (attempt 1)"
     assert run.attempt.number == 2 and run.candidate.node == "b"
 
 

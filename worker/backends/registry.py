@@ -18,6 +18,7 @@ from worker.backends.base import Backend
 from worker.config import (
     AnthropicSpec,
     AnySpec,
+    CliSpec,
     CloudSpec,
     GoogleSpec,
     OllamaSpec,
@@ -57,7 +58,7 @@ def make_http_client(read_timeout_s: float, *, tls: bool = True) -> httpx.AsyncC
 def needs_tls(config: WorkerConfig) -> bool:
     """Whether any configured backend is reached over HTTPS (every cloud provider is)."""
     for spec in config.backends:
-        if isinstance(spec, SimulatedSpec):
+        if isinstance(spec, SimulatedSpec | CliSpec):
             continue
         url = base_url_of(spec, spec.kind) if isinstance(spec, CloudSpec) else spec.url
         if not url.lower().startswith("http://"):
@@ -143,6 +144,17 @@ def _google(name: str, spec: GoogleSpec, client: httpx.AsyncClient) -> Backend:
     )
 
 
+def _agent_cli(name: str, spec: CliSpec, client: httpx.AsyncClient) -> Backend:
+    from worker.backends.agent_cli import AgentCliBackend, check_no_secrets  # noqa: PLC0415
+    from worker.backends.cli_output import invocation_for  # noqa: PLC0415
+
+    invocation = invocation_for(spec)
+    check_no_secrets(invocation.command, name)
+    return AgentCliBackend(
+        name, invocation, spec.models, capacity=spec.capacity, workdir=spec.workdir
+    )
+
+
 FACTORIES: Mapping[BackendKind, Factory] = {
     "simulated": _simulated,
     "ollama": _ollama,
@@ -152,6 +164,7 @@ FACTORIES: Mapping[BackendKind, Factory] = {
     "deepseek": _openai_cloud,
     "anthropic": _anthropic,
     "google": _google,
+    "cli": _agent_cli,
 }
 """Every ``BackendKind`` and the adapter that serves it (tests check none is missing)."""
 

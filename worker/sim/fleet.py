@@ -335,6 +335,8 @@ class SimFleet:
             backend=assignment.backend,
             model=assignment.model,
             lease_ttl_s=int(self.settings.job_timeout_s) + self.settings.replay_ttl_s,
+            tier=assignment.tier,
+            reason=assignment.reason,
         )
         timeout = assignment.spec.first_token_timeout_s or self.settings.first_token_timeout_s
         task = asyncio.create_task(

@@ -60,6 +60,7 @@ def test_a_whole_answer_says_which_node_and_job_served_it(
     )
     completion = raw.parse()
     assert raw.headers["x-corral-node"] == "beta"
+    assert raw.headers["x-corral-tier"] == "local"  # a simulated backend is a local route
     assert len(raw.headers["x-corral-job"]) >= 8
     answer = completion.choices[0].message
     assert answer.role == "assistant" and answer.content

@@ -120,6 +120,7 @@ def test_ask_answers_with_routing_as_structured_content(server_env: dict[str, st
     routing = result.structured_content["routing"]
     assert routing["node"] == "alpha"
     assert routing["model"] in ("sim-small", "sim-large")
+    assert routing["tier"] == "local"
     assert routing["reason"]
     assert result.structured_content["status"] == "done"
 
