@@ -129,6 +129,12 @@ class CorralSettings(BaseSettings):
     """How long a ``--session`` conversation is kept after its last turn."""
     aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     """Model aliases: ``coder: [qwen2.5-coder:7b, deepseek-coder:6.7b]``, first choice first."""
+    capabilities: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
+    """Rows that override or extend broker/data/capabilities.yaml, in its shape:
+    ``{provider: {model glob: {context: 32768, vision: true}}}`` (broker.catalog)."""
+    prices: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
+    """Rows looked at before broker/data/prices.yaml: ``{provider: {glob: {input, output}}}``
+    in USD per million tokens."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: they add about 2 ms to every
     job's first token, and Flower switches them on by itself while it runs (its
