@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from broker import names
 from broker.schemas import JobResult
