@@ -7,12 +7,12 @@ with generated clusters (see tests/controller/test_router.py).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
-from broker.errors import NoNodeAvailable, RoutingError, UnknownModel, UnknownNode
+from broker.errors import NoNodeAvailable, PromptTooLong, RoutingError, UnknownModel, UnknownNode
 from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo, canonical_model_name
 from controller.node_index import NodeIndex, Ranked, RankingQuery
 
@@ -77,6 +77,65 @@ def _rank_key(c: Candidate) -> tuple[bool, int, bool, int, float, int, str, str]
     )
 
 
+CHARS_PER_TOKEN = 4
+"""A rough, tokenizer-free estimate: English text averages about four characters a token."""
+
+SMALLEST_CONTEXT = 2048
+"""No chat model corral meets has a smaller window: a job needing no more skips the check."""
+
+
+def estimated_tokens(spec: JobSpec) -> int:
+    """Tokens the job needs in a model's context: its prompt (characters / 4) plus the
+    answer's ``max_tokens``."""
+    chars = sum(len(m.content) for m in spec.messages)
+    return chars // CHARS_PER_TOKEN + (spec.options.max_tokens or 0)
+
+
+def context_of(state: NodeState | None, backend: str, model: str) -> int | None:
+    """The context window the node reports for ``model`` on ``backend`` (None: unknown)."""
+    if state is None:
+        return None
+    for b in state.info.backends:
+        if b.name == backend:
+            for m in b.models:
+                if m.name == model:
+                    return m.context_length
+    return None
+
+
+def fitting_context(
+    spec: JobSpec, candidates: list[Candidate], state_of: Callable[[str], NodeState | None]
+) -> list[Candidate]:
+    """The candidates whose model's context holds the job; a model of unknown context stays."""
+    need = estimated_tokens(spec)
+    if need <= SMALLEST_CONTEXT:
+        return candidates
+    return [
+        c
+        for c in candidates
+        if (window := context_of(state_of(c.node), c.backend, c.model)) is None or window >= need
+    ]
+
+
+def _short(tokens: int) -> str:
+    return f"{tokens / 1000:.0f}k" if tokens >= 10_000 else f"{tokens / 1000:.1f}k"
+
+
+def too_long_error(
+    spec: JobSpec, candidates: list[Candidate], state_of: Callable[[str], NodeState | None]
+) -> PromptTooLong:
+    """Why none of ``candidates`` (all too small) can take the job, naming the largest."""
+    windows = [(context_of(state_of(c.node), c.backend, c.model) or 0, c) for c in candidates]
+    window, best = max(windows, key=lambda pair: pair[0])
+    prompt = estimated_tokens(spec) - (spec.options.max_tokens or 0)
+    answer = f" + {spec.options.max_tokens} max tokens" if spec.options.max_tokens else ""
+    others = "" if len(candidates) == 1 else f" (the largest of {len(candidates)} candidates)"
+    return PromptTooLong(
+        f"prompt ~{_short(prompt)} tokens{answer} exceeds {best.model}'s {_short(window)} "
+        f"context on {best.node}{others}"
+    )
+
+
 def wanted_models(spec: JobSpec, aliases: Mapping[str, Sequence[str]]) -> list[str] | None:
     """The models that may serve ``spec``, best first; None means any chat model."""
     if spec.model is None:
@@ -118,12 +177,14 @@ def rank_candidates(
     aliases: Mapping[str, Sequence[str]] | None = None,
     exclude_nodes: Collection[str] = (),
     sticky_node: str | None = None,
+    fit_context: bool = True,
 ) -> list[Candidate]:
     """Every (node, backend, model) able to serve ``spec``, best first.
 
     Filters: node up, not excluded (already tried), not behind an open breaker (``blocked``
     holds node names and ``node/backend`` targets), matching the pinned node (``@name``),
-    meeting the job's tags, with a healthy backend that has a wanted model. Ranks: the
+    meeting the job's tags, with a healthy backend that has a wanted model whose context
+    window (when known) holds the job's estimated tokens (``fit_context``). Ranks: the
     session's node first, then the alias's order of preference, then model already loaded (no
     swap), then most spare capacity, then lowest recent latency, then fewest jobs, then name.
 
@@ -141,6 +202,7 @@ def rank_candidates(
             aliases=aliases,
             exclude_nodes=exclude_nodes,
             sticky_node=sticky_node,
+            fit_context=fit_context,
         )
     wanted = wanted_models(spec, aliases or {})
     queries: list[RankingQuery] = (
@@ -182,7 +244,7 @@ def rank_candidates(
         first = [c._replace(sticky=True) for c in out if c.node == sticky_node]
         if first:
             out = first + [c for c in out if c.node != sticky_node]
-    return out
+    return fitting_context(spec, out, index.state) if fit_context else out
 
 
 def _by_key(ranked: Ranked) -> tuple[bool, int, bool, int, float, int, str, str]:
@@ -270,6 +332,7 @@ def rank_candidates_by_scan(
     aliases: Mapping[str, Sequence[str]] | None = None,
     exclude_nodes: Collection[str] = (),
     sticky_node: str | None = None,
+    fit_context: bool = True,
 ) -> list[Candidate]:
     """``rank_candidates`` by looking at every model of every node: the definition the index
     must agree with (a property test compares them), and the baseline of benchmarks/routing.py."""
@@ -286,6 +349,8 @@ def rank_candidates_by_scan(
             for choice, model in _choices_on_backend(node.info, backend, wanted, spec.tags):
                 candidates.append(_candidate(node, backend, model, choice, sticky_node))
     candidates.sort(key=_rank_key)
+    if fit_context:
+        return fitting_context(spec, candidates, {n.name: n for n in nodes}.get)
     return candidates
 
 
@@ -384,6 +449,17 @@ def candidates_for(
         sticky_node=sticky_node,
     )
     if not candidates:
+        unfit = rank_candidates(
+            spec,
+            nodes,
+            blocked,
+            aliases=aliases,
+            exclude_nodes=exclude_nodes,
+            fit_context=False,
+        )
+        if unfit:
+            states = nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
+            raise too_long_error(spec, unfit, states.state)
         raise explain_no_candidate(
             spec, nodes, blocked, aliases=aliases, exclude_nodes=exclude_nodes
         )
