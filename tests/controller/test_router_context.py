@@ -103,7 +103,7 @@ def test_with_several_candidates_the_error_names_the_largest() -> None:
 
 def test_a_pinned_model_that_is_too_small_is_refused_not_swapped() -> None:
     nodes = [node("pi2", {"small": 8192}), node("gpu", {"big": 131_072})]
-    with pytest.raises(PromptTooLong, match="small's 8.2k context on pi2"):
+    with pytest.raises(PromptTooLong, match=r"small's 8\.2k context on pi2"):
         candidates_for(job(4 * 20_000, model="small"), nodes)
 
 
