@@ -15,6 +15,7 @@ Role = Literal["system", "user", "assistant"]
 Priority = Literal["interactive", "batch"]
 Effort = Literal["minimal", "low", "medium", "high"]
 """How hard a reasoning model thinks: each adapter maps it onto its family's own control."""
+EFFORTS: tuple[Effort, ...] = get_args(Effort)
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 
 
