@@ -54,6 +54,7 @@ from controller.cli.route import route_command
 from controller.cli.serve import serve
 from controller.cli.top import top, watch_nodes
 from controller.cli.tunnel import tunnel
+from controller.cli.usage import usage_command
 from controller.client import CorralClient, Event, make_spec
 from controller.fanout import (
     FanoutJob,
@@ -463,6 +464,7 @@ cli.add_command(chat_command)
 cli.add_command(serve)
 cli.add_command(top)
 cli.add_command(route_command)
+cli.add_command(usage_command)
 
 
 def main() -> None:
