@@ -91,48 +91,87 @@ def estimated_tokens(spec: JobSpec) -> int:
     return chars // CHARS_PER_TOKEN + (spec.options.max_tokens or 0)
 
 
-def context_of(state: NodeState | None, backend: str, model: str) -> int | None:
-    """The context window the node reports for ``model`` on ``backend`` (None: unknown)."""
+def _backend_named(state: NodeState | None, backend: str) -> BackendInfo | None:
     if state is None:
         return None
-    for b in state.info.backends:
-        if b.name == backend:
-            for m in b.models:
-                if m.name == model:
-                    return m.context_length
-    return None
+    return next((b for b in state.info.backends if b.name == backend), None)
+
+
+def context_of(state: NodeState | None, backend: str, model: str) -> int | None:
+    """The context window the node reports for ``model`` on ``backend`` (None: unknown)."""
+    found = _backend_named(state, backend)
+    if found is None:
+        return None
+    return next((m.context_length for m in found.models if m.name == model), None)
+
+
+def _holds(model: ModelInfo, need: int) -> bool:
+    return model.context_length is None or model.context_length >= need
 
 
 def fitting_context(
     spec: JobSpec, candidates: list[Candidate], state_of: Callable[[str], NodeState | None]
 ) -> list[Candidate]:
-    """The candidates whose model's context holds the job; a model of unknown context stays."""
+    """The candidates whose model's context holds the job; a model of unknown context stays.
+
+    A job that asks for no model may take another of the same backend's models instead of
+    one too small (the loaded one first): "any model" means any model that fits."""
     need = estimated_tokens(spec)
     if need <= SMALLEST_CONTEXT:
         return candidates
-    return [
-        c
-        for c in candidates
-        if (window := context_of(state_of(c.node), c.backend, c.model)) is None or window >= need
-    ]
+    kept: list[Candidate] = []
+    swapped = False
+    for c in candidates:
+        state = state_of(c.node)
+        backend = _backend_named(state, c.backend)
+        model = next((m for m in backend.models if m.name == c.model), None) if backend else None
+        if state is None or backend is None or model is None or _holds(model, need):
+            kept.append(c)
+            continue
+        if spec.model is not None:
+            continue
+        others = [m for m in backend.models if _fits(m, state.info, spec.tags) and _holds(m, need)]
+        pick = next((m for m in others if m.loaded), others[0] if others else None)
+        if pick is not None:
+            kept.append(c._replace(model=pick.name, model_loaded=pick.loaded))
+            swapped = True
+    if swapped:
+        kept.sort(key=_rank_key)
+    return kept
 
 
 def _short(tokens: int) -> str:
     return f"{tokens / 1000:.0f}k" if tokens >= 10_000 else f"{tokens / 1000:.1f}k"
 
 
+def _largest_window(
+    spec: JobSpec, c: Candidate, state_of: Callable[[str], NodeState | None]
+) -> tuple[int, str]:
+    """(window, model) of the largest context ``c`` could offer the job."""
+    state = state_of(c.node)
+    backend = _backend_named(state, c.backend)
+    if state is None or backend is None:
+        return 0, c.model
+    models = [
+        m
+        for m in backend.models
+        if (m.name == c.model if spec.model is not None else _fits(m, state.info, spec.tags))
+    ]
+    return max(((m.context_length or 0, m.name) for m in models), default=(0, c.model))
+
+
 def too_long_error(
     spec: JobSpec, candidates: list[Candidate], state_of: Callable[[str], NodeState | None]
 ) -> PromptTooLong:
     """Why none of ``candidates`` (all too small) can take the job, naming the largest."""
-    windows = [(context_of(state_of(c.node), c.backend, c.model) or 0, c) for c in candidates]
-    window, best = max(windows, key=lambda pair: pair[0])
+    windows = [(*_largest_window(spec, c, state_of), c.node) for c in candidates]
+    window, model, node = max(windows)
     prompt = estimated_tokens(spec) - (spec.options.max_tokens or 0)
     answer = f" + {spec.options.max_tokens} max tokens" if spec.options.max_tokens else ""
     others = "" if len(candidates) == 1 else f" (the largest of {len(candidates)} candidates)"
     return PromptTooLong(
-        f"prompt ~{_short(prompt)} tokens{answer} exceeds {best.model}'s {_short(window)} "
-        f"context on {best.node}{others}"
+        f"prompt ~{_short(prompt)} tokens{answer} exceeds {model}'s {_short(window)} "
+        f"context on {node}{others}"
     )
 
 

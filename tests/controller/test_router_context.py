@@ -24,18 +24,21 @@ from controller.router import (
 )
 
 
-def node(name: str, models: dict[str, int | None], tags: frozenset[str] = frozenset()) -> NodeState:
+def node(
+    name: str, models: dict[str, int | None], loaded: frozenset[str] = frozenset()
+) -> NodeState:
     backend = BackendInfo(
         name="b",
         kind="ollama",
         healthy=True,
         capacity=2,
-        models=tuple(ModelInfo(name=m, context_length=ctx) for m, ctx in models.items()),
+        models=tuple(
+            ModelInfo(name=m, context_length=ctx, loaded=m in loaded) for m, ctx in models.items()
+        ),
     )
     info = NodeInfo(
         name=name,
         version="0",
-        tags=tags,
         backends=(backend,),
         in_flight=0,
         capacity=2,
@@ -107,8 +110,22 @@ def test_a_pinned_model_that_is_too_small_is_refused_not_swapped() -> None:
         candidates_for(job(4 * 20_000, model="small"), nodes)
 
 
+def test_any_model_means_any_model_that_fits_on_the_backend() -> None:
+    nodes = [node("pi", {"small": 8192, "big": 131_072}, loaded=frozenset({"small"}))]
+    assert [c.model for c in candidates_for(job(100), nodes)] == ["small"]  # loaded, fits
+    (picked,) = candidates_for(job(4 * 20_000), nodes)
+    assert (picked.model, picked.model_loaded) == ("big", False)
+
+
+def test_any_model_names_the_largest_of_the_backends_models_when_none_fits() -> None:
+    nodes = [node("pi", {"small": 8192, "big": 32768}, loaded=frozenset({"small"}))]
+    with pytest.raises(PromptTooLong, match=r"exceeds big's 33k context on pi$"):
+        candidates_for(job(4 * 40_000), nodes)
+
+
 def test_the_index_and_the_scan_agree_on_context() -> None:
     nodes = [node(f"n{i}", {f"m{i}": 4096 * (i + 1)}) for i in range(6)]
+    nodes.append(node("two", {"small": 8192, "big": 65536}, loaded=frozenset({"small"})))
     for chars in (4 * 1000, 4 * 9000, 4 * 17_000, 4 * 30_000):
         spec = job(chars)
         assert rank_candidates(spec, nodes) == rank_candidates_by_scan(spec, nodes)
