@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,7 +17,8 @@ import redis
 from broker import names
 from controller.cli import ExitCode
 from tests.fakes.fake_anthropic import FakeAnthropic, running_fake_anthropic
-from tests.support.servers import REPO_ROOT, start_worker
+from tests.support.servers import run_corral as corral
+from tests.support.servers import start_worker
 
 CLAUDE = "claude-sonnet-4-5"
 """A model the shipped price table prices ($3 in, $15 out per million tokens)."""
@@ -30,22 +28,6 @@ KEY = "sk-ant-usage-PLANTED-7e21"
 class Cluster(NamedTuple):
     broker_url: str
     claude: FakeAnthropic
-
-
-def corral(
-    broker_url: str, *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    env.pop("CORRAL_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "controller", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        input=stdin,
-        env={**env, "CORRAL_BROKER_URL": broker_url},
-        cwd=REPO_ROOT,
-    )
 
 
 def flat(text: str) -> str:
