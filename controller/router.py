@@ -58,6 +58,8 @@ class Candidate(NamedTuple):
     latency_ms: float | None = None
     instance: str = ""
     """The node's worker process when the router saw it (a restart changes it)."""
+    context_length: int | None = None
+    """The model's context window as the node reports it (None: unknown)."""
 
     @property
     def backend_target(self) -> str:
@@ -97,14 +99,6 @@ def _backend_named(state: NodeState | None, backend: str) -> BackendInfo | None:
     return next((b for b in state.info.backends if b.name == backend), None)
 
 
-def context_of(state: NodeState | None, backend: str, model: str) -> int | None:
-    """The context window the node reports for ``model`` on ``backend`` (None: unknown)."""
-    found = _backend_named(state, backend)
-    if found is None:
-        return None
-    return next((m.context_length for m in found.models if m.name == model), None)
-
-
 def _holds(model: ModelInfo, need: int) -> bool:
     return model.context_length is None or model.context_length >= need
 
@@ -122,18 +116,23 @@ def fitting_context(
     kept: list[Candidate] = []
     swapped = False
     for c in candidates:
-        state = state_of(c.node)
-        backend = _backend_named(state, c.backend)
-        model = next((m for m in backend.models if m.name == c.model), None) if backend else None
-        if state is None or backend is None or model is None or _holds(model, need):
+        if c.context_length is None or c.context_length >= need:
             kept.append(c)
             continue
         if spec.model is not None:
             continue
+        state = state_of(c.node)
+        backend = _backend_named(state, c.backend)
+        if state is None or backend is None:
+            continue
         others = [m for m in backend.models if _fits(m, state.info, spec.tags) and _holds(m, need)]
         pick = next((m for m in others if m.loaded), others[0] if others else None)
         if pick is not None:
-            kept.append(c._replace(model=pick.name, model_loaded=pick.loaded))
+            kept.append(
+                c._replace(
+                    model=pick.name, model_loaded=pick.loaded, context_length=pick.context_length
+                )
+            )
             swapped = True
     if swapped:
         kept.sort(key=_rank_key)
@@ -360,6 +359,7 @@ def _candidate(
         state.info.name == sticky_node,
         backend.latency_ms,
         state.info.instance,
+        model.context_length,
     )
 
 
