@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
 from rich.console import Console
 
 from broker.schemas import JobResult, Timings, Usage
 from broker.usage import UsageRow, increments, rows_from_hash, usage_days
+from controller.cli import ExitCode
+from controller.cli.commands import cli
 from controller.cli.conversation import answer_summary
 from controller.cli.render import cost_text, summary_line
 from controller.cli.usage import usage_table
@@ -118,3 +121,10 @@ def test_the_gateway_maps_reasoning_effort_and_refuses_an_unknown_level() -> Non
         generation_options({"reasoning_effort": "extreme"})
     assert caught.value.status == 400
     assert caught.value.message == "'reasoning_effort' must be one of minimal, low, medium, high"
+
+
+@pytest.mark.parametrize("command", ["ask", "chat"])
+def test_effort_is_one_of_four_levels_on_ask_and_chat(command: str) -> None:
+    refused = CliRunner().invoke(cli, [command, "--effort", "extreme", "hi"])
+    assert refused.exit_code == ExitCode.USAGE
+    assert "'extreme' is not one of 'minimal', 'low', 'medium', 'high'" in refused.output
