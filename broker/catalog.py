@@ -187,26 +187,27 @@ def _shipped(name: str) -> object:
 @cache
 def shipped_catalog() -> Catalog:
     """The tables as shipped, read once per process."""
-    return build_catalog()
+    return Catalog(
+        caps=_caps_rows(_rows(_shipped("capabilities.yaml"), "capabilities.yaml"), "shipped"),
+        prices=_price_rows(_rows(_shipped("prices.yaml"), "prices.yaml"), "shipped"),
+    )
 
 
 def build_catalog(capabilities: object = None, prices: object = None) -> Catalog:
     """The shipped tables with corral.yaml's ``capabilities:`` and ``prices:`` on top.
 
     Raises ConfigError naming the section for a malformed entry."""
-    shipped = shipped_catalog() if capabilities is not None or prices is not None else None
-    if shipped is None:
-        return Catalog(
-            caps=_caps_rows(_rows(_shipped("capabilities.yaml"), "capabilities.yaml"), "shipped"),
-            prices=_price_rows(_rows(_shipped("prices.yaml"), "prices.yaml"), "shipped"),
-        )
-    configured_prices = _price_rows(_rows(prices, "corral.yaml prices"), "corral.yaml prices")
+    shipped = shipped_catalog()
+    if capabilities is None and prices is None:
+        return shipped
+    section = "corral.yaml capabilities"
+    caps_overrides = _caps_rows(_rows(capabilities, section), section)
+    section = "corral.yaml prices"
+    # A configured price replaces the whole row: it is looked at first.
+    configured_prices = _price_rows(_rows(prices, section), section)
     return Catalog(
         caps=shipped.caps,
-        caps_overrides=_caps_rows(
-            _rows(capabilities, "corral.yaml capabilities"), "corral.yaml capabilities"
-        ),
-        # A configured price replaces the whole row: it is looked at first.
+        caps_overrides=caps_overrides,
         prices=configured_prices + shipped.prices,
     )
 
