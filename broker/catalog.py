@@ -69,9 +69,10 @@ class ModelCaps(BaseModel):
     def capabilities(self) -> frozenset[Capability]:
         """The ``ModelInfo`` capabilities this row grants (chat included)."""
         granted: set[Capability] = {"chat"}
-        for flag, name in ((self.tools, "tools"), (self.vision, "vision")):
-            if flag:
-                granted.add(name)  # type: ignore[arg-type]
+        if self.tools:
+            granted.add("tools")
+        if self.vision:
+            granted.add("vision")
         if self.thinking:
             granted.add("thinking")
         return frozenset(granted)
