@@ -8,9 +8,9 @@ so the lines can be printed, logged and committed without the secret.
 
 What the shared keys still allow (kombu and corral keep them in one place for all nodes): a
 worker may write any field of ``corral:nodes``, ``corral:node-loads`` and ``corral:node-digests``
-(another node's last-known info and load, not its liveness), any job's stream keys (a job
-can be delivered to any worker that serves its node), and kombu's ``unacked`` set and
-bindings, which every consumer shares.
+(another node's last-known info and load, not its liveness), the per-day usage counters,
+any job's stream keys (a job can be delivered to any worker that serves its node), and
+kombu's ``unacked`` set and bindings, which every consumer shares.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _PUBSUB = "+publish +subscribe +unsubscribe +psubscribe +punsubscribe"
 _DATA = (
     "+get +set +del +exists +expire +pexpire +ttl +pttl +type"
     " +lpush +rpush +lpop +rpop +brpop +blpop +llen +lrange +lindex +lrem +ltrim"
-    " +hset +hget +hgetall +hdel +hmget +hexists +hkeys +hlen"
+    " +hset +hget +hgetall +hdel +hmget +hexists +hkeys +hlen +hincrby +hincrbyfloat"
     " +sadd +srem +smembers +sismember +scard"
     " +zadd +zrem +zrange +zrangebyscore +zrevrangebyscore +zcard +zscore"
 )
@@ -82,6 +82,8 @@ def worker_rules(node: str, db: int = 0) -> str:
             f"%RW~{names.node_alive_key(node)} %W~{names.NODES_HASH}",
             # The heartbeat's load record and inventory digest (shared hashes, a field a node).
             f"~{names.NODE_LOADS_HASH} ~{names.NODE_DIGESTS_HASH}",
+            # The per-day usage counters every finished job adds to (shared, a field a route).
+            f"~{names.usage_day_key('*')}",
             f"&{names.job_channel('*')} &{names.CANCEL_CHANNEL}",
             _celery_channels(db),
         )

@@ -10,6 +10,7 @@
     │   ├── UnknownNode        an @name that matches no node
     │   ├── UnknownModel        a model no node has
     │   └── NoNodeAvailable     matching nodes exist but none is up / fits
+    │       └── PromptTooLong   the job exceeds every candidate model's context window
     ├── JobError                the job ran (or was sent) and did not finish well
     │   ├── NodeLost            the serving node stopped heartbeating mid-job
     │   ├── JobCancelled        somebody cancelled it
@@ -79,6 +80,12 @@ class UnknownModel(RoutingError):
 
 class NoNodeAvailable(RoutingError):
     code = "no_node_available"
+
+
+class PromptTooLong(NoNodeAvailable):
+    """The job's estimated tokens exceed the context window of every model that could serve it."""
+
+    code = "prompt_too_long"
 
 
 class JobError(CorralError):

@@ -111,3 +111,13 @@ ROUTES_HASH = f"{KEY_PREFIX}routes"
 ROUTING_OFF_KEY = f"{KEY_PREFIX}routes:off"
 """Present while routing is off (``corral route off``): ``@route`` is then refused. Absent (the
 default), routes answer as soon as they are added."""
+
+
+USAGE_TTL_S = 90 * 86400
+"""How long a day's usage counters are kept (``corral usage --days`` reaches this far back)."""
+
+
+def usage_day_key(day: str) -> str:
+    """Hash of one UTC day's (``2026-12-02``) usage: per route or node, model and measure,
+    a count (broker.usage spells the fields)."""
+    return f"{KEY_PREFIX}usage:{day}"

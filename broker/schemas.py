@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 Role = Literal["system", "user", "assistant"]
 Priority = Literal["interactive", "batch"]
+Effort = Literal["minimal", "low", "medium", "high"]
+"""How hard a reasoning model thinks: each adapter maps it onto its family's own control."""
+EFFORTS: tuple[Effort, ...] = get_args(Effort)
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 
 
@@ -48,6 +51,9 @@ class GenerationOptions(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    effort: Effort | None = None
+    """Reasoning effort (``--effort``); a model without a reasoning control ignores it and the
+    job's result says so in ``notes``."""
 
 
 class JobSpec(Message):
@@ -156,6 +162,9 @@ class Usage(BaseModel):
 
     prompt_tokens: int | None = None
     completion_tokens: int = 0
+    cost_usd: float | None = None
+    """Estimated from the price table (broker/data/prices.yaml); None for a local or unpriced
+    model."""
 
 
 class Timings(BaseModel):
@@ -187,6 +196,8 @@ class JobResult(Message):
     """The cost tier that served it (``local``, ``subscription``, ``metered``)."""
     reason: str | None = None
     """Why that route (see ``StartedEvent.reason``)."""
+    notes: tuple[str, ...] = ()
+    """What the user should know about how the job ran ("effort ignored: ...")."""
 
 
 class DoneEvent(_Event):

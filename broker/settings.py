@@ -133,6 +133,12 @@ class CorralSettings(BaseSettings):
     """Models to walk, best first, for a job that names no model (or names ``auto``): each
     model's routes cheapest tier first (local, subscription, metered); the next model only
     when every route of this one is down, open-breakered or rate limited."""
+    capabilities: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
+    """Rows that override or extend broker/data/capabilities.yaml, in its shape:
+    ``{provider: {model glob: {context: 32768, vision: true}}}`` (broker.catalog)."""
+    prices: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
+    """Rows looked at before broker/data/prices.yaml: ``{provider: {glob: {input, output}}}``
+    in USD per million tokens."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: they add about 2 ms to every
     job's first token, and Flower switches them on by itself while it runs (its

@@ -7,12 +7,12 @@ with generated clusters (see tests/controller/test_router.py).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
-from broker.errors import NoNodeAvailable, RoutingError, UnknownModel, UnknownNode
+from broker.errors import NoNodeAvailable, PromptTooLong, RoutingError, UnknownModel, UnknownNode
 from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo, canonical_model_name
 from broker.tiers import TIER_ORDER, tier_of_kind
 from controller.node_index import NodeIndex, Ranked, RankingQuery
@@ -63,6 +63,8 @@ class Candidate(NamedTuple):
     """The backend's cost tier (``broker.tiers``): cheaper tiers of a model rank first."""
     reason: str | None = None
     """Why this candidate was chosen, set once it is (``controller.tiers.explain_choice``)."""
+    context_length: int | None = None
+    """The model's context window as the node reports it (None: unknown)."""
 
     @property
     def backend_target(self) -> str:
@@ -94,6 +96,101 @@ def routing_aliases(
     if not priority:
         return aliases
     return {**aliases, PRIORITY_ALIAS: tuple(priority)}
+
+
+CHARS_PER_TOKEN = 4
+"""A rough, tokenizer-free estimate: English text averages about four characters a token."""
+
+SMALLEST_CONTEXT = 2048
+"""No chat model corral meets has a smaller window: a job needing no more skips the check."""
+
+
+def estimated_tokens(spec: JobSpec) -> int:
+    """Tokens the job needs in a model's context: its prompt (characters / 4) plus the
+    answer's ``max_tokens``."""
+    chars = sum(len(m.content) for m in spec.messages)
+    return chars // CHARS_PER_TOKEN + (spec.options.max_tokens or 0)
+
+
+def _backend_named(state: NodeState | None, backend: str) -> BackendInfo | None:
+    if state is None:
+        return None
+    return next((b for b in state.info.backends if b.name == backend), None)
+
+
+def _holds(model: ModelInfo, need: int) -> bool:
+    return model.context_length is None or model.context_length >= need
+
+
+def fitting_context(
+    spec: JobSpec, candidates: list[Candidate], state_of: Callable[[str], NodeState | None]
+) -> list[Candidate]:
+    """The candidates whose model's context holds the job; a model of unknown context stays.
+
+    A job that asks for no model may take another of the same backend's models instead of
+    one too small (the loaded one first): "any model" means any model that fits."""
+    need = estimated_tokens(spec)
+    if need <= SMALLEST_CONTEXT:
+        return candidates
+    kept: list[Candidate] = []
+    swapped = False
+    for c in candidates:
+        if c.context_length is None or c.context_length >= need:
+            kept.append(c)
+            continue
+        if spec.model is not None:
+            continue
+        state = state_of(c.node)
+        backend = _backend_named(state, c.backend)
+        if state is None or backend is None:
+            continue
+        others = [m for m in backend.models if _fits(m, state.info, spec.tags) and _holds(m, need)]
+        pick = next((m for m in others if m.loaded), others[0] if others else None)
+        if pick is not None:
+            kept.append(
+                c._replace(
+                    model=pick.name, model_loaded=pick.loaded, context_length=pick.context_length
+                )
+            )
+            swapped = True
+    if swapped:
+        kept.sort(key=_rank_key)
+    return kept
+
+
+def _short(tokens: int) -> str:
+    return f"{tokens / 1000:.0f}k" if tokens >= 10_000 else f"{tokens / 1000:.1f}k"
+
+
+def _largest_window(
+    spec: JobSpec, c: Candidate, state_of: Callable[[str], NodeState | None]
+) -> tuple[int, str]:
+    """(window, model) of the largest context ``c`` could offer the job."""
+    state = state_of(c.node)
+    backend = _backend_named(state, c.backend)
+    if state is None or backend is None:
+        return 0, c.model
+    models = [
+        m
+        for m in backend.models
+        if (m.name == c.model if spec.model is not None else _fits(m, state.info, spec.tags))
+    ]
+    return max(((m.context_length or 0, m.name) for m in models), default=(0, c.model))
+
+
+def too_long_error(
+    spec: JobSpec, candidates: list[Candidate], state_of: Callable[[str], NodeState | None]
+) -> PromptTooLong:
+    """Why none of ``candidates`` (all too small) can take the job, naming the largest."""
+    windows = [(*_largest_window(spec, c, state_of), c.node) for c in candidates]
+    window, model, node = max(windows)
+    prompt = estimated_tokens(spec) - (spec.options.max_tokens or 0)
+    answer = f" + {spec.options.max_tokens} max tokens" if spec.options.max_tokens else ""
+    others = "" if len(candidates) == 1 else f" (the largest of {len(candidates)} candidates)"
+    return PromptTooLong(
+        f"prompt ~{_short(prompt)} tokens{answer} exceeds {model}'s {_short(window)} "
+        f"context on {node}{others}"
+    )
 
 
 def wanted_models(spec: JobSpec, aliases: Mapping[str, Sequence[str]]) -> list[str] | None:
@@ -139,12 +236,14 @@ def rank_candidates(
     aliases: Mapping[str, Sequence[str]] | None = None,
     exclude_nodes: Collection[str] = (),
     sticky_node: str | None = None,
+    fit_context: bool = True,
 ) -> list[Candidate]:
     """Every (node, backend, model) able to serve ``spec``, best first.
 
     Filters: node up, not excluded (already tried), not behind an open breaker (``blocked``
     holds node names and ``node/backend`` targets), matching the pinned node (``@name``),
-    meeting the job's tags, with a healthy backend that has a wanted model. Ranks: the
+    meeting the job's tags, with a healthy backend that has a wanted model whose context
+    window (when known) holds the job's estimated tokens (``fit_context``). Ranks: the
     session's node first, then the alias's order of preference, then model already loaded (no
     swap), then most spare capacity, then lowest recent latency, then fewest jobs, then name.
 
@@ -162,6 +261,7 @@ def rank_candidates(
             aliases=aliases,
             exclude_nodes=exclude_nodes,
             sticky_node=sticky_node,
+            fit_context=fit_context,
         )
     wanted = wanted_models(spec, aliases or {})
     queries: list[RankingQuery] = (
@@ -203,7 +303,7 @@ def rank_candidates(
         first = [c._replace(sticky=True) for c in out if c.node == sticky_node]
         if first:
             out = first + [c for c in out if c.node != sticky_node]
-    return out
+    return fitting_context(spec, out, index.state) if fit_context else out
 
 
 def _by_key(ranked: Ranked) -> tuple[bool, int, int, bool, int, float, int, str, str]:
@@ -281,6 +381,7 @@ def _candidate(
         backend.latency_ms,
         state.info.instance,
         tier_of_kind(backend.kind),
+        context_length=model.context_length,
     )
 
 
@@ -292,6 +393,7 @@ def rank_candidates_by_scan(
     aliases: Mapping[str, Sequence[str]] | None = None,
     exclude_nodes: Collection[str] = (),
     sticky_node: str | None = None,
+    fit_context: bool = True,
 ) -> list[Candidate]:
     """``rank_candidates`` by looking at every model of every node: the definition the index
     must agree with (a property test compares them), and the baseline of benchmarks/routing.py."""
@@ -308,6 +410,8 @@ def rank_candidates_by_scan(
             for choice, model in _choices_on_backend(node.info, backend, wanted, spec.tags):
                 candidates.append(_candidate(node, backend, model, choice, sticky_node))
     candidates.sort(key=_rank_key)
+    if fit_context:
+        return fitting_context(spec, candidates, {n.name: n for n in nodes}.get)
     return candidates
 
 
@@ -407,6 +511,17 @@ def candidates_for(
         sticky_node=sticky_node,
     )
     if not candidates:
+        unfit = rank_candidates(
+            spec,
+            nodes,
+            blocked,
+            aliases=aliases,
+            exclude_nodes=exclude_nodes,
+            fit_context=False,
+        )
+        if unfit:
+            states = nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
+            raise too_long_error(spec, unfit, states.state)
         raise explain_no_candidate(
             spec, nodes, blocked, aliases=aliases, exclude_nodes=exclude_nodes
         )

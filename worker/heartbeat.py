@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from redis.asyncio import Redis
 
 from broker import __version__, names
+from broker.catalog import Catalog
 from broker.errors import BackendError
 from broker.nodeload import inventory_digest, load_of
 from broker.schemas import BackendInfo, JobCounters, ModelInfo, NodeInfo
@@ -40,8 +41,12 @@ async def describe_backend(
     in_flight: int = 0,
     latency_ms: float | None = None,
     counters: JobCounters | None = None,
+    catalog: Catalog | None = None,
 ) -> BackendInfo:
-    """A backend's inventory, or its error if it does not answer in time."""
+    """A backend's inventory, or its error if it does not answer in time.
+
+    ``catalog``: fill what the backend leaves unsaid about its models (a cloud provider's
+    listing gives no context window or capabilities) from the capability table."""
     models: list[ModelInfo] = []
     error: str | None = None
     try:
@@ -50,6 +55,8 @@ async def describe_backend(
         error = str(exc)
     except TimeoutError:
         error = f"no answer to the inventory request within {timeout_s:.1f}s"
+    if catalog is not None:
+        models = [catalog.fill(backend.kind, m) for m in models]
     return BackendInfo(
         name=backend.name,
         kind=backend.kind,
@@ -79,6 +86,7 @@ async def build_node_info(
     system: SystemProbe | None = None,
     capacity: int | None = None,
     backend_counters: Mapping[str, JobCounters] | None = None,
+    catalog: Catalog | None = None,
 ) -> NodeInfo:
     """The node's heartbeat: its backends' inventories and load, and the machine's resources.
 
@@ -86,6 +94,7 @@ async def build_node_info(
     missing from them has no job running and no latency measured yet. ``capacity`` is the
     node's job slots; None means the sum over its backends as they describe themselves now.
     ``backend_counters``: each backend's tokens and jobs since the worker started.
+    ``catalog``: the capability table that fills the models' gaps (see ``describe_backend``).
     """
     probe = system or _PROCESS_PROBE
     timeout_s = max(0.5, interval_s)
@@ -98,6 +107,7 @@ async def build_node_info(
                     in_flight=backend_in_flight.get(name, 0),
                     latency_ms=backend_latency_ms.get(name),
                     counters=(backend_counters or {}).get(name),
+                    catalog=catalog,
                 )
                 for name, backend in backends.items()
             )

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from broker.catalog import Catalog, Price
 from broker.errors import (
     RETRYABLE_CODES,
     BackendError,
@@ -17,8 +18,9 @@ from broker.errors import (
     BackendUnavailable,
     CorralError,
 )
-from broker.schemas import JobAssignment, JobResult, Timings, Usage
+from broker.schemas import GenerationOptions, JobAssignment, JobResult, Timings, Usage
 from worker.backends.base import Backend, Chunk
+from worker.backends.effort import effort_ignored_note, reasoning_control
 from worker.stream import Claim, Fenced, JobStream
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,9 @@ class _Progress:
     parts: list[str] = field(default_factory=list)
     first_token_at: float | None = None
     final: Chunk | None = None
+    price: Price | None = None
+    """What the model's tokens cost (None: local or unpriced)."""
+    notes: tuple[str, ...] = ()
 
     def add(self, text: str) -> None:
         if self.first_token_at is None:
@@ -57,6 +62,12 @@ class _Progress:
     def result(self, status: Status, error: CorralError | None = None) -> JobResult:
         spec, final, now = self.assignment.spec, self.final, time.time()
         completion = final.completion_tokens if final else None
+        usage = Usage(
+            prompt_tokens=final.prompt_tokens if final else None,
+            completion_tokens=completion if completion is not None else len(self.parts),
+        )
+        if self.price is not None:
+            usage = usage.model_copy(update={"cost_usd": round(self.price.cost(usage), 8)})
         return JobResult(
             job_id=spec.job_id,
             status=status,
@@ -65,10 +76,7 @@ class _Progress:
             model=self.assignment.model,
             text="".join(self.parts),
             finish_reason=final.finish_reason if final else None,
-            usage=Usage(
-                prompt_tokens=final.prompt_tokens if final else None,
-                completion_tokens=completion if completion is not None else len(self.parts),
-            ),
+            usage=usage,
             timings=Timings(
                 queued_ms=max(0.0, (self.started_at - spec.created_at) * 1000),
                 first_token_ms=(
@@ -80,6 +88,7 @@ class _Progress:
             error_message=str(error) if error else None,
             tier=self.assignment.tier,
             reason=self.assignment.reason,
+            notes=self.notes,
         )
 
 
@@ -90,6 +99,7 @@ async def run_job(
     claim: Awaitable[Claim],
     *,
     first_token_timeout_s: float,
+    catalog: Catalog | None = None,
 ) -> JobResult | None:
     """Stream ``control.assignment`` from its backend onto ``stream`` and return the outcome.
 
@@ -98,9 +108,12 @@ async def run_job(
     failures and cancellation end the attempt with an event and are recorded in the result,
     not raised, so the Celery task acknowledges the job: retrying elsewhere is the
     controller's decision, not Celery's (which would retry on the same node).
+
+    ``catalog`` prices the tokens and says which models have a reasoning control: without
+    one, the job's ``effort`` is dropped before the backend sees it, and the result says so.
     """
     try:
-        return await _run_claimed(control, backends, stream, claim, first_token_timeout_s)
+        return await _run_claimed(control, backends, stream, claim, first_token_timeout_s, catalog)
     except Fenced:
         # Any write may find the job moved on (a frozen node woke up, a duplicate delivery).
         log.warning(
@@ -116,12 +129,17 @@ async def _run_claimed(
     stream: JobStream,
     claim: Awaitable[Claim],
     first_token_timeout_s: float,
+    catalog: Catalog | None,
 ) -> JobResult | None:
     assignment = control.assignment
     progress = _Progress(assignment)
     backend = backends.get(assignment.backend)
+    options = assignment.spec.options
+    if backend is not None and catalog is not None:
+        progress.price = catalog.price(backend.kind, assignment.model)
+        options, progress.notes = _effort_for(options, backend, assignment.model, catalog)
     chunks = (
-        backend.stream_chat(assignment.model, assignment.spec.messages, assignment.spec.options)
+        backend.stream_chat(assignment.model, assignment.spec.messages, options)
         if backend is not None and not control.cancel_requested
         else None
     )
@@ -175,6 +193,15 @@ async def _run_claimed(
     result = progress.result("ok")
     await stream.done(result)
     return result
+
+
+def _effort_for(
+    options: GenerationOptions, backend: Backend, model: str, catalog: Catalog
+) -> tuple[GenerationOptions, tuple[str, ...]]:
+    """``options`` as the backend should get them, and the notes for the result."""
+    if options.effort is None or reasoning_control(backend.kind, model, catalog):
+        return options, ()
+    return options.model_copy(update={"effort": None}), (effort_ignored_note(model),)
 
 
 async def _first_token(

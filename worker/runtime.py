@@ -23,6 +23,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from broker import names
+from broker.catalog import catalog_for
 from broker.errors import BrokerUnavailable, CorralError
 from broker.redis_clients import async_client
 from broker.schemas import (
@@ -42,6 +43,7 @@ from worker.jobs import JobControl, run_job
 from worker.model_ops import run_model_op
 from worker.stream import JobStream, StreamScripts
 from worker.sysinfo import SystemProbe
+from worker.usage import record_usage
 
 _REDIS_CONNECTIONS = 512
 """The worker's Redis connections at most (heartbeat, cancel listener, one per running job)."""
@@ -101,6 +103,8 @@ class NodeRuntime:
     def __init__(self, settings: CorralSettings, config: WorkerConfig) -> None:
         self.settings = settings
         self.config = config
+        self.catalog = catalog_for(settings.capabilities, settings.prices)
+        """The capability and price tables: fill the heartbeat's gaps, price each job."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="corral-loop", daemon=True
@@ -295,6 +299,7 @@ class NodeRuntime:
                 )
                 for name, load in self._load.items()
             },
+            catalog=self.catalog,
         )
         self._stored_inventory = await publish_node_info(
             self.redis, info, stored=self._stored_inventory
@@ -355,6 +360,8 @@ class NodeRuntime:
                     load.job_ended(control, result)
             if result is not None and load is not None and result.timings.first_token_ms:
                 load.observe_first_token(result.timings.first_token_ms)
+            if result is not None:
+                await record_usage(self.redis, result, assignment.spec.route, time.time())
             return result
         finally:
             del self._active[job_id]
@@ -375,7 +382,14 @@ class NodeRuntime:
         )
         timeout = assignment.spec.first_token_timeout_s or self.settings.first_token_timeout_s
         task = asyncio.create_task(
-            run_job(control, self.backends, stream, claim, first_token_timeout_s=timeout)
+            run_job(
+                control,
+                self.backends,
+                stream,
+                claim,
+                first_token_timeout_s=timeout,
+                catalog=self.catalog,
+            )
         )
         control.task = task
         try:

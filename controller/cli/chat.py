@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from broker.errors import ConfigError, CorralError, RoutingError
-from broker.schemas import GenerationOptions
+from broker.schemas import EFFORTS, Effort, GenerationOptions
 from controller.cli.chat_answer import Answer, stream_answer
 from controller.cli.chat_input import (
     ROUTES_HOW,
@@ -154,6 +154,8 @@ class ChatRepl:
                 result.usage.completion_tokens,
                 result.usage.prompt_tokens,
                 None if self.session else sent,
+                result.usage.cost_usd,
+                result.notes,
             )
             self.dim(summary)
             return
@@ -287,6 +289,11 @@ class ChatRepl:
 @click.option("--max-tokens", type=click.IntRange(1), help="Stop each answer after this many.")
 @click.option("--temperature", type=click.FloatRange(0, 2))
 @click.option(
+    "--effort",
+    type=click.Choice(EFFORTS),
+    help="How hard a reasoning model thinks (mapped onto its family's own control).",
+)
+@click.option(
     "--timeout", type=click.FloatRange(min=1), help="Seconds of silence before giving up."
 )
 @click.pass_context
@@ -300,6 +307,7 @@ def chat_command(
     transcript: Path | None,
     max_tokens: int | None,
     temperature: float | None,
+    effort: Effort | None,
     timeout: float | None,
 ) -> None:
     """Chat with the cluster: `@NODE prompt` asks that node, a plain prompt the router's
@@ -324,7 +332,9 @@ def chat_command(
             tags=parse_tags(tags),
             session=session,
             timeout_s=timeout or settings.job_timeout_s,
-            options=GenerationOptions(max_tokens=max_tokens, temperature=temperature),
+            options=GenerationOptions(
+                max_tokens=max_tokens, temperature=temperature, effort=effort
+            ),
         )
         _greet(repl)
         _loop(repl, _line_editor(history_path))

@@ -21,6 +21,8 @@ from broker.errors import (
     JobError,
 )
 from broker.schemas import (
+    EFFORTS,
+    Effort,
     GenerationOptions,
     JobSpec,
 )
@@ -52,6 +54,7 @@ from controller.cli.route import route_command
 from controller.cli.serve import serve
 from controller.cli.top import top, watch_nodes
 from controller.cli.tunnel import tunnel
+from controller.cli.usage import usage_command
 from controller.client import CorralClient, Event, make_spec
 from controller.fanout import (
     FanoutJob,
@@ -116,6 +119,11 @@ def sim(args: tuple[str, ...]) -> None:
 @click.option("--max-tokens", type=click.IntRange(1), help="Stop after this many tokens.")
 @click.option("--temperature", type=click.FloatRange(0, 2))
 @click.option(
+    "--effort",
+    type=click.Choice(EFFORTS),
+    help="How hard a reasoning model thinks (mapped onto its family's own control).",
+)
+@click.option(
     "--timeout", type=click.FloatRange(min=1), help="Seconds of silence before giving up."
 )
 @click.option("--session", metavar="ID", help="Continue conversation ID (history kept, same node).")
@@ -156,6 +164,7 @@ def ask(
     system: str | None,
     max_tokens: int | None,
     temperature: float | None,
+    effort: Effort | None,
     timeout: float | None,
     session: str | None,
     batch: bool,
@@ -197,7 +206,9 @@ def ask(
             route=route,
             tags=parse_tags(tags),
             system=system,
-            options=GenerationOptions(max_tokens=max_tokens, temperature=temperature),
+            options=GenerationOptions(
+                max_tokens=max_tokens, temperature=temperature, effort=effort
+            ),
             session=session,
             priority="batch" if batch else "interactive",
             retry_partial=retry_partial,
@@ -453,6 +464,7 @@ cli.add_command(chat_command)
 cli.add_command(serve)
 cli.add_command(top)
 cli.add_command(route_command)
+cli.add_command(usage_command)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from broker.schemas import ChatMessage
+from controller.cli.render import cost_text
 
 HISTORY_WINDOW = 10
 """How many of the latest messages (questions and answers) go with each prompt."""
@@ -182,10 +183,14 @@ def answer_summary(
     tokens: int,
     prompt_tokens: int | None,
     messages_sent: int | None,
+    cost_usd: float | None = None,
+    notes: tuple[str, ...] = (),
 ) -> str:
-    """The dim line after each answer: who answered, how fast, how much."""
+    """The dim line after each answer: who answered, how fast, how much (and what it cost)."""
     ttft = f"{first_token_ms:.0f} ms" if first_token_ms is not None else "-"
     prompt = f" · prompt {prompt_tokens} tokens" if prompt_tokens is not None else ""
     plural = "" if messages_sent == 1 else "s"
     sent = f" · {messages_sent} message{plural} sent" if messages_sent is not None else ""
-    return f"{node} · {model} · first token {ttft} · {tokens} tokens{prompt}{sent}"
+    cost = f" · {cost_text(cost_usd)}" if cost_usd is not None else ""
+    extra = "".join(f" · {note}" for note in notes)
+    return f"{node} · {model} · first token {ttft} · {tokens} tokens{prompt}{cost}{sent}{extra}"

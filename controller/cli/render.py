@@ -27,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from broker.schemas import BackendInfo, JobResult, ModelInfo, NodeInfo, ProgressEvent
+from broker.schemas import BackendInfo, JobResult, ModelInfo, NodeInfo, ProgressEvent, Usage
 from controller.breaker import BreakerPhase, BreakerState
 from controller.router import NodeState
 
@@ -395,15 +395,31 @@ class ModelOpProgress:
 # --- one job -------------------------------------------------------------------------------
 
 
+def cost_text(cost_usd: float | None) -> str:
+    """An estimated cost, with enough digits to show a cheap job's (``~$0.00042``)."""
+    if cost_usd is None:
+        return ""
+    return f"~${cost_usd:.2f}" if cost_usd >= 1 else f"~${cost_usd:.6f}".rstrip("0").rstrip(".")
+
+
+def usage_text(usage: Usage) -> str:
+    """``12 in / 34 out tokens · ~$0.00042``: the prompt count only when the backend said it,
+    the cost only for a priced (cloud) model."""
+    prompt = f"{usage.prompt_tokens} in / " if usage.prompt_tokens is not None else ""
+    cost = f" · {cost_text(usage.cost_usd)}" if usage.cost_usd is not None else ""
+    return f"{prompt}{usage.completion_tokens} out tokens{cost}"
+
+
 def summary_line(
     result: JobResult, client_first_token_ms: float | None, client_total_ms: float
 ) -> str:
     ttft = f"{client_first_token_ms:.0f} ms" if client_first_token_ms is not None else "-"
     tier = f"tier {result.tier} · " if result.tier else ""
+    notes = "".join(f" · {note}" for note in result.notes)
     return (
         f"node {result.node} · {result.backend} · model {result.model} · {tier}"
-        f"{result.usage.completion_tokens} tokens · first token {ttft} · "
-        f"total {client_total_ms / 1000:.2f} s"
+        f"{usage_text(result.usage)} · first token {ttft} · "
+        f"total {client_total_ms / 1000:.2f} s{notes}"
     )
 
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from broker.catalog import Catalog, catalog_for, provider_of
 from broker.errors import BrokerUnavailable, ConfigError, CorralError
 from broker.route_url import RouteTarget
 from controller.cli.common import fail, settings_from
@@ -173,12 +174,15 @@ def list_routes(ctx: click.Context) -> None:
 @click.argument("name")
 @click.pass_context
 def caps(ctx: click.Context, name: str) -> None:
-    """What route NAME is: its backend kind, endpoint, key, serving workers and model."""
+    """What route NAME is: its backend kind, endpoint, key, serving workers and model, and
+    the model's row of the capability and price tables."""
+    settings = settings_from(ctx)
     try:
         store = _store(ctx)
         route = store.get(name)
         nodes = read_nodes(store.redis)
-    except redis.RedisError as exc:
+        catalog = catalog_for(settings.capabilities, settings.prices)
+    except (CorralError, redis.RedisError) as exc:
         fail(_guard(exc))
     if route is None:
         fail(ConfigError(f"no route named {name!r}"))
@@ -189,6 +193,8 @@ def caps(ctx: click.Context, name: str) -> None:
     click.echo(f"model     {route.model or '(no model: ask with --model M)'}")
     if target.cloud:
         click.echo(f"key       {' or '.join(target.key_variables)} (in the serving worker's env)")
+    for line in table_lines(catalog, target.kind, route.model):
+        click.echo(line)
     serving = serving_backends(route, nodes)
     for state, backend in serving:
         models = [m for m in backend.models if route.model is None or m.name == route.model]
@@ -197,6 +203,44 @@ def caps(ctx: click.Context, name: str) -> None:
         click.echo(f"served by {state.name}/{backend.name} ({up}): {', '.join(capabilities)}")
     if not serving:
         click.echo(f"served by nobody: {missing_server_reason(route)}")
+
+
+def _tokens(count: int | None) -> str:
+    if count is None:
+        return "?"
+    return f"{count // 1000}k" if count >= 1000 and count % 1000 == 0 else f"{count:,}"
+
+
+def table_lines(catalog: Catalog, kind: str, model: str | None) -> list[str]:
+    """The capability and price table rows for ``model`` on a backend of ``kind``."""
+    if model is None:
+        return ["table     (no model on the route: capabilities depend on the model)"]
+    caps = catalog.capabilities(kind, model)
+    if caps is None:
+        return [f"table     {model} is not in the capability table (corral.yaml may add it)"]
+    flags = [
+        f"{word} {'yes' if value else 'no' if value is not None else '?'}"
+        for word, value in (
+            ("tools", caps.tools),
+            ("vision", caps.vision),
+            ("thinking", caps.thinking),
+            ("json", caps.json_output),
+        )
+    ]
+    lines = [
+        f"context   {_tokens(caps.context)} tokens · max output {_tokens(caps.max_output)}",
+        f"can       {' · '.join(flags)}",
+    ]
+    price = catalog.price(kind, model)
+    if price is not None:
+        lines.append(
+            f"price     ${price.input:g} in / ${price.output:g} out per million tokens (estimate)"
+        )
+    elif provider_of(kind) == "local":
+        lines.append("price     local: not priced")
+    else:
+        lines.append("price     not in the price table")
+    return lines
 
 
 @route_command.command("export")

@@ -106,6 +106,7 @@ def generation_options(body: dict[str, Any]) -> GenerationOptions:
         max_tokens=max_tokens,
         seed=optional(body, "seed", int),
         stop=stop,
+        effort=optional(body, "reasoning_effort", str),
     )
 
 

@@ -6,7 +6,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from broker.schemas import GenerationOptions, describe_validation_error
+from broker.schemas import EFFORTS, GenerationOptions, describe_validation_error
 from controller.gateway.errors import bad_request
 
 _T = TypeVar("_T", int, float, str)
@@ -26,7 +26,12 @@ def optional(body: dict[str, Any], key: str, kind: type[_T]) -> _T | None:
 
 
 def options_from(
-    *, temperature: float | None, max_tokens: int | None, seed: int | None, stop: object
+    *,
+    temperature: float | None,
+    max_tokens: int | None,
+    seed: int | None,
+    stop: object,
+    effort: str | None = None,
 ) -> GenerationOptions:
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -36,9 +41,15 @@ def options_from(
         stops = tuple(stop)
     else:
         raise bad_request("'stop' must be a string or a list of strings")
+    if effort is not None and effort not in EFFORTS:
+        raise bad_request(f"'reasoning_effort' must be one of {', '.join(EFFORTS)}")
     try:
         return GenerationOptions(
-            temperature=temperature, max_tokens=max_tokens, seed=seed, stop=stops
+            temperature=temperature,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop=stops,
+            effort=effort,
         )
     except ValidationError as exc:
         raise bad_request(f"invalid options: {describe_validation_error(exc)}") from None

@@ -37,6 +37,9 @@ from starlette.routing import Route
 from tests.fakes import DropConnection, serve_in_thread
 
 DEFAULT_REPLY = "Tokens stream back as the backend produces them."
+THOUGHT = "Let me think about what the user asked."
+"""The thinking block's text when thinking is enabled: never part of the answer."""
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -192,6 +195,19 @@ def build_app(state: FakeAnthropicState) -> Starlette:
                 )
         if model not in state.models:
             return _error(404, f"model: {model}")
+        thinking = body.get("thinking")
+        if thinking is not None:
+            # Extended thinking, as documented: a budget of at least 1024 that max_tokens
+            # exceeds, and no temperature but the default.
+            budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+            if thinking.get("type") != "enabled" or not isinstance(budget, int):
+                return _error(400, "thinking: expected {type: enabled, budget_tokens}")
+            if budget < 1024:
+                return _error(400, "thinking.enabled.budget_tokens: Input should be >= 1024")
+            if budget >= body["max_tokens"]:
+                return _error(400, "`max_tokens` must be greater than `thinking.budget_tokens`")
+            if body.get("temperature", 1) != 1:
+                return _error(400, "`temperature` may only be set to 1 when thinking is enabled")
         text, stop_reason, stop_sequence = state.reply, "end_turn", None
         for stop in body.get("stop_sequences") or []:
             if stop in text:
@@ -203,6 +219,7 @@ def build_app(state: FakeAnthropicState) -> Starlette:
             pieces, stop_reason = pieces[:1], "refusal"
         words = sum(len(str(m.get("content", "")).split()) for m in chat)
         input_tokens = words + len(str(body.get("system", "")).split())
+        block = 1 if thinking is not None else 0
         events: list[dict[str, Any]] = [
             {
                 "type": "message_start",
@@ -217,23 +234,49 @@ def build_app(state: FakeAnthropicState) -> Starlette:
                     "usage": {"input_tokens": input_tokens, "output_tokens": 1},
                 },
             },
+        ]
+        if thinking is not None:
+            # The thinking block comes first; it is not part of the answer's text.
+            events += [
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "thinking", "thinking": ""},
+                },
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "thinking_delta", "thinking": THOUGHT},
+                },
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "signature_delta", "signature": "EqQBCgIYAhIM1gbcDa9"},
+                },
+                {"type": "content_block_stop", "index": 0},
+            ]
+        events += [
             {
                 "type": "content_block_start",
-                "index": 0,
+                "index": block,
                 "content_block": {"type": "text", "text": ""},
             },
             {"type": "ping"},
         ]
         events += [
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}
+            {
+                "type": "content_block_delta",
+                "index": block,
+                "delta": {"type": "text_delta", "text": p},
+            }
             for p in pieces
         ]
         events += [
-            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_stop", "index": block},
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                "usage": {"output_tokens": len(pieces)},
+                "usage": {"output_tokens": len(pieces) + (len(THOUGHT.split()) if thinking else 0)},
             },
             {"type": "message_stop"},
         ]

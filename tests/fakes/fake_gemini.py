@@ -219,6 +219,15 @@ def build_app(state: FakeGeminiState) -> Starlette:
             }
             return StreamingResponse(stream([blocked]), media_type="text/event-stream")
         config = body.get("generationConfig") or {}
+        thinking = config.get("thinkingConfig")
+        if thinking is not None:
+            # As documented for 2.5 models: a budget of 0 turns thinking off, which Pro
+            # cannot do (its range is 128..32768); -1 is dynamic.
+            budget = thinking.get("thinkingBudget") if isinstance(thinking, dict) else None
+            if not isinstance(budget, int) or budget < -1 or budget > 32768:
+                return _error(400, "thinking_budget: invalid value")
+            if "pro" in model and 0 <= budget < 128:
+                return _error(400, "Budget 0 is invalid. This model only works in thinking mode.")
         text, finish = state.reply, "STOP"
         for stop in config.get("stopSequences") or []:
             if stop in text:

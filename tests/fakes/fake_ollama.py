@@ -524,6 +524,11 @@ def build_app(state: FakeOllamaState) -> Starlette:
         if not messages:
             return load_or_unload(body, model, chat=True)
         require_capability(body, model, "chat")
+        think = body.get("think")
+        if think not in (None, False, True, "low", "medium", "high"):
+            raise _BadRequest(f"invalid think value: {think!r}")
+        if think and "thinking" not in model.capabilities:
+            raise _BadRequest(f'"{body["model"]}" does not support thinking')
         state.keep_loaded(model.name, keep_alive_of(body))  # Ollama loads a model on first use
         pieces, reason = state.answer(options_of(body))
         prompt_tokens = max(1, sum(len(m["content"].split()) for m in messages))

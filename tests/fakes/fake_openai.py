@@ -205,6 +205,34 @@ def build_app(state: FakeOpenAIState) -> Starlette:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return _error(400, "'messages' must be a non-empty array", "invalid_request_error")
+        effort = body.get("reasoning_effort")
+        if effort is not None:
+            # Only the reasoning models (o-series, GPT-5) take it; only GPT-5 knows "minimal".
+            reasoning = model.startswith(("o1", "o3", "o4", "gpt-5"))
+            if not reasoning:
+                return _error(
+                    400,
+                    "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
+                    "invalid_request_error",
+                    "unsupported_parameter",
+                )
+            allowed = (
+                ("minimal", "low", "medium", "high")
+                if model.startswith("gpt-5")
+                else (
+                    "low",
+                    "medium",
+                    "high",
+                )
+            )
+            if effort not in allowed:
+                return _error(
+                    400,
+                    f"Unsupported value: 'reasoning_effort' does not support {effort!r} with "
+                    "this model.",
+                    "invalid_request_error",
+                    "unsupported_value",
+                )
         text = state.reply
         for stop in body.get("stop") or []:
             if stop in text:

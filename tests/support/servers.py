@@ -258,3 +258,22 @@ def supervised_workers(
         yield supervisor
     finally:
         supervisor.stop()
+
+
+def run_corral(
+    broker_url: str, *args: str, stdin: str | None = None, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``corral ARGS`` in its own process, as a user's terminal runs it: against
+    ``broker_url``, with no corral.yaml and no provider key in its environment (keys belong
+    to workers)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.pop("CORRAL_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "controller", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        input=stdin,
+        env={**env, "CORRAL_BROKER_URL": broker_url},
+        cwd=REPO_ROOT,
+    )

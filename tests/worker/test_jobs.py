@@ -9,6 +9,7 @@ import fakeredis
 import pytest
 
 from broker import names
+from broker.catalog import Catalog, build_catalog
 from broker.errors import BackendUnavailable
 from broker.schemas import (
     ChatMessage,
@@ -49,6 +50,7 @@ class ScriptedBackend:
         self.token_delay_s = token_delay_s
         self.calls = 0
         self.closed = False
+        self.options: GenerationOptions | None = None
 
     name = "scripted"
     kind: BackendKind = "ollama"
@@ -62,6 +64,7 @@ class ScriptedBackend:
         self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
     ) -> AsyncIterator[Chunk]:
         self.calls += 1
+        self.options = options
         try:
             await asyncio.sleep(self.first_delay_s)
             for index, text in enumerate(self.texts):
@@ -109,6 +112,7 @@ async def run(
     cancelled_before: bool = False,
     first_token_timeout_s: float = 5.0,
     move_lease_after_s: float | None = None,
+    catalog: Catalog | None = None,
 ) -> tuple[object, list[object]]:
     redis = fakeredis.FakeAsyncRedis()
     job = job or assignment()
@@ -126,6 +130,7 @@ async def run(
             stream,
             claim,
             first_token_timeout_s=first_token_timeout_s,
+            catalog=catalog,
         )
     )
     control.task = task
@@ -241,3 +246,28 @@ def test_an_unknown_backend_is_a_backend_error(backend_name: str) -> None:
     log = asyncio.run(go())
     assert isinstance(log[-1], ErrorEvent)
     assert log[-1].message == "node 'n1' has no backend 'missing'"
+
+
+def test_effort_reaches_a_thinking_model_and_is_dropped_with_a_note_otherwise() -> None:
+    thinker = build_catalog({"local": {"m": {"thinking": True}}}, None)
+    backend = ScriptedBackend(["ok"])
+    job = assignment(options=GenerationOptions(effort="high"))
+    result, _ = asyncio.run(run(backend, job=job, catalog=thinker))
+    assert backend.options is not None and backend.options.effort == "high"
+    assert result.notes == ()  # type: ignore[attr-defined]
+
+    plain = build_catalog({"local": {"m": {"thinking": False}}}, None)
+    backend = ScriptedBackend(["ok"])
+    result, log = asyncio.run(run(backend, job=job, catalog=plain))
+    assert backend.options is not None and backend.options.effort is None
+    assert result.notes == ("effort ignored: m has no reasoning control",)  # type: ignore[attr-defined]
+    assert log[-1].result.notes == result.notes  # type: ignore[attr-defined]
+
+
+def test_a_priced_models_result_carries_its_estimated_cost() -> None:
+    priced = build_catalog(None, {"local": {"m": {"input": 1.0, "output": 2.0}}})
+    result, log = asyncio.run(run(ScriptedBackend(["a", "b", "c"]), catalog=priced))
+    assert result.usage.cost_usd == pytest.approx(3 * 2.0 / 1e6)  # type: ignore[attr-defined]
+    assert log[-1].result.usage == result.usage  # type: ignore[attr-defined]
+    unpriced, _ = asyncio.run(run(ScriptedBackend(["a"]), catalog=build_catalog(None, None)))
+    assert unpriced.usage.cost_usd is None  # type: ignore[attr-defined]

@@ -7,7 +7,8 @@ an ``anthropic-version`` header. The answer is a Server-Sent Events sequence: ``
 ``content_block_stop``, ``message_delta`` (stop reason, output tokens), ``message_stop``, with
 ``ping`` events anywhere. An ``error`` event (``overloaded_error`` and the like) may come at any
 point, also after the 200 header. ``inventory`` reads ``GET /v1/models`` (cached).
-Anthropic has no sampling seed: ``seed`` is not sent.
+Anthropic has no sampling seed: ``seed`` is not sent. ``effort`` becomes a ``thinking`` budget
+(its ``thinking_delta`` blocks are not part of the answer, so they are not streamed).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from broker.errors import BackendError, ContentBlocked
 from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo
 from worker.backends.base import Chunk, public_url
 from worker.backends.cloud import ModelCache, RateLimits
+from worker.backends.effort import anthropic_thinking
 from worker.backends.http_errors import ErrorReport, HttpErrors, Scrubber, error_text, url_secrets
 from worker.backends.sse import SSEDecoder, lines_to_the_end
 
@@ -106,8 +108,14 @@ def messages_request_body(
     }
     if system:
         body["system"] = system
-    if options.temperature is not None:
-        # Anthropic's range is 0..1; corral's is OpenAI's 0..2.
+    thinking = anthropic_thinking(options.effort) if options.effort else None
+    if thinking is not None:
+        body["thinking"] = thinking
+        # The budget is part of max_tokens, which must exceed it: the answer keeps its own.
+        body["max_tokens"] += thinking["budget_tokens"]
+    if options.temperature is not None and thinking is None:
+        # Anthropic's range is 0..1; corral's is OpenAI's 0..2. Thinking refuses any
+        # temperature but its own.
         body["temperature"] = min(options.temperature, 1.0)
     if options.stop:
         body["stop_sequences"] = list(options.stop)

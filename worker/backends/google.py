@@ -23,6 +23,7 @@ from broker.errors import ContentBlocked
 from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo
 from worker.backends.base import Chunk, public_url
 from worker.backends.cloud import ModelCache
+from worker.backends.effort import gemini_thinking_budget
 from worker.backends.http_errors import ErrorReport, HttpErrors, Scrubber, error_text, url_secrets
 from worker.backends.sse import SSEDecoder, lines_to_the_end
 
@@ -96,7 +97,7 @@ class _ModelPage(_Wire):
 
 
 def generate_request_body(
-    messages: Sequence[ChatMessage], options: GenerationOptions
+    messages: Sequence[ChatMessage], options: GenerationOptions, model: str = ""
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "contents": [
@@ -117,6 +118,8 @@ def generate_request_body(
         config["stopSequences"] = list(options.stop)
     if options.seed is not None:
         config["seed"] = options.seed
+    if options.effort is not None:
+        config["thinkingConfig"] = {"thinkingBudget": gemini_thinking_budget(options.effort, model)}
     if config:
         body["generationConfig"] = config
     return body
@@ -231,7 +234,7 @@ class GoogleBackend:
     async def stream_chat(
         self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
     ) -> AsyncIterator[Chunk]:
-        body = generate_request_body(messages, options)
+        body = generate_request_body(messages, options, model)
         path = f"{self._root}/models/{model.removeprefix('models/')}:streamGenerateContent"
         decoder = SSEDecoder()
         finish: str | None = None

@@ -29,6 +29,7 @@ from worker.backends.base import (
     PullProgress,
     public_url,
 )
+from worker.backends.effort import ollama_think
 from worker.backends.http_errors import (
     ErrorReport,
     HttpErrors,
@@ -183,6 +184,8 @@ class OllamaBackend:
         mapped = ollama_options(options)
         if mapped:
             body["options"] = mapped
+        if options.effort is not None:
+            body["think"] = ollama_think(options.effort, model)
         final: Chunk | None = None
         with self._errors.translating():
             # ``async with`` is what makes cancellation work: a CancelledError raised while we

@@ -25,6 +25,7 @@ from broker.errors import BackendError
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
 from worker.backends.base import BackendKind, Chunk, public_url
 from worker.backends.cloud import ModelCache, RateLimits
+from worker.backends.effort import openai_reasoning_effort
 from worker.backends.http_errors import (
     ErrorReport,
     HttpErrors,
@@ -134,6 +135,8 @@ def chat_request_body(
         body[limit] = options.max_tokens
     if options.stop:
         body["stop"] = list(options.stop)
+    if options.effort is not None and kind == "openai-cloud":
+        body["reasoning_effort"] = openai_reasoning_effort(options.effort, model)
     return body
 
 
