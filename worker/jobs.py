@@ -88,6 +88,7 @@ async def run_job(
     claim: Awaitable[Claim],
     *,
     first_token_timeout_s: float,
+    missing_reason: str | None = None,
 ) -> JobResult | None:
     """Stream ``control.assignment`` from its backend onto ``stream`` and return the outcome.
 
@@ -96,9 +97,12 @@ async def run_job(
     failures and cancellation end the attempt with an event and are recorded in the result,
     not raised, so the Celery task acknowledges the job: retrying elsewhere is the
     controller's decision, not Celery's (which would retry on the same node).
+    ``missing_reason``: why ``backends`` lacks the job's backend, for its error.
     """
     try:
-        return await _run_claimed(control, backends, stream, claim, first_token_timeout_s)
+        return await _run_claimed(
+            control, backends, stream, claim, first_token_timeout_s, missing_reason
+        )
     except Fenced:
         # Any write may find the job moved on (a frozen node woke up, a duplicate delivery).
         log.warning(
@@ -114,6 +118,7 @@ async def _run_claimed(
     stream: JobStream,
     claim: Awaitable[Claim],
     first_token_timeout_s: float,
+    missing_reason: str | None,
 ) -> JobResult | None:
     assignment = control.assignment
     progress = _Progress(assignment)
@@ -140,7 +145,7 @@ async def _run_claimed(
         return await _finish(stream, progress, "cancelled", "job cancelled before it started")
     if chunks is None or first_chunk is None:
         error = BackendUnavailable(
-            f"node {assignment.node!r} has no backend {assignment.backend!r}"
+            missing_reason or f"node {assignment.node!r} has no backend {assignment.backend!r}"
         )
         return await _finish(stream, progress, "error", str(error), error)
 
