@@ -84,9 +84,9 @@ class RouteTarget:
         if self.cloud:
             keys = " or ".join(self.key_variables)
             return (
-                f"no worker can serve {self.kind} at {self.base_url}: start one with "
-                f"`corral worker --cloud` (or `cloud: true` in corral.yaml) and {keys} in its "
-                f"environment, or give a worker a {self.kind} backend at that URL"
+                f"no worker holds {keys} for it: start `corral worker --cloud` (or `cloud: true`"
+                f" in corral.yaml) with {keys} in its environment, or give a worker a "
+                f"{self.kind} backend at {self.base_url}"
             )
         return f"no worker fronts {self.base_url}: start one with that backend on the node"
 
