@@ -58,6 +58,10 @@ def test_a_cloud_route_runs_on_the_cloud_worker_and_its_key_stays_there(
             added = corral(broker_url, "route", "add", "claude", f"anthropic+http://{where}", MODEL)
             assert added.returncode == ExitCode.OK, added.stderr
 
+            nodes = corral(broker_url, "nodes")
+            assert nodes.returncode == ExitCode.OK, nodes.stderr
+            edge_row = next(line for line in nodes.stdout.splitlines() if "edge" in line)
+            assert "--cloud" in edge_row and "routes of anthropic" in edge_row
             listing = corral(broker_url, "route", "list")
             row = next(line for line in listing.stdout.splitlines() if "@claude" in line)
             assert row.startswith("✓") and "served by edge/cloud-anthropic (--cloud)" in row
@@ -96,7 +100,9 @@ def test_a_cloud_route_runs_on_the_cloud_worker_and_its_key_stays_there(
         "worker logs": "".join(w.log() for w in workers),
         "redis now": everything_in_redis(broker_url),
         "redis commands": commands,
-        "cli": "".join(r.stdout + r.stderr for r in (added, listing, caps, *answers, nobody)),
+        "cli": "".join(
+            r.stdout + r.stderr for r in (added, nodes, listing, caps, *answers, nobody)
+        ),
     }
     for where_found, text in outputs.items():
         for form in encodings_of(PLANTED_KEY):
