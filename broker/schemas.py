@@ -62,7 +62,7 @@ class JobSpec(Message):
     job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")
     messages: tuple[ChatMessage, ...] = Field(min_length=1)
     node: Name | None = None
-    """Run on this node only (``@name`` when the name is a node, or a route's serving node)."""
+    """Run on this node only (``@name`` when the name is a node; a route pins none)."""
     route: Name | None = None
     """The named route ``@name`` resolved to, for the record (Flower, logs)."""
     route_url: str | None = Field(default=None, min_length=1, max_length=512)

@@ -93,7 +93,18 @@ def explain_no_route_server(
         return NoNodeAvailable(f"{route}: every worker that serves it is down ({listed})")
     model = spec.model or ""
     if not any(_route_backends(target, s.info, model) for s in up):
-        return UnknownModel(f"{route}: model {model!r} is not on the server it names")
+        there = sorted(
+            {
+                m.name
+                for s in up
+                for b in fronting_backends(target, s.info.backends)
+                for m in b.models
+            }
+        )
+        return UnknownModel(
+            f"{route}: model {model!r} is not on {target.base_url} "
+            f"(available: {', '.join(there) or 'none'})"
+        )
     shut = sorted(
         t
         for s in up

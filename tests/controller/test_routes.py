@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from broker.errors import ConfigError, NoNodeAvailable, RoutingError, UnknownNode
+from broker.errors import ConfigError, NoNodeAvailable, RoutingError, UnknownModel, UnknownNode
 from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo
 from controller.client import make_spec
 from controller.router import NodeState, candidates_for
@@ -77,7 +77,11 @@ def test_a_route_goes_to_the_up_node_that_fronts_its_url_with_its_model() -> Non
     ranked = candidates_for(spec_for(mention), NODES)
     # pi2 fronts it too, but is down
     assert [(c.node, c.backend, c.model) for c in ranked] == [("pi3", "b", "llama3")]
-    assert choose_mention("lab", route, True, [], NODES, "qwen").model == "qwen"  # --model wins
+    qwen = choose_mention("lab", route, True, [], NODES, "qwen")
+    assert qwen.model == "qwen"  # --model wins
+    # A local server must hold it: nothing is sent, and the user sees what it has.
+    with pytest.raises(UnknownModel, match=r"'qwen' is not on http://10.0.0.2:11434.*llama3"):
+        candidates_for(spec_for(qwen), NODES)
 
 
 def test_a_cloud_scheme_alone_is_served_by_a_worker_of_the_official_endpoint() -> None:
