@@ -113,7 +113,7 @@ def test_a_cloud_worker_killed_before_the_first_token_hands_the_job_to_another(
     broker_url: str, tmp_path: Path
 ) -> None:
     with running_fake_anthropic(
-        api_key=PLANTED_KEY, models=[MODEL], reply=REPLY, first_token_delay=2.0
+        api_key=PLANTED_KEY, models=[MODEL], reply=REPLY, first_token_delay=5.0
     ) as fake:
         workers = [cloud_worker(broker_url, name, tmp_path) for name in ("edge1", "edge2")]
         workers.append(start_worker(broker_url, "pi", "--simulate", log_dir=tmp_path))
