@@ -12,9 +12,17 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from broker.schemas import GpuInfo, JobCounters, MemoryInfo, Message, Name, NodeInfo
+from broker.schemas import (
+    HEARTBEAT_CONFIG,
+    GpuInfo,
+    JobCounters,
+    MemoryInfo,
+    Message,
+    Name,
+    NodeInfo,
+)
 
 _VOLATILE_NODE_FIELDS = {"instance", "in_flight", "memory", "gpus", "cpu_load", "sent_at"}
 _VOLATILE_BACKEND_FIELDS = {"in_flight", "latency_ms", "counters"}
@@ -25,7 +33,7 @@ _INVENTORY_ONLY: Any = {
 
 
 class BackendLoad(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = HEARTBEAT_CONFIG
 
     name: Name
     in_flight: int = Field(default=0, ge=0)
@@ -35,6 +43,8 @@ class BackendLoad(BaseModel):
 
 class NodeLoad(Message):
     """What changes at every heartbeat, with the digest of the inventory it goes with."""
+
+    model_config = HEARTBEAT_CONFIG
 
     name: Name
     inventory: str = Field(min_length=8, max_length=64)

@@ -17,10 +17,15 @@ Scheme              backend kind    base URL
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
 from broker.errors import ConfigError
+
+if TYPE_CHECKING:  # schemas imports this module for JobSpec's check of route_url
+    from broker.schemas import BackendInfo, NodeInfo
 
 OLLAMA_PORT = 11434
 OPENAI_COMPAT_PORT = 8080
@@ -73,6 +78,17 @@ class RouteTarget:
     def key_variables(self) -> tuple[str, ...]:
         """The variables a worker needs one of to serve this route (none for a local one)."""
         return KEY_VARIABLES.get(self.kind, ())
+
+    def missing_worker_reason(self) -> str:
+        """Why no worker serves this target, and what to start so one does."""
+        if self.cloud:
+            keys = " or ".join(self.key_variables)
+            return (
+                f"no worker holds {keys} for it: start `corral worker --cloud` (or `cloud: true`"
+                f" in corral.yaml) with {keys} in its environment, or give a worker a "
+                f"{self.kind} backend at {self.base_url}"
+            )
+        return f"no worker fronts {self.base_url}: start one with that backend on the node"
 
     @property
     def origin(self) -> str:
@@ -138,3 +154,47 @@ def origin_of(url: str) -> str | None:
     if not parts.hostname or port is None:
         return None
     return f"{parts.scheme}://{parts.hostname}:{port}"
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+"""Names of this machine: a route written with one reaches a backend a worker lists with another."""
+
+
+def same_endpoint(a: str, b: str) -> bool:
+    """Whether two URLs reach one server: same scheme and port, and the same host, where
+    ``localhost``, ``127.0.0.1`` and ``::1`` are one host."""
+    left, right = _endpoint_key(a), _endpoint_key(b)
+    return left is not None and left == right
+
+
+def _endpoint_key(url: str) -> tuple[str, str, int] | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    if not host or port is None:
+        return None
+    return parts.scheme, "loopback" if host in LOOPBACK_HOSTS else host, port
+
+
+def on_demand_backend(kind: str) -> str:
+    """The backend name a ``--cloud`` worker gives the adapter it builds for a route of
+    ``kind`` (one per provider, so its jobs share one set of slots and one breaker)."""
+    return f"cloud-{kind}"
+
+
+def fronting_backends(target: RouteTarget, backends: Iterable[BackendInfo]) -> list[BackendInfo]:
+    """The node's own backends at the route's endpoint (same kind, scheme, host and port)."""
+    return [
+        b
+        for b in backends
+        if b.url is not None and b.kind == target.kind and same_endpoint(b.url, target.base_url)
+    ]
+
+
+def serves_on_demand(target: RouteTarget, info: NodeInfo) -> bool:
+    """Whether the node would build an adapter for the route itself: a cloud route, and a
+    worker started with ``--cloud`` that holds that provider's key."""
+    return target.cloud and target.kind in info.cloud_providers

@@ -1,15 +1,21 @@
 """The typed, versioned messages that cross between controller and worker.
 
-Every model is frozen with ``extra="forbid"``: a message with an unknown field is rejected at
-the boundary instead of being half-understood. Messages travel as
-``model.model_dump(mode="json")`` (Celery task arguments) or ``model_dump_json()`` (Redis).
+Every input (a job, a model operation, a stream event) is frozen with ``extra="forbid"``: a
+message with an unknown field is rejected at the boundary instead of being half-understood.
+Heartbeats (``NodeInfo`` and what it holds) ignore fields they do not know instead, so a
+worker newer than its controller still shows up and serves what the controller understands.
+Messages travel as ``model.model_dump(mode="json")`` (Celery task arguments) or
+``model_dump_json()`` (Redis).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from broker.errors import ConfigError
+from broker.route_url import parse_route_url
 
 Role = Literal["system", "user", "assistant"]
 Priority = Literal["interactive", "batch"]
@@ -62,10 +68,14 @@ class JobSpec(Message):
     job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")
     messages: tuple[ChatMessage, ...] = Field(min_length=1)
     node: Name | None = None
-    """Run on this node only (``@name`` when the name is a node, or a route's serving node)."""
+    """Run on this node only (``@name`` when the name is a node; a route pins none)."""
     route: Name | None = None
-    """The named route ``@name`` resolved to (its node and model are ``node`` and ``model``);
-    for the record (Flower, logs): never a URL or a key."""
+    """The named route ``@name`` resolved to, for the record (Flower, logs)."""
+    route_url: str | None = Field(default=None, min_length=1, max_length=512)
+    """The route's endpoint (``anthropic://``, ``ollama://pi2``): the router sends the job only
+    to a node fronting it or, for a cloud route, to a ``--cloud`` worker holding the
+    provider's key, which builds the adapter for it. Never holds credentials (a route URL
+    cannot)."""
     model: str | None = Field(default=None, min_length=1)
     tags: frozenset[str] = frozenset()
     priority: Priority = "interactive"
@@ -78,6 +88,16 @@ class JobSpec(Message):
     """Also restart the job elsewhere when it fails after its first token (the text restarts)."""
     first_token_timeout_s: float | None = Field(default=None, gt=0)
     """Give up on a backend that has not produced a token in this long (model load included)."""
+
+    @field_validator("route_url")
+    @classmethod
+    def _readable_route_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_route_url(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class JobAssignment(Message):
@@ -293,8 +313,12 @@ def same_model(a: str, b: str) -> bool:
 Capability = Literal["chat", "embed", "vision", "tools", "thinking", "insert"]
 
 
+HEARTBEAT_CONFIG = ConfigDict(frozen=True, extra="ignore")
+"""Heartbeat parts ignore unknown fields: a newer worker's heartbeat is still read."""
+
+
 class ModelInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = HEARTBEAT_CONFIG
 
     name: str
     loaded: bool = False
@@ -341,7 +365,7 @@ class JobCounters(BaseModel):
     """What a backend has done since its worker started: counted by the worker, so any reader
     (``corral top``) derives rates from two heartbeats without watching job streams."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = HEARTBEAT_CONFIG
 
     tokens_out: int = Field(default=0, ge=0)
     """Completion tokens streamed, running jobs' tokens so far included."""
@@ -351,7 +375,7 @@ class JobCounters(BaseModel):
 
 
 class BackendInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = HEARTBEAT_CONFIG
 
     name: Name
     kind: str = Field(min_length=1, max_length=64)
@@ -378,14 +402,14 @@ class BackendInfo(BaseModel):
 
 
 class MemoryInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = HEARTBEAT_CONFIG
 
     total_bytes: int
     available_bytes: int
 
 
 class GpuInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = HEARTBEAT_CONFIG
 
     name: str
     total_bytes: int
@@ -404,6 +428,8 @@ def free_memory_bytes(memory: MemoryInfo | None, gpus: tuple[GpuInfo, ...]) -> i
 class NodeInfo(Message):
     """One worker's heartbeat: who it is, what it can run, how busy it is."""
 
+    model_config = HEARTBEAT_CONFIG
+
     name: Name
     version: str
     instance: str = ""
@@ -419,6 +445,9 @@ class NodeInfo(Message):
     heartbeat_interval_s: float = Field(gt=0)
     started_at: float
     sent_at: float
+    cloud_providers: frozenset[str] = frozenset()
+    """Backend kinds (``anthropic``, ``google``...) this ``--cloud`` worker holds a key for and
+    builds an adapter for on demand, for any route of that provider. Never the key."""
 
     def model_names(self) -> set[str]:
         return {m.name for b in self.backends for m in b.models}

@@ -251,6 +251,11 @@ def rank_candidates(
     backends holding a wanted model, or the nodes offering the job's tags, are looked at. A
     plain list is indexed first. The answer is the same as ``rank_candidates_by_scan``'s.
     """
+    if spec.route_url is not None:
+        # Placing a route's job is its own module's business (it builds on this one).
+        from controller.route_placement import route_candidates  # noqa: PLC0415
+
+        return route_candidates(spec, nodes, blocked, exclude_nodes, sticky_node)
     index = nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
     if spec.node is not None:
         pinned = index.state(spec.node)
@@ -424,6 +429,10 @@ def explain_no_candidate(
     exclude_nodes: Collection[str] = (),
 ) -> RoutingError:
     """The most specific reason nothing can serve ``spec``, for the user to act on."""
+    if spec.route_url is not None:
+        from controller.route_placement import explain_no_route_server  # noqa: PLC0415
+
+        return explain_no_route_server(spec, nodes, blocked)
     known = sorted(n.name for n in nodes)
     if spec.node is not None:
         matching = [n for n in nodes if n.name == spec.node]

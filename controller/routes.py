@@ -1,9 +1,12 @@
 """Named routes (``@name``): endpoints kept in Redis, so every controller process agrees.
 
 A route is a name, a URL (``broker.route_url`` reads it) and maybe a model. ``@name`` resolves
-to a route first, then to a node. A route runs on the node whose own backend it is: the node
-that fronts a backend at the route's URL (a local Ollama or llama.cpp, or a cloud provider's
-endpoint that a worker is configured for with its own key).
+to a route first, then to a node. A route runs where its endpoint is served: on a node that
+fronts a backend at the route's URL (a local Ollama or llama.cpp, or a cloud provider's
+endpoint a worker is configured for), or, for a cloud route, on any worker started with
+``--cloud`` that holds the provider's key (it builds the adapter when a job comes). The job
+carries the route's URL (``JobSpec.route_url``), so the router keeps to those nodes when it
+moves a job on.
 """
 
 from __future__ import annotations
@@ -21,8 +24,14 @@ from redis.asyncio import Redis as AsyncRedis
 
 from broker import names
 from broker.errors import ConfigError, RoutingError, UnknownNode
-from broker.route_url import RouteTarget, origin_of, parse_route_url
-from broker.schemas import BackendInfo, describe_validation_error
+from broker.route_url import (
+    RouteTarget,
+    fronting_backends,
+    on_demand_backend,
+    parse_route_url,
+    serves_on_demand,
+)
+from broker.schemas import describe_validation_error
 from controller.router import NodeState
 
 _ROUTE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
@@ -143,44 +152,55 @@ def parse_route_file(text: str) -> list[Route]:
 
 @dataclass(frozen=True)
 class Mention:
-    """What ``@name`` means: the node to pin, the model the route names, the route itself."""
+    """What ``@name`` means: a node to pin, or a route (its URL and model) to serve."""
 
-    node: str
+    node: str | None
     model: str | None = None
     route: Route | None = None
 
+    @property
+    def route_name(self) -> str | None:
+        return self.route.name if self.route else None
 
-def serving_backends(
-    route: Route, nodes: Iterable[NodeState]
-) -> list[tuple[NodeState, BackendInfo]]:
-    """The (node, backend) pairs that front the route's endpoint, up nodes first."""
+    @property
+    def route_url(self) -> str | None:
+        """What the job carries (``JobSpec.route_url``) so it runs only where the route is
+        served: a route pins no node, so the job can move among its servers."""
+        return self.route.url if self.route else None
+
+
+@dataclass(frozen=True)
+class RouteServer:
+    """A node able to serve a route: with its own backend at the route's URL, or (``own``
+    False) as a ``--cloud`` worker that builds the provider's adapter when a job comes."""
+
+    state: NodeState
+    backend: str
+    own: bool
+    healthy: bool = True
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        how = "" if self.own else " (--cloud)"
+        return f"{self.state.name}/{self.backend}{how}"
+
+
+def route_servers(route: Route, nodes: Iterable[NodeState]) -> list[RouteServer]:
+    """Every node that can serve ``route``, up and healthy ones first."""
     target = route.target
-    found = [
-        (state, backend)
-        for state in nodes
-        for backend in state.info.backends
-        if backend.url is not None
-        and backend.kind == target.kind
-        and _same_origin(backend.url, target.base_url)
-    ]
-    return sorted(found, key=lambda pair: (not pair[0].up, not pair[1].healthy, pair[0].name))
-
-
-def _same_origin(a: str, b: str) -> bool:
-    left, right = origin_of(a), origin_of(b)
-    return left is not None and left == right
+    found: list[RouteServer] = []
+    for state in nodes:
+        own = fronting_backends(target, state.info.backends)
+        found += [RouteServer(state, b.name, True, b.healthy, b.error) for b in own]
+        if not own and serves_on_demand(target, state.info):
+            found.append(RouteServer(state, on_demand_backend(target.kind), False))
+    return sorted(found, key=lambda s: (not s.state.up, not s.healthy, s.state.name))
 
 
 def missing_server_reason(route: Route) -> str:
     """Why no worker serves ``route``, and what to start so one does."""
-    target = route.target
-    if target.cloud:
-        keys = " or ".join(target.key_variables)
-        return (
-            f"no worker serves {target.kind} at {target.base_url}: start one with {keys} in its "
-            f"environment and a {target.kind} backend at that URL in its corral.yaml"
-        )
-    return f"no worker fronts {target.base_url}: start one with that backend on the node"
+    return route.target.missing_worker_reason()
 
 
 def resolve_mention(
@@ -232,10 +252,11 @@ def choose_mention(
         wanted = model or route.model
         if wanted is None:
             raise ConfigError(f"route @{route.name} names no model: ask `@{route.name} --model M`")
-        serving = [pair for pair in serving_backends(route, nodes) if pair[0].up]
-        if not serving:
+        if not any(server.state.up for server in route_servers(route, nodes)):
             raise RoutingError(f"route @{route.name}: {missing_server_reason(route)}")
-        return Mention(node=serving[0][0].name, model=wanted, route=route)
+        # No node pinned: the router picks among the route's servers and moves the job on
+        # among them only.
+        return Mention(node=None, model=wanted, route=route)
     if _is_node(name, nodes):
         return Mention(node=name, model=model)
     nodes_known = sorted(state.name for state in nodes)

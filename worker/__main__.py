@@ -71,6 +71,12 @@ def _split_tags(value: str | None) -> frozenset[str] | None:
     multiple=True,
     help="Front DeepSeek's API with the key in DEEPSEEK_API_KEY.",
 )
+@click.option(
+    "--cloud",
+    is_flag=True,
+    help="Serve any cloud route (anthropic://, openai://...) whose provider key "
+    "(ANTHROPIC_API_KEY, OPENAI_API_KEY...) is in this worker's environment.",
+)
 @click.option("--simulate", is_flag=True, help="Front the built-in simulated backend.")
 @click.option(
     "--sim-first-token-ms",
@@ -110,6 +116,7 @@ def worker_command(
     ollama_urls: tuple[str, ...],
     openai_urls: tuple[str, ...],
     providers: tuple[str, ...],
+    cloud: bool,
     simulate: bool,
     sim_first_token_ms: float,
     sim_token_ms: float,
@@ -147,6 +154,7 @@ def worker_command(
             name=name,
             tags=_split_tags(tags),
             backends=tuple(flag_backends) or None,
+            cloud=True if cloud else None,
         )
         require_keys(config)
         code = serve(settings, config, loglevel=loglevel.upper())

@@ -22,9 +22,11 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from broker.errors import ConfigError
+from broker.route_url import KEY_VARIABLES, OFFICIAL_ENDPOINTS
 from broker.schemas import BackendKind, Name, describe_validation_error
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "backend_names",
     "backend_spec",
     "build_worker_config",
+    "providers_with_keys",
     "require_keys",
 ]
 
@@ -172,22 +175,10 @@ AnySpec = (
 BackendSpec = Annotated[AnySpec, Field(discriminator="kind")]
 _SPEC: TypeAdapter[AnySpec] = TypeAdapter(BackendSpec)
 
-DEFAULT_BASE_URLS: Mapping[str, str] = {
-    "openai-cloud": "https://api.openai.com/v1",
-    "mistral": "https://api.mistral.ai/v1",
-    "deepseek": "https://api.deepseek.com/v1",
-    "anthropic": "https://api.anthropic.com",
-    "google": "https://generativelanguage.googleapis.com",
-}
-
-KEY_VARIABLES: Mapping[str, tuple[str, ...]] = {
-    "openai-cloud": ("OPENAI_API_KEY",),
-    "mistral": ("MISTRAL_API_KEY",),
-    "deepseek": ("DEEPSEEK_API_KEY",),
-    "anthropic": ("ANTHROPIC_API_KEY",),
-    "google": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
-}
-"""Where each provider's key is looked for, in order, when the configuration names none."""
+DEFAULT_BASE_URLS: Mapping[str, str] = OFFICIAL_ENDPOINTS
+"""Each provider's own endpoint (the one a route's bare ``anthropic://`` means too)."""
+# KEY_VARIABLES (from broker.route_url): where each provider's key is looked for, in order,
+# when the configuration names none; the controller names them in its messages.
 
 
 def base_url_of(spec: CloudSpec, kind: BackendKind) -> str:
@@ -217,8 +208,27 @@ def api_key_for(
     )
 
 
+def providers_with_keys(environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The cloud backend kinds whose key is in the environment: what a ``--cloud`` worker
+    advertises (the kinds, never the keys)."""
+    env = os.environ if environ is None else environ
+    return frozenset(
+        kind for kind, variables in KEY_VARIABLES.items() if any(env.get(v) for v in variables)
+    )
+
+
+CLOUD_CAPACITY = 4
+"""Parallel requests a ``--cloud`` worker sends to each provider it serves routes of."""
+
+
 def require_keys(config: WorkerConfig, environ: Mapping[str, str] | None = None) -> None:
-    """Raise ConfigError now if a cloud backend has no key (before the worker connects)."""
+    """Raise ConfigError now if a cloud backend has no key, or ``cloud`` is on and no
+    provider's key is set (before the worker connects)."""
+    if config.cloud and not providers_with_keys(environ):
+        variables = ", ".join(v for vs in KEY_VARIABLES.values() for v in vs)
+        raise ConfigError(
+            f"--cloud serves cloud routes with the worker's own keys: set one of {variables}"
+        )
     for name, spec in zip(backend_names(config.backends), config.backends, strict=True):
         if isinstance(spec, CloudSpec):
             api_key_for(spec, spec.kind, name, environ)
@@ -229,7 +239,16 @@ class WorkerConfig(BaseModel):
 
     name: Name = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "node")
     tags: frozenset[str] = frozenset()
-    backends: tuple[BackendSpec, ...] = Field(min_length=1)
+    backends: tuple[BackendSpec, ...] = ()
+    cloud: bool = False
+    """Serve any cloud route whose provider's key is in the environment (``--cloud``): the
+    adapter for a route is built when its first job comes, with this worker's key."""
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> WorkerConfig:
+        if not self.backends and not self.cloud:
+            raise ValueError(_NOTHING_TO_SERVE)
+        return self
 
     @field_validator("backends")
     @classmethod
@@ -241,7 +260,19 @@ class WorkerConfig(BaseModel):
 
     @property
     def capacity(self) -> int:
-        return sum(spec.capacity for spec in self.backends)
+        return sum(spec.capacity for spec in self.backends) + self.cloud_capacity
+
+    @property
+    def cloud_capacity(self) -> int:
+        """Job slots kept for cloud routes' jobs (``--cloud``)."""
+        return CLOUD_CAPACITY if self.cloud else 0
+
+
+_NOTHING_TO_SERVE = (
+    "no backend to front: give --ollama URL, --openai-compat URL, --simulate, a provider "
+    "(--anthropic, --google, --openai-cloud, --mistral, --deepseek) or --cloud, or "
+    "worker.backends in corral.yaml"
+)
 
 
 def backend_names(specs: tuple[AnySpec, ...]) -> list[str]:
@@ -269,12 +300,8 @@ def build_worker_config(yaml_section: dict[str, Any] | None, **flags: Any) -> Wo
     """Merge corral.yaml's ``worker:`` section with CLI flags (flags win, ``None`` means unset)."""
     merged: dict[str, Any] = dict(yaml_section or {})
     merged.update({k: v for k, v in flags.items() if v not in (None, (), [])})
-    if not merged.get("backends"):
-        raise ConfigError(
-            "no backend to front: give --ollama URL, --openai-compat URL, --simulate or a "
-            "provider (--anthropic, --google, --openai-cloud, --mistral, --deepseek), "
-            "or worker.backends in corral.yaml"
-        )
+    if not merged.get("backends") and not merged.get("cloud"):
+        raise ConfigError(_NOTHING_TO_SERVE)
     try:
         return WorkerConfig.model_validate(merged)
     except ValidationError as exc:

@@ -87,6 +87,7 @@ async def build_node_info(
     capacity: int | None = None,
     backend_counters: Mapping[str, JobCounters] | None = None,
     catalog: Catalog | None = None,
+    cloud_providers: frozenset[str] = frozenset(),
 ) -> NodeInfo:
     """The node's heartbeat: its backends' inventories and load, and the machine's resources.
 
@@ -95,6 +96,7 @@ async def build_node_info(
     node's job slots; None means the sum over its backends as they describe themselves now.
     ``backend_counters``: each backend's tokens and jobs since the worker started.
     ``catalog``: the capability table that fills the models' gaps (see ``describe_backend``).
+    ``cloud_providers``: the provider kinds a ``--cloud`` worker serves routes of.
     """
     probe = system or _PROCESS_PROBE
     timeout_s = max(0.5, interval_s)
@@ -124,10 +126,11 @@ async def build_node_info(
         gpus=snapshot.gpus,
         cpu_load=snapshot.cpu_load,
         in_flight=in_flight,
-        capacity=capacity or sum(b.capacity for b in described),
+        capacity=capacity or max(1, sum(b.capacity for b in described)),
         heartbeat_interval_s=interval_s,
         started_at=started_at,
         sent_at=time.time(),
+        cloud_providers=cloud_providers,
     )
 
 

@@ -100,6 +100,7 @@ async def run_job(
     *,
     first_token_timeout_s: float,
     catalog: Catalog | None = None,
+    missing_reason: str | None = None,
 ) -> JobResult | None:
     """Stream ``control.assignment`` from its backend onto ``stream`` and return the outcome.
 
@@ -108,12 +109,20 @@ async def run_job(
     failures and cancellation end the attempt with an event and are recorded in the result,
     not raised, so the Celery task acknowledges the job: retrying elsewhere is the
     controller's decision, not Celery's (which would retry on the same node).
-
     ``catalog`` prices the tokens and says which models have a reasoning control: without
     one, the job's ``effort`` is dropped before the backend sees it, and the result says so.
+    ``missing_reason``: why ``backends`` lacks the job's backend, for its error.
     """
     try:
-        return await _run_claimed(control, backends, stream, claim, first_token_timeout_s, catalog)
+        return await _run_claimed(
+            control,
+            backends,
+            stream,
+            claim,
+            first_token_timeout_s,
+            catalog=catalog,
+            missing_reason=missing_reason,
+        )
     except Fenced:
         # Any write may find the job moved on (a frozen node woke up, a duplicate delivery).
         log.warning(
@@ -130,6 +139,7 @@ async def _run_claimed(
     claim: Awaitable[Claim],
     first_token_timeout_s: float,
     catalog: Catalog | None,
+    missing_reason: str | None,
 ) -> JobResult | None:
     assignment = control.assignment
     progress = _Progress(assignment)
@@ -160,7 +170,7 @@ async def _run_claimed(
         return await _finish(stream, progress, "cancelled", "job cancelled before it started")
     if chunks is None or first_chunk is None:
         error = BackendUnavailable(
-            f"node {assignment.node!r} has no backend {assignment.backend!r}"
+            missing_reason or f"node {assignment.node!r} has no backend {assignment.backend!r}"
         )
         return await _finish(stream, progress, "error", str(error), error)
 

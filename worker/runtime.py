@@ -26,6 +26,7 @@ from broker import names
 from broker.catalog import catalog_for
 from broker.errors import BrokerUnavailable, CorralError
 from broker.redis_clients import async_client
+from broker.route_url import parse_route_url
 from broker.schemas import (
     JobAssignment,
     JobCounters,
@@ -36,8 +37,13 @@ from broker.schemas import (
 )
 from broker.settings import CorralSettings, redacted_url
 from worker.backends.base import Backend
-from worker.backends.registry import build_backends, make_http_client, needs_tls
-from worker.config import WorkerConfig
+from worker.backends.registry import (
+    build_backends,
+    build_route_backend,
+    make_http_client,
+    needs_tls,
+)
+from worker.config import WorkerConfig, providers_with_keys
 from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
 from worker.jobs import JobControl, run_job
 from worker.model_ops import run_model_op
@@ -113,6 +119,10 @@ class NodeRuntime:
         self._scripts: StreamScripts | None = None
         self._http: httpx.AsyncClient | None = None
         self.backends: dict[str, Backend] = {}
+        self.cloud_providers: frozenset[str] = frozenset()
+        """The provider kinds this ``--cloud`` worker serves routes of (it holds their keys)."""
+        self._route_backends: dict[tuple[str, str], Backend] = {}
+        """Adapters built for cloud routes, by (kind, base URL): one per endpoint, kept."""
         self._active: dict[str, JobControl] = {}
         self._recent_cancels: OrderedDict[str, None] = OrderedDict()
         self._background: list[asyncio.Task[None]] = []
@@ -231,11 +241,15 @@ class NodeRuntime:
         await self._scripts.preload()
         self._http = make_http_client(self.settings.job_timeout_s, tls=needs_tls(self.config))
         self.backends = build_backends(self.config, self._http)
+        if self.config.cloud:
+            self.cloud_providers = providers_with_keys()
+            log.info("serving cloud routes of: %s", ", ".join(sorted(self.cloud_providers)))
         await self._heartbeat_once()
         # After the first inventory: an adapter may have learnt its parallel capacity from
         # its server (llama.cpp's slots). The node's job slots are fixed from here on.
         self._load = {name: BackendLoad(b.capacity) for name, b in self.backends.items()}
         self.capacity = sum(b.capacity for b in self.backends.values())
+        self.capacity += self.config.cloud_capacity
         self._background = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
@@ -265,7 +279,7 @@ class NodeRuntime:
                 await mark_node_down(self.redis, self.config.name)
         except redis.exceptions.RedisError as exc:
             log.warning("could not mark node down: %s", exc)
-        for backend in self.backends.values():
+        for backend in [*self.backends.values(), *self._route_backends.values()]:
             await backend.aclose()
         if self._http is not None:
             await self._http.aclose()
@@ -300,6 +314,7 @@ class NodeRuntime:
                 for name, load in self._load.items()
             },
             catalog=self.catalog,
+            cloud_providers=self.cloud_providers,
         )
         self._stored_inventory = await publish_node_info(
             self.redis, info, stored=self._stored_inventory
@@ -345,6 +360,9 @@ class NodeRuntime:
         # Registered before the claim, so a cancel arriving in between is not lost.
         control = JobControl(assignment, cancel_requested=job_id in self._recent_cancels)
         self._active[job_id] = control
+        if assignment.backend not in self.backends and assignment.spec.route_url:
+            # A cloud route's job on a --cloud worker: its adapter's slots, made on first use.
+            self._load.setdefault(assignment.backend, BackendLoad(self.config.cloud_capacity))
         load = self._load.get(assignment.backend)
         result: JobResult | None = None
         try:
@@ -381,13 +399,15 @@ class NodeRuntime:
             reason=assignment.reason,
         )
         timeout = assignment.spec.first_token_timeout_s or self.settings.first_token_timeout_s
+        backends, missing = self._backends_for(assignment)
         task = asyncio.create_task(
             run_job(
                 control,
-                self.backends,
+                backends,
                 stream,
                 claim,
                 first_token_timeout_s=timeout,
+                missing_reason=missing,
                 catalog=self.catalog,
             )
         )
@@ -408,6 +428,34 @@ class NodeRuntime:
                 assignment.attempt,
             )
         return result
+
+    def _backends_for(self, assignment: JobAssignment) -> tuple[dict[str, Backend], str | None]:
+        """The backends a job may use here, and why its backend is missing if it is.
+
+        A configured backend serves by name. A cloud route's job whose backend is none of
+        them is served with an adapter built for the route's endpoint (``--cloud``), kept for
+        the next job there."""
+        route_url = assignment.spec.route_url
+        if assignment.backend in self.backends or route_url is None:
+            return self.backends, None
+        target = parse_route_url(route_url)
+        if target.kind not in self.cloud_providers:
+            return {}, (
+                f"node {assignment.node!r} serves no {target.kind} route: it needs --cloud and "
+                f"{' or '.join(target.key_variables) or 'a cloud endpoint'}"
+            )
+        key = (target.kind, target.base_url)
+        backend = self._route_backends.get(key)
+        if backend is None:
+            assert self._http is not None, "runtime not started"
+            try:
+                backend = build_route_backend(
+                    target, self._http, capacity=self.config.cloud_capacity
+                )
+            except CorralError as exc:
+                return {}, str(exc)
+            self._route_backends[key] = backend
+        return {assignment.backend: backend}, None
 
     async def _model_op(self, request: ModelOpRequest) -> JobResult:
         stream = JobStream(self.scripts, request.op_id, self.settings.replay_ttl_s)

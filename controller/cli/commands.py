@@ -192,18 +192,19 @@ def ask(
         if node and mentioned and node != mentioned:
             raise ConfigError(f"--node {node} and @{mentioned} disagree")
         _check_many_flags(fanout, models, node or mentioned, model, session)
-        route = None
+        route = route_url = None
         if mentioned:
             mention = resolve_mention(
                 mentioned, RouteStore(client.redis), client.nodes(), model=model
             )
             mentioned, model = mention.node, mention.model
-            route = mention.route.name if mention.route else None
+            route, route_url = mention.route_name, mention.route_url
         spec = make_spec(
             text,
             node=node or mentioned,
             model=model,
             route=route,
+            route_url=route_url,
             tags=parse_tags(tags),
             system=system,
             options=GenerationOptions(

@@ -188,7 +188,7 @@ def nodes_table(
         ]
         machine = _machine_cell(info)
         backends = info.backends
-        if not backends:
+        if not backends and not info.cloud_providers:
             table.add_row(*node_cells, "-", "-", "-", "-", machine)
         for index, backend in enumerate(backends):
             models = ", ".join(f"{m.name}{'*' if m.loaded else ''}" for m in backend.models)
@@ -200,6 +200,17 @@ def nodes_table(
                 f"{backend.latency_ms:.0f} ms" if backend.latency_ms is not None else "-",
                 models or "-",
                 machine if first else "",
+            )
+        if info.cloud_providers:
+            # A --cloud worker builds its route adapters on demand: it lists its providers.
+            cloud_jobs = max(0, info.in_flight - sum(b.in_flight for b in backends))
+            table.add_row(
+                *(["", ""] if backends else node_cells),
+                "--cloud",
+                str(cloud_jobs),
+                "-",
+                f"routes of {', '.join(sorted(info.cloud_providers))}",
+                "" if backends else machine,
             )
     return table
 

@@ -26,7 +26,7 @@ from controller.routes import (
     make_route,
     missing_server_reason,
     parse_route_file,
-    serving_backends,
+    route_servers,
 )
 
 PROBE_TIMEOUT_S = 3.0
@@ -116,13 +116,13 @@ def status(ctx: click.Context) -> None:
 
 def route_state(route: Route, nodes: list[NodeState]) -> tuple[str, str]:
     """(mark, note): ✓ reachable, ✗ unreachable (why), ? no worker holds the key."""
-    serving = serving_backends(route, nodes)
-    up = [(s, b) for s, b in serving if s.up]
+    up = [server for server in route_servers(route, nodes) if server.state.up]
     if up:
-        state, backend = up[0]
-        if backend.healthy:
-            return "✓", f"served by {state.name}/{backend.name}"
-        return "✗", f"{state.name}/{backend.name}: {backend.error or 'unhealthy'}"
+        healthy = [server for server in up if server.healthy]
+        if healthy:
+            return "✓", f"served by {', '.join(server.label for server in healthy)}"
+        first = up[0]
+        return "✗", f"{first.label}: {first.error or 'unhealthy'}"
     target = route.target
     if target.cloud:
         return "?", missing_server_reason(route)
@@ -195,12 +195,15 @@ def caps(ctx: click.Context, name: str) -> None:
         click.echo(f"key       {' or '.join(target.key_variables)} (in the serving worker's env)")
     for line in table_lines(catalog, target.kind, route.model):
         click.echo(line)
-    serving = serving_backends(route, nodes)
-    for state, backend in serving:
-        models = [m for m in backend.models if route.model is None or m.name == route.model]
+    serving = route_servers(route, nodes)
+    for server in serving:
+        backends = [b for b in server.state.info.backends if b.name == server.backend]
+        models = [
+            m for b in backends for m in b.models if route.model is None or m.name == route.model
+        ]
         capabilities = sorted({c for m in models for c in m.capabilities}) or ["chat"]
-        up = "up" if state.up else "down"
-        click.echo(f"served by {state.name}/{backend.name} ({up}): {', '.join(capabilities)}")
+        up = "up" if server.state.up else "down"
+        click.echo(f"served by {server.label} ({up}): {', '.join(capabilities)}")
     if not serving:
         click.echo(f"served by nobody: {missing_server_reason(route)}")
 

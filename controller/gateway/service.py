@@ -111,9 +111,13 @@ class Gateway:
             mention = await aresolve_mention(spec.node, self.client.redis, nodes, model=spec.model)
         except CorralError as exc:
             raise http_error(exc) from None
-        route = mention.route.name if mention.route else None
         return spec.model_copy(
-            update={"node": mention.node, "model": mention.model, "route": route}
+            update={
+                "node": mention.node,
+                "model": mention.model,
+                "route": mention.route_name,
+                "route_url": mention.route_url,
+            }
         )
 
     def stream(

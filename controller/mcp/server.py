@@ -120,18 +120,19 @@ def build_server(
             bool, Field(description="false: return the job id at once and poll.")
         ] = True,
     ) -> CallToolResult:
-        route = None
+        route = route_url = None
         try:
             if node is not None:
                 nodes = await client.nodes(max_age_s=client.settings.route_cache_s)
                 mention = await aresolve_mention(node, client.redis, nodes, model=model)
                 node, model = mention.node, mention.model
-                route = mention.route.name if mention.route else None
+                route, route_url = mention.route_name, mention.route_url
             spec = make_spec(
                 prompt,
                 node=node,
                 model=model,
                 route=route,
+                route_url=route_url,
                 tags=frozenset(tags or ()),
                 system=system,
                 options=GenerationOptions(max_tokens=max_tokens),

@@ -11,6 +11,7 @@ from broker.schemas import (
     JobAssignment,
     JobResult,
     JobSpec,
+    NodeInfo,
     Timings,
     parse_event,
 )
@@ -95,3 +96,39 @@ def test_the_lua_scripts_write_the_schema_version_the_models_read() -> None:
         == SCHEMA_VERSION
         == JobSpec.model_fields["v"].default
     )
+
+
+def test_a_job_stays_strict_while_a_heartbeat_ignores_fields_it_does_not_know() -> None:
+    """Jobs are inputs: an unknown field is refused. A heartbeat from a newer worker is read."""
+    with pytest.raises(ValidationError):
+        JobAssignment.model_validate(
+            {
+                "spec": spec().model_dump(mode="json"),
+                "node": "a",
+                "backend": "b",
+                "model": "m",
+                "priority_boost": 1,
+            }
+        )
+    beat = {
+        "name": "pi1",
+        "version": "9",
+        "in_flight": 0,
+        "capacity": 1,
+        "heartbeat_interval_s": 1,
+        "started_at": 0,
+        "sent_at": 0,
+        "a_new_field": [1],
+        "backends": [
+            {
+                "name": "b",
+                "kind": "ollama",
+                "healthy": True,
+                "capacity": 1,
+                "new_backend_field": "x",
+                "models": [{"name": "m", "new": 1}],
+            }
+        ],
+    }
+    info = NodeInfo.model_validate(beat)
+    assert info.model_names() == {"m"} and info.cloud_providers == frozenset()

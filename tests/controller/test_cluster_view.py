@@ -4,6 +4,7 @@ changes; its load (in-flight jobs, latency, memory) is current at every read."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import redis
 from redis.asyncio import Redis
@@ -95,3 +96,25 @@ def test_forgetting_a_node_drops_all_it_stored(broker_url: str) -> None:
     assert [n.name for n in read_cluster(db).nodes] == ["pi2"]
     assert not db.hexists(names.NODE_LOADS_HASH, "pi1")
     assert not db.hexists(names.NODE_DIGESTS_HASH, "pi1")
+
+
+def test_a_heartbeat_from_a_newer_worker_with_fields_it_does_not_know_is_still_read(
+    broker_url: str,
+) -> None:
+    """A rolling upgrade may update a worker before its controllers: its heartbeat grows a
+    field, and the node must still be listed and routed to, not dropped as unreadable."""
+    db = redis.Redis.from_url(broker_url)
+    publish(broker_url, info("newer", in_flight=1))
+    whole = json.loads(db.hget(names.NODES_HASH, "newer") or b"")
+    whole["solar_powered"] = True
+    whole["backends"][0]["energy_wh"] = 1.5
+    whole["backends"][0]["models"][0]["licence"] = "apache-2.0"
+    whole["backends"][0]["counters"]["tokens_in"] = 9
+    load = json.loads(db.hget(names.NODE_LOADS_HASH, "newer") or b"")
+    load["battery"] = 0.8
+    load["backends"][0]["queue_depth"] = 2
+    db.hset(names.NODES_HASH, "newer", json.dumps(whole))
+    db.hset(names.NODE_LOADS_HASH, "newer", json.dumps(load))
+    (state,) = read_cluster(db).nodes
+    assert state.name == "newer" and state.info.model_names() == {"m1", "m2"}
+    assert state.info.backends[0].in_flight == 1

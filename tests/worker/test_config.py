@@ -13,6 +13,8 @@ from worker.config import (
     backend_names,
     backend_spec,
     build_worker_config,
+    providers_with_keys,
+    require_keys,
 )
 
 
@@ -42,8 +44,22 @@ def test_several_backends_get_distinct_names() -> None:
 
 
 def test_no_backend_says_which_flags_to_give() -> None:
-    with pytest.raises(ConfigError, match="--ollama URL, --openai-compat URL, --simulate or a"):
+    with pytest.raises(ConfigError, match="--ollama URL, --openai-compat URL, --simulate, a"):
         build_worker_config(None, name="n")
+
+
+def test_a_cloud_worker_needs_no_backend_and_advertises_the_providers_it_has_keys_for() -> None:
+    config = build_worker_config({"cloud": True}, name="edge")
+    assert config.cloud and config.backends == () and config.capacity == 4
+    env = {"ANTHROPIC_API_KEY": "sk-a", "GOOGLE_API_KEY": "g", "MISTRAL_API_KEY": ""}
+    assert providers_with_keys(env) == {"anthropic", "google"}
+    require_keys(config, env)  # one key is enough
+    with pytest.raises(ConfigError, match=r"--cloud .* ANTHROPIC_API_KEY"):
+        require_keys(config, {"MISTRAL_API_KEY": ""})
+    both = build_worker_config(
+        None, name="n", cloud=True, backends=(backend_spec(kind="ollama", url="http://a:1"),)
+    )
+    assert both.capacity == 1 + 4
 
 
 def test_bad_url_is_explained_without_echoing_it() -> None:

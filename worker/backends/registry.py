@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from broker.errors import ConfigError
+from broker.route_url import RouteTarget, on_demand_backend
 from broker.schemas import BackendKind
 from worker.backends.base import Backend
 from worker.config import (
@@ -28,10 +29,18 @@ from worker.config import (
     WorkerConfig,
     api_key_for,
     backend_names,
+    backend_spec,
     base_url_of,
 )
 
-__all__ = ["FACTORIES", "build_backend", "build_backends", "make_http_client", "needs_tls"]
+__all__ = [
+    "FACTORIES",
+    "build_backend",
+    "build_backends",
+    "build_route_backend",
+    "make_http_client",
+    "needs_tls",
+]
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -57,6 +66,8 @@ def make_http_client(read_timeout_s: float, *, tls: bool = True) -> httpx.AsyncC
 
 def needs_tls(config: WorkerConfig) -> bool:
     """Whether any configured backend is reached over HTTPS (every cloud provider is)."""
+    if config.cloud:
+        return True
     for spec in config.backends:
         if isinstance(spec, SimulatedSpec | CliSpec):
             continue
@@ -174,6 +185,17 @@ def build_backend(name: str, spec: AnySpec, client: httpx.AsyncClient) -> Backen
     if factory is None:  # only if a kind is added to the config without an adapter
         raise ConfigError(f"no adapter for backend kind {spec.kind!r}")
     return factory(name, spec, client)
+
+
+def build_route_backend(
+    target: RouteTarget, client: httpx.AsyncClient, *, capacity: int
+) -> Backend:
+    """The adapter a ``--cloud`` worker builds for a cloud route's endpoint, with the key in
+    its own environment (ConfigError naming the variables if it has none)."""
+    if not target.cloud:
+        raise ConfigError(f"{target.base_url} is not a cloud endpoint: --cloud serves only those")
+    spec = backend_spec(kind=target.kind, url=target.base_url, capacity=capacity)
+    return build_backend(on_demand_backend(target.kind), spec, client)
 
 
 def build_backends(config: WorkerConfig, client: httpx.AsyncClient) -> dict[str, Backend]:

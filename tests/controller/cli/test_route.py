@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from controller.cli import ExitCode
 from tests.controller.gateway.conftest import running_gateway
 from tests.fakes.fake_anthropic import running_fake_anthropic
 from tests.fakes.fake_ollama import DEFAULT_REPLY, running_fake_ollama
+from tests.support.cli import corral
 from tests.support.servers import REPO_ROOT, start_worker
 
 CLAUDE_KEY = "sk-ant-route-PLANTED-41d2"
@@ -38,20 +37,6 @@ class Cluster(NamedTuple):
     broker_url: str
     ollama_url: str
     anthropic_url: str
-
-
-def corral(broker_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``corral ARGS`` in its own process, without any provider key in its environment."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    env.pop("CORRAL_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "controller", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**env, "CORRAL_BROKER_URL": broker_url},
-        cwd=REPO_ROOT,
-    )
 
 
 def flat(text: str) -> str:

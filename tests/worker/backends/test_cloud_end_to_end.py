@@ -8,102 +8,20 @@ no Redis key or value, no task argument, no CLI output.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import socket
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
-import redis
 
 from tests.fakes.fake_anthropic import FakeAnthropic, running_fake_anthropic
-from tests.support.servers import REPO_ROOT, WorkerProcess, start_worker, wait_until
+from tests.support.cli import corral
+from tests.support.secret_scan import RedisMonitor, encodings_of, everything_in_redis
+from tests.support.servers import WorkerProcess, start_worker, wait_until
 
 PLANTED_KEY = "sk-ant-e2e-PLANTED-9c4e1b7a"
 MODEL = "claude-e2e-sonnet"
 REPLY = "Clouds are backends of workers too."
-
-
-def corral(broker_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    return subprocess.run(
-        [sys.executable, "-m", "controller", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**env, "CORRAL_BROKER_URL": broker_url},
-        cwd=REPO_ROOT,
-    )
-
-
-class RedisMonitor:
-    """Every command Redis executes while it runs (MONITOR), as text: each key and value the
-    worker and the CLI write, the task messages on the queues included, however short-lived."""
-
-    def __init__(self, broker_url: str) -> None:
-        parts = urlsplit(broker_url)
-        self._sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379))
-        self._sock.sendall(b"MONITOR\r\n")
-        self._chunks: list[bytes] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while chunk := self._sock.recv(65536):
-            self._chunks.append(chunk)
-
-    def stop(self) -> str:
-        """Stop recording (once; later calls change nothing) and return what was seen."""
-        if self._sock.fileno() != -1:
-            self._sock.shutdown(socket.SHUT_RDWR)
-            self._reader.join(5)
-            self._sock.close()
-        return b"".join(self._chunks).decode(errors="replace")
-
-
-def encodings_of(secret: str) -> list[str]:
-    """The secret as it would read in base64 at any of the three byte alignments (kombu sends
-    a task's body base64-encoded): the middle of each encoding, which the bytes around the
-    secret cannot change."""
-    found = [secret]
-    for offset in range(3):
-        encoded = base64.b64encode(b"\0" * offset + secret.encode()).decode()
-        found.append(encoded[4 if offset else 0 : -4])
-    return found
-
-
-def everything_in_redis(broker_url: str) -> str:
-    """Every key and value of the worker's database, as text."""
-    client = redis.Redis.from_url(broker_url)
-    parts: list[str] = []
-    try:
-        for key in client.scan_iter(count=1000):
-            kind = client.type(key).decode()
-            value: object
-            if kind == "string":
-                value = client.get(key)
-            elif kind == "hash":
-                value = client.hgetall(key)
-            elif kind == "list":
-                value = client.lrange(key, 0, -1)
-            elif kind == "set":
-                value = client.smembers(key)
-            elif kind == "zset":
-                value = client.zrange(key, 0, -1)
-            elif kind == "stream":
-                value = client.xrange(key)
-            else:
-                value = kind
-            parts.append(f"{key!r} {value!r}")
-    finally:
-        client.close()
-    return "\n".join(parts)
 
 
 @pytest.fixture

@@ -1,0 +1,119 @@
+"""Where a job for a named route may run (``JobSpec.route_url``), and why nowhere.
+
+Pure, like the router it extends: a route's job goes only to a node that fronts a backend at
+the route's endpoint (that backend, even when the node fronts another with the same model) or,
+for a cloud route, to a ``--cloud`` worker holding the provider's key, which builds the adapter
+itself. Moving the job on before its first token asks again with the tried nodes excluded, so
+it stays among the route's servers instead of falling back to any holder of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from broker.errors import NoNodeAvailable, RoutingError, UnknownModel
+from broker.route_url import (
+    RouteTarget,
+    fronting_backends,
+    on_demand_backend,
+    parse_route_url,
+    serves_on_demand,
+)
+from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo, same_model
+from controller.router import Candidate, NodeState, _candidate, _rank_key, _usable
+
+__all__ = ["explain_no_route_server", "route_candidates"]
+
+
+def route_candidates(
+    spec: JobSpec,
+    nodes: Sequence[NodeState],
+    blocked: Collection[str],
+    exclude_nodes: Collection[str],
+    sticky_node: str | None,
+) -> list[Candidate]:
+    """Where a job for a route can run: a node's own backend at the route's endpoint (that one
+    backend, even if another of the node's backends holds the same model), or, for a cloud
+    route, a ``--cloud`` worker holding the provider's key. Never another model holder."""
+    target = parse_route_url(spec.route_url or "")
+    model = spec.model or ""
+    out: list[Candidate] = []
+    for state in nodes:
+        if not _usable(state, blocked, exclude_nodes):
+            continue
+        if spec.node is not None and state.name != spec.node:
+            continue
+        for backend, known in _route_backends(target, state.info, model):
+            if not backend.healthy or f"{state.name}/{backend.name}" in blocked:
+                continue
+            served = known or ModelInfo(name=model)  # a provider's model it does not list
+            out.append(_candidate(state, backend, served, 0, sticky_node))
+    out.sort(key=_rank_key)
+    return out
+
+
+def _route_backends(
+    target: RouteTarget, info: NodeInfo, model: str
+) -> list[tuple[BackendInfo, ModelInfo | None]]:
+    """The node's backends that serve the route with ``model`` (and that model's entry)."""
+    own = fronting_backends(target, info.backends)
+    if own:
+        found = []
+        for backend in own:
+            known = next((m for m in backend.models if same_model(m.name, model)), None)
+            # A local server must hold the model; a provider's list may lag its catalogue.
+            if known is not None or target.cloud:
+                found.append((backend, known))
+        return found
+    if serves_on_demand(target, info):
+        # Built by the worker when the job comes: healthy until its jobs say otherwise
+        # (then its breaker opens like any backend's).
+        name = on_demand_backend(target.kind)
+        offer = BackendInfo(name=name, kind=target.kind, healthy=True, capacity=info.capacity)
+        return [(offer, None)]
+    return []
+
+
+def explain_no_route_server(
+    spec: JobSpec, nodes: Sequence[NodeState], blocked: Collection[str]
+) -> RoutingError:
+    """Why no node can take a job for ``spec.route_url``, naming what would fix it."""
+    target = parse_route_url(spec.route_url or "")
+    route = f"route @{spec.route}" if spec.route else f"route {spec.route_url}"
+    able = [
+        s
+        for s in nodes
+        if fronting_backends(target, s.info.backends) or serves_on_demand(target, s.info)
+    ]
+    if not able:
+        return RoutingError(f"{route}: {target.missing_worker_reason()}")
+    up = [s for s in able if s.up]
+    if not up:
+        listed = ", ".join(sorted(s.name for s in able))
+        return NoNodeAvailable(f"{route}: every worker that serves it is down ({listed})")
+    model = spec.model or ""
+    if not any(_route_backends(target, s.info, model) for s in up):
+        there = sorted(
+            {
+                m.name
+                for s in up
+                for b in fronting_backends(target, s.info.backends)
+                for m in b.models
+            }
+        )
+        return UnknownModel(
+            f"{route}: model {model!r} is not on {target.base_url} "
+            f"(available: {', '.join(there) or 'none'})"
+        )
+    shut = sorted(
+        t
+        for s in up
+        for t in (
+            s.name,
+            *(f"{s.name}/{b.name}" for b in s.info.backends),
+            f"{s.name}/{on_demand_backend(target.kind)}",
+        )
+        if t in blocked
+    )
+    detail = f" ({', '.join(shut)}: circuit breaker open or failed)" if shut else ""
+    return NoNodeAvailable(f"{route}: no worker serving it is left to try{detail}")
