@@ -7,11 +7,20 @@ the boundary instead of being half-understood. Messages travel as
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+import binascii
+import json
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 Priority = Literal["interactive", "batch"]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 
@@ -32,11 +41,71 @@ class Message(BaseModel):
     """
 
 
+MAX_TOOLS_BYTES = 256 * 1024
+"""The most a request's tool definitions may take, as JSON: they travel in every task."""
+
+ToolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
+class ToolCall(BaseModel):
+    """A function call a model asked for. ``arguments`` is a JSON object here, whatever the
+    wire (OpenAI sends a JSON string, Ollama an object): each adapter and API converts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    name: ToolName
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: ToolName
+    description: str | None = Field(default=None, max_length=8192)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    """A JSON Schema object describing the arguments."""
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """A tool a model may call, in OpenAI's shape (Ollama uses the same one)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return False
+    return True
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     role: Role
     content: str
+    images: tuple[str, ...] = ()
+    """Base64-encoded image bytes, never a URL: a worker fetches nothing a request names."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """An assistant's calls, sent back in a conversation that carries their results."""
+    tool_call_id: str | None = Field(default=None, max_length=128)
+    """For role ``tool``: the call this message answers."""
+    name: ToolName | None = None
+    """For role ``tool``: the function that produced it."""
+
+    @field_validator("images")
+    @classmethod
+    def _images_are_base64(cls, images: tuple[str, ...]) -> tuple[str, ...]:
+        for index, image in enumerate(images):
+            if not image or not _is_base64(image):
+                raise ValueError(f"image {index} is not base64 data (URLs are not accepted here)")
+        return images
 
 
 class GenerationOptions(BaseModel):
@@ -48,6 +117,8 @@ class GenerationOptions(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    think: bool | None = None
+    """Ask a thinking model to think (Ollama's ``think``); None: the backend's default."""
 
 
 class JobSpec(Message):
@@ -72,6 +143,25 @@ class JobSpec(Message):
     """Also restart the job elsewhere when it fails after its first token (the text restarts)."""
     first_token_timeout_s: float | None = Field(default=None, gt=0)
     """Give up on a backend that has not produced a token in this long (model load included)."""
+    tools: tuple[ToolDefinition, ...] = Field(default=(), max_length=128)
+    """Functions the model may call; routed only to models with the ``tools`` capability."""
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_fit(cls, tools: tuple[ToolDefinition, ...]) -> tuple[ToolDefinition, ...]:
+        size = len(json.dumps([t.model_dump(mode="json") for t in tools]))
+        if size > MAX_TOOLS_BYTES:
+            raise ValueError(f"the tool definitions take {size} bytes, over {MAX_TOOLS_BYTES}")
+        return tools
+
+    def needs(self) -> frozenset[Capability]:
+        """The model capabilities this job cannot run without: tools, images."""
+        needed: set[Capability] = set()
+        if self.tools:
+            needed.add("tools")
+        if any(m.images for m in self.messages):
+            needed.add("vision")
+        return frozenset(needed)
 
 
 class JobAssignment(Message):
@@ -140,6 +230,14 @@ class StartedEvent(_Event):
 class DeltaEvent(_Event):
     type: Literal["delta"] = "delta"
     text: str
+    reasoning: str = ""
+    """A thinking model's reasoning, kept apart from the answer's ``text``."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Complete calls (their arguments whole), in the order the model made them."""
+
+    def has_output(self) -> bool:
+        """Whether the model produced anything here (text, reasoning or a call)."""
+        return bool(self.text or self.reasoning or self.tool_calls)
 
 
 class Usage(BaseModel):
@@ -174,6 +272,9 @@ class JobResult(Message):
     timings: Timings
     error_code: str | None = None
     error_message: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The calls the model made; ``finish_reason`` is then ``tool_calls``."""
+    reasoning: str = ""
 
 
 class DoneEvent(_Event):

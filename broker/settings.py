@@ -129,6 +129,9 @@ class CorralSettings(BaseSettings):
     """How long a ``--session`` conversation is kept after its last turn."""
     aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     """Model aliases: ``coder: [qwen2.5-coder:7b, deepseek-coder:6.7b]``, first choice first."""
+    gateway_fetch_image_urls: bool = False
+    """Let the HTTP gateway fetch an image a request names by http(s) URL (public addresses
+    only, checked after resolving, redirects too). Off: only ``data:`` URLs are taken."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: they add about 2 ms to every
     job's first token, and Flower switches them on by itself while it runs (its

@@ -17,7 +17,7 @@ from broker.errors import (
     BackendUnavailable,
     CorralError,
 )
-from broker.schemas import JobAssignment, JobResult, Timings, Usage
+from broker.schemas import JobAssignment, JobResult, Timings, ToolCall, Usage
 from worker.backends.base import Backend, Chunk
 from worker.stream import Claim, Fenced, JobStream
 
@@ -46,13 +46,29 @@ class _Progress:
     assignment: JobAssignment
     started_at: float = field(default_factory=time.time)
     parts: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
     first_token_at: float | None = None
     final: Chunk | None = None
 
-    def add(self, text: str) -> None:
+    def add(self, chunk: Chunk) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.time()
-        self.parts.append(text)
+        if chunk.text:
+            self.parts.append(chunk.text)
+        if chunk.reasoning:
+            self.reasoning.append(chunk.reasoning)
+        self.tool_calls.extend(chunk.tool_calls)
+
+    @property
+    def produced(self) -> bool:
+        """Whether anything reached the stream (a client may have shown it)."""
+        return bool(self.parts or self.reasoning or self.tool_calls)
+
+    def finish_reason(self) -> str | None:
+        reason = self.final.finish_reason if self.final else None
+        # Ollama says "stop" after a tool call; OpenAI's clients look for "tool_calls".
+        return "tool_calls" if self.tool_calls and reason in (None, "stop") else reason
 
     def result(self, status: Status, error: CorralError | None = None) -> JobResult:
         spec, final, now = self.assignment.spec, self.final, time.time()
@@ -64,7 +80,7 @@ class _Progress:
             backend=self.assignment.backend,
             model=self.assignment.model,
             text="".join(self.parts),
-            finish_reason=final.finish_reason if final else None,
+            finish_reason=self.finish_reason(),
             usage=Usage(
                 prompt_tokens=final.prompt_tokens if final else None,
                 completion_tokens=completion if completion is not None else len(self.parts),
@@ -78,6 +94,8 @@ class _Progress:
             ),
             error_code=error.code if error else None,
             error_message=str(error) if error else None,
+            tool_calls=tuple(self.tool_calls),
+            reasoning="".join(self.reasoning),
         )
 
 
@@ -119,7 +137,12 @@ async def _run_claimed(
     progress = _Progress(assignment)
     backend = backends.get(assignment.backend)
     chunks = (
-        backend.stream_chat(assignment.model, assignment.spec.messages, assignment.spec.options)
+        backend.stream_chat(
+            assignment.model,
+            assignment.spec.messages,
+            assignment.spec.options,
+            assignment.spec.tools,
+        )
         if backend is not None and not control.cancel_requested
         else None
     )
@@ -147,10 +170,12 @@ async def _run_claimed(
     try:
         chunk: Chunk | None = await _first_token(first_chunk, first_token_timeout_s, assignment)
         while chunk is not None:
-            if chunk.text:
-                progress.add(chunk.text)
+            if chunk.text or chunk.reasoning or chunk.tool_calls:
+                progress.add(chunk)
                 control.tokens_streamed += 1
-                await stream.delta(chunk.text)
+                await stream.delta(
+                    chunk.text, reasoning=chunk.reasoning, tool_calls=chunk.tool_calls
+                )
             if chunk.done:
                 progress.final = chunk
                 break
@@ -211,7 +236,7 @@ async def _finish(
     assignment = progress.assignment
     result = progress.result(status, error)
     code = error.code if error is not None else "cancelled"
-    tokens_sent = bool(progress.parts)
+    tokens_sent = progress.produced
     final = status == "cancelled" or _is_final(assignment, code, tokens_sent)
     if tokens_sent and status != "cancelled":
         await stream.interrupted(

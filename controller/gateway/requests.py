@@ -26,7 +26,12 @@ def optional(body: dict[str, Any], key: str, kind: type[_T]) -> _T | None:
 
 
 def options_from(
-    *, temperature: float | None, max_tokens: int | None, seed: int | None, stop: object
+    *,
+    temperature: float | None,
+    max_tokens: int | None,
+    seed: int | None,
+    stop: object,
+    think: bool | None = None,
 ) -> GenerationOptions:
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -38,7 +43,7 @@ def options_from(
         raise bad_request("'stop' must be a string or a list of strings")
     try:
         return GenerationOptions(
-            temperature=temperature, max_tokens=max_tokens, seed=seed, stop=stops
+            temperature=temperature, max_tokens=max_tokens, seed=seed, stop=stops, think=think
         )
     except ValidationError as exc:
         raise bad_request(f"invalid options: {describe_validation_error(exc)}") from None

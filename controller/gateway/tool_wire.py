@@ -1,0 +1,130 @@
+"""Tools, tool calls and images as both APIs write them, to and from corral's messages.
+
+OpenAI and Ollama describe a tool the same way (``{"type": "function", "function": {...}}``);
+they differ in a call's arguments (OpenAI: a JSON *string*; Ollama: an object), in how a tool's
+result names its call (``tool_call_id`` / ``tool_name``) and in images (content parts with URLs
+/ a list of base64 strings).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from broker.schemas import ChatMessage, ToolCall, ToolDefinition, describe_validation_error
+from controller.gateway.errors import bad_request
+
+__all__ = [
+    "chat_message",
+    "ollama_tool_calls",
+    "openai_tool_call_deltas",
+    "openai_tool_calls",
+    "parse_ollama_tool_calls",
+    "parse_openai_tool_calls",
+    "tools_from",
+]
+
+
+def tools_from(body: dict[str, Any]) -> tuple[ToolDefinition, ...]:
+    """The request's ``tools``, checked against the function-tool shape; 400 if malformed."""
+    raw = body.get("tools")
+    if raw is None or raw == []:
+        return ()
+    if not isinstance(raw, list):
+        raise bad_request("'tools' must be a list of function definitions", "invalid_tools")
+    try:
+        return tuple(ToolDefinition.model_validate(tool) for tool in raw)
+    except ValidationError as exc:
+        raise bad_request(
+            f"invalid tools: {describe_validation_error(exc)}", "invalid_tools"
+        ) from None
+
+
+def chat_message(index: int, **fields: Any) -> ChatMessage:
+    """A ``ChatMessage`` or a 400 naming the message and the field at fault."""
+    try:
+        return ChatMessage.model_validate(fields)
+    except ValidationError as exc:
+        raise bad_request(f"messages[{index}]: {describe_validation_error(exc)}") from None
+
+
+def _call_parts(index: int, call: object) -> tuple[object, object, object]:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise bad_request(f"messages[{index}].tool_calls: each needs a 'function' object")
+    function = call["function"]
+    return call.get("id"), function.get("name"), function.get("arguments")
+
+
+def parse_openai_tool_calls(index: int, raw: object) -> tuple[ToolCall, ...]:
+    """An assistant message's calls, their arguments a JSON string holding an object."""
+    if not raw:
+        return ()
+    if not isinstance(raw, list):
+        raise bad_request(f"messages[{index}].tool_calls must be a list")
+    calls = []
+    for position, call in enumerate(raw):
+        call_id, name, arguments = _call_parts(index, call)
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) and arguments else {}
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise bad_request(
+                f"messages[{index}].tool_calls[{position}].function.arguments must be a JSON"
+                " string holding an object"
+            )
+        calls.append(_tool_call(index, call_id or f"call_{index}_{position}", name, parsed))
+    return tuple(calls)
+
+
+def parse_ollama_tool_calls(index: int, raw: object) -> tuple[ToolCall, ...]:
+    """An assistant message's calls in Ollama's shape: the arguments an object, no id."""
+    if not raw:
+        return ()
+    if not isinstance(raw, list):
+        raise bad_request(f"messages[{index}].tool_calls must be a list")
+    calls = []
+    for position, call in enumerate(raw):
+        call_id, name, arguments = _call_parts(index, call)
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise bad_request(
+                f"messages[{index}].tool_calls[{position}].function.arguments must be an object"
+            )
+        calls.append(_tool_call(index, call_id or f"call_{index}_{position}", name, arguments))
+    return tuple(calls)
+
+
+def _tool_call(index: int, call_id: object, name: object, arguments: dict[str, Any]) -> ToolCall:
+    try:
+        return ToolCall.model_validate({"id": call_id, "name": name, "arguments": arguments})
+    except ValidationError as exc:
+        raise bad_request(
+            f"messages[{index}].tool_calls: {describe_validation_error(exc)}"
+        ) from None
+
+
+def openai_tool_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+        }
+        for call in calls
+    ]
+
+
+def openai_tool_call_deltas(calls: tuple[ToolCall, ...], first_index: int) -> list[dict[str, Any]]:
+    """Streamed calls: each whole in one delta, numbered on from ``first_index``."""
+    return [{"index": first_index + n, **call} for n, call in enumerate(openai_tool_calls(calls))]
+
+
+def ollama_tool_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    return [
+        {"id": call.id, "function": {"index": n, "name": call.name, "arguments": call.arguments}}
+        for n, call in enumerate(calls)
+    ]
