@@ -137,12 +137,7 @@ async def _run_claimed(
     progress = _Progress(assignment)
     backend = backends.get(assignment.backend)
     chunks = (
-        backend.stream_chat(
-            assignment.model,
-            assignment.spec.messages,
-            assignment.spec.options,
-            assignment.spec.tools,
-        )
+        _open_stream(backend, assignment)
         if backend is not None and not control.cancel_requested
         else None
     )
@@ -198,6 +193,14 @@ async def _run_claimed(
     result = progress.result("ok")
     await stream.done(result)
     return result
+
+
+def _open_stream(backend: Backend, assignment: JobAssignment) -> AsyncIterator[Chunk]:
+    spec = assignment.spec
+    if spec.tools:
+        return backend.stream_chat(assignment.model, spec.messages, spec.options, tools=spec.tools)
+    # Without tools, the three-argument call every backend (and test double) has always taken.
+    return backend.stream_chat(assignment.model, spec.messages, spec.options)
 
 
 async def _first_token(
