@@ -33,6 +33,7 @@ from controller.gateway.requests import optional, options_from
 from controller.gateway.service import Gateway
 from controller.gateway.tool_wire import (
     chat_message,
+    link_tool_results,
     ollama_tool_calls,
     parse_ollama_tool_calls,
     tools_from,
@@ -98,7 +99,7 @@ def _chat_messages(body: dict[str, Any]) -> list[ChatMessage]:
             fields["name"] = message.get("tool_name") or message.get("name") or None
             fields["tool_call_id"] = message.get("tool_call_id") or None
         messages.append(chat_message(index, **fields))
-    return messages
+    return link_tool_results(messages)
 
 
 def _images(raw: object, where: str) -> list[str]:

@@ -7,7 +7,11 @@ from typing import Any
 from broker.schemas import ChatMessage, Role
 from controller.gateway.errors import bad_request
 from controller.gateway.image_urls import ImageFetcher
-from controller.gateway.tool_wire import chat_message, parse_openai_tool_calls
+from controller.gateway.tool_wire import (
+    chat_message,
+    link_tool_results,
+    parse_openai_tool_calls,
+)
 
 __all__ = ["messages_from"]
 
@@ -75,4 +79,4 @@ async def messages_from(body: dict[str, Any], images: ImageFetcher) -> list[Chat
             fields["tool_call_id"] = call_id
             fields["name"] = message.get("name") or None
         messages.append(chat_message(index, **fields))
-    return messages
+    return link_tool_results(messages)

@@ -18,6 +18,7 @@ from controller.gateway.errors import bad_request
 
 __all__ = [
     "chat_message",
+    "link_tool_results",
     "ollama_tool_calls",
     "openai_tool_call_deltas",
     "openai_tool_calls",
@@ -128,3 +129,29 @@ def ollama_tool_calls(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
         {"id": call.id, "function": {"index": n, "name": call.name, "arguments": call.arguments}}
         for n, call in enumerate(calls)
     ]
+
+
+def link_tool_results(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """Give each tool result both its call's id and its function's name.
+
+    OpenAI names a result by ``tool_call_id`` only and Ollama by ``tool_name`` only; a backend
+    of the other kind needs the other, which the assistant message that made the call holds.
+    """
+    names_by_id: dict[str, str] = {}
+    unanswered: list[ToolCall] = []
+    linked = []
+    for message in messages:
+        if message.tool_calls:
+            names_by_id.update((call.id, call.name) for call in message.tool_calls)
+            unanswered = list(message.tool_calls)
+        if message.role == "tool":
+            call_id = message.tool_call_id
+            name = message.name or (names_by_id.get(call_id) if call_id else None)
+            if call_id is None:
+                match = next((c for c in unanswered if name is None or c.name == name), None)
+                call_id = match.id if match else None
+            unanswered = [c for c in unanswered if c.id != call_id]
+            linked.append(message.model_copy(update={"tool_call_id": call_id, "name": name}))
+        else:
+            linked.append(message)
+    return linked
