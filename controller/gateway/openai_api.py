@@ -79,11 +79,14 @@ def generation_options(body: dict[str, Any]) -> GenerationOptions:
     if max_tokens is None:
         max_tokens = optional(body, "max_tokens", int)
     stop = body.get("stop")
+    effort = optional(body, "reasoning_effort", str)
     return options_from(
         temperature=optional(body, "temperature", float),
         max_tokens=max_tokens,
         seed=optional(body, "seed", int),
         stop=stop,
+        # Any effort asks a thinking model to think ("none" asks it not to): no levels yet.
+        think=None if effort is None else effort != "none",
     )
 
 
