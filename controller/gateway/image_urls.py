@@ -56,6 +56,8 @@ def forbidden_reason(address: str) -> str | None:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if ip.is_unspecified:
+        return "an unspecified address"  # 0.0.0.0 and :: reach the host itself
     if ip in _METADATA_ADDRESSES:
         return "a cloud metadata address"
     if ip.is_loopback:
