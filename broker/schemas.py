@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import binascii
 import json
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_serializer,
 )
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -28,6 +30,25 @@ Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][
 SCHEMA_VERSION = 2
 """The wire schema every message carries as ``v`` (also written by the Lua scripts that build
 events inside Redis)."""
+
+
+class _OmitsUnusedAdditions(BaseModel):
+    """Leaves fields added to the schema after it shipped out of the JSON while they hold
+    their default: a plain chat's messages and tokens stay byte-for-byte what they were, which
+    keeps each token's Redis write small and lets a reader that predates the fields (they
+    forbid unknown ones) still read every message that does not use them."""
+
+    _omit_at_default: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_unused_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            fields = type(self).model_fields
+            for name in self._omit_at_default:
+                if getattr(self, name) == fields[name].default:
+                    data.pop(name, None)
+        return data
 
 
 class Message(BaseModel):
@@ -85,8 +106,9 @@ def _is_base64(text: str) -> bool:
     return True
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_OmitsUnusedAdditions):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    _omit_at_default = ("images", "tool_calls", "tool_call_id", "name")
 
     role: Role
     content: str
@@ -108,10 +130,11 @@ class ChatMessage(BaseModel):
         return images
 
 
-class GenerationOptions(BaseModel):
+class GenerationOptions(_OmitsUnusedAdditions):
     """The sampling options corral passes through to every backend kind."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    _omit_at_default = ("think",)
 
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -121,8 +144,10 @@ class GenerationOptions(BaseModel):
     """Ask a thinking model to think (Ollama's ``think``); None: the backend's default."""
 
 
-class JobSpec(Message):
+class JobSpec(Message, _OmitsUnusedAdditions):
     """What a user asked for: the prompt and the hints the router uses."""
+
+    _omit_at_default = ("tools",)
 
     job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")
     messages: tuple[ChatMessage, ...] = Field(min_length=1)
@@ -227,7 +252,9 @@ class StartedEvent(_Event):
     """The worker process serving it: a restarted worker has a new one."""
 
 
-class DeltaEvent(_Event):
+class DeltaEvent(_Event, _OmitsUnusedAdditions):
+    _omit_at_default = ("reasoning", "tool_calls")
+
     type: Literal["delta"] = "delta"
     text: str
     reasoning: str = ""
@@ -258,8 +285,10 @@ class Timings(BaseModel):
     """From the controller creating the job to the last token."""
 
 
-class JobResult(Message):
+class JobResult(Message, _OmitsUnusedAdditions):
     """The final outcome, kept after the stream ends."""
+
+    _omit_at_default = ("tool_calls", "reasoning")
 
     job_id: str
     status: Literal["ok", "error", "cancelled"]
