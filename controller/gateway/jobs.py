@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from broker.errors import CorralError, JobError, RoutingError, UnknownNode, error_from_code
+from broker.errors import CorralError, JobError, RoutingError, error_from_code
 from broker.schemas import (
     AnyStreamEvent,
     ChatMessage,
@@ -34,6 +34,7 @@ from broker.schemas import (
 from controller.aclient import AsyncCorralClient
 from controller.ajobrun import AsyncJobRun
 from controller.client import make_spec
+from controller.dispatch import preferred_candidates
 from controller.gateway.errors import HttpError, bad_request, http_error
 from controller.limits import check_prompt_size
 from controller.prompt import parse_tags
@@ -119,14 +120,28 @@ def build_spec(
     return spec
 
 
-def capability_refusal(spec: JobSpec, exc: RoutingError) -> HttpError:
+def capability_refusal(spec: JobSpec) -> HttpError:
     """A 400 for a job no model can take because it needs tools or vision."""
     needs = " and ".join(sorted(spec.needs()))
-    model = f"model {spec.model!r}" if spec.model else "any model"
+    model = f"model {spec.model!r}" if spec.model else "model"
     return bad_request(
-        f"no up node serves {model} with the {needs} capability this request needs ({exc})",
+        f"no up node serves {model} with the {needs} capability this request needs",
         "capability_missing",
     )
+
+
+async def only_capability_missing(client: AsyncCorralClient, spec: JobSpec) -> bool:
+    """Whether ``spec`` could be routed but for the capabilities its tools or images need
+    (then the request is at fault: 400), rather than for a model or node that is missing or
+    down (404, 503 as usual)."""
+    plain = spec.model_copy(update={"tags": spec.tags - spec.needs()})
+    try:
+        view = await client.cluster(max_age_s=client.settings.route_cache_s)
+        phases = client.breaker_phases(view)
+        preferred_candidates(plain, view, phases, aliases=client.settings.aliases)
+    except CorralError:
+        return False
+    return True
 
 
 @dataclass
@@ -201,8 +216,8 @@ async def submit_and_hold(client: AsyncCorralClient, spec: JobSpec, timeout_s: f
     try:
         run = await client.submit(spec)
     except RoutingError as exc:
-        if spec.needs() and not isinstance(exc, UnknownNode):
-            raise capability_refusal(spec, exc) from None
+        if spec.needs() and await only_capability_missing(client, spec):
+            raise capability_refusal(spec) from None
         raise http_error(exc) from None
     except CorralError as exc:
         raise http_error(exc) from None

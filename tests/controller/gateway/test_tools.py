@@ -343,3 +343,17 @@ def test_tools_or_images_for_a_model_without_the_capability_are_a_400(
         )
     assert refused.value.status_code == 400
     assert fake_ollama.state.requests_to("/api/chat") == []  # nothing reached a backend
+    # A model nobody has stays a 404, tools or not: the capability is not what is missing.
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(
+            model="no-such-model",
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        )
+
+
+def test_ollama_generate_passes_images_on(oll: ollama.Client, fake_ollama: FakeOllama) -> None:
+    answer = oll.generate(model="eyes", prompt="What is this?", images=[PNG])
+    assert answer.response == "Sunny and mild."
+    sent = fake_ollama.state.last_body("/api/chat")["messages"]
+    assert sent == [{"role": "user", "content": "What is this?", "images": [PNG_B64]}]
