@@ -9,6 +9,7 @@ result names its call (``tool_call_id`` / ``tool_name``) and in images (content 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -51,52 +52,58 @@ def chat_message(index: int, **fields: Any) -> ChatMessage:
         raise bad_request(f"messages[{index}]: {describe_validation_error(exc)}") from None
 
 
-def _call_parts(index: int, call: object) -> tuple[object, object, object]:
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        raise bad_request(f"messages[{index}].tool_calls: each needs a 'function' object")
-    function = call["function"]
-    return call.get("id"), function.get("name"), function.get("arguments")
+def _json_string_object(arguments: object) -> dict[str, Any] | None:
+    """OpenAI's arguments: a JSON string holding an object (empty: no arguments)."""
+    if arguments is None or arguments == "":
+        return {}
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else None
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _plain_object(arguments: object) -> dict[str, Any] | None:
+    """Ollama's arguments: an object."""
+    if arguments is None:
+        return {}
+    return arguments if isinstance(arguments, dict) else None
+
+
+def _parse_tool_calls(
+    index: int,
+    raw: object,
+    read_arguments: Callable[[object], dict[str, Any] | None],
+    arguments_are: str,
+) -> tuple[ToolCall, ...]:
+    if not raw:
+        return ()
+    if not isinstance(raw, list):
+        raise bad_request(f"messages[{index}].tool_calls must be a list")
+    calls = []
+    for position, call in enumerate(raw):
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise bad_request(f"messages[{index}].tool_calls: each needs a 'function' object")
+        function = call["function"]
+        arguments = read_arguments(function.get("arguments"))
+        if arguments is None:
+            raise bad_request(
+                f"messages[{index}].tool_calls[{position}].function.arguments must be"
+                f" {arguments_are}"
+            )
+        call_id = call.get("id") or f"call_{index}_{position}"
+        calls.append(_tool_call(index, call_id, function.get("name"), arguments))
+    return tuple(calls)
 
 
 def parse_openai_tool_calls(index: int, raw: object) -> tuple[ToolCall, ...]:
     """An assistant message's calls, their arguments a JSON string holding an object."""
-    if not raw:
-        return ()
-    if not isinstance(raw, list):
-        raise bad_request(f"messages[{index}].tool_calls must be a list")
-    calls = []
-    for position, call in enumerate(raw):
-        call_id, name, arguments = _call_parts(index, call)
-        try:
-            parsed = json.loads(arguments) if isinstance(arguments, str) and arguments else {}
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise bad_request(
-                f"messages[{index}].tool_calls[{position}].function.arguments must be a JSON"
-                " string holding an object"
-            )
-        calls.append(_tool_call(index, call_id or f"call_{index}_{position}", name, parsed))
-    return tuple(calls)
+    return _parse_tool_calls(index, raw, _json_string_object, "a JSON string holding an object")
 
 
 def parse_ollama_tool_calls(index: int, raw: object) -> tuple[ToolCall, ...]:
     """An assistant message's calls in Ollama's shape: the arguments an object, no id."""
-    if not raw:
-        return ()
-    if not isinstance(raw, list):
-        raise bad_request(f"messages[{index}].tool_calls must be a list")
-    calls = []
-    for position, call in enumerate(raw):
-        call_id, name, arguments = _call_parts(index, call)
-        if arguments is None:
-            arguments = {}
-        if not isinstance(arguments, dict):
-            raise bad_request(
-                f"messages[{index}].tool_calls[{position}].function.arguments must be an object"
-            )
-        calls.append(_tool_call(index, call_id or f"call_{index}_{position}", name, arguments))
-    return tuple(calls)
+    return _parse_tool_calls(index, raw, _plain_object, "an object")
 
 
 def _tool_call(index: int, call_id: object, name: object, arguments: dict[str, Any]) -> ToolCall:

@@ -357,3 +357,30 @@ def test_ollama_generate_passes_images_on(oll: ollama.Client, fake_ollama: FakeO
     assert answer.response == "Sunny and mild."
     sent = fake_ollama.state.last_body("/api/chat")["messages"]
     assert sent == [{"role": "user", "content": "What is this?", "images": [PNG_B64]}]
+
+
+def test_a_call_whose_arguments_are_not_a_json_object_is_a_400(
+    oai: openai.OpenAI, fake_ollama: FakeOllama
+) -> None:
+    for arguments in ("{not json", "[1, 2]"):
+        with pytest.raises(openai.BadRequestError, match="JSON string holding an object"):
+            oai.chat.completions.create(
+                model="toolbox",
+                messages=[
+                    {"role": "user", "content": "Weather?"},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": arguments},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "call_1", "content": "{}"},
+                ],
+                tools=[WEATHER_TOOL],  # type: ignore[list-item]
+            )
+    assert fake_ollama.state.requests_to("/api/chat") == []
