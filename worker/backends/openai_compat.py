@@ -154,7 +154,9 @@ def openai_message(message: ChatMessage) -> dict[str, object]:
         ]
         wire["content"] = parts
     if message.tool_calls:
-        wire["content"] = message.content or None
+        if not message.content:
+            # Optional beside tool_calls; llama_cpp.server refuses a null one.
+            del wire["content"]
         wire["tool_calls"] = [
             {
                 "id": call.id,
