@@ -29,7 +29,8 @@
         ├── BackendAuthError    the provider refused the node's API key (401/403)
         ├── BackendRateLimited  too many requests for now (429), ``retry_after`` seconds if told
         │   └── QuotaExhausted  the key's quota or budget is spent: waiting will not help
-        └── ContentBlocked      the provider refused the prompt or the answer (safety filters)
+        ├── ContentBlocked      the provider refused the prompt or the answer (safety filters)
+        └── UnsupportedRequest  the backend cannot take part of the request (tools, images)
 
 Backend adapters translate httpx errors into ``BackendError`` subclasses at the boundary, so
 nothing above the adapter ever sees an httpx exception.
@@ -194,6 +195,14 @@ class ContentBlocked(BackendError):
     same thing is unlikely to help, so the job ends here with the provider's reason."""
 
     code = "content_blocked"
+
+
+class UnsupportedRequest(BackendError):
+    """The backend cannot pass on part of the request (tools or images to an adapter without
+    them): refused instead of silently dropped. Another node's backend may take it."""
+
+    code = "unsupported_request"
+    retryable = True
 
 
 NODE_FAILURE_CODES = frozenset({"node_lost", "worker_error"})

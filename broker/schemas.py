@@ -10,14 +10,25 @@ Messages travel as ``model.model_dump(mode="json")`` (Celery task arguments) or
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+import binascii
+import json
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from broker.errors import ConfigError
 from broker.route_url import parse_route_url
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 Priority = Literal["interactive", "batch"]
 Effort = Literal["minimal", "low", "medium", "high"]
 """How hard a reasoning model thinks: each adapter maps it onto its family's own control."""
@@ -28,6 +39,25 @@ Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][
 SCHEMA_VERSION = 2
 """The wire schema every message carries as ``v`` (also written by the Lua scripts that build
 events inside Redis)."""
+
+
+class _OmitsUnusedAdditions(BaseModel):
+    """Leaves fields added to the schema after it shipped out of the JSON while they hold
+    their default: a plain chat's messages and tokens stay byte-for-byte what they were, which
+    keeps each token's Redis write small and lets a reader that predates the fields (they
+    forbid unknown ones) still read every message that does not use them."""
+
+    _omit_at_default: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_unused_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            fields = type(self).model_fields
+            for name in self._omit_at_default:
+                if getattr(self, name) == fields[name].default:
+                    data.pop(name, None)
+        return data
 
 
 class Message(BaseModel):
@@ -41,17 +71,79 @@ class Message(BaseModel):
     """
 
 
-class ChatMessage(BaseModel):
+MAX_TOOLS_BYTES = 256 * 1024
+"""The most a request's tool definitions may take, as JSON: they travel in every task."""
+
+ToolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
+class ToolCall(BaseModel):
+    """A function call a model asked for. ``arguments`` is a JSON object here, whatever the
+    wire (OpenAI sends a JSON string, Ollama an object): each adapter and API converts."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    name: ToolName
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: ToolName
+    description: str | None = Field(default=None, max_length=8192)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    """A JSON Schema object describing the arguments."""
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """A tool a model may call, in OpenAI's shape (Ollama uses the same one)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return False
+    return True
+
+
+class ChatMessage(_OmitsUnusedAdditions):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    _omit_at_default = ("images", "tool_calls", "tool_call_id", "name")
 
     role: Role
     content: str
+    images: tuple[str, ...] = ()
+    """Base64-encoded image bytes, never a URL: a worker fetches nothing a request names."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """An assistant's calls, sent back in a conversation that carries their results."""
+    tool_call_id: str | None = Field(default=None, max_length=128)
+    """For role ``tool``: the call this message answers."""
+    name: ToolName | None = None
+    """For role ``tool``: the function that produced it."""
+
+    @field_validator("images")
+    @classmethod
+    def _images_are_base64(cls, images: tuple[str, ...]) -> tuple[str, ...]:
+        for index, image in enumerate(images):
+            if not image or not _is_base64(image):
+                raise ValueError(f"image {index} is not base64 data (URLs are not accepted here)")
+        return images
 
 
-class GenerationOptions(BaseModel):
+class GenerationOptions(_OmitsUnusedAdditions):
     """The sampling options corral passes through to every backend kind."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    _omit_at_default = ("think", "effort")
 
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -60,10 +152,14 @@ class GenerationOptions(BaseModel):
     effort: Effort | None = None
     """Reasoning effort (``--effort``); a model without a reasoning control ignores it and the
     job's result says so in ``notes``."""
+    think: bool | None = None
+    """Ask a thinking model to think (Ollama's ``think``); None: the backend's default."""
 
 
-class JobSpec(Message):
+class JobSpec(Message, _OmitsUnusedAdditions):
     """What a user asked for: the prompt and the hints the router uses."""
+
+    _omit_at_default = ("tools", "route_url")
 
     job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")
     messages: tuple[ChatMessage, ...] = Field(min_length=1)
@@ -88,6 +184,25 @@ class JobSpec(Message):
     """Also restart the job elsewhere when it fails after its first token (the text restarts)."""
     first_token_timeout_s: float | None = Field(default=None, gt=0)
     """Give up on a backend that has not produced a token in this long (model load included)."""
+    tools: tuple[ToolDefinition, ...] = Field(default=(), max_length=128)
+    """Functions the model may call; routed only to models with the ``tools`` capability."""
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_fit(cls, tools: tuple[ToolDefinition, ...]) -> tuple[ToolDefinition, ...]:
+        size = len(json.dumps([t.model_dump(mode="json") for t in tools]))
+        if size > MAX_TOOLS_BYTES:
+            raise ValueError(f"the tool definitions take {size} bytes, over {MAX_TOOLS_BYTES}")
+        return tools
+
+    def needs(self) -> frozenset[Capability]:
+        """The model capabilities this job cannot run without: tools, images."""
+        needed: set[Capability] = set()
+        if self.tools:
+            needed.add("tools")
+        if any(m.images for m in self.messages):
+            needed.add("vision")
+        return frozenset(needed)
 
     @field_validator("route_url")
     @classmethod
@@ -100,8 +215,10 @@ class JobSpec(Message):
         return value
 
 
-class JobAssignment(Message):
+class JobAssignment(Message, _OmitsUnusedAdditions):
     """The Celery task argument: a job plus the router's choice of backend and model on the node."""
+
+    _omit_at_default = ("tier", "reason")
 
     spec: JobSpec
     node: Name
@@ -158,7 +275,9 @@ class _Event(Message):
     ts: float
 
 
-class StartedEvent(_Event):
+class StartedEvent(_Event, _OmitsUnusedAdditions):
+    _omit_at_default = ("tier", "reason")
+
     type: Literal["started"] = "started"
     node: str
     backend: str
@@ -172,13 +291,24 @@ class StartedEvent(_Event):
     """Why this route: the cheaper routes skipped and what was wrong with them."""
 
 
-class DeltaEvent(_Event):
+class DeltaEvent(_Event, _OmitsUnusedAdditions):
+    _omit_at_default = ("reasoning", "tool_calls")
+
     type: Literal["delta"] = "delta"
     text: str
+    reasoning: str = ""
+    """A thinking model's reasoning, kept apart from the answer's ``text``."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Complete calls (their arguments whole), in the order the model made them."""
+
+    def has_output(self) -> bool:
+        """Whether the model produced anything here (text, reasoning or a call)."""
+        return bool(self.text or self.reasoning or self.tool_calls)
 
 
-class Usage(BaseModel):
+class Usage(_OmitsUnusedAdditions):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    _omit_at_default = ("cost_usd",)
 
     prompt_tokens: int | None = None
     completion_tokens: int = 0
@@ -198,8 +328,10 @@ class Timings(BaseModel):
     """From the controller creating the job to the last token."""
 
 
-class JobResult(Message):
+class JobResult(Message, _OmitsUnusedAdditions):
     """The final outcome, kept after the stream ends."""
+
+    _omit_at_default = ("tool_calls", "reasoning", "tier", "reason", "notes")
 
     job_id: str
     status: Literal["ok", "error", "cancelled"]
@@ -218,6 +350,9 @@ class JobResult(Message):
     """Why that route (see ``StartedEvent.reason``)."""
     notes: tuple[str, ...] = ()
     """What the user should know about how the job ran ("effort ignored: ...")."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The calls the model made; ``finish_reason`` is then ``tool_calls``."""
+    reasoning: str = ""
 
 
 class DoneEvent(_Event):

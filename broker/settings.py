@@ -139,6 +139,9 @@ class CorralSettings(BaseSettings):
     prices: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
     """Rows looked at before broker/data/prices.yaml: ``{provider: {glob: {input, output}}}``
     in USD per million tokens."""
+    gateway_fetch_image_urls: bool = False
+    """Let the HTTP gateway fetch an image a request names by http(s) URL (public addresses
+    only, checked after resolving, redirects too). Off: only ``data:`` URLs are taken."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: they add about 2 ms to every
     job's first token, and Flower switches them on by itself while it runs (its

@@ -18,7 +18,7 @@ from broker.errors import (
     BackendUnavailable,
     CorralError,
 )
-from broker.schemas import GenerationOptions, JobAssignment, JobResult, Timings, Usage
+from broker.schemas import GenerationOptions, JobAssignment, JobResult, Timings, ToolCall, Usage
 from worker.backends.base import Backend, Chunk
 from worker.backends.effort import effort_ignored_note, reasoning_control
 from worker.stream import Claim, Fenced, JobStream
@@ -48,16 +48,32 @@ class _Progress:
     assignment: JobAssignment
     started_at: float = field(default_factory=time.time)
     parts: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
     first_token_at: float | None = None
     final: Chunk | None = None
     price: Price | None = None
     """What the model's tokens cost (None: local or unpriced)."""
     notes: tuple[str, ...] = ()
 
-    def add(self, text: str) -> None:
+    def add(self, chunk: Chunk) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.time()
-        self.parts.append(text)
+        if chunk.text:
+            self.parts.append(chunk.text)
+        if chunk.reasoning:
+            self.reasoning.append(chunk.reasoning)
+        self.tool_calls.extend(chunk.tool_calls)
+
+    @property
+    def produced(self) -> bool:
+        """Whether anything reached the stream (a client may have shown it)."""
+        return bool(self.parts or self.reasoning or self.tool_calls)
+
+    def finish_reason(self) -> str | None:
+        reason = self.final.finish_reason if self.final else None
+        # Ollama says "stop" after a tool call; OpenAI's clients look for "tool_calls".
+        return "tool_calls" if self.tool_calls and reason in (None, "stop") else reason
 
     def result(self, status: Status, error: CorralError | None = None) -> JobResult:
         spec, final, now = self.assignment.spec, self.final, time.time()
@@ -75,7 +91,7 @@ class _Progress:
             backend=self.assignment.backend,
             model=self.assignment.model,
             text="".join(self.parts),
-            finish_reason=final.finish_reason if final else None,
+            finish_reason=self.finish_reason(),
             usage=usage,
             timings=Timings(
                 queued_ms=max(0.0, (self.started_at - spec.created_at) * 1000),
@@ -89,6 +105,8 @@ class _Progress:
             tier=self.assignment.tier,
             reason=self.assignment.reason,
             notes=self.notes,
+            tool_calls=tuple(self.tool_calls),
+            reasoning="".join(self.reasoning),
         )
 
 
@@ -149,7 +167,7 @@ async def _run_claimed(
         progress.price = catalog.price(backend.kind, assignment.model)
         options, progress.notes = _effort_for(options, backend, assignment.model, catalog)
     chunks = (
-        backend.stream_chat(assignment.model, assignment.spec.messages, options)
+        _open_stream(backend, assignment, options)
         if backend is not None and not control.cancel_requested
         else None
     )
@@ -177,10 +195,12 @@ async def _run_claimed(
     try:
         chunk: Chunk | None = await _first_token(first_chunk, first_token_timeout_s, assignment)
         while chunk is not None:
-            if chunk.text:
-                progress.add(chunk.text)
+            if chunk.text or chunk.reasoning or chunk.tool_calls:
+                progress.add(chunk)
                 control.tokens_streamed += 1
-                await stream.delta(chunk.text)
+                await stream.delta(
+                    chunk.text, reasoning=chunk.reasoning, tool_calls=chunk.tool_calls
+                )
             if chunk.done:
                 progress.final = chunk
                 break
@@ -212,6 +232,16 @@ def _effort_for(
     if options.effort is None or reasoning_control(backend.kind, model, catalog):
         return options, ()
     return options.model_copy(update={"effort": None}), (effort_ignored_note(model),)
+
+
+def _open_stream(
+    backend: Backend, assignment: JobAssignment, options: GenerationOptions
+) -> AsyncIterator[Chunk]:
+    spec = assignment.spec
+    if spec.tools:
+        return backend.stream_chat(assignment.model, spec.messages, options, tools=spec.tools)
+    # Without tools, the three-argument call every backend (and test double) has always taken.
+    return backend.stream_chat(assignment.model, spec.messages, options)
 
 
 async def _first_token(
@@ -250,7 +280,7 @@ async def _finish(
     assignment = progress.assignment
     result = progress.result(status, error)
     code = error.code if error is not None else "cancelled"
-    tokens_sent = bool(progress.parts)
+    tokens_sent = progress.produced
     final = status == "cancelled" or _is_final(assignment, code, tokens_sent)
     if tokens_sent and status != "cancelled":
         await stream.interrupted(

@@ -31,6 +31,7 @@ from broker.schemas import (
     InterruptedEvent,
     JobResult,
     ProgressEvent,
+    ToolCall,
 )
 
 # KEYS: log, result, lease. ARGV: event JSON, channel, log TTL (0 = leave), result JSON
@@ -197,8 +198,19 @@ class JobStream:
             self._seq = int(seq)  # the cancellation is written after what is there
         return claim
 
-    async def delta(self, text: str) -> None:
-        await self._send(DeltaEvent(job_id=self._job_id, seq=self._seq, ts=time.time(), text=text))
+    async def delta(
+        self, text: str, *, reasoning: str = "", tool_calls: tuple[ToolCall, ...] = ()
+    ) -> None:
+        await self._send(
+            DeltaEvent(
+                job_id=self._job_id,
+                seq=self._seq,
+                ts=time.time(),
+                text=text,
+                reasoning=reasoning,
+                tool_calls=tool_calls,
+            )
+        )
 
     async def progress(self, status: str, completed: int | None, total: int | None) -> None:
         await self._send(

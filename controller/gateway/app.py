@@ -23,6 +23,7 @@ from broker.settings import CorralSettings
 from controller.aclient import AsyncCorralClient
 from controller.gateway import ollama_api, openai_api, openai_completions
 from controller.gateway.errors import HttpError
+from controller.gateway.image_urls import ImageFetcher
 from controller.gateway.jobs import ClientGone
 from controller.gateway.service import DEFAULT_MAX_BODY_BYTES, Gateway
 
@@ -113,10 +114,14 @@ def build_app(
     *,
     api_keys: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    images: ImageFetcher | None = None,
 ) -> ASGIApp:
+    """``images``: how image URLs are treated (default: fetched only if the settings say)."""
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        gateway = Gateway(settings, AsyncCorralClient(settings), max_body_bytes)
+        fetcher = images or ImageFetcher(enabled=settings.gateway_fetch_image_urls)
+        gateway = Gateway(settings, AsyncCorralClient(settings), max_body_bytes, images=fetcher)
         app.state.gateway = gateway
         try:
             yield

@@ -25,6 +25,7 @@ from broker.errors import (
     UnknownModel,
     UnknownNode,
     UnsupportedOperation,
+    UnsupportedRequest,
 )
 
 RETRY_AFTER_S = 5
@@ -73,6 +74,8 @@ def http_error(exc: CorralError) -> HttpError:
             return HttpError(429, message, "rate_limit_error", exc.code, retry_after=retry)
         case ContentBlocked():
             return HttpError(400, message, code="content_filter")
+        case UnsupportedRequest():
+            return HttpError(400, message, code=exc.code)
         case JobTimeout() | BackendTimeout():
             return HttpError(504, message, "server_error", exc.code)
         case JobCancelled():

@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from broker.errors import CorralError, JobError, error_from_code
+from pydantic import ValidationError
+
+from broker.errors import CorralError, JobError, RoutingError, error_from_code
 from broker.schemas import (
     AnyStreamEvent,
     ChatMessage,
@@ -26,10 +28,13 @@ from broker.schemas import (
     JobSpec,
     Priority,
     StartedEvent,
+    ToolDefinition,
+    describe_validation_error,
 )
 from controller.aclient import AsyncCorralClient
 from controller.ajobrun import AsyncJobRun
 from controller.client import make_spec
+from controller.dispatch import preferred_candidates
 from controller.gateway.errors import HttpError, bad_request, http_error
 from controller.limits import check_prompt_size
 from controller.prompt import parse_tags
@@ -80,13 +85,21 @@ def hints_from(model: str | None, headers: Mapping[str, str]) -> Hints:
 
 
 def build_spec(
-    messages: list[ChatMessage], hints: Hints, options: GenerationOptions, max_prompt_bytes: int
+    messages: list[ChatMessage],
+    hints: Hints,
+    options: GenerationOptions,
+    max_prompt_bytes: int,
+    *,
+    tools: tuple[ToolDefinition, ...] = (),
 ) -> JobSpec:
-    """The job; ``HttpError`` 400 for a bad hint, 413 for a prompt over the cluster's limit."""
+    """The job; ``HttpError`` 400 for a bad hint, 413 for a prompt over the cluster's limit.
+
+    A job with tools or images asks the router for the ``tools`` / ``vision`` capability (as
+    tags, which a model's capabilities meet), so it goes only to a model that has it."""
     if not messages:
         raise bad_request("messages must hold at least one message")
     try:
-        spec = make_spec(
+        draft = make_spec(
             "-",
             node=hints.node,
             model=hints.model,
@@ -94,11 +107,41 @@ def build_spec(
             options=options,
             priority=hints.priority,
             session=hints.session,
-        ).model_copy(update={"messages": tuple(messages)})
+        )
+        fields = {**dict(draft), "messages": tuple(messages), "tools": tools}
+        spec = JobSpec.model_validate(fields)
+        if spec.needs():
+            spec = spec.model_copy(update={"tags": spec.tags | spec.needs()})
         check_prompt_size(spec, max_prompt_bytes)
+    except ValidationError as exc:
+        raise bad_request(f"invalid request: {describe_validation_error(exc)}") from None
     except CorralError as exc:
         raise http_error(exc) from None
     return spec
+
+
+def capability_refusal(spec: JobSpec) -> HttpError:
+    """A 400 for a job no model can take because it needs tools or vision."""
+    needs = " and ".join(sorted(spec.needs()))
+    model = f"model {spec.model!r}" if spec.model else "model"
+    return bad_request(
+        f"no up node serves {model} with the {needs} capability this request needs",
+        "capability_missing",
+    )
+
+
+async def only_capability_missing(client: AsyncCorralClient, spec: JobSpec) -> bool:
+    """Whether ``spec`` could be routed but for the capabilities its tools or images need
+    (then the request is at fault: 400), rather than for a model or node that is missing or
+    down (404, 503 as usual)."""
+    plain = spec.model_copy(update={"tags": spec.tags - spec.needs()})
+    try:
+        view = await client.cluster(max_age_s=client.settings.route_cache_s)
+        phases = client.breaker_phases(view)
+        preferred_candidates(plain, view, phases, aliases=client.settings.aliases)
+    except CorralError:
+        return False
+    return True
 
 
 @dataclass
@@ -181,6 +224,10 @@ async def submit_and_hold(client: AsyncCorralClient, spec: JobSpec, timeout_s: f
     submitted_at = time.monotonic()
     try:
         run = await client.submit(spec)
+    except RoutingError as exc:
+        if spec.needs() and await only_capability_missing(client, spec):
+            raise capability_refusal(spec) from None
+        raise http_error(exc) from None
     except CorralError as exc:
         raise http_error(exc) from None
     events = run.events(timeout_s).__aiter__()
@@ -199,7 +246,7 @@ async def submit_and_hold(client: AsyncCorralClient, spec: JobSpec, timeout_s: f
             if failure is not None:
                 await drain(events)
                 raise http_error(failure)
-            if isinstance(event, DeltaEvent) and event.text:
+            if isinstance(event, DeltaEvent) and event.has_output():
                 job = HeldJob(
                     run, held, events, node, model, submitted_at, time.monotonic(), tier=tier
                 )

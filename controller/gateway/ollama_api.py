@@ -24,17 +24,24 @@ from broker.schemas import (
     ModelInfo,
     ModelOpKind,
     StartedEvent,
+    ToolCall,
 )
 from controller.gateway.catalog import CatalogEntry, catalog, find
 from controller.gateway.errors import HttpError, bad_request, embeddings_not_routed, http_error
 from controller.gateway.jobs import HeldJob, build_spec, final_failure, hints_from, split_model
 from controller.gateway.requests import optional, options_from
 from controller.gateway.service import Gateway
+from controller.gateway.tool_wire import (
+    chat_message,
+    link_tool_results,
+    ollama_tool_calls,
+    parse_ollama_tool_calls,
+    tools_from,
+)
 
 API = "ollama"
 NDJSON = "application/x-ndjson"
-_ROLES = ("system", "user", "assistant")
-_NOT_PASSED_THROUGH = frozenset({"tools", "vision"})
+_ROLES = ("system", "user", "assistant", "tool")
 
 
 def error_body(exc: HttpError) -> dict[str, Any]:
@@ -53,19 +60,20 @@ def _options(body: dict[str, Any]) -> GenerationOptions:
     raw = body.get("options") or {}
     if not isinstance(raw, dict):
         raise bad_request("'options' must be an object")
+    think = body.get("think")
+    if think is not None and not isinstance(think, bool | str):
+        raise bad_request("'think' must be true, false or a level (low, medium, high)")
     return options_from(
         temperature=optional(raw, "temperature", float),
         max_tokens=optional(raw, "num_predict", int),
         seed=optional(raw, "seed", int),
         stop=raw.get("stop"),
+        # A level ("high") is passed as plain thinking: corral has no levels yet.
+        think=None if think is None else bool(think),
     )
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    if body.get("tools"):
-        raise bad_request("tools are not supported by the corral gateway yet")
-    if body.get("images"):
-        raise bad_request("images are not supported by the corral gateway yet")
     if body.get("format"):
         raise bad_request("'format' (structured output) is not supported by the corral gateway yet")
 
@@ -78,13 +86,32 @@ def _chat_messages(body: dict[str, Any]) -> list[ChatMessage]:
     for index, message in enumerate(raw):
         if not isinstance(message, dict) or message.get("role") not in _ROLES:
             raise bad_request(f"messages[{index}] needs a role of {', '.join(_ROLES)}")
-        if message.get("images") or message.get("tool_calls"):
-            raise bad_request(f"messages[{index}]: images and tool calls are not supported yet")
-        content = message.get("content", "")
+        content = message.get("content") or ""
         if not isinstance(content, str):
             raise bad_request(f"messages[{index}].content must be a string")
-        messages.append(ChatMessage(role=message["role"], content=content))
-    return messages
+        fields: dict[str, Any] = {
+            "role": message["role"],
+            "content": content,
+            "images": _images(message.get("images"), f"messages[{index}].images"),
+            "tool_calls": parse_ollama_tool_calls(index, message.get("tool_calls")),
+        }
+        if message["role"] == "tool":
+            fields["name"] = message.get("tool_name") or message.get("name") or None
+            fields["tool_call_id"] = message.get("tool_call_id") or None
+        messages.append(chat_message(index, **fields))
+    return link_tool_results(messages)
+
+
+def _images(raw: object, where: str) -> list[str]:
+    """Ollama's images: base64 strings (its clients encode files and bytes before sending)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
+        raise bad_request(f"{where} must be a list of base64 strings")
+    for image in raw:
+        if image.startswith(("http://", "https://", "data:")):
+            raise bad_request(f"{where}: Ollama's API takes base64 image data, not URLs")
+    return raw
 
 
 def _generate_messages(body: dict[str, Any]) -> list[ChatMessage]:
@@ -95,7 +122,8 @@ def _generate_messages(body: dict[str, Any]) -> list[ChatMessage]:
     if not prompt:
         return []
     messages = [ChatMessage(role="system", content=system)] if system else []
-    return [*messages, ChatMessage(role="user", content=prompt)]
+    images = _images(body.get("images"), "images")
+    return [*messages, chat_message(0, role="user", content=prompt, images=images)]
 
 
 def _model_of(body: dict[str, Any]) -> str:
@@ -135,6 +163,7 @@ async def _answer(
         hints_from(model, request.headers),
         _options(body),
         gateway.settings.max_prompt_bytes,
+        tools=tools_from(body) if chat else (),
     )
     job = await gateway.hold(request, API, spec)
     headers = job.headers()
@@ -145,23 +174,40 @@ async def _answer(
     return JSONResponse(whole, headers=headers)
 
 
-def _content(text: str, *, chat: bool) -> dict[str, Any]:
+def _content(
+    text: str, *, chat: bool, thinking: str = "", calls: tuple[ToolCall, ...] = ()
+) -> dict[str, Any]:
+    """The answer's part of a line: in ``message`` for chat, top-level for generate."""
+    extra: dict[str, Any] = {"thinking": thinking} if thinking else {}
     if chat:
-        return {"message": {"role": "assistant", "content": text}}
-    return {"response": text}
+        if calls:
+            extra["tool_calls"] = ollama_tool_calls(calls)
+        return {"message": {"role": "assistant", "content": text, **extra}}
+    return {"response": text, **extra}
 
 
-def _final(job: HeldJob, done: DoneEvent, *, chat: bool, text: str = "") -> dict[str, Any]:
+def _final(
+    job: HeldJob,
+    done: DoneEvent,
+    *,
+    chat: bool,
+    text: str = "",
+    thinking: str = "",
+    calls: tuple[ToolCall, ...] = (),
+) -> dict[str, Any]:
+    """The last line: the tool calls (Ollama's clients read them from here), the counters."""
     result = done.result
+    # Ollama says "stop" after a tool call; "tool_calls" is OpenAI's word.
+    reason = "stop" if result.finish_reason == "tool_calls" else result.finish_reason
     total_ns = int(result.timings.total_ms * 1e6)
     first_ms = result.timings.first_token_ms or 0.0
     prompt_ns = int(first_ms * 1e6)
     return {
         "model": job.model,
         "created_at": _now(),
-        **_content(text, chat=chat),
+        **_content(text, chat=chat, thinking=thinking, calls=calls),
         "done": True,
-        "done_reason": result.finish_reason or "stop",
+        "done_reason": reason or "stop",
         "total_duration": total_ns,
         "load_duration": int(result.timings.queued_ms * 1e6),
         "prompt_eval_count": result.usage.prompt_tokens or 0,
@@ -177,6 +223,7 @@ def _failure(event: AnyStreamEvent) -> HttpError | None:
 
 
 async def _stream_lines(job: HeldJob, *, chat: bool) -> AsyncIterator[bytes]:
+    calls: list[ToolCall] = []
     try:
         async for event in job.all_events():
             if (failure := _failure(event)) is not None:
@@ -185,12 +232,15 @@ async def _stream_lines(job: HeldJob, *, chat: bool) -> AsyncIterator[bytes]:
                 return
             if isinstance(event, StartedEvent):
                 job.node, job.model = event.node, event.model
-            elif isinstance(event, DeltaEvent) and event.text:
-                line = {"model": job.model, "created_at": _now(), **_content(event.text, chat=chat)}
-                yield _line({**line, "done": False})
+            elif isinstance(event, DeltaEvent):
+                calls.extend(event.tool_calls)
+                if event.text or event.reasoning:
+                    answer = _content(event.text, chat=chat, thinking=event.reasoning)
+                    line = {"model": job.model, "created_at": _now(), **answer, "done": False}
+                    yield _line(line)
             elif isinstance(event, DoneEvent):
                 job.record_done(event)
-                yield _line(_final(job, event, chat=chat))
+                yield _line(_final(job, event, chat=chat, calls=tuple(calls)))
                 await job.drain()  # the library's after-end steps (session, breakers)
                 return
     except JobError as exc:
@@ -199,6 +249,8 @@ async def _stream_lines(job: HeldJob, *, chat: bool) -> AsyncIterator[bytes]:
 
 async def _whole(job: HeldJob, *, chat: bool) -> dict[str, Any]:
     parts: list[str] = []
+    thinking: list[str] = []
+    calls: list[ToolCall] = []
     try:
         async for event in job.all_events():
             if (failure := _failure(event)) is not None:
@@ -208,9 +260,18 @@ async def _whole(job: HeldJob, *, chat: bool) -> dict[str, Any]:
                 job.node, job.model = event.node, event.model
             elif isinstance(event, DeltaEvent):
                 parts.append(event.text)
+                thinking.append(event.reasoning)
+                calls.extend(event.tool_calls)
             elif isinstance(event, DoneEvent):
                 job.record_done(event)
-                return _final(job, event, chat=chat, text="".join(parts))
+                return _final(
+                    job,
+                    event,
+                    chat=chat,
+                    text="".join(parts),
+                    thinking="".join(thinking),
+                    calls=tuple(calls),
+                )
     except JobError as exc:
         raise http_error(exc) from None
     raise HttpError(502, "the job ended without an answer", "server_error")
@@ -329,9 +390,6 @@ async def show(request: Request) -> Response:
     if info is not None and info.context_length is not None:
         model_info[f"{family}.context_length"] = info.context_length
     capabilities = sorted(info.capabilities) if info and info.capabilities else ["chat"]
-    # Only what the gateway can pass through: a client that reads "tools" or "vision" here
-    # would send tools or images, which are refused for now.
-    capabilities = [c for c in capabilities if c not in _NOT_PASSED_THROUGH]
     return JSONResponse(
         {
             "license": "",

@@ -18,71 +18,49 @@ from starlette.routing import Route
 from broker.errors import JobError
 from broker.schemas import (
     AnyStreamEvent,
-    ChatMessage,
     DeltaEvent,
     DoneEvent,
     GenerationOptions,
     StartedEvent,
+    ToolCall,
 )
 from controller.gateway.catalog import CatalogEntry, catalog, find
 from controller.gateway.errors import HttpError, bad_request, embeddings_not_routed, http_error
 from controller.gateway.jobs import HeldJob, build_spec, final_failure, hints_from
+from controller.gateway.openai_messages import messages_from
 from controller.gateway.requests import optional, options_from
 from controller.gateway.service import Gateway
+from controller.gateway.tool_wire import (
+    openai_tool_call_deltas,
+    openai_tool_calls,
+    tools_from,
+)
 
 API = "openai"
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-FINISH_REASONS = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
+FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content_filter",
+    "tool_calls": "tool_calls",
+}
 
 
 def error_body(exc: HttpError) -> dict[str, Any]:
     return {"error": {"message": exc.message, "type": exc.kind, "param": None, "code": exc.code}}
 
 
-def _text_of(content: object, index: int) -> str:
-    """A message's text: a string, or OpenAI's list of parts of which only text is taken."""
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise bad_request(
-                    f"messages[{index}]: content parts of type {kind!r} are not supported yet"
-                    " (text only)"
-                )
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    raise bad_request(f"messages[{index}].content must be a string or a list of parts")
-
-
-def messages_from(body: dict[str, Any]) -> list[ChatMessage]:
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise bad_request("'messages' must be a non-empty list", "invalid_messages")
-    messages = []
-    for index, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise bad_request(f"messages[{index}] must be an object")
-        role = _ROLES.get(str(message.get("role")))
-        if role is None:
-            raise bad_request(
-                f"messages[{index}].role {message.get('role')!r} is not supported"
-                " (system, developer, user, assistant)"
-            )
-        text = _text_of(message.get("content"), index)
-        messages.append(ChatMessage(role=role, content=text))
-    return messages
-
-
-def refuse_unsupported(body: dict[str, Any]) -> None:
-    if body.get("tools") or body.get("functions"):
+def refuse_unsupported(body: dict[str, Any], *, tools_allowed: bool = False) -> None:
+    if body.get("functions"):
         raise bad_request(
-            "tools are not supported by the corral gateway yet: no backend passes them through",
+            "'functions' (the deprecated form) is not supported: send 'tools'",
             "tools_not_supported",
+        )
+    if body.get("tools") and not tools_allowed:
+        raise bad_request("tools are not supported on this endpoint", "tools_not_supported")
+    if body.get("tool_choice") not in (None, "auto"):
+        raise bad_request(
+            "tool_choice other than 'auto' is not supported by the corral gateway yet",
+            "tool_choice_not_supported",
         )
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
@@ -101,12 +79,15 @@ def generation_options(body: dict[str, Any]) -> GenerationOptions:
     if max_tokens is None:
         max_tokens = optional(body, "max_tokens", int)
     stop = body.get("stop")
+    effort = optional(body, "reasoning_effort", str)
     return options_from(
         temperature=optional(body, "temperature", float),
         max_tokens=max_tokens,
         seed=optional(body, "seed", int),
         stop=stop,
-        effort=optional(body, "reasoning_effort", str),
+        # "none" (OpenAI's way to ask for no reasoning) tells a thinking model not to think.
+        effort=None if effort == "none" else effort,
+        think=False if effort == "none" else None,
     )
 
 
@@ -138,15 +119,16 @@ async def chat_completions(request: Request) -> Response:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required: a model, an alias, model@node or @node")
-    refuse_unsupported(body)
+    refuse_unsupported(body, tools_allowed=True)
     stream = bool(body.get("stream", False))
     stream_options = body.get("stream_options") or {}
     include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
     spec = build_spec(
-        messages_from(body),
+        await messages_from(body, gateway.images),
         hints_from(model, request.headers),
         generation_options(body),
         gateway.settings.max_prompt_bytes,
+        tools=tools_from(body),
     )
     job = await gateway.hold(request, API, spec)
     created = int(time.time())
@@ -169,6 +151,7 @@ async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> Asy
         }
 
     first = True
+    calls_sent = 0
     try:
         async for event in job.all_events():
             if (failure := failure_of(event)) is not None:
@@ -179,13 +162,16 @@ async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> Asy
                 return
             if isinstance(event, StartedEvent):
                 job.node, job.model = event.node, event.model
-            elif isinstance(event, DeltaEvent) and event.text:
-                delta = (
-                    {"role": "assistant", "content": event.text}
-                    if first
-                    else {"content": event.text}
-                )
+            elif isinstance(event, DeltaEvent) and event.has_output():
+                delta: dict[str, Any] = {"role": "assistant"} if first else {}
                 first = False
+                if event.reasoning:
+                    delta["reasoning_content"] = event.reasoning
+                if event.text:
+                    delta["content"] = event.text
+                if event.tool_calls:
+                    delta["tool_calls"] = openai_tool_call_deltas(event.tool_calls, calls_sent)
+                    calls_sent += len(event.tool_calls)
                 yield sse(chunk(delta, None))
             elif isinstance(event, DoneEvent):
                 job.record_done(event)
@@ -212,6 +198,8 @@ def failure_of(event: AnyStreamEvent) -> HttpError | None:
 
 async def _whole(job: HeldJob, created: int) -> dict[str, Any]:
     parts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[ToolCall] = []
     done: DoneEvent | None = None
     try:
         async for event in job.all_events():
@@ -222,6 +210,8 @@ async def _whole(job: HeldJob, created: int) -> dict[str, Any]:
                 job.node, job.model = event.node, event.model
             elif isinstance(event, DeltaEvent):
                 parts.append(event.text)
+                reasoning.append(event.reasoning)
+                calls.extend(event.tool_calls)
             elif isinstance(event, DoneEvent):
                 done = event
                 job.record_done(event)
@@ -231,6 +221,16 @@ async def _whole(job: HeldJob, created: int) -> dict[str, Any]:
         raise http_error(exc) from None
     if done is None:
         raise HttpError(502, "the job ended without an answer", "server_error")
+    text = "".join(parts)
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": text if text or not calls else None,
+        "refusal": None,
+    }
+    if calls:
+        message["tool_calls"] = openai_tool_calls(tuple(calls))
+    if any(reasoning):
+        message["reasoning_content"] = "".join(reasoning)
     return {
         "id": _completion_id(job),
         "object": "chat.completion",
@@ -240,7 +240,7 @@ async def _whole(job: HeldJob, created: int) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": FINISH_REASONS.get(done.result.finish_reason or "stop", "stop"),
             }

@@ -32,6 +32,7 @@ def options_from(
     seed: int | None,
     stop: object,
     effort: str | None = None,
+    think: bool | None = None,
 ) -> GenerationOptions:
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -50,6 +51,7 @@ def options_from(
             seed=seed,
             stop=stops,
             effort=effort,
+            think=think,
         )
     except ValidationError as exc:
         raise bad_request(f"invalid options: {describe_validation_error(exc)}") from None

@@ -21,6 +21,7 @@ from broker.settings import CorralSettings
 from controller.aclient import AsyncCorralClient
 from controller.client import CorralClient
 from controller.gateway.errors import HttpError, bad_request, http_error
+from controller.gateway.image_urls import ImageFetcher
 from controller.gateway.jobs import (
     ClientGone,
     HeldJob,
@@ -41,6 +42,8 @@ class Gateway:
     client: AsyncCorralClient
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    images: ImageFetcher = field(default_factory=ImageFetcher)
+    """How image URLs in requests are treated; see ``controller.gateway.image_urls``."""
     _blocking: CorralClient | None = None
     _blocking_lock: threading.Lock = field(default_factory=threading.Lock)
 

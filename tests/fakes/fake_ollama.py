@@ -24,6 +24,7 @@ closed the stream on the server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import re
@@ -222,6 +223,11 @@ class FakeOllamaState:
     error_after: int | None = None
     error_message: str = "llama runner process has terminated: exit status 2"
     version: str = "0.6.5"
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    """Answer a chat that offers tools (and does not end with a tool's result) with these
+    calls, Ollama's shape: ``{"function": {"name": ..., "arguments": {...}}}``."""
+    thinking: str = ""
+    """A thinking model's reasoning, streamed in ``message.thinking`` when ``think`` is on."""
     requests: list[RecordedRequest] = field(default_factory=list)
     streams_started: int = 0
     streams_completed: int = 0
@@ -432,6 +438,22 @@ def build_app(state: FakeOllamaState) -> Starlette:
             payload["response"] = ""
         return JSONResponse(payload)
 
+    def check_tools_and_images(
+        body: dict[str, Any], model: FakeModel, messages: list[dict[str, Any]]
+    ) -> None:
+        """Ollama's refusals: tools to a model without them, images to one that cannot see,
+        image data that is not base64 (Go decodes it into bytes)."""
+        if body.get("tools") and "tools" not in model.capabilities:
+            raise _BadRequest(f"registry.ollama.ai/library/{model.name} does not support tools")
+        images = [image for m in messages for image in m.get("images") or []]
+        if images and "vision" not in model.capabilities:
+            raise _BadRequest(f"{model.name} does not support images")  # an approximation
+        for image in images:
+            try:
+                base64.b64decode(image, validate=True)
+            except (ValueError, TypeError):
+                raise _BadRequest("illegal base64 data at input byte 0") from None
+
     def require_capability(body: dict[str, Any], model: FakeModel, endpoint: str) -> None:
         """Ollama's refusal to chat with (or generate from) an embedding-only model."""
         if "completion" not in model.capabilities:
@@ -529,10 +551,30 @@ def build_app(state: FakeOllamaState) -> Starlette:
             raise _BadRequest(f"invalid think value: {think!r}")
         if think and "thinking" not in model.capabilities:
             raise _BadRequest(f'"{body["model"]}" does not support thinking')
+        check_tools_and_images(body, model, messages)
         state.keep_loaded(model.name, keep_alive_of(body))  # Ollama loads a model on first use
         pieces, reason = state.answer(options_of(body))
         prompt_tokens = max(1, sum(len(m["content"].split()) for m in messages))
+        calls_now = bool(body.get("tools")) and messages[-1]["role"] != "tool"
+        if calls_now and state.tool_calls:
+            pieces = []
         lines = generation_lines(body["model"], pieces, reason, prompt_tokens, chat=True)
+        if calls_now and state.tool_calls:
+            # Ollama sends the calls in a line of their own before the final one.
+            message = {"role": "assistant", "content": "", "tool_calls": state.tool_calls}
+            call_line = {"model": body["model"], "created_at": _now(), "message": message}
+            lines.insert(0, {**call_line, "done": False})
+        if body.get("think") and state.thinking and "thinking" in model.capabilities:
+            thoughts = [
+                {
+                    "model": body["model"],
+                    "created_at": _now(),
+                    "message": {"role": "assistant", "content": "", "thinking": piece},
+                    "done": False,
+                }
+                for piece in _pieces(state.thinking)
+            ]
+            lines[:0] = thoughts
         return respond(body, lines, chat=True)
 
     async def generate(request: Request) -> Response:

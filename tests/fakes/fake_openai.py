@@ -77,6 +77,12 @@ class FakeOpenAIState:
     """When set, GET /props answers as llama.cpp's server does, with this many slots."""
     open_streams: int = 0
     peak_streams: int = 0
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
+    """``{"id", "name", "arguments"}`` (arguments a JSON string): a chat offering tools that
+    does not end with a tool's result is answered with these calls, streamed as OpenAI does
+    (the id and name first, the arguments in pieces) and finished with ``tool_calls``."""
+    reasoning: str = ""
+    """Streamed first as ``reasoning_content`` deltas (llama.cpp's --reasoning-format)."""
 
     @property
     def chat_bodies(self) -> list[dict[str, Any]]:
@@ -100,6 +106,28 @@ def _error(
 def _event(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n".encode()
+
+
+def tool_call_events(
+    chunk: Callable[[dict[str, Any]], dict[str, Any]], calls: list[dict[str, str]]
+) -> list[dict[str, Any]]:
+    """OpenAI's streamed calls: per call, one delta with index, id, type and name, then its
+    arguments (a JSON string) cut into pieces that only parse once joined."""
+    events = []
+    for index, call in enumerate(calls):
+        head = {
+            "index": index,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["name"], "arguments": ""},
+        }
+        events.append(chunk({"tool_calls": [head]}))
+        text = call["arguments"]
+        step = max(1, len(text) // 3)
+        for start in range(0, len(text), step):
+            piece = {"index": index, "function": {"arguments": text[start : start + step]}}
+            events.append(chunk({"tool_calls": [piece]}))
+    return events
 
 
 def build_app(state: FakeOpenAIState) -> Starlette:
@@ -260,6 +288,13 @@ def build_app(state: FakeOpenAIState) -> Starlette:
             return {**base, "choices": [choice]}
 
         events = [chunk({"role": "assistant", "content": ""})]
+        events += [
+            chunk({"reasoning_content": piece}) for piece in re.findall(r"\s*\S+", state.reasoning)
+        ]
+        calls_now = bool(body.get("tools")) and messages[-1].get("role") != "tool"
+        if calls_now and state.tool_calls:
+            pieces, finish = [], "tool_calls"
+            events += tool_call_events(chunk, state.tool_calls)
         events += [chunk({"content": piece}) for piece in pieces]
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         usage = {

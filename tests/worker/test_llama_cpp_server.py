@@ -17,7 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
+from broker.schemas import (
+    ChatMessage,
+    GenerationOptions,
+    ModelInfo,
+    ToolCall,
+    ToolDefinition,
+    ToolFunction,
+)
 from tests.support.servers import free_port
 from worker.backends.base import Chunk
 from worker.backends.openai_compat import OpenAICompatBackend
@@ -126,3 +133,34 @@ def test_max_tokens_is_respected(llama_server: str) -> None:
     assert final.finish_reason == "length"
     assert final.completion_tokens is not None
     assert 1 <= final.completion_tokens <= 3
+
+
+def test_a_real_server_takes_a_tool_conversation_in_the_shape_the_adapter_sends(
+    llama_server: str,
+) -> None:
+    """Tools, an assistant's call (its arguments a JSON string) and the tool's result (with its
+    ``tool_call_id``) are accepted by a real server: the answer streams to its end. (The random
+    model's words are no call; parsing streamed calls is covered against the fake.)"""
+    tool = ToolDefinition(
+        function=ToolFunction(
+            name="get_weather",
+            parameters={"type": "object", "properties": {"city": {"type": "string"}}},
+        )
+    )
+    call = ToolCall(id="call_1", name="get_weather", arguments={"city": "Oslo"})
+    messages = (
+        ChatMessage(role="user", content="Weather in Oslo?"),
+        ChatMessage(role="assistant", content="", tool_calls=(call,)),
+        ChatMessage(role="tool", content='{"sky": "clear"}', tool_call_id="call_1"),
+    )
+
+    async def chat() -> list[Chunk]:
+        async with httpx.AsyncClient(timeout=30.0) as client:
+            backend = OpenAICompatBackend("llama", llama_server, client)
+            options = GenerationOptions(seed=7, max_tokens=4)
+            stream = backend.stream_chat(MODEL_ALIAS, messages, options, tools=(tool,))
+            return [chunk async for chunk in stream]
+
+    final = asyncio.run(chat())[-1]
+    assert final.done
+    assert final.finish_reason in {"stop", "length", "tool_calls"}

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from broker.errors import ModelNotFound, ModelOpError
-from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
-from worker.backends.base import PullProgress
+from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, ToolDefinition, ToolFunction
+from worker.backends.base import Chunk, PullProgress
 from worker.backends.simulated import SimulatedBackend
 
 HELLO = (ChatMessage(role="user", content="hello"),)
@@ -110,3 +110,27 @@ def test_delete_removes_the_model_so_chat_and_a_second_delete_fail() -> None:
         return [m.name for m in await backend.inventory()]
 
     assert asyncio.run(scenario()) == ["sim-large"]
+
+
+def test_a_simulated_model_with_tools_calls_the_first_one_then_answers_its_result() -> None:
+    tool = ToolDefinition(function=ToolFunction(name="lookup"))
+    asked = (ChatMessage(role="user", content="find it"),)
+
+    async def run(messages: tuple[ChatMessage, ...]) -> list[Chunk]:
+        stream = fresh().stream_chat("sim-small", messages, GenerationOptions(), tools=(tool,))
+        return [chunk async for chunk in stream]
+
+    called = asyncio.run(run(asked))
+    assert [c.name for c in called[0].tool_calls] == ["lookup"]
+    assert called[-1].done and called[-1].finish_reason == "tool_calls"
+    call = called[0].tool_calls[0]
+    answered = asyncio.run(
+        run(
+            (
+                *asked,
+                ChatMessage(role="assistant", content="", tool_calls=(call,)),
+                ChatMessage(role="tool", content="here", tool_call_id=call.id, name="lookup"),
+            )
+        )
+    )
+    assert "".join(c.text for c in answered) and answered[-1].finish_reason == "stop"

@@ -24,8 +24,8 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from broker.errors import BackendProtocolError, BackendRateLimited, BackendUnavailable, ConfigError
-from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo
-from worker.backends.base import Chunk
+from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo, ToolDefinition
+from worker.backends.base import Chunk, refuse_beyond_text
 from worker.backends.cli_output import (
     CliInvocation,
     prompt_text,
@@ -116,8 +116,14 @@ class AgentCliBackend:
         return None
 
     async def stream_chat(
-        self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        tools: Sequence[ToolDefinition] = (),
     ) -> AsyncIterator[Chunk]:
+        # An agent CLI takes a prompt as text: tools and images would be lost without a word.
+        refuse_beyond_text(f"cli backend {self.name!r}", messages, tools)
         # Sampling options have no flag on these CLIs: they are not passed.
         with contextlib.ExitStack() as stack:
             cwd = self._workdir or stack.enter_context(

@@ -20,8 +20,8 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from broker.errors import BackendError, ContentBlocked
-from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo
-from worker.backends.base import Chunk, public_url
+from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo, ToolDefinition
+from worker.backends.base import Chunk, public_url, refuse_beyond_text
 from worker.backends.cloud import ModelCache, RateLimits
 from worker.backends.effort import anthropic_thinking
 from worker.backends.http_errors import ErrorReport, HttpErrors, Scrubber, error_text, url_secrets
@@ -201,8 +201,13 @@ class AnthropicBackend:
             params["after_id"] = page.last_id
 
     async def stream_chat(
-        self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        tools: Sequence[ToolDefinition] = (),
     ) -> AsyncIterator[Chunk]:
+        refuse_beyond_text(f"anthropic backend {self.name!r}", messages, tools)
         body = messages_request_body(model, messages, options, self._max_tokens)
         decoder = SSEDecoder()
         prompt_tokens: int | None = None

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo
+from broker.errors import UnsupportedRequest
+from broker.schemas import (
+    BackendKind,
+    ChatMessage,
+    GenerationOptions,
+    ModelInfo,
+    ToolCall,
+    ToolDefinition,
+)
 
 __all__ = [
     "KEEP_LOADED_FOREVER",
@@ -19,6 +27,7 @@ __all__ = [
     "manages_models",
     "model_manager",
     "public_url",
+    "refuse_beyond_text",
 ]
 
 KEEP_LOADED_FOREVER = "-1"
@@ -31,6 +40,8 @@ class Chunk:
 
     ``text`` is the new text (may be empty on the final chunk). The final chunk has
     ``done=True`` and carries whatever the backend reported about finish reason and usage.
+    ``reasoning`` is a thinking model's reasoning, never part of the answer; ``tool_calls``
+    are whole calls (an adapter accumulates a call's streamed pieces before yielding it).
     """
 
     text: str
@@ -38,6 +49,8 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    reasoning: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +99,16 @@ class Backend(Protocol):
         ...
 
     def stream_chat(
-        self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        tools: Sequence[ToolDefinition] = (),
     ) -> AsyncIterator[Chunk]:
-        """Stream the answer to a chat; the last chunk has ``done=True``."""
+        """Stream the answer to a chat; the last chunk has ``done=True``.
+
+        A backend that cannot pass ``tools`` or a message's images on raises
+        ``UnsupportedRequest`` rather than dropping them silently."""
         ...
 
     async def aclose(self) -> None: ...
@@ -140,3 +160,14 @@ def public_url(url: str) -> str:
         host = f"[{host}]"
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}"
+
+
+def refuse_beyond_text(
+    where: str, messages: Sequence[ChatMessage], tools: Sequence[ToolDefinition]
+) -> None:
+    """For an adapter that passes text only: ``UnsupportedRequest`` if the chat carries tools,
+    images or tool messages, which it would otherwise drop without a word."""
+    if tools or any(m.tool_calls or m.role == "tool" for m in messages):
+        raise UnsupportedRequest(f"{where} does not pass tool calls on (not yet in corral)")
+    if any(m.images for m in messages):
+        raise UnsupportedRequest(f"{where} does not pass images on (not yet in corral)")

@@ -20,8 +20,8 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from broker.errors import ContentBlocked
-from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo
-from worker.backends.base import Chunk, public_url
+from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo, ToolDefinition
+from worker.backends.base import Chunk, public_url, refuse_beyond_text
 from worker.backends.cloud import ModelCache
 from worker.backends.effort import gemini_thinking_budget
 from worker.backends.http_errors import ErrorReport, HttpErrors, Scrubber, error_text, url_secrets
@@ -232,8 +232,13 @@ class GoogleBackend:
             params["pageToken"] = page.next_page
 
     async def stream_chat(
-        self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        tools: Sequence[ToolDefinition] = (),
     ) -> AsyncIterator[Chunk]:
+        refuse_beyond_text(f"google backend {self.name!r}", messages, tools)
         body = generate_request_body(messages, options, model)
         path = f"{self._root}/models/{model.removeprefix('models/')}:streamGenerateContent"
         decoder = SSEDecoder()

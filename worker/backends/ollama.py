@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TypeVar
@@ -21,7 +22,13 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from broker.errors import BackendError, BackendProtocolError, ModelNotFound, ModelOpError
-from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, canonical_model_name
+from broker.schemas import (
+    ChatMessage,
+    GenerationOptions,
+    ModelInfo,
+    ToolDefinition,
+    canonical_model_name,
+)
 from worker.backends.base import (
     KEEP_LOADED_FOREVER,
     BackendKind,
@@ -49,12 +56,20 @@ from worker.backends.ollama_wire import (
     facts_from_show,
     loaded_until_from,
     ollama_keep_alive,
+    ollama_message,
     ollama_options,
+    tool_calls_from,
 )
 
 __all__ = ["OllamaBackend", "canonical_model_name", "ollama_options"]
 
 log = logging.getLogger(__name__)
+
+
+def _new_call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
+
+
 _BodyT = TypeVar("_BodyT", bound=BaseModel)
 
 SHOW_RETRY_S = 60.0
@@ -174,13 +189,21 @@ class OllamaBackend:
     # --- chat ----------------------------------------------------------------------------------
 
     async def stream_chat(
-        self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        tools: Sequence[ToolDefinition] = (),
     ) -> AsyncIterator[Chunk]:
         body: dict[str, object] = {
             "model": model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [ollama_message(m) for m in messages],
             "stream": True,
         }
+        if tools:
+            body["tools"] = [t.model_dump(mode="json", exclude_none=True) for t in tools]
+        if options.think is not None:
+            body["think"] = options.think
         mapped = ollama_options(options)
         if mapped:
             body["options"] = mapped
@@ -200,7 +223,10 @@ class OllamaBackend:
                         # connection goes back to the pool instead of being torn down.
                         continue
                     parsed = self._parse_line(line)
-                    text = parsed.message.content if parsed.message is not None else ""
+                    message = parsed.message
+                    text = message.content if message is not None else ""
+                    thinking = message.thinking if message is not None else ""
+                    calls = tool_calls_from(message, _new_call_id)
                     if parsed.done:
                         final = Chunk(
                             text=text,
@@ -208,11 +234,11 @@ class OllamaBackend:
                             finish_reason=parsed.done_reason,
                             prompt_tokens=parsed.prompt_eval_count,
                             completion_tokens=parsed.eval_count,
+                            reasoning=thinking,
+                            tool_calls=calls,
                         )
-                    elif text:
-                        # Lines without content (a thinking model's reasoning, tool calls)
-                        # carry nothing a chat delta can show.
-                        yield Chunk(text=text)
+                    elif text or thinking or calls:
+                        yield Chunk(text=text, reasoning=thinking, tool_calls=calls)
         if final is None:
             raise BackendProtocolError(
                 f"{self._where} ended the stream without its final 'done' line"

@@ -8,7 +8,7 @@ context length, ``expires_at`` and ``keep_alive``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.durations import keep_alive_seconds
-from broker.schemas import Capability, GenerationOptions
+from broker.schemas import Capability, ChatMessage, GenerationOptions, ToolCall
 
 FOREVER_AFTER_S = 100 * 365 * 24 * 3600.0
 """An ``expires_at`` further away than this means "never": for ``keep_alive: -1`` Ollama adds
@@ -72,8 +72,23 @@ class ShowResponse(_Wire):
     model_info: dict[str, Any] | None = None
 
 
+class WireFunctionCall(_Wire):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class WireToolCall(_Wire):
+    """A call in Ollama's native shape: the arguments an object, an ``id`` only in newer
+    versions."""
+
+    id: str | None = None
+    function: WireFunctionCall
+
+
 class LineMessage(_Wire):
     content: str = ""
+    thinking: str = ""
+    tool_calls: list[WireToolCall] | None = None
 
 
 class ChatLine(_Wire):
@@ -182,3 +197,28 @@ def ollama_options(options: GenerationOptions) -> dict[str, object]:
     if options.stop:
         mapped["stop"] = list(options.stop)
     return mapped
+
+
+def ollama_message(message: ChatMessage) -> dict[str, object]:
+    """One chat message in ``/api/chat``'s shape: images as base64, calls as objects."""
+    wire: dict[str, object] = {"role": message.role, "content": message.content}
+    if message.images:
+        wire["images"] = list(message.images)
+    if message.tool_calls:
+        wire["tool_calls"] = [
+            {"function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.tool_calls
+        ]
+    if message.role == "tool" and message.name:
+        wire["tool_name"] = message.name
+    return wire
+
+
+def tool_calls_from(message: LineMessage | None, new_id: Callable[[], str]) -> tuple[ToolCall, ...]:
+    """corral's calls for a line's; Ollama before 0.12 gives no id, so one is made."""
+    if message is None or not message.tool_calls:
+        return ()
+    return tuple(
+        ToolCall(id=call.id or new_id(), name=call.function.name, arguments=call.function.arguments)
+        for call in message.tool_calls
+    )

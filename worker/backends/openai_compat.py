@@ -14,15 +14,19 @@ message we build.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from broker.errors import BackendError
-from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
+from broker.errors import BackendError, BackendProtocolError
+from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, ToolCall, ToolDefinition
 from worker.backends.base import BackendKind, Chunk, public_url
 from worker.backends.cloud import ModelCache, RateLimits
 from worker.backends.effort import openai_reasoning_effort
@@ -57,8 +61,26 @@ class _ModelList(_Wire):
     data: list[_ListedModel] = Field(default_factory=list)
 
 
+class _FunctionDelta(_Wire):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(_Wire):
+    """A piece of a streamed call: ``index`` says which; the ``id`` and name come once, the
+    arguments (a JSON string) in pieces to be joined."""
+
+    index: int = 0
+    id: str | None = None
+    function: _FunctionDelta = Field(default_factory=_FunctionDelta)
+
+
 class _Delta(_Wire):
     content: str | None = None
+    reasoning_content: str | None = None
+    """llama.cpp's and DeepSeek's reasoning text (vLLM says ``reasoning``)."""
+    reasoning: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
 
 
 class _Choice(_Wire):
@@ -107,17 +129,102 @@ def api_root(base_url: str) -> str:
     return f"{server_root(base_url)}/v1"
 
 
+_IMAGE_MAGIC = (
+    (b"\x89PNG", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF8", "image/gif"),
+    (b"RIFF", "image/webp"),
+)
+
+
+def image_media_type(image_base64: str) -> str:
+    """The media type a data: URL needs, read off the image's first bytes (PNG if unknown)."""
+    head = base64.b64decode(image_base64[:16] + "=" * (-len(image_base64[:16]) % 4))
+    return next((kind for magic, kind in _IMAGE_MAGIC if head.startswith(magic)), "image/png")
+
+
+def openai_message(message: ChatMessage) -> dict[str, object]:
+    """One message in the chat completions shape: images as data: URL parts, a call's
+    arguments as a JSON string."""
+    wire: dict[str, object] = {"role": message.role, "content": message.content}
+    if message.images:
+        parts: list[dict[str, object]] = [{"type": "text", "text": message.content}]
+        parts += [
+            {"type": "image_url", "image_url": {"url": f"data:{image_media_type(i)};base64,{i}"}}
+            for i in message.images
+        ]
+        wire["content"] = parts
+    if message.tool_calls:
+        if not message.content:
+            # Optional beside tool_calls; llama_cpp.server refuses a null one.
+            del wire["content"]
+        wire["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+            }
+            for call in message.tool_calls
+        ]
+    if message.role == "tool" and message.tool_call_id:
+        wire["tool_call_id"] = message.tool_call_id
+    return wire
+
+
+@dataclass
+class _CallInProgress:
+    id: str | None = None
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class ToolCallAccumulator:
+    """Joins the pieces of streamed tool calls into whole ``ToolCall``s, in index order."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, _CallInProgress] = {}
+
+    def feed(self, pieces: Sequence[_ToolCallDelta]) -> None:
+        for piece in pieces:
+            call = self._calls.setdefault(piece.index, _CallInProgress())
+            call.id = call.id or piece.id
+            call.name += piece.function.name or ""
+            if piece.function.arguments:
+                call.arguments.append(piece.function.arguments)
+
+    def calls(self) -> tuple[ToolCall, ...]:
+        """Raises ValueError if a call has no name or its arguments are not a JSON object."""
+        out = []
+        for index in sorted(self._calls):
+            call = self._calls[index]
+            text = "".join(call.arguments).strip() or "{}"
+            arguments = json.loads(text)
+            if not isinstance(arguments, dict) or not call.name:
+                raise ValueError(f"tool call {index} has no name or no JSON object of arguments")
+            out.append(
+                ToolCall(
+                    id=call.id or f"call_{secrets.token_hex(12)}",
+                    name=call.name,
+                    arguments=arguments,
+                )
+            )
+        return tuple(out)
+
+
 def chat_request_body(
     model: str,
     messages: Sequence[ChatMessage],
     options: GenerationOptions,
     kind: BackendKind = "openai",
+    tools: Sequence[ToolDefinition] = (),
 ) -> dict[str, object]:
     body: dict[str, object] = {
         "model": model,
-        "messages": [{"role": m.role, "content": m.content} for m in messages],
+        "messages": [openai_message(m) for m in messages],
         "stream": True,
     }
+    if tools:
+        body["tools"] = [t.model_dump(mode="json", exclude_none=True) for t in tools]
     if kind != "mistral":
         # Ask for the token counts in one last chunk. Servers that do not implement it ignore
         # the field (llama_cpp.server does: tests/worker/test_llama_cpp_server.py), and then
@@ -276,9 +383,14 @@ class OpenAICompatBackend:
         return [info for m in listing.data if (info := cloud_model_info(m.id)) is not None]
 
     async def stream_chat(
-        self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        tools: Sequence[ToolDefinition] = (),
     ) -> AsyncIterator[Chunk]:
-        body = chat_request_body(model, messages, options, self._kind)
+        body = chat_request_body(model, messages, options, self._kind, tools)
+        calls = ToolCallAccumulator()
         finish_reason: str | None = None
         usage: _Usage | None = None
         deltas = 0
@@ -306,17 +418,28 @@ class OpenAICompatBackend:
                         usage = chunk.usage
                     for choice in chunk.choices[:1]:
                         finish_reason = choice.finish_reason or finish_reason
-                        if choice.delta.content:
+                        delta = choice.delta
+                        if delta.tool_calls:
+                            calls.feed(delta.tool_calls)
+                        reasoning = delta.reasoning_content or delta.reasoning or ""
+                        if delta.content or reasoning:
                             deltas += 1
-                            yield Chunk(text=choice.delta.content)
+                            yield Chunk(text=delta.content or "", reasoning=reasoning)
         if not finished and finish_reason is None:
             # A clean end of body with neither [DONE] nor a finish reason: the answer is cut.
             raise self._errors.mid_stream("the stream ended before the answer")
+        try:
+            whole_calls = calls.calls()
+        except ValueError as exc:
+            raise BackendProtocolError(
+                f"{self._errors.where} sent a bad tool call: {exc}"
+            ) from None
         # Yielded after the response is closed, so a consumer that stops here leaks nothing.
         yield Chunk(
             text="",
             done=True,
             finish_reason=finish_reason,
+            tool_calls=whole_calls,
             prompt_tokens=usage.prompt_tokens if usage is not None else None,
             completion_tokens=(
                 usage.completion_tokens

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 
 from broker.durations import keep_alive_seconds
 from broker.errors import ModelNotFound, ModelOpError
-from broker.schemas import Capability, ChatMessage, GenerationOptions, ModelInfo
+from broker.schemas import (
+    Capability,
+    ChatMessage,
+    GenerationOptions,
+    ModelInfo,
+    ToolCall,
+    ToolDefinition,
+)
 from worker.backends.base import (
     KEEP_LOADED_FOREVER,
     BackendKind,
@@ -161,7 +168,11 @@ class SimulatedBackend:
         return [self._info(model) for model in self._models.values()]
 
     async def stream_chat(
-        self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        tools: Sequence[ToolDefinition] = (),
     ) -> AsyncIterator[Chunk]:
         self._installed(model)
         self._loaded[model] = None
@@ -170,6 +181,14 @@ class SimulatedBackend:
             # runtime or the kernel's OOM killer would. No cleanup, no goodbye.
             log.critical("simulated crash: the prompt contains %r", self._crash_on)
             os.kill(os.getpid(), signal.SIGKILL)
+        if tools and messages and messages[-1].role != "tool":
+            # A simulated model with tools calls the first one (with no arguments), so a demo
+            # or a client can see a tool call travel; images it takes as read.
+            await asyncio.sleep(self._first_token_s)
+            call = ToolCall(id=f"call_{len(messages)}", name=tools[0].function.name)
+            yield Chunk(text="", tool_calls=(call,))
+            yield Chunk(text="", done=True, finish_reason="tool_calls", completion_tokens=1)
+            return
         words = reply_for(messages).split(" ")
         if options.max_tokens is not None:
             words = words[: options.max_tokens]

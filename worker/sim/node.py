@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from broker.errors import BackendUnavailable
-from broker.schemas import ChatMessage, GenerationOptions, MemoryInfo
+from broker.schemas import ChatMessage, GenerationOptions, MemoryInfo, ToolDefinition
 from worker.backends.base import Backend, Chunk
 from worker.backends.simulated import SimulatedBackend
 from worker.config import SimulatedSpec, WorkerConfig
@@ -23,7 +23,11 @@ class FailingBackend(SimulatedBackend):
     """A backend whose server is gone: every chat fails as a refused connection would."""
 
     async def stream_chat(
-        self, model: str, messages: Sequence[ChatMessage], options: GenerationOptions
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        options: GenerationOptions,
+        tools: Sequence[ToolDefinition] = (),
     ) -> AsyncIterator[Chunk]:
         raise BackendUnavailable(f"simulated failure: backend {self.name!r} does not answer")
         yield Chunk(text="")  # an async generator, like the real one

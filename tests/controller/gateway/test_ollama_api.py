@@ -62,7 +62,7 @@ def test_tags_show_ps_and_version(gateway: Gateway, client: ollama.Client) -> No
     assert shown.modelinfo is not None
     assert shown.modelinfo["simllama.context_length"] == 131072
     assert "completion" in (shown.capabilities or [])
-    assert "tools" not in (shown.capabilities or [])  # the model has it; the gateway not yet
+    assert "tools" in (shown.capabilities or [])  # the gateway passes tools on now
     assert client.show("sim-small").modelinfo["simllama.context_length"] == 8192  # type: ignore[index]
     running = {m.model for m in client.ps().models}
     assert "sim-small" in running  # the simulated backend starts with its first model loaded

@@ -107,11 +107,11 @@ def test_an_unknown_model_is_a_404_in_openai_shape(client: openai.OpenAI) -> Non
 def test_bad_requests_are_400s_that_say_what_is_wrong(
     gateway: Gateway, client: openai.OpenAI
 ) -> None:
-    with pytest.raises(openai.BadRequestError, match="tools are not supported"):
+    with pytest.raises(openai.BadRequestError, match="invalid tools"):
         client.chat.completions.create(
             model="sim-small",
             messages=[{"role": "user", "content": "hi"}],
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tools=[{"type": "retrieval", "function": {"name": "f"}}],  # type: ignore[list-item]
         )
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(
