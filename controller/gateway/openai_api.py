@@ -85,9 +85,10 @@ def generation_options(body: dict[str, Any]) -> GenerationOptions:
         max_tokens=max_tokens,
         seed=optional(body, "seed", int),
         stop=stop,
-        # "none" (OpenAI's way to ask for no reasoning) tells a thinking model not to think.
+        # The effort maps onto each family's own control (a model without one ignores it);
+        # any effort also asks an Ollama thinking model to think, "none" asks it not to.
         effort=None if effort == "none" else effort,
-        think=False if effort == "none" else None,
+        think=None if effort is None else effort != "none",
     )
 
 
