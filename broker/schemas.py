@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 Role = Literal["system", "user", "assistant"]
 Priority = Literal["interactive", "batch"]
+JobKind = Literal["chat", "embed"]
+"""``chat`` streams an answer to ``messages``; ``embed`` returns one vector per ``inputs`` text."""
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 
 
@@ -54,7 +56,12 @@ class JobSpec(Message):
     """What a user asked for: the prompt and the hints the router uses."""
 
     job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")
-    messages: tuple[ChatMessage, ...] = Field(min_length=1)
+    kind: JobKind = "chat"
+    messages: tuple[ChatMessage, ...] = ()
+    """A chat job's conversation: at least one message (an embed job has none)."""
+    inputs: tuple[str, ...] = ()
+    """An embed job's texts, one vector each, sent to the backend as one batch (a chat job
+    has none)."""
     node: Name | None = None
     """Run on this node only (``@name`` when the name is a node, or a route's serving node)."""
     route: Name | None = None
@@ -73,6 +80,22 @@ class JobSpec(Message):
     first_token_timeout_s: float | None = Field(default=None, gt=0)
     """Give up on a backend that has not produced a token in this long (model load included)."""
 
+    @model_validator(mode="after")
+    def _payload_fits_kind(self) -> JobSpec:
+        if self.kind == "chat":
+            if not self.messages:
+                raise ValueError("a chat job needs at least one message")
+            if self.inputs:
+                raise ValueError("a chat job takes messages, not inputs")
+        else:
+            if not self.inputs:
+                raise ValueError("an embed job needs at least one input")
+            if self.messages:
+                raise ValueError("an embed job takes inputs, not messages")
+            if self.session is not None:
+                raise ValueError("an embed job has no conversation to keep (no session)")
+        return self
+
 
 class JobAssignment(Message):
     """The Celery task argument: a job plus the router's choice of backend and model on the node."""
@@ -87,8 +110,9 @@ class JobAssignment(Message):
     def argsrepr(self) -> str:
         """What Flower and the worker log show instead of the prompt."""
         route = f" route={self.spec.route}" if self.spec.route else ""
+        kind = " kind=embed" if self.spec.kind == "embed" else ""
         return (
-            f"job={self.spec.job_id}{route} node={self.node} model={self.model} "
+            f"job={self.spec.job_id}{kind}{route} node={self.node} model={self.model} "
             f"attempt={self.attempt}"
         )
 
@@ -174,6 +198,9 @@ class JobResult(Message):
     timings: Timings
     error_code: str | None = None
     error_message: str | None = None
+    embeddings: tuple[tuple[float, ...], ...] = ()
+    """An embed job's vectors, one per input in the order sent (``usage.prompt_tokens`` counts
+    the inputs' tokens). They travel whole in the done event and the result key."""
 
 
 class DoneEvent(_Event):
@@ -290,6 +317,10 @@ class ModelInfo(BaseModel):
 
     def serves_chat(self) -> bool:
         return not self.capabilities or "chat" in self.capabilities
+
+    def serves_embed(self) -> bool:
+        """Only a model that says so: a backend that does not say is assumed to chat."""
+        return "embed" in self.capabilities
 
 
 BackendKind = Literal[

@@ -13,7 +13,14 @@ from functools import partial
 from typing import NamedTuple
 
 from broker.errors import NoNodeAvailable, RoutingError, UnknownModel, UnknownNode
-from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo, canonical_model_name
+from broker.schemas import (
+    BackendInfo,
+    JobKind,
+    JobSpec,
+    ModelInfo,
+    NodeInfo,
+    canonical_model_name,
+)
 from controller.node_index import NodeIndex, Ranked, RankingQuery
 
 
@@ -84,26 +91,32 @@ def wanted_models(spec: JobSpec, aliases: Mapping[str, Sequence[str]]) -> list[s
     return list(aliases.get(spec.model, ())) or [spec.model]
 
 
-def _fits(model: ModelInfo, node: NodeInfo, tags: frozenset[str]) -> bool:
-    """The model can answer a chat job that asks for ``tags`` on this node.
+def _fits(model: ModelInfo, node: NodeInfo, tags: frozenset[str], kind: JobKind = "chat") -> bool:
+    """The model can answer a job of ``kind`` that asks for ``tags`` on this node.
 
     A tag is met by the node's configuration or by the model's own capabilities, so a vision
-    model gives its node the ``vision`` tag for the jobs that run on it.
+    model gives its node the ``vision`` tag for the jobs that run on it. An embed job goes
+    only to a model that says it embeds; a chat job never goes to one that only embeds.
     """
+    serves = model.serves_embed() if kind == "embed" else model.serves_chat()
     # "chat" is every chat model's capability: as a tag it would match every node.
-    return model.serves_chat() and tags <= node.tags | (model.capabilities - {"chat"})
+    return serves and tags <= node.tags | (model.capabilities - {"chat"})
 
 
 def _choices_on_backend(
-    node: NodeInfo, backend: BackendInfo, wanted: list[str] | None, tags: frozenset[str]
+    node: NodeInfo,
+    backend: BackendInfo,
+    wanted: list[str] | None,
+    tags: frozenset[str],
+    kind: JobKind = "chat",
 ) -> list[tuple[int, ModelInfo]]:
     """(preference, model) pairs this backend could serve the job with."""
     if wanted is not None:
         # "llama3" and "llama3:latest" are one model to Ollama, and so to the router.
         by_name = {canonical_model_name(m.name): m for m in backend.models}
         found = [(i, by_name.get(canonical_model_name(name))) for i, name in enumerate(wanted)]
-        return [(i, m) for i, m in found if m is not None and _fits(m, node, tags)]
-    fitting = [m for m in backend.models if _fits(m, node, tags)]
+        return [(i, m) for i, m in found if m is not None and _fits(m, node, tags, kind)]
+    fitting = [m for m in backend.models if _fits(m, node, tags, kind)]
     # Any model will do: the loaded one (no swap), else the first; one per backend.
     loaded = [m for m in fitting if m.loaded]
     pick = loaded[0] if loaded else (fitting[0] if fitting else None)
@@ -131,6 +144,16 @@ def rank_candidates(
     backends holding a wanted model, or the nodes offering the job's tags, are looked at. A
     plain list is indexed first. The answer is the same as ``rank_candidates_by_scan``'s.
     """
+    if spec.kind == "embed":
+        # The index serves chat models; embed jobs are few and short, so they scan.
+        return rank_candidates_by_scan(
+            spec,
+            nodes,
+            blocked,
+            aliases=aliases,
+            exclude_nodes=exclude_nodes,
+            sticky_node=sticky_node,
+        )
     index = nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
     if spec.node is not None:
         pinned = index.state(spec.node)
@@ -283,7 +306,8 @@ def rank_candidates_by_scan(
         for backend in node.info.backends:
             if not backend.healthy or f"{node.name}/{backend.name}" in blocked:
                 continue
-            for choice, model in _choices_on_backend(node.info, backend, wanted, spec.tags):
+            choices = _choices_on_backend(node.info, backend, wanted, spec.tags, spec.kind)
+            for choice, model in choices:
                 candidates.append(_candidate(node, backend, model, choice, sticky_node))
     candidates.sort(key=_rank_key)
     return candidates
@@ -338,7 +362,18 @@ def explain_no_candidate(
         for m in b.models
     ):
         return NoNodeAvailable(f"no up node or model has the tags {', '.join(sorted(spec.tags))}")
-    if spec.tags and not any(
+    if spec.kind == "embed":
+        embedders = [m for n in up for b in n.info.backends for m in b.models if m.serves_embed()]
+        if wanted is not None and not any(
+            canonical_model_name(m.name) in wanted_names for m in embedders
+        ):
+            return UnknownModel(
+                f"model {spec.model!r} is not an embedding model on any up node "
+                f"(embedding models: {', '.join(sorted({m.name for m in embedders})) or 'none'})"
+            )
+        if not embedders:
+            return NoNodeAvailable("no up node has an embedding model")
+    elif spec.tags and not any(
         m.serves_chat() and spec.tags <= n.info.tags | (m.capabilities - {"chat"})
         for n in up
         for b in n.info.backends

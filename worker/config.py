@@ -73,6 +73,9 @@ class OpenAICompatSpec(_Spec):
     kind: Literal["openai"]
     url: str
     api_key: SecretStr | None = None
+    embed_models: tuple[str, ...] = ()
+    """Models the server serves embeddings with and only embeddings (llama.cpp started with
+    ``--embedding``): its /v1/models does not say, so embed jobs go only to those listed."""
 
     _check_url = field_validator("url")(_http_url)
 

@@ -13,12 +13,13 @@ from typing import Literal
 from broker.errors import (
     RETRYABLE_CODES,
     BackendError,
+    BackendProtocolError,
     BackendTimeout,
     BackendUnavailable,
     CorralError,
 )
 from broker.schemas import JobAssignment, JobResult, Timings, Usage
-from worker.backends.base import Backend, Chunk
+from worker.backends.base import Backend, Chunk, Embeddings, embedder
 from worker.stream import Claim, Fenced, JobStream
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class _Progress:
     parts: list[str] = field(default_factory=list)
     first_token_at: float | None = None
     final: Chunk | None = None
+    embedded: Embeddings | None = None
+    """An embed job's answer."""
 
     def add(self, text: str) -> None:
         if self.first_token_at is None:
@@ -57,6 +60,10 @@ class _Progress:
     def result(self, status: Status, error: CorralError | None = None) -> JobResult:
         spec, final, now = self.assignment.spec, self.final, time.time()
         completion = final.completion_tokens if final else None
+        embedded = self.embedded
+        prompt_tokens = final.prompt_tokens if final else None
+        if embedded is not None:
+            prompt_tokens = embedded.prompt_tokens
         return JobResult(
             job_id=spec.job_id,
             status=status,
@@ -66,7 +73,7 @@ class _Progress:
             text="".join(self.parts),
             finish_reason=final.finish_reason if final else None,
             usage=Usage(
-                prompt_tokens=final.prompt_tokens if final else None,
+                prompt_tokens=prompt_tokens,
                 completion_tokens=completion if completion is not None else len(self.parts),
             ),
             timings=Timings(
@@ -78,6 +85,7 @@ class _Progress:
             ),
             error_code=error.code if error else None,
             error_message=str(error) if error else None,
+            embeddings=tuple(tuple(v) for v in embedded.vectors) if embedded else (),
         )
 
 
@@ -116,6 +124,8 @@ async def _run_claimed(
     first_token_timeout_s: float,
 ) -> JobResult | None:
     assignment = control.assignment
+    if assignment.spec.kind == "embed":
+        return await _run_embed(control, backends, stream, claim, first_token_timeout_s)
     progress = _Progress(assignment)
     backend = backends.get(assignment.backend)
     chunks = (
@@ -170,6 +180,59 @@ async def _run_claimed(
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
 
+    result = progress.result("ok")
+    await stream.done(result)
+    return result
+
+
+async def _run_embed(
+    control: JobControl,
+    backends: Mapping[str, Backend],
+    stream: JobStream,
+    claim: Awaitable[Claim],
+    timeout_s: float,
+) -> JobResult | None:
+    """An embed job: the same claim, lease and cancel path as a chat, one request and no
+    tokens to stream; the vectors travel in the done event. ``timeout_s`` bounds the request."""
+    assignment = control.assignment
+    spec = assignment.spec
+    progress = _Progress(assignment)
+    claimed = await claim
+    if claimed is not Claim.STARTED or control.cancel_requested:
+        if claimed is Claim.TAKEN_ELSEWHERE:
+            return None
+        control.cancel_requested = True
+        return await _finish(stream, progress, "cancelled", "job cancelled before it started")
+    backend = backends.get(assignment.backend)
+    able = embedder(backend) if backend is not None else None
+    if able is None:
+        error = BackendUnavailable(
+            f"node {assignment.node!r} has no backend {assignment.backend!r} that embeds"
+        )
+        return await _finish(stream, progress, "error", str(error), error)
+    try:
+        try:
+            embedded = await asyncio.wait_for(able.embed(assignment.model, spec.inputs), timeout_s)
+        except TimeoutError:
+            raise BackendTimeout(
+                f"backend {assignment.backend!r} on node {assignment.node!r} did not embed "
+                f"within {timeout_s:g}s (model {assignment.model!r})"
+            ) from None
+        if len(embedded.vectors) != len(spec.inputs):
+            raise BackendProtocolError(
+                f"backend {assignment.backend!r} answered {len(embedded.vectors)} vectors "
+                f"for {len(spec.inputs)} inputs"
+            )
+    except BackendError as exc:
+        log.warning("embed job %s failed on %s: %s", spec.job_id, assignment.backend, exc)
+        return await _finish(stream, progress, "error", str(exc), exc)
+    except asyncio.CancelledError:
+        if not control.cancel_requested:
+            raise  # the worker is shutting down: let the job be redelivered
+        log.info("embed job %s cancelled; backend request closed", spec.job_id)
+        return await _finish(stream, progress, "cancelled", "job cancelled")
+    progress.first_token_at = time.time()
+    progress.embedded = embedded
     result = progress.result("ok")
     await stream.done(result)
     return result

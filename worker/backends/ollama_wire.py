@@ -76,6 +76,13 @@ class LineMessage(_Wire):
     content: str = ""
 
 
+class EmbedResponse(_Wire):
+    """``POST /api/embed``: one vector per input, and the tokens the inputs took."""
+
+    embeddings: list[list[float]]
+    prompt_eval_count: int | None = None
+
+
 class ChatLine(_Wire):
     """One NDJSON line of ``/api/chat``; the last has ``done`` and the counters."""
 

@@ -89,7 +89,14 @@ def _openai(name: str, spec: OpenAICompatSpec, client: httpx.AsyncClient) -> Bac
     # Not configured: the server may say (llama.cpp's slots). The node's own capacity,
     # which sizes Celery's pool, still follows the configuration.
     configured = spec.capacity if "capacity" in spec.model_fields_set else None
-    return OpenAICompatBackend(name, spec.url, client, capacity=configured, api_key=spec.api_key)
+    return OpenAICompatBackend(
+        name,
+        spec.url,
+        client,
+        capacity=configured,
+        api_key=spec.api_key,
+        embed_models=spec.embed_models,
+    )
 
 
 def _openai_cloud(name: str, spec: OpenAICloudSpec, client: httpx.AsyncClient) -> Backend:
