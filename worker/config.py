@@ -88,6 +88,8 @@ class SimulatedSpec(_Spec):
     token_s: float = Field(default=0.02, ge=0)
     crash_on: str | None = Field(default=None, min_length=1)
     """Chaos testing: the worker process dies on a prompt containing this text."""
+    models: tuple[str, ...] | None = Field(default=None, min_length=1)
+    """The models it starts with (None: sim-small and sim-large); ``sim-embed`` embeds."""
 
 
 class CloudSpec(_Spec):

@@ -66,7 +66,7 @@ def needs_tls(config: WorkerConfig) -> bool:
 
 
 def _simulated(name: str, spec: SimulatedSpec, client: httpx.AsyncClient) -> Backend:
-    from worker.backends.simulated import SimulatedBackend  # noqa: PLC0415
+    from worker.backends.simulated import DEFAULT_MODELS, SimulatedBackend  # noqa: PLC0415
 
     return SimulatedBackend(
         name,
@@ -74,6 +74,7 @@ def _simulated(name: str, spec: SimulatedSpec, client: httpx.AsyncClient) -> Bac
         token_s=spec.token_s,
         capacity=spec.capacity,
         crash_on=spec.crash_on,
+        models=spec.models if spec.models is not None else DEFAULT_MODELS,
     )
 
 
