@@ -25,6 +25,7 @@ from controller.breaker import BreakerPhase
 from controller.client import make_spec
 from controller.fanout import fanout_candidates
 from controller.mcp.describe import cluster_summary, model_rows, node_rows, status_text
+from controller.mcp.embed_tool import add_embed_tool
 from controller.mcp.jobs import JobBook, JobProgress, follow
 from controller.router import NodeState
 from controller.routes import aresolve_mention
@@ -211,6 +212,7 @@ def build_server(
         return _result(text, {"results": results})
 
     _add_lookups(server, client, book)
+    add_embed_tool(server, client)
     return server
 
 
