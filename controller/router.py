@@ -350,6 +350,19 @@ def explain_no_candidate(
     up = [n for n in nodes if n.up]
     if not up:
         return NoNodeAvailable("no node is up" if not nodes else "every matching node is down")
+    if spec.kind == "chat" and wanted is not None:
+        holding = [
+            m
+            for n in up
+            for b in n.info.backends
+            for m in b.models
+            if canonical_model_name(m.name) in wanted_names
+        ]
+        if holding and not any(m.serves_chat() for m in holding):
+            return UnknownModel(
+                f"model {spec.model!r} is an embedding model: it cannot chat (ask it for "
+                "embeddings instead)"
+            )
     tried = [n for n in up if n.name in exclude_nodes]
     if tried and len(tried) == len(up):
         return NoNodeAvailable(
@@ -381,7 +394,7 @@ def explain_no_candidate(
     ):
         return NoNodeAvailable(
             f"only models that cannot chat have the tags {', '.join(sorted(spec.tags))} "
-            "(an embedding model, say); corral routes chat jobs"
+            "(an embedding model, say): ask it for embeddings instead (corral embed)"
         )
     shut = sorted(
         t

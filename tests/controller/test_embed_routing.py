@@ -52,7 +52,7 @@ def test_an_embed_job_without_a_model_takes_any_embedding_model_never_a_chat_one
 def test_a_chat_job_never_goes_to_an_embedding_model() -> None:
     for nodes in (cluster(), NodeIndex(cluster())):
         assert {c.node for c in rank_candidates(job(), nodes)} == {"gpu1", "pi1"}
-        with pytest.raises(NoNodeAvailable):
+        with pytest.raises(UnknownModel, match="is an embedding model: it cannot chat"):
             candidates_for(job(model="nomic-embed-text"), nodes)
 
 
