@@ -206,6 +206,9 @@ class SimulatedBackend:
         """A unit vector per text, the same every time for the same text."""
         self._installed(model)
         self._loaded[model] = None
+        if self._crash_on and any(self._crash_on in text for text in inputs):
+            log.critical("simulated crash: an input contains %r", self._crash_on)
+            os.kill(os.getpid(), signal.SIGKILL)
         await asyncio.sleep(self._first_token_s)
         vectors = [simulated_embedding(text) for text in inputs]
         return Embeddings(vectors, prompt_tokens=sum(len(text.split()) for text in inputs))
