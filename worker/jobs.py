@@ -17,12 +17,18 @@ from broker.errors import (
     BackendTimeout,
     BackendUnavailable,
     CorralError,
+    RequestTooLarge,
 )
 from broker.schemas import JobAssignment, JobResult, Timings, Usage
 from worker.backends.base import Backend, Chunk, Embeddings, embedder
 from worker.stream import Claim, Fenced, JobStream
 
 log = logging.getLogger(__name__)
+
+MAX_EMBED_RESULT_BYTES = 16 * 1024 * 1024
+"""The largest embed result (its JSON) a worker sends. It travels whole in one pub/sub message,
+and Redis drops a subscriber whose output buffer passes 32 MiB (``client-output-buffer-limit
+pubsub``, its default): on the gateway that connection carries every stream it follows."""
 
 Status = Literal["ok", "error", "cancelled"]
 
@@ -96,6 +102,7 @@ async def run_job(
     claim: Awaitable[Claim],
     *,
     first_token_timeout_s: float,
+    max_result_bytes: int = MAX_EMBED_RESULT_BYTES,
 ) -> JobResult | None:
     """Stream ``control.assignment`` from its backend onto ``stream`` and return the outcome.
 
@@ -106,7 +113,9 @@ async def run_job(
     controller's decision, not Celery's (which would retry on the same node).
     """
     try:
-        return await _run_claimed(control, backends, stream, claim, first_token_timeout_s)
+        return await _run_claimed(
+            control, backends, stream, claim, first_token_timeout_s, max_result_bytes
+        )
     except Fenced:
         # Any write may find the job moved on (a frozen node woke up, a duplicate delivery).
         log.warning(
@@ -122,10 +131,13 @@ async def _run_claimed(
     stream: JobStream,
     claim: Awaitable[Claim],
     first_token_timeout_s: float,
+    max_result_bytes: int,
 ) -> JobResult | None:
     assignment = control.assignment
     if assignment.spec.kind == "embed":
-        return await _run_embed(control, backends, stream, claim, first_token_timeout_s)
+        return await _run_embed(
+            control, backends, stream, claim, first_token_timeout_s, max_result_bytes
+        )
     progress = _Progress(assignment)
     backend = backends.get(assignment.backend)
     chunks = (
@@ -191,6 +203,7 @@ async def _run_embed(
     stream: JobStream,
     claim: Awaitable[Claim],
     timeout_s: float,
+    max_result_bytes: int,
 ) -> JobResult | None:
     """An embed job: the same claim, lease and cancel path as a chat, one request and no
     tokens to stream; the vectors travel in the done event. ``timeout_s`` bounds the request."""
@@ -234,6 +247,15 @@ async def _run_embed(
     progress.first_token_at = time.time()
     progress.embedded = embedded
     result = progress.result("ok")
+    size = len(result.model_dump_json())
+    if size > max_result_bytes:
+        progress.embedded = None
+        too_large = RequestTooLarge(
+            f"the {len(spec.inputs)} vectors take {size / 1024 / 1024:.1f} MiB, over the "
+            f"{max_result_bytes / 1024 / 1024:.0f} MiB an embed result may take: send fewer "
+            "inputs per request"
+        )
+        return await _finish(stream, progress, "error", str(too_large), too_large)
     await stream.done(result)
     return result
 
