@@ -49,17 +49,26 @@ async def run_embed(gateway: Gateway, request: Request, api: str, spec: JobSpec)
     submitted_at = time.monotonic()
     try:
         spec = await gateway.resolve_mention(spec)
-        result = await unless_disconnected(gateway.client.run_embed(spec), request.receive, cancel)
-    except CorralError as exc:
-        gateway.metrics.refused.labels(api, str(http_error(exc).status)).inc()
-        raise http_error(exc) from None
     except HttpError as exc:
         gateway.metrics.refused.labels(api, str(exc.status)).inc()
         raise
-    except ClientGone:
-        gateway.metrics.refused.labels(api, "499").inc()
-        raise
+    # In flight while it runs. One that fails counts as refused with its status, like a chat
+    # that fails before its first token.
     gateway.metrics.job_started()
+    try:
+        result = await unless_disconnected(gateway.client.run_embed(spec), request.receive, cancel)
+    except CorralError as exc:
+        gateway.metrics.in_flight.dec()
+        error = http_error(exc)
+        gateway.metrics.refused.labels(api, str(error.status)).inc()
+        raise error from None
+    except ClientGone:
+        gateway.metrics.in_flight.dec()
+        gateway.metrics.refused.labels(api, "499").inc()  # nginx's "client closed request"
+        raise
+    except BaseException:
+        gateway.metrics.in_flight.dec()
+        raise
     gateway.metrics.job_ended(
         api=api,
         node=result.node,
@@ -77,7 +86,7 @@ def corral_headers(spec: JobSpec, result: JobResult) -> dict[str, str]:
     return {"X-Corral-Node": result.node, "X-Corral-Job": spec.job_id}
 
 
-def _texts(value: object, field: str, *, allow_empty: bool = False) -> list[str]:
+def _texts(value: object, field: str) -> list[str]:
     """A string or a list of strings; token arrays (lists of ints) are refused clearly."""
     if isinstance(value, str):
         texts = [value]
@@ -90,7 +99,7 @@ def _texts(value: object, field: str, *, allow_empty: bool = False) -> list[str]
         )
     else:
         raise bad_request(f"'{field}' must be a string or a list of strings", "invalid_input")
-    if not texts and not allow_empty:
+    if not texts:
         raise bad_request(f"'{field}' must hold at least one text", "invalid_input")
     return texts
 

@@ -18,10 +18,11 @@ from broker.settings import build_settings
 from controller.client import CorralClient
 from tests.controller.gateway.conftest import Gateway, running_gateway, wait_for_models
 from tests.fakes.fake_ollama import FakeModel, _embedding, running_fake_ollama
-from tests.support.servers import WorkerProcess, running_workers
+from tests.support.servers import WorkerProcess, running_workers, wait_until
 from worker.backends.simulated import simulated_embedding
 
 FAST = ["--simulate", "--sim-first-token-ms", "5", "--sim-token-ms", "1"]
+SLOW = ["--simulate", "--sim-first-token-ms", "30000", "--sim-models", "sim-embed"]
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,40 @@ def test_embedding_models_are_listed_with_their_capability(
     listed = {m.model for m in olm.list().models}
     assert {"sim-embed", "nomic-embed-text:latest", "sim-small"} <= listed
     assert olm.show("sim-embed").capabilities == ["embedding"]
+
+
+def metric(gateway: Gateway, line_start: str) -> float:
+    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    found = [ln for ln in text.splitlines() if ln.startswith(line_start)]
+    return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
+
+
+def test_embed_jobs_are_counted_and_a_client_that_leaves_cancels_its_job(
+    gateway: Gateway, module_broker_url: str, module_log_dir: Path
+) -> None:
+    httpx.post(gateway.v1 + "/embeddings", json={"model": "sim-embed", "input": "x"}, timeout=30)
+    ok = 'corral_gateway_jobs_total{api="openai",model="sim-embed",node="embedder",outcome="ok"}'
+    assert metric(gateway, ok) >= 1
+    gone = 'corral_gateway_refused_requests_total{api="openai",status="499"}'
+    before = metric(gateway, gone)
+    settings = build_settings(broker_url=module_broker_url)
+    with (
+        running_workers(module_broker_url, module_log_dir, ("slowemb", SLOW)),
+        CorralClient(settings) as client,
+    ):
+
+        def slow_node(busy: bool) -> bool:
+            found = [n for n in client.nodes() if n.name == "slowemb" and n.up]
+            return bool(found) and (found[0].info.in_flight > 0) == busy
+
+        wait_until(lambda: slow_node(busy=False), 15, "the slow node up")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                gateway.v1 + "/embeddings",
+                json={"model": "sim-embed@slowemb", "input": "take thirty seconds"},
+                timeout=3,
+            )
+        # The node's 30 s request is dropped when the client hangs up, not when it ends.
+        wait_until(lambda: slow_node(busy=False), 15, "the slow node to drop the job")
+    wait_until(lambda: metric(gateway, gone) == before + 1, 10, "the 499 to be counted")
+    assert metric(gateway, "corral_gateway_in_flight_streams ") == 0
