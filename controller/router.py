@@ -144,27 +144,23 @@ def rank_candidates(
     backends holding a wanted model, or the nodes offering the job's tags, are looked at. A
     plain list is indexed first. The answer is the same as ``rank_candidates_by_scan``'s.
     """
-    if spec.kind == "embed":
-        # The index serves chat models; embed jobs are few and short, so they scan.
+    if spec.node is not None or spec.kind == "embed":
+        # A pinned job looks at its one node; an embed job scans every node (the index serves
+        # chat models, and embed jobs are few).
+        scanned: Sequence[NodeState] = nodes
+        if spec.node is not None:
+            index = nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
+            pinned = index.state(spec.node)
+            scanned = [pinned] if pinned is not None else []
         return rank_candidates_by_scan(
             spec,
-            nodes,
+            scanned,
             blocked,
             aliases=aliases,
             exclude_nodes=exclude_nodes,
             sticky_node=sticky_node,
         )
     index = nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
-    if spec.node is not None:
-        pinned = index.state(spec.node)
-        return rank_candidates_by_scan(
-            spec,
-            [pinned] if pinned is not None else [],
-            blocked,
-            aliases=aliases,
-            exclude_nodes=exclude_nodes,
-            sticky_node=sticky_node,
-        )
     wanted = wanted_models(spec, aliases or {})
     queries: list[RankingQuery] = (
         [("model", canonical_model_name(name)) for name in wanted]

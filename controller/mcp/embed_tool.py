@@ -13,7 +13,7 @@ from pydantic import Field
 from broker.errors import CorralError
 from controller.aclient import AsyncCorralClient
 from controller.embedding import make_embed_spec
-from controller.routes import aresolve_mention
+from controller.mcp.targets import resolve_target
 
 _EMBED = (
     "Turn texts into embedding vectors (for search, clustering, similarity) with an embedding "
@@ -36,14 +36,9 @@ def add_embed_tool(server: MCPServer[Any], client: AsyncCorralClient) -> None:
             str | None, Field(description="Run on this named route or node (see list_nodes).")
         ] = None,
     ) -> CallToolResult:
-        route = None
         try:
-            if node is not None:
-                nodes = await client.nodes(max_age_s=client.settings.route_cache_s)
-                mention = await aresolve_mention(node, client.redis, nodes, model=model)
-                node, model = mention.node, mention.model
-                route = mention.route.name if mention.route else None
-            spec = make_embed_spec(inputs, model=model, node=node, route=route)
+            target = await resolve_target(client, node, model)
+            spec = make_embed_spec(inputs, model=target.model, node=target.node, route=target.route)
             result = await client.run_embed(spec)
         except CorralError as exc:
             raise ToolError(str(exc)) from None

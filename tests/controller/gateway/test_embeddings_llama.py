@@ -5,8 +5,6 @@ writes, told to mean-pool so the server answers one vector per text."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +14,8 @@ import openai
 import pytest
 
 from tests.controller.gateway.conftest import Gateway, running_gateway, wait_for_models
-from tests.support.servers import free_port, running_workers
-from tests.worker.test_llama_cpp_server import _wait_ready
+from tests.support.servers import running_workers
+from tests.worker.test_llama_cpp_server import running_llama_server
 
 pytestmark = pytest.mark.llama
 
@@ -32,28 +30,11 @@ DIMENSIONS = 64  # the tiny model's width
 def llama_embedder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from tests.fakes.tiny_gguf import write_tiny_llama_gguf
 
-    workdir = tmp_path_factory.mktemp("llama-embed")
-    model = write_tiny_llama_gguf(workdir / "tiny.gguf", mean_pooling=True)
-    port = free_port()
-    log = workdir / "server.log"
-    command = [
-        *(sys.executable, "-m", "llama_cpp.server", "--model", str(model)),
-        *("--model_alias", MODEL, "--host", "127.0.0.1", "--port", str(port)),
-        *("--n_ctx", "512", "--embedding", "true", "--verbose", "False"),
-    ]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, process, log)
+    model = write_tiny_llama_gguf(
+        tmp_path_factory.mktemp("llama-embed") / "tiny.gguf", mean_pooling=True
+    )
+    with running_llama_server(model, MODEL, "--embedding", "true") as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
