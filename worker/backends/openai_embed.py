@@ -42,8 +42,9 @@ async def post_embeddings(
     model: str,
     inputs: Sequence[str],
 ) -> Embeddings:
-    """One request for the whole batch, floats asked for (some servers default to base64)."""
-    body = {"model": model, "input": list(inputs), "encoding_format": "float"}
+    """One request for the whole batch. No ``encoding_format``: floats are every server's
+    default, and a strict API (Mistral's refuses fields it does not know) may not take it."""
+    body = {"model": model, "input": list(inputs)}
     with errors.translating():
         response = await client.post(f"{api_root}/embeddings", json=body, headers=dict(headers))
         await errors.check(response, model)

@@ -55,7 +55,7 @@ def test_ollama_unknown_model_and_a_server_that_is_down() -> None:
         run(lambda c: OllamaBackend("o", url, c).embed("nomic-embed-text", ["a"]))
 
 
-def test_openai_compatible_asks_for_floats_and_orders_by_index() -> None:
+def test_openai_compatible_posts_the_batch_and_orders_by_index() -> None:
     with running_fake_openai(models=["embedder"], embeddings_reversed=True) as fake:
         answer = run(
             lambda c: OpenAICompatBackend("l", fake.url, c, capacity=1).embed(
@@ -63,7 +63,7 @@ def test_openai_compatible_asks_for_floats_and_orders_by_index() -> None:
             )
         )
         assert fake.state.embedding_bodies == [
-            {"model": "embedder", "input": ["first text", "second"], "encoding_format": "float"}
+            {"model": "embedder", "input": ["first text", "second"]}
         ]
     assert answer == Embeddings([fake_embedding("first text"), fake_embedding("second")], 3)
 
