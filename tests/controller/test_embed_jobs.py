@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +23,7 @@ from controller.cli import ExitCode
 from controller.client import CorralClient
 from controller.embedding import EmbedOutcome, make_embed_spec
 from tests.controller.cli.test_models import corral, flat
-from tests.support.servers import WorkerProcess, running_workers, wait_until
+from tests.support.servers import REPO_ROOT, WorkerProcess, running_workers, wait_until
 from worker.backends.simulated import simulated_embedding
 
 EMBEDDER = ["--simulate", "--sim-first-token-ms", "5", "--sim-models", "sim-small,sim-embed"]
@@ -101,6 +104,23 @@ def test_corral_embed_prints_json(module_broker_url: str, workers: list[WorkerPr
         "quick",
         2,
     )
+    piped = subprocess.run(
+        [sys.executable, "-m", "controller", "embed", "--model", "sim-embed", "-"],
+        input="first line\n\nsecond line\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **{k: v for k, v in os.environ.items() if k != "CORRAL_CONFIG"},
+            "CORRAL_BROKER_URL": module_broker_url,
+        },
+        cwd=REPO_ROOT,
+    )
+    assert piped.returncode == ExitCode.OK, piped.stderr
+    assert json.loads(piped.stdout)["embeddings"] == [
+        simulated_embedding("first line"),
+        simulated_embedding("second line"),
+    ]
     missing = corral(module_broker_url, "embed", "--model", "nope", "hi")
     assert missing.returncode == ExitCode.NO_ROUTE
     assert "nope" in flat(missing.stderr)
