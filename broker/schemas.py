@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from broker.errors import ConfigError
@@ -33,6 +34,8 @@ Priority = Literal["interactive", "batch"]
 Effort = Literal["minimal", "low", "medium", "high"]
 """How hard a reasoning model thinks: each adapter maps it onto its family's own control."""
 EFFORTS: tuple[Effort, ...] = get_args(Effort)
+JobKind = Literal["chat", "embed"]
+"""``chat`` streams an answer to ``messages``; ``embed`` returns one vector per ``inputs`` text."""
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 
 
@@ -162,7 +165,12 @@ class JobSpec(Message, _OmitsUnusedAdditions):
     _omit_at_default = ("tools", "route_url")
 
     job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")
-    messages: tuple[ChatMessage, ...] = Field(min_length=1)
+    kind: JobKind = "chat"
+    messages: tuple[ChatMessage, ...] = ()
+    """A chat job's conversation: at least one message (an embed job has none)."""
+    inputs: tuple[str, ...] = ()
+    """An embed job's texts, one vector each, sent to the backend as one batch (a chat job
+    has none)."""
     node: Name | None = None
     """Run on this node only (``@name`` when the name is a node; a route pins none)."""
     route: Name | None = None
@@ -214,6 +222,22 @@ class JobSpec(Message, _OmitsUnusedAdditions):
                 raise ValueError(str(exc)) from None
         return value
 
+    @model_validator(mode="after")
+    def _payload_fits_kind(self) -> JobSpec:
+        if self.kind == "chat":
+            if not self.messages:
+                raise ValueError("a chat job needs at least one message")
+            if self.inputs:
+                raise ValueError("a chat job takes messages, not inputs")
+        else:
+            if not self.inputs:
+                raise ValueError("an embed job needs at least one input")
+            if self.messages:
+                raise ValueError("an embed job takes inputs, not messages")
+            if self.session is not None:
+                raise ValueError("an embed job has no conversation to keep (no session)")
+        return self
+
 
 class JobAssignment(Message, _OmitsUnusedAdditions):
     """The Celery task argument: a job plus the router's choice of backend and model on the node."""
@@ -235,8 +259,9 @@ class JobAssignment(Message, _OmitsUnusedAdditions):
     def argsrepr(self) -> str:
         """What Flower and the worker log show instead of the prompt."""
         route = f" route={self.spec.route}" if self.spec.route else ""
+        kind = " kind=embed" if self.spec.kind == "embed" else ""
         return (
-            f"job={self.spec.job_id}{route} node={self.node} model={self.model} "
+            f"job={self.spec.job_id}{kind}{route} node={self.node} model={self.model} "
             f"attempt={self.attempt}"
         )
 
@@ -353,6 +378,9 @@ class JobResult(Message, _OmitsUnusedAdditions):
     tool_calls: tuple[ToolCall, ...] = ()
     """The calls the model made; ``finish_reason`` is then ``tool_calls``."""
     reasoning: str = ""
+    embeddings: tuple[tuple[float, ...], ...] = ()
+    """An embed job's vectors, one per input in the order sent (``usage.prompt_tokens`` counts
+    the inputs' tokens). They travel whole in the done event and the result key."""
 
 
 class DoneEvent(_Event):
@@ -473,6 +501,10 @@ class ModelInfo(BaseModel):
 
     def serves_chat(self) -> bool:
         return not self.capabilities or "chat" in self.capabilities
+
+    def serves_embed(self) -> bool:
+        """Only a model that says so: a backend that does not say is assumed to chat."""
+        return "embed" in self.capabilities
 
 
 BackendKind = Literal[

@@ -4,6 +4,7 @@ from controller.aclient import AsyncCorralClient
 from controller.ajobrun import AsyncJobRun
 from controller.areader import AsyncJobStreamReader
 from controller.client import CorralClient, make_spec
+from controller.embedding import make_embed_spec
 from controller.jobrun import JobRun
 from controller.reader import JobStreamReader
 from controller.router import Candidate, NodeState, candidates_for, rank_candidates
@@ -18,6 +19,7 @@ __all__ = [
     "JobStreamReader",
     "NodeState",
     "candidates_for",
+    "make_embed_spec",
     "make_spec",
     "rank_candidates",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -30,7 +30,7 @@ from broker import names
 from broker.celery_app import make_celery_app
 from broker.errors import BrokerUnavailable, JobError, NoNodeAvailable
 from broker.redis_clients import async_client
-from broker.schemas import AnyStreamEvent, ChatMessage, JobSpec
+from broker.schemas import AnyStreamEvent, ChatMessage, JobResult, JobSpec, Priority
 from broker.settings import CorralSettings
 from controller.acluster import AsyncClusterReader, preload_scripts_async
 from controller.ajobrun import AsyncJobRun
@@ -54,6 +54,7 @@ from controller.dispatch import (
     with_reason,
     with_sent,
 )
+from controller.embedding import EmbedOutcome, make_embed_spec
 from controller.job_channels import JobChannels
 from controller.limits import check_prompt_size
 from controller.publisher import HeldPublisher
@@ -253,6 +254,26 @@ class AsyncCorralClient:
         run = await self.submit(spec)
         async for event in run.events(self.settings.job_timeout_s):
             yield event
+
+    async def embed(
+        self,
+        inputs: Sequence[str],
+        *,
+        model: str | None = None,
+        node: str | None = None,
+        tags: frozenset[str] = frozenset(),
+        priority: Priority = "interactive",
+    ) -> JobResult:
+        """One vector per text (see ``CorralClient.embed``)."""
+        spec = make_embed_spec(inputs, model=model, node=node, tags=tags, priority=priority)
+        return await self.run_embed(spec)
+
+    async def run_embed(self, spec: JobSpec) -> JobResult:
+        """Run an embed job made with ``controller.embedding.make_embed_spec``."""
+        outcome = EmbedOutcome(spec.job_id)
+        async for event in self.stream(spec):
+            outcome.see(event)
+        return outcome.result()
 
     async def attach(self, job_id: str) -> AsyncJobStreamReader:
         """Follow a running or finished job from its first event."""

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import redis.exceptions
 from celery import Celery
@@ -37,6 +37,7 @@ from broker.schemas import (
     AnyStreamEvent,
     ChatMessage,
     GenerationOptions,
+    JobResult,
     JobSpec,
     ModelOpKind,
     ModelOpRequest,
@@ -63,6 +64,7 @@ from controller.dispatch import (
     with_reason,
     with_sent,
 )
+from controller.embedding import EmbedOutcome, make_embed_spec
 from controller.jobrun import Attempt, JobRun
 from controller.limits import check_prompt_size
 from controller.publisher import HeldPublisher
@@ -329,6 +331,31 @@ class CorralClient:
         """Submit and follow: the simple form of the API."""
         run = self.submit(spec)
         yield from run.events(self.settings.job_timeout_s)
+
+    def embed(
+        self,
+        inputs: Sequence[str],
+        *,
+        model: str | None = None,
+        node: str | None = None,
+        tags: frozenset[str] = frozenset(),
+        priority: Priority = "interactive",
+    ) -> JobResult:
+        """One vector per text (``result.embeddings``), from a node with an embedding model.
+
+        The batch is one job; it moves to another node if its node fails, like a chat. Raises
+        the job's error (``UnknownModel`` when no node has ``model`` as an embedding model).
+        """
+        spec = make_embed_spec(inputs, model=model, node=node, tags=tags, priority=priority)
+        return self.run_embed(spec)
+
+    def run_embed(self, spec: JobSpec) -> JobResult:
+        """Run an embed job made with ``controller.embedding.make_embed_spec``."""
+        outcome = EmbedOutcome(spec.job_id)
+        # Read to the end: the run resets the node's breakers as it is iterated past the end.
+        for event in self.stream(spec):
+            outcome.see(event)
+        return outcome.result()
 
     def attach(self, job_id: str) -> JobStreamReader:
         """Follow a running or finished job from its first event."""

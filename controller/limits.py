@@ -7,9 +7,11 @@ from broker.schemas import JobSpec
 
 
 def prompt_bytes(spec: JobSpec) -> int:
-    """The prompt's size as it travels: every message's text, UTF-8 encoded, and its images
-    (base64)."""
-    return sum(len(m.content.encode()) + sum(len(i) for i in m.images) for m in spec.messages)
+    """The prompt's size as it travels: every message's (or embed input's) text, UTF-8
+    encoded, and its images (base64)."""
+    return sum(
+        len(m.content.encode()) + sum(len(i) for i in m.images) for m in spec.messages
+    ) + sum(len(text.encode()) for text in spec.inputs)
 
 
 LIMIT_SETTING = "CORRAL_MAX_PROMPT_BYTES or max_prompt_bytes in corral.yaml"

@@ -13,7 +13,14 @@ from functools import partial
 from typing import NamedTuple
 
 from broker.errors import NoNodeAvailable, PromptTooLong, RoutingError, UnknownModel, UnknownNode
-from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo, canonical_model_name
+from broker.schemas import (
+    BackendInfo,
+    JobKind,
+    JobSpec,
+    ModelInfo,
+    NodeInfo,
+    canonical_model_name,
+)
 from broker.tiers import TIER_ORDER, tier_of_kind
 from controller.node_index import NodeIndex, Ranked, RankingQuery
 
@@ -202,26 +209,32 @@ def wanted_models(spec: JobSpec, aliases: Mapping[str, Sequence[str]]) -> list[s
     return list(aliases.get(spec.model, ())) or [spec.model]
 
 
-def _fits(model: ModelInfo, node: NodeInfo, tags: frozenset[str]) -> bool:
-    """The model can answer a chat job that asks for ``tags`` on this node.
+def _fits(model: ModelInfo, node: NodeInfo, tags: frozenset[str], kind: JobKind = "chat") -> bool:
+    """The model can answer a job of ``kind`` that asks for ``tags`` on this node.
 
     A tag is met by the node's configuration or by the model's own capabilities, so a vision
-    model gives its node the ``vision`` tag for the jobs that run on it.
+    model gives its node the ``vision`` tag for the jobs that run on it. An embed job goes
+    only to a model that says it embeds; a chat job never goes to one that only embeds.
     """
+    serves = model.serves_embed() if kind == "embed" else model.serves_chat()
     # "chat" is every chat model's capability: as a tag it would match every node.
-    return model.serves_chat() and tags <= node.tags | (model.capabilities - {"chat"})
+    return serves and tags <= node.tags | (model.capabilities - {"chat"})
 
 
 def _choices_on_backend(
-    node: NodeInfo, backend: BackendInfo, wanted: list[str] | None, tags: frozenset[str]
+    node: NodeInfo,
+    backend: BackendInfo,
+    wanted: list[str] | None,
+    tags: frozenset[str],
+    kind: JobKind = "chat",
 ) -> list[tuple[int, ModelInfo]]:
     """(preference, model) pairs this backend could serve the job with."""
     if wanted is not None:
         # "llama3" and "llama3:latest" are one model to Ollama, and so to the router.
         by_name = {canonical_model_name(m.name): m for m in backend.models}
         found = [(i, by_name.get(canonical_model_name(name))) for i, name in enumerate(wanted)]
-        return [(i, m) for i, m in found if m is not None and _fits(m, node, tags)]
-    fitting = [m for m in backend.models if _fits(m, node, tags)]
+        return [(i, m) for i, m in found if m is not None and _fits(m, node, tags, kind)]
+    fitting = [m for m in backend.models if _fits(m, node, tags, kind)]
     # Any model will do: the loaded one (no swap), else the first; one per backend.
     loaded = [m for m in fitting if m.loaded]
     pick = loaded[0] if loaded else (fitting[0] if fitting else None)
@@ -256,18 +269,24 @@ def rank_candidates(
         from controller.route_placement import route_candidates  # noqa: PLC0415
 
         return route_candidates(spec, nodes, blocked, exclude_nodes, sticky_node)
-    index = nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
-    if spec.node is not None:
-        pinned = index.state(spec.node)
+    if spec.node is not None or spec.kind == "embed":
+        # A pinned job looks at its one node; an embed job scans every node (the index serves
+        # chat models, and embed jobs are few).
+        scanned: Sequence[NodeState] = nodes
+        if spec.node is not None:
+            index = nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
+            pinned = index.state(spec.node)
+            scanned = [pinned] if pinned is not None else []
         return rank_candidates_by_scan(
             spec,
-            [pinned] if pinned is not None else [],
+            scanned,
             blocked,
             aliases=aliases,
             exclude_nodes=exclude_nodes,
             sticky_node=sticky_node,
             fit_context=fit_context,
         )
+    index = nodes if isinstance(nodes, NodeIndex) else NodeIndex(nodes)
     wanted = wanted_models(spec, aliases or {})
     queries: list[RankingQuery] = (
         [("model", canonical_model_name(name)) for name in wanted]
@@ -412,7 +431,8 @@ def rank_candidates_by_scan(
         for backend in node.info.backends:
             if not backend.healthy or f"{node.name}/{backend.name}" in blocked:
                 continue
-            for choice, model in _choices_on_backend(node.info, backend, wanted, spec.tags):
+            choices = _choices_on_backend(node.info, backend, wanted, spec.tags, spec.kind)
+            for choice, model in choices:
                 candidates.append(_candidate(node, backend, model, choice, sticky_node))
     candidates.sort(key=_rank_key)
     if fit_context:
@@ -462,6 +482,19 @@ def explain_no_candidate(
     up = [n for n in nodes if n.up]
     if not up:
         return NoNodeAvailable("no node is up" if not nodes else "every matching node is down")
+    if spec.kind == "chat" and wanted is not None:
+        holding = [
+            m
+            for n in up
+            for b in n.info.backends
+            for m in b.models
+            if canonical_model_name(m.name) in wanted_names
+        ]
+        if holding and not any(m.serves_chat() for m in holding):
+            return UnknownModel(
+                f"model {spec.model!r} is an embedding model: it cannot chat (ask it for "
+                "embeddings instead)"
+            )
     tried = [n for n in up if n.name in exclude_nodes]
     if tried and len(tried) == len(up):
         return NoNodeAvailable(
@@ -474,7 +507,18 @@ def explain_no_candidate(
         for m in b.models
     ):
         return NoNodeAvailable(f"no up node or model has the tags {', '.join(sorted(spec.tags))}")
-    if spec.tags and not any(
+    if spec.kind == "embed":
+        embedders = [m for n in up for b in n.info.backends for m in b.models if m.serves_embed()]
+        if wanted is not None and not any(
+            canonical_model_name(m.name) in wanted_names for m in embedders
+        ):
+            return UnknownModel(
+                f"model {spec.model!r} is not an embedding model on any up node "
+                f"(embedding models: {', '.join(sorted({m.name for m in embedders})) or 'none'})"
+            )
+        if not embedders:
+            return NoNodeAvailable("no up node has an embedding model")
+    elif spec.tags and not any(
         m.serves_chat() and spec.tags <= n.info.tags | (m.capabilities - {"chat"})
         for n in up
         for b in n.info.backends
@@ -482,7 +526,7 @@ def explain_no_candidate(
     ):
         return NoNodeAvailable(
             f"only models that cannot chat have the tags {', '.join(sorted(spec.tags))} "
-            "(an embedding model, say); corral routes chat jobs"
+            "(an embedding model, say): ask it for embeddings instead (corral embed)"
         )
     shut = sorted(
         t

@@ -144,6 +144,9 @@ class RunCore:
                 self.attempt.first_token = True
                 yield AttemptSucceeded(self.candidate)
         elif isinstance(event, DoneEvent):
+            if self.spec.kind == "embed" and event.result.status == "ok":
+                # An embed job has no tokens: its answer is its first sign of a working backend.
+                yield AttemptSucceeded(self.candidate)
             yield Finished(self.spec, event.result.text, self.candidate)
         elif isinstance(event, ErrorEvent | InterruptedEvent):
             if event.code in RETRYABLE_CODES and event.attempt == self.attempt.number:

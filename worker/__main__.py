@@ -98,6 +98,18 @@ def _split_tags(value: str | None) -> frozenset[str] | None:
     help="Simulated backend, chaos testing: kill the worker on a prompt containing TEXT.",
 )
 @click.option(
+    "--sim-models",
+    metavar="NAMES",
+    help="Simulated backend: its models, comma-separated (sim-embed is an embedding model).",
+)
+@click.option(
+    "--openai-embed-model",
+    "openai_embed_models",
+    multiple=True,
+    metavar="MODEL",
+    help="OpenAI-compatible backends: MODEL serves embeddings only (llama.cpp --embedding).",
+)
+@click.option(
     "--capacity",
     type=click.IntRange(1, 256),
     help="Parallel requests per backend (OLLAMA_NUM_PARALLEL and the like).",
@@ -121,6 +133,8 @@ def worker_command(
     sim_first_token_ms: float,
     sim_token_ms: float,
     sim_crash_on: str | None,
+    sim_models: str | None,
+    openai_embed_models: tuple[str, ...],
     capacity: int | None,
     broker: str | None,
     heartbeat: float | None,
@@ -134,7 +148,10 @@ def worker_command(
         settings = build_settings(broker_url=broker, heartbeat_interval_s=heartbeat)
         extra = {} if capacity is None else {"capacity": capacity}
         flag_backends = [backend_spec(kind="ollama", url=u, **extra) for u in ollama_urls]
-        flag_backends += [backend_spec(kind="openai", url=u, **extra) for u in openai_urls]
+        embedders = {"embed_models": openai_embed_models} if openai_embed_models else {}
+        flag_backends += [
+            backend_spec(kind="openai", url=u, **extra, **embedders) for u in openai_urls
+        ]
         # A provider's base URL and key are its own (overridable in corral.yaml); only the
         # kind is a flag. The key is read from the environment when the backend is built.
         flag_backends += [backend_spec(kind=kind, **extra) for kind in dict.fromkeys(providers)]
@@ -145,6 +162,7 @@ def worker_command(
                     first_token_s=sim_first_token_ms / 1000,
                     token_s=sim_token_ms / 1000,
                     crash_on=sim_crash_on,
+                    models=_split_models(sim_models),
                     **extra,
                 )
             )
@@ -162,6 +180,12 @@ def worker_command(
         click.echo(f"corral worker: {exc}", err=True)
         sys.exit(2)
     sys.exit(code)
+
+
+def _split_models(names: str | None) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    return tuple(n.strip() for n in names.split(",") if n.strip()) or None
 
 
 def main() -> None:

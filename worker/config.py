@@ -77,6 +77,9 @@ class OpenAICompatSpec(_Spec):
     kind: Literal["openai"]
     url: str
     api_key: SecretStr | None = None
+    embed_models: tuple[str, ...] = ()
+    """Models the server serves embeddings with and only embeddings (llama.cpp started with
+    ``--embedding``): its /v1/models does not say, so embed jobs go only to those listed."""
 
     _check_url = field_validator("url")(_http_url)
 
@@ -89,6 +92,8 @@ class SimulatedSpec(_Spec):
     token_s: float = Field(default=0.02, ge=0)
     crash_on: str | None = Field(default=None, min_length=1)
     """Chaos testing: the worker process dies on a prompt containing this text."""
+    models: tuple[str, ...] | None = Field(default=None, min_length=1)
+    """The models it starts with (None: sim-small and sim-large); ``sim-embed`` embeds."""
 
 
 class CloudSpec(_Spec):

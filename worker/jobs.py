@@ -14,16 +14,23 @@ from broker.catalog import Catalog, Price
 from broker.errors import (
     RETRYABLE_CODES,
     BackendError,
+    BackendProtocolError,
     BackendTimeout,
     BackendUnavailable,
     CorralError,
+    RequestTooLarge,
 )
 from broker.schemas import GenerationOptions, JobAssignment, JobResult, Timings, ToolCall, Usage
-from worker.backends.base import Backend, Chunk
+from worker.backends.base import Backend, Chunk, Embeddings, embedder
 from worker.backends.effort import effort_ignored_note, reasoning_control
 from worker.stream import Claim, Fenced, JobStream
 
 log = logging.getLogger(__name__)
+
+MAX_EMBED_RESULT_BYTES = 16 * 1024 * 1024
+"""The largest embed result (its JSON) a worker sends. It travels whole in one pub/sub message,
+and Redis drops a subscriber whose output buffer passes 32 MiB (``client-output-buffer-limit
+pubsub``, its default): on the gateway that connection carries every stream it follows."""
 
 Status = Literal["ok", "error", "cancelled"]
 
@@ -55,6 +62,8 @@ class _Progress:
     price: Price | None = None
     """What the model's tokens cost (None: local or unpriced)."""
     notes: tuple[str, ...] = ()
+    embedded: Embeddings | None = None
+    """An embed job's answer."""
 
     def add(self, chunk: Chunk) -> None:
         if self.first_token_at is None:
@@ -78,8 +87,12 @@ class _Progress:
     def result(self, status: Status, error: CorralError | None = None) -> JobResult:
         spec, final, now = self.assignment.spec, self.final, time.time()
         completion = final.completion_tokens if final else None
+        embedded = self.embedded
+        prompt_tokens = final.prompt_tokens if final else None
+        if embedded is not None:
+            prompt_tokens = embedded.prompt_tokens
         usage = Usage(
-            prompt_tokens=final.prompt_tokens if final else None,
+            prompt_tokens=prompt_tokens,
             completion_tokens=completion if completion is not None else len(self.parts),
         )
         if self.price is not None:
@@ -107,6 +120,7 @@ class _Progress:
             notes=self.notes,
             tool_calls=tuple(self.tool_calls),
             reasoning="".join(self.reasoning),
+            embeddings=tuple(tuple(v) for v in embedded.vectors) if embedded else (),
         )
 
 
@@ -119,6 +133,7 @@ async def run_job(
     first_token_timeout_s: float,
     catalog: Catalog | None = None,
     missing_reason: str | None = None,
+    max_result_bytes: int = MAX_EMBED_RESULT_BYTES,
 ) -> JobResult | None:
     """Stream ``control.assignment`` from its backend onto ``stream`` and return the outcome.
 
@@ -140,6 +155,7 @@ async def run_job(
             first_token_timeout_s,
             catalog=catalog,
             missing_reason=missing_reason,
+            max_result_bytes=max_result_bytes,
         )
     except Fenced:
         # Any write may find the job moved on (a frozen node woke up, a duplicate delivery).
@@ -158,8 +174,13 @@ async def _run_claimed(
     first_token_timeout_s: float,
     catalog: Catalog | None,
     missing_reason: str | None,
+    max_result_bytes: int,
 ) -> JobResult | None:
     assignment = control.assignment
+    if assignment.spec.kind == "embed":
+        return await _run_embed(
+            control, backends, stream, claim, first_token_timeout_s, max_result_bytes
+        )
     progress = _Progress(assignment)
     backend = backends.get(assignment.backend)
     options = assignment.spec.options
@@ -242,6 +263,69 @@ def _open_stream(
         return backend.stream_chat(assignment.model, spec.messages, options, tools=spec.tools)
     # Without tools, the three-argument call every backend (and test double) has always taken.
     return backend.stream_chat(assignment.model, spec.messages, options)
+
+
+async def _run_embed(
+    control: JobControl,
+    backends: Mapping[str, Backend],
+    stream: JobStream,
+    claim: Awaitable[Claim],
+    timeout_s: float,
+    max_result_bytes: int,
+) -> JobResult | None:
+    """An embed job: the same claim, lease and cancel path as a chat, one request and no
+    tokens to stream; the vectors travel in the done event. ``timeout_s`` bounds the request."""
+    assignment = control.assignment
+    spec = assignment.spec
+    progress = _Progress(assignment)
+    claimed = await claim
+    if claimed is not Claim.STARTED or control.cancel_requested:
+        if claimed is Claim.TAKEN_ELSEWHERE:
+            return None
+        control.cancel_requested = True
+        return await _finish(stream, progress, "cancelled", "job cancelled before it started")
+    backend = backends.get(assignment.backend)
+    able = embedder(backend) if backend is not None else None
+    if able is None:
+        error = BackendUnavailable(
+            f"node {assignment.node!r} has no backend {assignment.backend!r} that embeds"
+        )
+        return await _finish(stream, progress, "error", str(error), error)
+    try:
+        try:
+            embedded = await asyncio.wait_for(able.embed(assignment.model, spec.inputs), timeout_s)
+        except TimeoutError:
+            raise BackendTimeout(
+                f"backend {assignment.backend!r} on node {assignment.node!r} did not embed "
+                f"within {timeout_s:g}s (model {assignment.model!r})"
+            ) from None
+        if len(embedded.vectors) != len(spec.inputs):
+            raise BackendProtocolError(
+                f"backend {assignment.backend!r} answered {len(embedded.vectors)} vectors "
+                f"for {len(spec.inputs)} inputs"
+            )
+    except BackendError as exc:
+        log.warning("embed job %s failed on %s: %s", spec.job_id, assignment.backend, exc)
+        return await _finish(stream, progress, "error", str(exc), exc)
+    except asyncio.CancelledError:
+        if not control.cancel_requested:
+            raise  # the worker is shutting down: let the job be redelivered
+        log.info("embed job %s cancelled; backend request closed", spec.job_id)
+        return await _finish(stream, progress, "cancelled", "job cancelled")
+    progress.first_token_at = time.time()
+    progress.embedded = embedded
+    result = progress.result("ok")
+    size = len(result.model_dump_json())
+    if size > max_result_bytes:
+        progress.embedded = None
+        too_large = RequestTooLarge(
+            f"the {len(spec.inputs)} vectors take {size / 1024 / 1024:.1f} MiB, over the "
+            f"{max_result_bytes / 1024 / 1024:.0f} MiB an embed result may take: send fewer "
+            "inputs per request"
+        )
+        return await _finish(stream, progress, "error", str(too_large), too_large)
+    await stream.done(result)
+    return result
 
 
 async def _first_token(

@@ -41,6 +41,7 @@ from controller.cli.common import (
     split_list,
 )
 from controller.cli.doctor import doctor
+from controller.cli.embed import embed_command
 from controller.cli.fanout_tables import answers_table, progress_table
 from controller.cli.flower import flower
 from controller.cli.mcp import mcp_command
@@ -466,6 +467,7 @@ cli.add_command(serve)
 cli.add_command(top)
 cli.add_command(route_command)
 cli.add_command(usage_command)
+cli.add_command(embed_command)
 
 
 def main() -> None:

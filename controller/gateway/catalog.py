@@ -21,7 +21,8 @@ class CatalogEntry:
 
 
 async def catalog(gateway: Gateway) -> list[CatalogEntry]:
-    """Chat models on up nodes with a healthy backend, then the aliases that resolve to one."""
+    """Chat and embedding models on up nodes with a healthy backend, then the aliases that
+    resolve to one."""
     try:
         states = await gateway.client.nodes(max_age_s=gateway.settings.route_cache_s)
     except CorralError as exc:
@@ -34,7 +35,7 @@ async def catalog(gateway: Gateway) -> list[CatalogEntry]:
             if not backend.healthy:
                 continue
             for model in backend.models:
-                if not model.serves_chat():
+                if not (model.serves_chat() or model.serves_embed()):
                     continue
                 entry = entries.setdefault(model.name, CatalogEntry(model.name, info=model))
                 if state.name not in entry.nodes:

@@ -83,12 +83,3 @@ def http_error(exc: CorralError) -> HttpError:
         case UnsupportedOperation():
             return HttpError(501, message, "server_error", exc.code)
     return HttpError(502, message, "server_error", exc.code)
-
-
-def embeddings_not_routed() -> HttpError:
-    return HttpError(
-        501,
-        "embeddings are not routed by the corral gateway yet; call a node's Ollama directly",
-        "server_error",
-        "not_implemented",
-    )

@@ -22,7 +22,6 @@ from broker.schemas import (
     ChatMessage,
     DeltaEvent,
     DoneEvent,
-    ErrorEvent,
     GenerationOptions,
     InterruptedEvent,
     JobSpec,
@@ -35,6 +34,7 @@ from controller.aclient import AsyncCorralClient
 from controller.ajobrun import AsyncJobRun
 from controller.client import make_spec
 from controller.dispatch import preferred_candidates
+from controller.embedding import failure_of
 from controller.gateway.errors import HttpError, bad_request, http_error
 from controller.limits import check_prompt_size
 from controller.prompt import parse_tags
@@ -204,15 +204,11 @@ async def drain(events: AsyncIterator[AnyStreamEvent]) -> None:
 
 
 def final_failure(event: AnyStreamEvent) -> CorralError | None:
-    if isinstance(event, ErrorEvent) and event.final:
-        return error_from_code(event.code, event.message)
+    """The job's failure; an interruption ends an HTTP answer even when the job moves on (the
+    text already sent cannot be taken back)."""
     if isinstance(event, InterruptedEvent):
         return error_from_code(event.code, event.message)
-    if isinstance(event, DoneEvent) and event.result.status != "ok":
-        result = event.result
-        code = result.error_code or result.status
-        return error_from_code(code, result.error_message or f"the job ended: {result.status}")
-    return None
+    return failure_of(event)
 
 
 async def submit_and_hold(client: AsyncCorralClient, spec: JobSpec, timeout_s: float) -> HeldJob:

@@ -27,7 +27,8 @@ from broker.schemas import (
     ToolCall,
 )
 from controller.gateway.catalog import CatalogEntry, catalog, find
-from controller.gateway.errors import HttpError, bad_request, embeddings_not_routed, http_error
+from controller.gateway.embeddings import ollama_embed, ollama_embeddings
+from controller.gateway.errors import HttpError, bad_request, http_error
 from controller.gateway.jobs import HeldJob, build_spec, final_failure, hints_from, split_model
 from controller.gateway.requests import optional, options_from
 from controller.gateway.service import Gateway
@@ -42,6 +43,8 @@ from controller.gateway.tool_wire import (
 API = "ollama"
 NDJSON = "application/x-ndjson"
 _ROLES = ("system", "user", "assistant", "tool")
+_OLLAMA_CAPABILITY = {"chat": "completion", "embed": "embedding"}
+"""corral's capability names in Ollama's /api/show vocabulary."""
 
 
 def error_body(exc: HttpError) -> dict[str, Any]:
@@ -399,7 +402,7 @@ async def show(request: Request) -> Response:
             "details": _details(info),
             "model_info": model_info,
             # Ollama calls chat "completion".
-            "capabilities": ["completion" if c == "chat" else c for c in capabilities],
+            "capabilities": [_OLLAMA_CAPABILITY.get(c, c) for c in capabilities],
             "modified_at": _now(),
             "corral": _corral(entry),
         }
@@ -417,10 +420,6 @@ async def api_version(request: Request) -> Response:
     return JSONResponse({"version": corral_version()})
 
 
-async def embed(request: Request) -> Response:
-    raise embeddings_not_routed()
-
-
 def routes() -> list[Route]:
     return [
         Route("/api/chat", chat, methods=["POST"]),
@@ -429,8 +428,8 @@ def routes() -> list[Route]:
         Route("/api/ps", ps, methods=["GET"]),
         Route("/api/show", show, methods=["POST"]),
         Route("/api/version", api_version, methods=["GET"]),
-        Route("/api/embed", embed, methods=["POST"]),
-        Route("/api/embeddings", embed, methods=["POST"]),
+        Route("/api/embed", ollama_embed, methods=["POST"]),
+        Route("/api/embeddings", ollama_embeddings, methods=["POST"]),
     ]
 
 

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: ``/v1/chat/completions`` (streamed or not) and ``/v1/models``.
+"""The OpenAI-compatible API: ``/v1/chat/completions`` (streamed or not), ``/v1/models`` and
+``/v1/embeddings`` (in ``controller.gateway.embeddings``).
 
 Every route also answers without the ``/v1`` prefix, so a base URL given with or without it
 works. The answer's ``model`` is the model that really served the job.
@@ -25,7 +26,8 @@ from broker.schemas import (
     ToolCall,
 )
 from controller.gateway.catalog import CatalogEntry, catalog, find
-from controller.gateway.errors import HttpError, bad_request, embeddings_not_routed, http_error
+from controller.gateway.embeddings import openai_embeddings
+from controller.gateway.errors import HttpError, bad_request, http_error
 from controller.gateway.jobs import HeldJob, build_spec, final_failure, hints_from
 from controller.gateway.openai_messages import messages_from
 from controller.gateway.requests import optional, options_from
@@ -277,10 +279,6 @@ async def retrieve_model(request: Request) -> Response:
     return JSONResponse(_model_object(entry))
 
 
-async def embeddings(request: Request) -> Response:
-    raise embeddings_not_routed()
-
-
 def routes() -> list[Route]:
 
     found = []
@@ -289,6 +287,6 @@ def routes() -> list[Route]:
             Route(f"{prefix}/chat/completions", chat_completions, methods=["POST"]),
             Route(f"{prefix}/models", list_models, methods=["GET"]),
             Route(f"{prefix}/models/{{model:path}}", retrieve_model, methods=["GET"]),
-            Route(f"{prefix}/embeddings", embeddings, methods=["POST"]),
+            Route(f"{prefix}/embeddings", openai_embeddings, methods=["POST"]),
         ]
     return found

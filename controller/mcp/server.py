@@ -25,9 +25,10 @@ from controller.breaker import BreakerPhase
 from controller.client import make_spec
 from controller.fanout import fanout_candidates
 from controller.mcp.describe import cluster_summary, model_rows, node_rows, status_text
+from controller.mcp.embed_tool import add_embed_tool
 from controller.mcp.jobs import JobBook, JobProgress, follow
+from controller.mcp.targets import resolve_target
 from controller.router import NodeState
-from controller.routes import aresolve_mention
 
 _SUMMARY_MAX_AGE_S = 2.0
 _READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
@@ -120,19 +121,14 @@ def build_server(
             bool, Field(description="false: return the job id at once and poll.")
         ] = True,
     ) -> CallToolResult:
-        route = route_url = None
         try:
-            if node is not None:
-                nodes = await client.nodes(max_age_s=client.settings.route_cache_s)
-                mention = await aresolve_mention(node, client.redis, nodes, model=model)
-                node, model = mention.node, mention.model
-                route, route_url = mention.route_name, mention.route_url
+            target = await resolve_target(client, node, model)
             spec = make_spec(
                 prompt,
-                node=node,
-                model=model,
-                route=route,
-                route_url=route_url,
+                node=target.node,
+                model=target.model,
+                route=target.route,
+                route_url=target.route_url,
                 tags=frozenset(tags or ()),
                 system=system,
                 options=GenerationOptions(max_tokens=max_tokens),
@@ -212,6 +208,7 @@ def build_server(
         return _result(text, {"results": results})
 
     _add_lookups(server, client, book)
+    add_embed_tool(server, client)
     return server
 
 

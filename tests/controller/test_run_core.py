@@ -9,12 +9,16 @@ from broker.schemas import (
     AnyStreamEvent,
     ChatMessage,
     DeltaEvent,
+    DoneEvent,
     ErrorEvent,
     InterruptedEvent,
+    JobResult,
     JobSpec,
     ReroutedEvent,
     StartedEvent,
+    Timings,
 )
+from controller.embedding import make_embed_spec
 from controller.router import Candidate
 from controller.run_core import (
     Attempt,
@@ -22,6 +26,7 @@ from controller.run_core import (
     AttemptSucceeded,
     ChooseNext,
     Effect,
+    Finished,
     RunCore,
     Send,
     Steps,
@@ -182,3 +187,26 @@ def test_a_move_to_the_current_attempt_notes_the_new_worker_instance() -> None:
     run.cursor.take(moved)
     Script().run(run.after(moved))
     assert run.cursor.instance == "wb"
+
+
+def test_an_embed_jobs_answer_closes_the_breakers_and_a_failed_one_does_not() -> None:
+    spec = make_embed_spec(["a", "b"], model="m")
+    result = JobResult(
+        job_id=spec.job_id,
+        status="ok",
+        node="a",
+        backend="sim",
+        model="m",
+        text="",
+        timings=Timings(queued_ms=1, first_token_ms=2, total_ms=3),
+        embeddings=((1.0,), (2.0,)),
+    )
+    done = DoneEvent(job_id=spec.job_id, seq=1, ts=0, result=result)
+    run = RunCore(spec, StreamCursor(spec.job_id, node="a"), Attempt(1, candidate("a")))
+    effects = Script().run(run.after(done))
+    assert [type(e) for e in effects] == [AttemptSucceeded, Finished]
+    cancelled = done.model_copy(
+        update={"result": result.model_copy(update={"status": "cancelled"})}
+    )
+    again = RunCore(spec, StreamCursor(spec.job_id, node="a"), Attempt(1, candidate("a")))
+    assert [type(e) for e in Script().run(again.after(cancelled))] == [Finished]

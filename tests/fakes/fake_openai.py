@@ -1,4 +1,5 @@
-"""A fake OpenAI-compatible server: ``/v1/models`` and streamed ``/v1/chat/completions``.
+"""A fake OpenAI-compatible server: ``/v1/models``, streamed ``/v1/chat/completions`` and
+``/v1/embeddings``.
 
 It follows OpenAI's chat completions streaming format: Server-Sent Events, each ``data:`` a
 ``chat.completion.chunk`` whose first delta carries the role, then one content delta per token,
@@ -10,14 +11,21 @@ Switches: served models, the canned reply, token delays, whether the server hono
 ``include_usage`` (llama_cpp.server ignores it), a required API key (its 401 message echoes
 the key it got, so a test can check the adapter scrubs it), "fail with status N", "drop the
 connection after K events" and "send an error event after K events". Abandoned streams are
-counted in ``aborted_streams``.
+counted in ``aborted_streams``. Embeddings: ``input`` a string or a list of strings, one
+``{"object": "embedding", "index", "embedding"}`` each (floats, or base64 little-endian
+float32 with ``encoding_format: base64``), ``usage.prompt_tokens``; a model not served is a
+404 ``model_not_found``; ``embeddings_reversed`` lists them last index first (the indexes say
+which is which).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import re
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -83,6 +91,8 @@ class FakeOpenAIState:
     (the id and name first, the arguments in pieces) and finished with ``tool_calls``."""
     reasoning: str = ""
     """Streamed first as ``reasoning_content`` deltas (llama.cpp's --reasoning-format)."""
+    embeddings_reversed: bool = False
+    embedding_bodies: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def chat_bodies(self) -> list[dict[str, Any]]:
@@ -322,13 +332,57 @@ def build_app(state: FakeOpenAIState) -> Starlette:
             return JSONResponse({"error": "Not Found"}, status_code=404)
         return JSONResponse({"total_slots": state.total_slots, "chat_template": ""})
 
+    async def embeddings(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
+        body = await request.json()
+        state.embedding_bodies.append(body)
+        if body.get("model") not in state.models:
+            message = f"The model `{body.get('model')}` does not exist"
+            return _error(404, message, "invalid_request_error", "model_not_found")
+        given = body.get("input")
+        texts = [given] if isinstance(given, str) else given
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            return _error(400, "'input' is invalid", "invalid_request_error")
+        as_base64 = body.get("encoding_format") == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "index": index,
+                "embedding": _base64(fake_embedding(text)) if as_base64 else fake_embedding(text),
+            }
+            for index, text in enumerate(texts)
+        ]
+        if state.embeddings_reversed:
+            data.reverse()
+        tokens = sum(len(text.split()) for text in texts)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
     return Starlette(
         routes=[
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/props", props, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         ]
     )
+
+
+def fake_embedding(text: str, dims: int = 8) -> list[float]:
+    """A deterministic vector per text (exact in float32, so base64 round-trips it)."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [(b - 128) / 128 for b in digest[:dims]]
+
+
+def _base64(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 @dataclass

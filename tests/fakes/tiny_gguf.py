@@ -50,8 +50,10 @@ def _vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write_tiny_llama_gguf(path: Path, seed: int = 1234) -> Path:
-    """Write the model to ``path`` and return it."""
+def write_tiny_llama_gguf(path: Path, seed: int = 1234, *, mean_pooling: bool = False) -> Path:
+    """Write the model to ``path`` and return it. ``mean_pooling``: the model says its
+    embeddings are the mean over the tokens, so a server started with embeddings on answers
+    one vector per text (without it llama.cpp gives one vector per token)."""
     tokens, scores, types = _vocabulary()
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
@@ -71,6 +73,8 @@ def write_tiny_llama_gguf(path: Path, seed: int = 1234) -> Path:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if mean_pooling:
+        writer.add_pooling_type(gguf.PoolingType.MEAN)
 
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)

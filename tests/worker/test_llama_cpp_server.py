@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -56,33 +57,16 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     raise TimeoutError(f"llama_cpp.server not ready after {STARTUP_TIMEOUT_S}s")
 
 
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A llama_cpp.server on a free loopback port for the whole module (it takes seconds to
-    start); stopped by its pid at the end."""
-    # Imported here, after the importorskip above: the module needs gguf at import time.
-    from tests.fakes.tiny_gguf import write_tiny_llama_gguf
-
-    workdir = tmp_path_factory.mktemp("llama")
-    model = write_tiny_llama_gguf(workdir / "tiny.gguf")
+@contextmanager
+def running_llama_server(model: Path, alias: str, *extra: str) -> Iterator[str]:
+    """``python -m llama_cpp.server`` for ``model`` on a free loopback port, logging next to
+    the model; its URL once it answers. Stopped by its pid at the end."""
     port = free_port()
-    log = workdir / "server.log"
+    log = model.with_suffix(".log")
     command = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(model),
-        "--model_alias",
-        MODEL_ALIAS,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        "512",
-        "--verbose",
-        "False",
+        *(sys.executable, "-m", "llama_cpp.server", "--model", str(model)),
+        *("--model_alias", alias, "--host", "127.0.0.1", "--port", str(port)),
+        *("--n_ctx", "512", "--verbose", "False", *extra),
     ]
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -97,6 +81,17 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A llama_cpp.server for the whole module (it takes seconds to start)."""
+    # Imported here, after the importorskip above: the module needs gguf at import time.
+    from tests.fakes.tiny_gguf import write_tiny_llama_gguf
+
+    model = write_tiny_llama_gguf(tmp_path_factory.mktemp("llama") / "tiny.gguf")
+    with running_llama_server(model, MODEL_ALIAS) as url:
+        yield url
 
 
 async def _inventory(url: str) -> list[ModelInfo]:

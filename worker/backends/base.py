@@ -22,8 +22,11 @@ __all__ = [
     "Backend",
     "BackendKind",
     "Chunk",
+    "Embedder",
+    "Embeddings",
     "ModelManager",
     "PullProgress",
+    "embedder",
     "manages_models",
     "model_manager",
     "public_url",
@@ -51,6 +54,15 @@ class Chunk:
     completion_tokens: int | None = None
     reasoning: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """A batch of vectors, one per input in the order given, and the tokens the inputs took
+    (None when the backend does not say)."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +153,23 @@ class ModelManager(Backend, Protocol):
     async def delete(self, model: str) -> None:
         """Remove ``model`` from the backend's disk (``ModelNotFound`` if it has no such model)."""
         ...
+
+
+@runtime_checkable
+class Embedder(Backend, Protocol):
+    """The optional part: a backend that turns texts into vectors (Ollama ``/api/embed``,
+    OpenAI-compatible ``/v1/embeddings``, the simulated backend). Which of its models can is
+    in their ``embed`` capability."""
+
+    async def embed(self, model: str, inputs: Sequence[str]) -> Embeddings:
+        """One vector per input, as one request; raises only ``BackendError`` subclasses.
+        Cancelling the awaiting task closes the request."""
+        ...
+
+
+def embedder(backend: Backend) -> Embedder | None:
+    """``backend`` as an ``Embedder`` if it can embed, else None."""
+    return backend if isinstance(backend, Embedder) else None
 
 
 def model_manager(backend: Backend) -> ModelManager | None:

@@ -33,6 +33,7 @@ from worker.backends.base import (
     KEEP_LOADED_FOREVER,
     BackendKind,
     Chunk,
+    Embeddings,
     PullProgress,
     public_url,
 )
@@ -47,6 +48,7 @@ from worker.backends.http_errors import (
 from worker.backends.ollama_wire import (
     UNKNOWN_FACTS,
     ChatLine,
+    EmbedResponse,
     ErrorBody,
     ListedModel,
     ModelFacts,
@@ -245,6 +247,15 @@ class OllamaBackend:
             )
         # Yielded after the response is closed, so a consumer that stops here leaks nothing.
         yield final
+
+    # --- embeddings ----------------------------------------------------------------------------
+
+    async def embed(self, model: str, inputs: Sequence[str]) -> Embeddings:
+        """``POST /api/embed`` with the whole batch as ``input``."""
+        body = {"model": model, "input": list(inputs)}
+        response = await self._request("POST", "/api/embed", model, json=body)
+        parsed = self._parse(EmbedResponse, response.content, "/api/embed")
+        return Embeddings(parsed.embeddings, parsed.prompt_eval_count)
 
     # --- the model lifecycle -------------------------------------------------------------------
 

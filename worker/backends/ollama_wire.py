@@ -91,6 +91,13 @@ class LineMessage(_Wire):
     tool_calls: list[WireToolCall] | None = None
 
 
+class EmbedResponse(_Wire):
+    """``POST /api/embed``: one vector per input, and the tokens the inputs took."""
+
+    embeddings: list[list[float]]
+    prompt_eval_count: int | None = None
+
+
 class ChatLine(_Wire):
     """One NDJSON line of ``/api/chat``; the last has ``done`` and the counters."""
 

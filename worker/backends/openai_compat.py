@@ -18,7 +18,7 @@ import base64
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from broker.errors import BackendError, BackendProtocolError
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, ToolCall, ToolDefinition
-from worker.backends.base import BackendKind, Chunk, public_url
+from worker.backends.base import BackendKind, Chunk, Embeddings, public_url
 from worker.backends.cloud import ModelCache, RateLimits
 from worker.backends.effort import openai_reasoning_effort
 from worker.backends.http_errors import (
@@ -37,6 +37,7 @@ from worker.backends.http_errors import (
     error_text,
     url_secrets,
 )
+from worker.backends.openai_embed import post_embeddings
 from worker.backends.sse import SSEDecoder, lines_to_the_end
 
 log = logging.getLogger(__name__)
@@ -316,8 +317,11 @@ class OpenAICompatBackend:
         kind: BackendKind = "openai",
         key_source: str | None = None,
         models: ModelCache | None = None,
+        embed_models: Collection[str] = (),
     ) -> None:
         self._name = name
+        # A local server's /v1/models does not say which models embed: the configuration does.
+        self._embed_models = frozenset(embed_models)
         self._kind: BackendKind = kind
         self._server_root = server_root(base_url)
         self._api_root = api_root(base_url)
@@ -379,7 +383,12 @@ class OpenAICompatBackend:
                 "a /v1/models body that is not a model list", response.text
             ) from None
         if not self._cloud:
-            return [ModelInfo(name=m.id, loaded=True) for m in listing.data]
+            return [
+                ModelInfo(name=m.id, loaded=True, capabilities=frozenset({"embed"}))
+                if m.id in self._embed_models
+                else ModelInfo(name=m.id, loaded=True)
+                for m in listing.data
+            ]
         return [info for m in listing.data if (info := cloud_model_info(m.id)) is not None]
 
     async def stream_chat(
@@ -446,6 +455,11 @@ class OpenAICompatBackend:
                 if usage is not None and usage.completion_tokens is not None
                 else deltas
             ),
+        )
+
+    async def embed(self, model: str, inputs: Sequence[str]) -> Embeddings:
+        return await post_embeddings(
+            self._client, self._api_root, self._headers(), self._errors, model, inputs
         )
 
     # --- internals -------------------------------------------------------------------------

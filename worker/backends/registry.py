@@ -78,7 +78,7 @@ def needs_tls(config: WorkerConfig) -> bool:
 
 
 def _simulated(name: str, spec: SimulatedSpec, client: httpx.AsyncClient) -> Backend:
-    from worker.backends.simulated import SimulatedBackend  # noqa: PLC0415
+    from worker.backends.simulated import DEFAULT_MODELS, SimulatedBackend  # noqa: PLC0415
 
     return SimulatedBackend(
         name,
@@ -86,6 +86,7 @@ def _simulated(name: str, spec: SimulatedSpec, client: httpx.AsyncClient) -> Bac
         token_s=spec.token_s,
         capacity=spec.capacity,
         crash_on=spec.crash_on,
+        models=spec.models if spec.models is not None else DEFAULT_MODELS,
     )
 
 
@@ -101,7 +102,14 @@ def _openai(name: str, spec: OpenAICompatSpec, client: httpx.AsyncClient) -> Bac
     # Not configured: the server may say (llama.cpp's slots). The node's own capacity,
     # which sizes Celery's pool, still follows the configuration.
     configured = spec.capacity if "capacity" in spec.model_fields_set else None
-    return OpenAICompatBackend(name, spec.url, client, capacity=configured, api_key=spec.api_key)
+    return OpenAICompatBackend(
+        name,
+        spec.url,
+        client,
+        capacity=configured,
+        api_key=spec.api_key,
+        embed_models=spec.embed_models,
+    )
 
 
 def _openai_cloud(name: str, spec: OpenAICloudSpec, client: httpx.AsyncClient) -> Backend:

@@ -31,6 +31,7 @@ from worker.backends.base import (
     KEEP_LOADED_FOREVER,
     BackendKind,
     Chunk,
+    Embeddings,
     PullProgress,
 )
 
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODELS = ("sim-small", "sim-large")
 
 GB = 1_000_000_000
+
+EMBEDDING_DIMENSIONS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,14 @@ def reply_for(messages: Sequence[ChatMessage]) -> str:
     prompt = messages[-1].content if messages else ""
     digest = hashlib.sha256(prompt.encode()).digest()
     return _REPLIES[digest[0] % len(_REPLIES)]
+
+
+def simulated_embedding(text: str, dims: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A deterministic unit vector for ``text``: equal texts get equal vectors."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [b - 127.5 for b in digest[:dims]]
+    norm = sum(x * x for x in raw) ** 0.5 or 1.0
+    return [x / norm for x in raw]
 
 
 def _describe(name: str) -> SimulatedModel:
@@ -209,6 +220,17 @@ class SimulatedBackend:
             prompt_tokens=sum(len(m.content.split()) for m in messages),
             completion_tokens=len(words),
         )
+
+    async def embed(self, model: str, inputs: Sequence[str]) -> Embeddings:
+        """A unit vector per text, the same every time for the same text."""
+        self._installed(model)
+        self._loaded[model] = None
+        if self._crash_on and any(self._crash_on in text for text in inputs):
+            log.critical("simulated crash: an input contains %r", self._crash_on)
+            os.kill(os.getpid(), signal.SIGKILL)
+        await asyncio.sleep(self._first_token_s)
+        vectors = [simulated_embedding(text) for text in inputs]
+        return Embeddings(vectors, prompt_tokens=sum(len(text.split()) for text in inputs))
 
     async def aclose(self) -> None:
         return None

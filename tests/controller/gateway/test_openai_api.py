@@ -145,13 +145,6 @@ def test_a_prompt_over_the_cluster_limit_is_a_413(client: openai.OpenAI) -> None
     assert "over the limit" in caught.value.message
 
 
-def test_embeddings_are_a_clear_501(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.APIStatusError) as caught:
-        client.embeddings.create(model="sim-embed", input="hello")
-    assert caught.value.status_code == 501
-    assert "embeddings are not routed" in caught.value.message
-
-
 def test_a_session_keeps_its_node(client: openai.OpenAI) -> None:
     def ask(model: str, session: str) -> str:
         raw = client.chat.completions.with_raw_response.create(

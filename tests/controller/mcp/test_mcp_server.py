@@ -100,6 +100,7 @@ def test_tools_are_listed_with_what_each_model_and_node_is_good_for(
         "job_status",
         "job_result",
         "job_cancel",
+        "embed",
     }
     ask = by_name["ask"].description or ""
     assert "sim-small" in ask and "sim-large" in ask
