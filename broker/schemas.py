@@ -162,7 +162,7 @@ class GenerationOptions(_OmitsUnusedAdditions):
 class JobSpec(Message, _OmitsUnusedAdditions):
     """What a user asked for: the prompt and the hints the router uses."""
 
-    _omit_at_default = ("tools", "route_url")
+    _omit_at_default = ("tools", "route_url", "kind", "inputs")
 
     job_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9\-]+$")
     kind: JobKind = "chat"
@@ -356,7 +356,7 @@ class Timings(BaseModel):
 class JobResult(Message, _OmitsUnusedAdditions):
     """The final outcome, kept after the stream ends."""
 
-    _omit_at_default = ("tool_calls", "reasoning", "tier", "reason", "notes")
+    _omit_at_default = ("tool_calls", "reasoning", "tier", "reason", "notes", "embeddings")
 
     job_id: str
     status: Literal["ok", "error", "cancelled"]
