@@ -133,7 +133,14 @@ class UnsupportedOperation(ModelOpError):
 
 
 class BackendError(CorralError):
+    """``retry_after``: the provider's advice, in seconds, on when this backend may take a
+    request again (a 429's or 529's Retry-After; a spent quota's reset), if it gave one."""
+
     code = "backend"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BackendUnavailable(BackendError):
@@ -169,10 +176,6 @@ class BackendRateLimited(BackendError):
 
     code = "rate_limited"
     retryable = True
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class QuotaExhausted(BackendRateLimited):

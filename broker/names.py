@@ -111,3 +111,13 @@ ROUTES_HASH = f"{KEY_PREFIX}routes"
 ROUTING_OFF_KEY = f"{KEY_PREFIX}routes:off"
 """Present while routing is off (``corral route off``): ``@route`` is then refused. Absent (the
 default), routes answer as soon as they are added."""
+
+RATE_COUNTERS_HASH = f"{KEY_PREFIX}rate-counters"
+"""Hash of rate-limit scope (``anthropic``, ``anthropic|MODEL``) -> this minute's requests and
+tokens (broker.ratelimits): shared by every worker and controller; expires when idle."""
+
+
+def provider_limits_key(node_name: str, backend: str) -> str:
+    """Hash of the rate-limit headers a provider last sent this node's backend (remaining
+    requests and tokens, their resets), written by the node's heartbeat; short-lived."""
+    return f"{KEY_PREFIX}node:{node_name}:provider-limits:{backend}"

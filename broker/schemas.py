@@ -191,6 +191,9 @@ class ErrorEvent(_Event):
     node: str | None = None
     attempt: int = 1
     final: bool = True
+    retry_after: float | None = Field(default=None, ge=0)
+    """Seconds until the backend may take a request again, when its provider said so (a 429's
+    or 529's Retry-After) or corral's own rate limit knows (the end of its minute)."""
 
 
 class InterruptedEvent(_Event):

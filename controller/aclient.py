@@ -41,6 +41,7 @@ from controller.cluster import ClusterView
 from controller.dispatch import (
     NO_PROBE_PERMIT,
     WRITES_REFUSED,
+    breaker_hold,
     breaker_phases,
     failure_target,
     full_broker_reason,
@@ -329,8 +330,15 @@ class _AsyncClientHooks:
         for target in success_targets(candidate, view):
             await self._client.breakers.record_success(target)
 
-    async def attempt_failed(self, candidate: Candidate, code: str) -> None:
-        await self._client.breakers.record_failure(failure_target(candidate, code))
+    async def attempt_failed(
+        self, candidate: Candidate, code: str, retry_after: float | None = None
+    ) -> None:
+        target = failure_target(candidate, code)
+        hold = breaker_hold(code, retry_after, self._client.settings.quota_cooldown_s)
+        if hold is not None:
+            await self._client.breakers.hold(target, *hold)
+        else:
+            await self._client.breakers.record_failure(target)
 
     async def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
         if spec.session is None:

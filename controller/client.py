@@ -50,6 +50,7 @@ from controller.cluster import ClusterReader, ClusterView, preload_scripts
 from controller.dispatch import (
     NO_PROBE_PERMIT,
     WRITES_REFUSED,
+    breaker_hold,
     breaker_phases,
     failure_target,
     full_broker_reason,
@@ -527,8 +528,15 @@ class _ClientHooks:
         for target in success_targets(candidate, view):
             self._client.breakers.record_success(target)
 
-    def attempt_failed(self, candidate: Candidate, code: str) -> None:
-        self._client.breakers.record_failure(failure_target(candidate, code))
+    def attempt_failed(
+        self, candidate: Candidate, code: str, retry_after: float | None = None
+    ) -> None:
+        target = failure_target(candidate, code)
+        hold = breaker_hold(code, retry_after, self._client.settings.quota_cooldown_s)
+        if hold is not None:
+            self._client.breakers.hold(target, *hold)
+        else:
+            self._client.breakers.record_failure(target)
 
     def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
         if spec.session is None:

@@ -81,6 +81,27 @@ def failure_target(candidate: Candidate, code: str) -> str:
     return backend_target(candidate.node, candidate.backend)
 
 
+HOLDING_CODES = frozenset({"quota_exhausted"})
+"""Final failures that still shut their backend: a spent quota is spent for every job."""
+
+
+def breaker_hold(
+    code: str, retry_after: float | None, quota_cooldown_s: float
+) -> tuple[float, str] | None:
+    """How long a failed attempt's breaker stays open and why, when its provider said how long
+    (a 429's or 529's Retry-After, a quota's reset); None: count it as an ordinary failure.
+    A spent quota without a reset time holds for ``quota_cooldown_s``."""
+    if code == "quota_exhausted":
+        return (retry_after if retry_after else quota_cooldown_s), "quota_exhausted"
+    if retry_after is None:
+        return None
+    if code == "rate_limited":
+        return retry_after, "rate_limited"
+    if code == "backend_unavailable":
+        return retry_after, "overloaded"
+    return None
+
+
 def success_targets(candidate: Candidate, view: ClusterView) -> list[str]:
     """Breakers a first token resets: only those with an entry (no round trip per job)."""
     return [t for t in (candidate.node, candidate.backend_target) if t in view.breakers]

@@ -26,6 +26,7 @@ from broker.schemas import (
     JobSpec,
     ReroutedEvent,
 )
+from controller.dispatch import HOLDING_CODES
 from controller.router import Candidate
 from controller.stream_control import CLOSED_LEASE, TakeOver
 from controller.stream_core import StreamCursor
@@ -53,10 +54,12 @@ class AttemptSucceeded:
 
 @dataclass(frozen=True, slots=True)
 class AttemptFailed:
-    """Count a failure against the node (node-level codes) or its backend. Result: None."""
+    """Count a failure against the node (node-level codes) or its backend, or hold the
+    backend's breaker open for ``retry_after`` when its provider said so. Result: None."""
 
     candidate: Candidate
     code: str
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +149,10 @@ class RunCore:
         elif isinstance(event, DoneEvent):
             yield Finished(self.spec, event.result.text, self.candidate)
         elif isinstance(event, ErrorEvent | InterruptedEvent):
-            if event.code in RETRYABLE_CODES and event.attempt == self.attempt.number:
-                yield AttemptFailed(self.candidate, event.code)
+            counts = event.code in RETRYABLE_CODES or event.code in HOLDING_CODES
+            if counts and event.attempt == self.attempt.number:
+                retry_after = event.retry_after if isinstance(event, ErrorEvent) else None
+                yield AttemptFailed(self.candidate, event.code, retry_after)
                 lost = event.code in NODE_FAILURE_CODES
                 failed = self.worker_lost if lost else self.backend_failed
                 failed.add(self.candidate.backend_target)

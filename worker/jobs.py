@@ -88,8 +88,12 @@ async def run_job(
     claim: Awaitable[Claim],
     *,
     first_token_timeout_s: float,
+    refused: BackendError | None = None,
 ) -> JobResult | None:
     """Stream ``control.assignment`` from its backend onto ``stream`` and return the outcome.
+
+    ``refused``: the backend must not be called (corral's own rate limit said no); the
+    attempt ends with that error once claimed.
 
     ``claim`` is the job's lease-and-start claim (see ``JobStream.claim``); None is returned
     when this delivery may not run (another holds the lease, or the job has moved on). Backend
@@ -98,7 +102,7 @@ async def run_job(
     controller's decision, not Celery's (which would retry on the same node).
     """
     try:
-        return await _run_claimed(control, backends, stream, claim, first_token_timeout_s)
+        return await _run_claimed(control, backends, stream, claim, first_token_timeout_s, refused)
     except Fenced:
         # Any write may find the job moved on (a frozen node woke up, a duplicate delivery).
         log.warning(
@@ -114,13 +118,14 @@ async def _run_claimed(
     stream: JobStream,
     claim: Awaitable[Claim],
     first_token_timeout_s: float,
+    refused: BackendError | None,
 ) -> JobResult | None:
     assignment = control.assignment
     progress = _Progress(assignment)
     backend = backends.get(assignment.backend)
     chunks = (
         backend.stream_chat(assignment.model, assignment.spec.messages, assignment.spec.options)
-        if backend is not None and not control.cancel_requested
+        if backend is not None and not control.cancel_requested and refused is None
         else None
     )
     # Ask the backend for its first token while the claim is in flight: the claim's round trip
@@ -138,6 +143,8 @@ async def _run_claimed(
             return None
         control.cancel_requested = True
         return await _finish(stream, progress, "cancelled", "job cancelled before it started")
+    if refused is not None:
+        return await _finish(stream, progress, "error", str(refused), refused)
     if chunks is None or first_chunk is None:
         error = BackendUnavailable(
             f"node {assignment.node!r} has no backend {assignment.backend!r}"
@@ -225,7 +232,13 @@ async def _finish(
         )
     else:
         await stream.error(
-            code, message, assignment.node, result, attempt=assignment.attempt, final=final
+            code,
+            message,
+            assignment.node,
+            result,
+            attempt=assignment.attempt,
+            final=final,
+            retry_after=error.retry_after if isinstance(error, BackendError) else None,
         )
     return result
 

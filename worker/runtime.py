@@ -23,7 +23,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from broker import names
-from broker.errors import BrokerUnavailable, CorralError
+from broker.errors import BackendRateLimited, BrokerUnavailable, CorralError
 from broker.redis_clients import async_client
 from broker.schemas import (
     JobAssignment,
@@ -39,6 +39,7 @@ from worker.backends.registry import build_backends, make_http_client, needs_tls
 from worker.config import WorkerConfig
 from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
 from worker.jobs import JobControl, run_job
+from worker.limiter import Admission, ProviderLimiter
 from worker.model_ops import run_model_op
 from worker.stream import JobStream, StreamScripts
 from worker.sysinfo import SystemProbe
@@ -107,6 +108,7 @@ class NodeRuntime:
         )
         self._redis: Redis | None = None
         self._scripts: StreamScripts | None = None
+        self._limiter: ProviderLimiter | None = None
         self._http: httpx.AsyncClient | None = None
         self.backends: dict[str, Backend] = {}
         self._active: dict[str, JobControl] = {}
@@ -225,6 +227,7 @@ class NodeRuntime:
             ) from None
         self._scripts = StreamScripts(self._redis)
         await self._scripts.preload()
+        self._limiter = ProviderLimiter(self._redis, self.settings.limits)
         self._http = make_http_client(self.settings.job_timeout_s, tls=needs_tls(self.config))
         self.backends = build_backends(self.config, self._http)
         await self._heartbeat_once()
@@ -372,12 +375,22 @@ class NodeRuntime:
             lease_ttl_s=int(self.settings.job_timeout_s) + self.settings.replay_ttl_s,
         )
         timeout = assignment.spec.first_token_timeout_s or self.settings.first_token_timeout_s
+        admission, refused = await self._admit(assignment)
         task = asyncio.create_task(
-            run_job(control, self.backends, stream, claim, first_token_timeout_s=timeout)
+            run_job(
+                control,
+                self.backends,
+                stream,
+                claim,
+                first_token_timeout_s=timeout,
+                refused=refused,
+            )
         )
         control.task = task
         try:
             result = await task
+            if admission is not None and self._limiter is not None:
+                await self._limiter.settle(admission, result)
         except asyncio.CancelledError:
             # Cancelled before its first step ran: run_job never saw it, so report here.
             if control.cancel_requested and task.cancelled():
@@ -392,6 +405,22 @@ class NodeRuntime:
                 assignment.attempt,
             )
         return result
+
+    async def _admit(
+        self, assignment: JobAssignment
+    ) -> tuple[Admission | None, BackendRateLimited | None]:
+        """Count the call against the configured rate limits before the backend is asked."""
+        backend = self.backends.get(assignment.backend)
+        if backend is None or self._limiter is None:
+            return None, None
+        try:
+            admission = await self._limiter.admit(
+                backend.kind, assignment.model, assignment.spec.messages
+            )
+        except BackendRateLimited as exc:
+            log.info("job %s not sent to %s: %s", assignment.spec.job_id, backend.name, exc)
+            return None, exc
+        return admission, None
 
     async def _model_op(self, request: ModelOpRequest) -> JobResult:
         stream = JobStream(self.scripts, request.op_id, self.settings.replay_ttl_s)

@@ -222,6 +222,7 @@ class JobStream:
         *,
         attempt: int = 1,
         final: bool = True,
+        retry_after: float | None = None,
     ) -> None:
         event = ErrorEvent(
             job_id=self._job_id,
@@ -232,6 +233,7 @@ class JobStream:
             node=node,
             attempt=attempt,
             final=final,
+            retry_after=retry_after,
         )
         await self._send(event, result=result, set_expiry=True)
 

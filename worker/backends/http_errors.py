@@ -194,9 +194,10 @@ class HttpErrors:
             # Payment Required: DeepSeek's "Insufficient Balance" (and any billing proxy's).
             return QuotaExhausted(f"{self.where} says the key's credit is spent: {report.message}")
         if status == 429:
-            if report.quota_exhausted:
+            if report.quota_exhausted or (retry_after is None and _spend_limit(report.message)):
                 return QuotaExhausted(
-                    f"{self.where} says the key's quota is exhausted: {report.message}"
+                    f"{self.where} says the key's quota is exhausted: {report.message}",
+                    retry_after=retry_after,
                 )
             wait = f"; retry after {retry_after:g}s" if retry_after is not None else ""
             return BackendRateLimited(
@@ -207,7 +208,8 @@ class HttpErrors:
             return ModelNotFound(f"model {model!r} not found on backend {self.backend!r}")
         if status in OVERLOADED_STATUSES:
             return BackendUnavailable(
-                f"{self.where} cannot take the request now (HTTP {status}): {report.message}"
+                f"{self.where} cannot take the request now (HTTP {status}): {report.message}",
+                retry_after=retry_after,
             )
         return BackendProtocolError(f"{self.where} answered HTTP {status}: {report.message}")
 
@@ -230,6 +232,16 @@ class HttpErrors:
     def bad_payload(self, what: str, payload: str) -> BackendProtocolError:
         """Something in the body that is not what the protocol says it should be."""
         return BackendProtocolError(f"{self.where} sent {what}: {self.scrub.detail(payload)!r}")
+
+
+_SPEND_WORDS = ("spend limit", "spending limit", "quota", "billing", "credit")
+
+
+def _spend_limit(message: str) -> bool:
+    """A 429 without Retry-After that speaks of money or quota: a spend limit, which waiting a
+    few seconds does not lift (a plain rate limit says when to come back)."""
+    lowered = message.lower()
+    return any(word in lowered for word in _SPEND_WORDS)
 
 
 def transport_error(exc: Exception, where: str, scrub: Scrubber) -> BackendError:
