@@ -195,6 +195,7 @@ class AsyncCorralClient:
             avoid=avoid,
             never=never,
             sticky_node=sticky_node,
+            limits=self.settings.limits,
         )
         for candidate in preferred:
             if await self._probe_permits(half_open_targets(candidate, phases)):

@@ -91,6 +91,13 @@ return 1
 
 _SCRIPTS = (_FAILURE_LUA, _SUCCESS_LUA, _HOLD_LUA)
 
+HOLD_REASONS = {
+    "rate_limited": "rate limited",
+    "overloaded": "overloaded",
+    "quota_exhausted": "quota exhausted",
+}
+"""A hold's reason as a person reads it."""
+
 
 class BreakerPhase(enum.Enum):
     CLOSED = "closed"

@@ -259,6 +259,7 @@ class CorralClient:
             avoid=avoid,
             never=never,
             sticky_node=sticky_node,
+            limits=self.settings.limits,
         )
         for candidate in preferred:
             if all(self.breakers.try_probe(t) for t in half_open_targets(candidate, phases)):

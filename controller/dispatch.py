@@ -17,9 +17,10 @@ import redis.exceptions
 
 from broker import names
 from broker.errors import NODE_FAILURE_CODES, BrokerUnavailable
+from broker.ratelimits import ProviderLimits, describe_refusal, limit_scopes, over_limit
 from broker.schemas import JobAssignment, JobSpec
 from broker.settings import redacted_url
-from controller.breaker import BreakerPhase, backend_target
+from controller.breaker import HOLD_REASONS, BreakerPhase, BreakerState, backend_target
 from controller.cluster import ClusterView
 from controller.router import Candidate, candidates_for
 
@@ -49,17 +50,51 @@ def preferred_candidates(
     avoid: set[str] | None = None,
     never: set[str] | None = None,
     sticky_node: str | None = None,
+    limits: Mapping[str, ProviderLimits] | None = None,
 ) -> list[Candidate]:
     """Candidates in the order to try them; RoutingError when there is none.
 
-    Open breakers keep their targets out, as do ``node/backend`` targets in ``never``;
-    those in ``avoid`` come only when nothing else is left.
+    Open breakers keep their targets out, as do backends whose provider is at its configured
+    rate limit (``limits``) and ``node/backend`` targets in ``never``; those in ``avoid``
+    come only when nothing else is left.
     """
-    blocked = {t for t, p in phases.items() if p is BreakerPhase.OPEN} | (never or set())
+    blocked: dict[str, str] = {t: "already failed this job" for t in never or ()}
+    blocked |= {
+        t: breaker_reason(view.breakers.get(t), view.redis_time)
+        for t, p in phases.items()
+        if p is BreakerPhase.OPEN
+    }
+    if limits:
+        blocked |= over_limit_targets(spec, view, limits)
     ranked = candidates_for(spec, view.nodes, blocked, aliases=aliases, sticky_node=sticky_node)
     if not avoid:
         return ranked  # the common case: no copy of the ranking
     return [c for c in ranked if c.backend_target not in avoid] or ranked
+
+
+def breaker_reason(state: BreakerState | None, now: float) -> str:
+    """Why an open breaker keeps its target out, for a routing error."""
+    if state is None or state.reason is None or state.held_until is None:
+        return "circuit breaker open"
+    said = HOLD_REASONS.get(state.reason, state.reason)
+    return f"{said} by its provider for {max(0.0, state.held_until - now):.0f}s more"
+
+
+def over_limit_targets(
+    spec: JobSpec, view: ClusterView, limits: Mapping[str, ProviderLimits]
+) -> dict[str, str]:
+    """Backends (``node/backend``) whose provider, or the job's model there, is at its
+    configured rate limit in this minute, with the reason: the router sends them nothing."""
+    out: dict[str, str] = {}
+    for node in view.nodes:
+        for backend in node.info.backends:
+            scopes = limit_scopes(limits, backend.kind, spec.model or "")
+            if not scopes:
+                continue
+            over = over_limit(scopes, view.rate_counters, view.redis_time)
+            if over is not None:
+                out[backend_target(node.name, backend.name)] = describe_refusal(*over)
+    return out
 
 
 def half_open_targets(candidate: Candidate, phases: Mapping[str, BreakerPhase]) -> list[str]:

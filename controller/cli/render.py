@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.schemas import BackendInfo, JobResult, ModelInfo, NodeInfo, ProgressEvent
-from controller.breaker import BreakerPhase, BreakerState
+from controller.breaker import HOLD_REASONS, BreakerPhase, BreakerState
 from controller.router import NodeState
 
 _SOON_S = 20 * 3600
@@ -99,14 +99,14 @@ class BreakerNote:
     def short(self) -> str:
         if self.phase is BreakerPhase.OPEN:
             if self.reason is not None:
-                return f"{_HOLD_WORDS.get(self.reason, self.reason)} ({_left(self.seconds_left)})"
+                return f"{HOLD_REASONS.get(self.reason, self.reason)} ({_left(self.seconds_left)})"
             return f"breaker open ({self.seconds_left:.0f}s)"
         return "breaker half-open"
 
     @property
     def line(self) -> str:
         if self.phase is BreakerPhase.OPEN and self.reason is not None:
-            said = _HOLD_WORDS.get(self.reason, self.reason)
+            said = HOLD_REASONS.get(self.reason, self.reason)
             return (
                 f"{self.target}: {said}, as its provider said; no jobs go there for"
                 f" {_left(self.seconds_left)}, then one probe job tries it"
@@ -116,13 +116,6 @@ class BreakerNote:
         else:
             what, then = "half-open", "the next job routed there is a probe"
         return f"{self.target}: breaker {what} after {self.failures} failures in a row; {then}"
-
-
-_HOLD_WORDS = {
-    "rate_limited": "rate limited",
-    "overloaded": "overloaded",
-    "quota_exhausted": "quota exhausted",
-}
 
 
 def _left(seconds: float) -> str:
