@@ -25,6 +25,7 @@ from broker.schemas import ChatMessage
 __all__ = [
     "ADMIT_LUA",
     "COUNTERS_TTL_S",
+    "HEADERS_UPDATED_AT_FIELD",
     "SETTLE_LUA",
     "WINDOW_S",
     "Counter",
@@ -41,6 +42,10 @@ __all__ = [
 
 WINDOW_S = 60
 COUNTERS_TTL_S = 2 * WINDOW_S
+
+HEADERS_UPDATED_AT_FIELD = "updated_at"
+"""In a backend's ``names.provider_limits_key`` hash, beside the provider's own headers: when
+the answer that carried them came (epoch seconds)."""
 
 
 class RateLimit(BaseModel):

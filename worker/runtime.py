@@ -41,6 +41,7 @@ from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
 from worker.jobs import JobControl, run_job
 from worker.limiter import Admission, ProviderLimiter
 from worker.model_ops import run_model_op
+from worker.provider_limits import publish_provider_limits
 from worker.stream import JobStream, StreamScripts
 from worker.sysinfo import SystemProbe
 
@@ -109,6 +110,8 @@ class NodeRuntime:
         self._redis: Redis | None = None
         self._scripts: StreamScripts | None = None
         self._limiter: ProviderLimiter | None = None
+        self._published_limits: dict[str, int] = {}
+        """Per backend, the provider headers' update count last written to Redis."""
         self._http: httpx.AsyncClient | None = None
         self.backends: dict[str, Backend] = {}
         self._active: dict[str, JobControl] = {}
@@ -301,6 +304,9 @@ class NodeRuntime:
         )
         self._stored_inventory = await publish_node_info(
             self.redis, info, stored=self._stored_inventory
+        )
+        await publish_provider_limits(
+            self.redis, self.config.name, self.backends, self._published_limits
         )
 
     async def _heartbeat_loop(self) -> None:
