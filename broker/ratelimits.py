@@ -34,6 +34,7 @@ __all__ = [
     "Scope",
     "describe_refusal",
     "estimate_prompt_tokens",
+    "every_scope",
     "limit_scopes",
     "over_limit",
     "parse_counters",
@@ -74,18 +75,33 @@ class Scope:
     limit: RateLimit
 
 
+def _provider_scope(kind: str, limit: RateLimit) -> Scope | None:
+    return Scope(kind, kind, limit) if limit.rpm or limit.tpm else None
+
+
+def _model_scope(kind: str, model: str, limit: RateLimit | None) -> Scope | None:
+    if limit is None or not (limit.rpm or limit.tpm):
+        return None
+    return Scope(f"{kind}|{model}", f"{kind} model {model}", limit)
+
+
 def limit_scopes(limits: Mapping[str, ProviderLimits], kind: str, model: str) -> list[Scope]:
     """The counters a call of ``model`` on a ``kind`` backend counts against (none: no limit)."""
     provider = limits.get(kind)
     if provider is None:
         return []
-    scopes = []
-    if provider.rpm or provider.tpm:
-        scopes.append(Scope(kind, kind, provider))
     model_limit = provider.models.get(model)
-    if model_limit is not None and (model_limit.rpm or model_limit.tpm):
-        scopes.append(Scope(f"{kind}|{model}", f"{kind} model {model}", model_limit))
-    return scopes
+    scopes = (_provider_scope(kind, provider), _model_scope(kind, model, model_limit))
+    return [s for s in scopes if s is not None]
+
+
+def every_scope(limits: Mapping[str, ProviderLimits]) -> list[Scope]:
+    """Every configured limit, providers sorted, each followed by its models'."""
+    scopes: list[Scope | None] = []
+    for kind, provider in sorted(limits.items()):
+        scopes.append(_provider_scope(kind, provider))
+        scopes += [_model_scope(kind, m, lim) for m, lim in sorted(provider.models.items())]
+    return [s for s in scopes if s is not None]
 
 
 def scope_args(scopes: Sequence[Scope]) -> list[str | int]:
