@@ -212,6 +212,10 @@ RETRYABLE_CODES = frozenset(code for code, cls in _BY_CODE.items() if cls.retrya
 """Failures another node may not have: a job failing so before its first token moves on."""
 
 
-def error_from_code(code: str, message: str) -> CorralError:
-    """Rebuild the right exception class from an ``ErrorEvent``'s code on the client side."""
-    return _BY_CODE.get(code, CorralError)(message)
+def error_from_code(code: str, message: str, retry_after: float | None = None) -> CorralError:
+    """Rebuild the right exception class from an ``ErrorEvent``'s code on the client side;
+    a backend's error keeps the event's ``retry_after``."""
+    cls = _BY_CODE.get(code, CorralError)
+    if issubclass(cls, BackendError):
+        return cls(message, retry_after=retry_after)
+    return cls(message)

@@ -158,7 +158,8 @@ class RunCore:
                 failed.add(self.candidate.backend_target)
             if not event.final and event.attempt == self.attempt.number:
                 self.failures.append(f"{self.candidate.node}: {event.message}")
-                yield from self._move_on(event.code, event.message)
+                retry_after = event.retry_after if isinstance(event, ErrorEvent) else None
+                yield from self._move_on(event.code, event.message, retry_after=retry_after)
 
     def on_worker_lost(self, reason: str) -> Steps:
         """The serving (or queued-for) node is gone: end this attempt from here."""
@@ -198,8 +199,11 @@ class RunCore:
     def _exhausted(self) -> str:
         return f"job failed on {self.attempt.number} attempt(s): {'; '.join(self.failures)}"
 
-    def _move_on(self, code: str, message: str, seq: int | None = None) -> Steps:
-        """Send the job to the next candidate, or end it with the reason nothing is left."""
+    def _move_on(
+        self, code: str, message: str, seq: int | None = None, retry_after: float | None = None
+    ) -> Steps:
+        """Send the job to the next candidate, or end it with the reason nothing is left
+        (and, if the failed backend's provider said when to come back, that advice)."""
         attempt = self.attempt
         seq = self.cursor.next_seq if seq is None else seq
         if attempt.number >= self.spec.max_attempts:
@@ -210,7 +214,10 @@ class RunCore:
         )
         if isinstance(chosen, RoutingError):
             yield from self._write_final(
-                code, f"{message}; nothing else can serve it ({chosen})", seq=seq
+                code,
+                f"{message}; nothing else can serve it ({chosen})",
+                seq=seq,
+                retry_after=retry_after,
             )
             return
         candidate = _expect(chosen, Candidate)
@@ -237,11 +244,16 @@ class RunCore:
         self.attempt = Attempt(number, candidate)
         yield Send(self.spec, candidate, number)
 
-    def _write_final(self, code: str, message: str, seq: int | None = None) -> Steps:
-        event = self._final_error(self.cursor.next_seq if seq is None else seq, code, message)
+    def _write_final(
+        self, code: str, message: str, seq: int | None = None, retry_after: float | None = None
+    ) -> Steps:
+        seq = self.cursor.next_seq if seq is None else seq
+        event = self._final_error(seq, code, message, retry_after)
         yield from self._write(event, new_lease=CLOSED_LEASE)
 
-    def _final_error(self, seq: int, code: str, message: str) -> ErrorEvent:
+    def _final_error(
+        self, seq: int, code: str, message: str, retry_after: float | None = None
+    ) -> ErrorEvent:
         return ErrorEvent(
             job_id=self.job_id,
             seq=seq,
@@ -251,6 +263,7 @@ class RunCore:
             node=self.attempt.candidate.node,
             attempt=self.attempt.number,
             final=True,
+            retry_after=retry_after,
         )
 
     def _write(

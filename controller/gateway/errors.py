@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.errors import (
+    BackendError,
     BackendRateLimited,
     BackendTimeout,
     BrokerUnavailable,
@@ -79,6 +80,9 @@ def http_error(exc: CorralError) -> HttpError:
             return HttpError(499, message, "server_error", exc.code)
         case UnsupportedOperation():
             return HttpError(501, message, "server_error", exc.code)
+        case BackendError() if exc.retry_after is not None:
+            # An overloaded provider that said when to come back (a 529 with Retry-After).
+            return HttpError(503, message, "server_error", exc.code, retry_after=exc.retry_after)
     return HttpError(502, message, "server_error", exc.code)
 
 

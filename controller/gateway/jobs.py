@@ -153,7 +153,7 @@ async def drain(events: AsyncIterator[AnyStreamEvent]) -> None:
 
 def final_failure(event: AnyStreamEvent) -> CorralError | None:
     if isinstance(event, ErrorEvent) and event.final:
-        return error_from_code(event.code, event.message)
+        return error_from_code(event.code, event.message, event.retry_after)
     if isinstance(event, InterruptedEvent):
         return error_from_code(event.code, event.message)
     if isinstance(event, DoneEvent) and event.result.status != "ok":
