@@ -119,7 +119,7 @@ class BreakerNote:
 
 
 def _left(seconds: float) -> str:
-    if seconds >= 3600:
+    if seconds >= 5400:
         return f"{seconds / 3600:.1f}h"
     if seconds >= 120:
         return f"{seconds / 60:.0f}m"
