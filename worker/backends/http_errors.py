@@ -234,7 +234,7 @@ class HttpErrors:
         return BackendProtocolError(f"{self.where} sent {what}: {self.scrub.detail(payload)!r}")
 
 
-_SPEND_WORDS = ("spend limit", "spending limit", "quota", "billing", "credit")
+_SPEND_WORDS = ("spend limit", "spending limit", "usage limit", "billing", "credit")
 
 
 def _spend_limit(message: str) -> bool:
