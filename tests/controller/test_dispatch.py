@@ -28,10 +28,10 @@ from controller.router import NodeState
 SECRET_PROMPT = "my bank password is hunter2"
 
 
-def state(name: str, *, queued: int = 0) -> NodeState:
+def state(name: str, *, queued: int = 0, backend_kind: str = "simulated") -> NodeState:
     backend = BackendInfo(
-        name="sim",
-        kind="simulated",
+        name="sim" if backend_kind == "simulated" else "claude",
+        kind=backend_kind,
         url="http://127.0.0.1:1",
         healthy=True,
         capacity=4,
@@ -109,16 +109,7 @@ def test_the_task_goes_to_the_node_queue_and_never_shows_the_prompt() -> None:
 def cloud_view(
     counters: dict[str, Counter_] | None = None, breakers: dict[str, BreakerState] | None = None
 ) -> ClusterView:
-    backend = BackendInfo(
-        name="claude",
-        kind="anthropic",
-        url="https://api.anthropic.com",
-        healthy=True,
-        capacity=4,
-        models=(ModelInfo(name="m", loaded=True),),
-    )
-    info = state("c").info.model_copy(update={"backends": (backend,)})
-    nodes = NodeIndex([state("a"), NodeState(info=info, up=True, queued=0)])
+    nodes = NodeIndex([state("a"), state("c", backend_kind="anthropic")])
     return ClusterView(
         nodes=nodes, breakers=breakers or {}, redis_time=6015.0, rate_counters=counters or {}
     )
