@@ -84,7 +84,7 @@ def test_two_workers_share_one_limit_and_the_third_call_is_never_sent(
             for name in ("w1", "w2")
         ]
         try:
-            wait_for_room_in_the_minute(broker_url, 40)
+            wait_for_room_in_the_minute(broker_url, 30)
             # Pinned, so each worker makes one of the calls; the controller here has no limit
             # configured: only the workers' shared counter stops the third.
             answers = [
@@ -107,6 +107,7 @@ def test_two_workers_share_one_limit_and_the_third_call_is_never_sent(
                 "the provider's headers in corral nodes",
             )
             shown = run_cli(broker_url, "nodes", env={"CORRAL_LIMITS": '{"anthropic": {"rpm": 2}}'})
+            as_json = run_cli(broker_url, "nodes", "--json")
         finally:
             for worker in workers:
                 worker.stop()
@@ -130,6 +131,8 @@ def test_two_workers_share_one_limit_and_the_third_call_is_never_sent(
     assert "w1/anthropic: provider says requests 49/50 left" in out
     assert "w2/anthropic: provider says requests 49/50 left" in out
     assert KEY not in shown.stdout + shown.stderr
+    recorded = {row["name"]: row["provider_limits"] for row in json_events(as_json.stdout)}
+    assert recorded["w1"]["anthropic"]["anthropic-ratelimit-requests-remaining"] == "49"
 
 
 @pytest.fixture(scope="module")
@@ -212,4 +215,11 @@ def test_a_spend_limit_429_marks_the_backend_quota_exhausted(
     )
     with pytest.raises(NoNodeAvailable, match="quota exhausted by its provider"):
         second.choose(make_spec("meanwhile", model=MODEL))
+    url = second.settings.broker_url.get_secret_value()
+    origin = fake.url.removeprefix("http://")
+    added = run_cli(url, "route", "add", "claude", f"anthropic+http://{origin}", MODEL)
+    assert added.returncode == 0, added.stderr
+    routes = flat(run_cli(url, "route", "list").stdout)
+    assert "served by held/anthropic; held/anthropic: quota exhausted (60m)" in routes
+    assert "held/anthropic: provider says requests 49/50 left" in routes
     second.breakers.reset("held/anthropic")
