@@ -49,6 +49,9 @@ class CorralError(Exception):
     code: ClassVar[str] = "error"
     retryable: ClassVar[bool] = False
     """Whether another node may serve the job after this failure (before its first token)."""
+    retry_after: float | None = None
+    """Seconds after which the same request may succeed, when that is known (a provider's
+    Retry-After, the end of a rate limit's minute)."""
 
 
 class ConfigError(CorralError):

@@ -8,7 +8,7 @@ the Celery message says and which breaker a failure counts against are decided h
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,7 +16,7 @@ import kombu.exceptions
 import redis.exceptions
 
 from broker import names
-from broker.errors import NODE_FAILURE_CODES, BrokerUnavailable
+from broker.errors import NODE_FAILURE_CODES, BrokerUnavailable, NoNodeAvailable
 from broker.ratelimits import ProviderLimits, describe_refusal, limit_scopes, over_limit
 from broker.schemas import JobAssignment, JobSpec
 from broker.settings import redacted_url
@@ -66,7 +66,11 @@ def preferred_candidates(
     }
     if limits:
         blocked |= over_limit_targets(spec, view, limits)
-    ranked = candidates_for(spec, view.nodes, blocked, aliases=aliases, sticky_node=sticky_node)
+    try:
+        ranked = candidates_for(spec, view.nodes, blocked, aliases=aliases, sticky_node=sticky_node)
+    except NoNodeAvailable as exc:
+        exc.retry_after = soonest_reopening(blocked, spec, view, limits or {})
+        raise
     if not avoid:
         return ranked  # the common case: no copy of the ranking
     return [c for c in ranked if c.backend_target not in avoid] or ranked
@@ -95,6 +99,34 @@ def over_limit_targets(
             if over is not None:
                 out[backend_target(node.name, backend.name)] = describe_refusal(*over)
     return out
+
+
+def soonest_reopening(
+    blocked: Collection[str],
+    spec: JobSpec,
+    view: ClusterView,
+    limits: Mapping[str, ProviderLimits],
+) -> float | None:
+    """Seconds until the first of the ``blocked`` backends held by its provider or by a
+    configured limit may take this job again; None when none is (nobody knows when a plain
+    breaker's cause ends)."""
+    now = view.redis_time
+    waits = [
+        state.held_until - now
+        for target in blocked
+        if (state := view.breakers.get(target)) is not None
+        and state.held_until is not None
+        and state.held_until > now
+    ]
+    for node in view.nodes:
+        for backend in node.info.backends:
+            if backend_target(node.name, backend.name) not in blocked:
+                continue
+            scopes = limit_scopes(limits, backend.kind, spec.model or "")
+            over = over_limit(scopes, view.rate_counters, now) if scopes else None
+            if over is not None:
+                waits.append(over[2])
+    return min(waits) if waits else None
 
 
 def half_open_targets(candidate: Candidate, phases: Mapping[str, BreakerPhase]) -> list[str]:

@@ -64,7 +64,9 @@ def http_error(exc: CorralError) -> HttpError:
         case UnknownNode():
             return HttpError(404, message, code="node_not_found")
         case NoNodeAvailable() | RoutingError():
-            return HttpError(503, message, "server_error", exc.code, retry_after=RETRY_AFTER_S)
+            # Every candidate held by its provider or a configured limit: as long as that lasts.
+            wait = exc.retry_after if exc.retry_after is not None else RETRY_AFTER_S
+            return HttpError(503, message, "server_error", exc.code, retry_after=wait)
         case BrokerUnavailable():
             return HttpError(503, message, "server_error", exc.code, retry_after=RETRY_AFTER_S)
         case QuotaExhausted():

@@ -119,8 +119,11 @@ def test_a_provider_at_its_configured_limit_gets_nothing_and_the_error_says_why(
     limits = {"anthropic": ProviderLimits(rpm=2)}
     pinned = spec().model_copy(update={"node": "c"})
     full = cloud_view({"anthropic": Counter_(window=100, requests=2, tokens=0)})
-    with pytest.raises(NoNodeAvailable, match=r"c/claude: anthropic is at its configured rpm of 2"):
+    with pytest.raises(
+        NoNodeAvailable, match=r"c/claude: anthropic is at its configured rpm of 2"
+    ) as refused:
         preferred_candidates(pinned, full, {}, aliases={}, limits=limits)
+    assert refused.value.retry_after == pytest.approx(45)  # the minute's end (6015 s is :15)
     # Other backends still serve, and last minute's count holds nothing back.
     assert [c.node for c in preferred_candidates(spec(), full, {}, aliases={}, limits=limits)] == [
         "a"
@@ -138,8 +141,11 @@ def test_a_held_breaker_says_how_long_its_provider_asked_for() -> None:
     pinned = spec().model_copy(update={"node": "c"})
     phases = breaker_phases(cloud_view(breakers=held), cooldown_s=30)
     assert phases == {"c/claude": BreakerPhase.OPEN}
-    with pytest.raises(NoNodeAvailable, match="c/claude: rate limited by its provider for 2s more"):
+    with pytest.raises(
+        NoNodeAvailable, match="c/claude: rate limited by its provider for 2s more"
+    ) as refused:
         preferred_candidates(pinned, cloud_view(breakers=held), phases, aliases={})
+    assert refused.value.retry_after == pytest.approx(2)  # for the gateway's Retry-After
     # Past its hold (not the 30 s cooldown), it is half-open.
     later = cloud_view(breakers=held)
     later = ClusterView(nodes=later.nodes, breakers=held, redis_time=6017.5)

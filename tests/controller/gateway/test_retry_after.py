@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from broker.errors import NoNodeAvailable
 from broker.schemas import ErrorEvent
 from controller.gateway.errors import RETRY_AFTER_S, http_error
 from controller.gateway.jobs import final_failure
@@ -37,3 +38,10 @@ def test_the_answer_waits_as_long_as_the_provider_said(
     assert error is not None
     answer = http_error(error)
     assert (answer.status, answer.retry_after) == (status, header)
+
+
+def test_a_job_nothing_may_take_yet_waits_until_the_first_backend_reopens() -> None:
+    held = NoNodeAvailable("c/claude: rate limited by its provider for 2s more")
+    held.retry_after = 2.4
+    assert http_error(held).retry_after == 2.4
+    assert http_error(NoNodeAvailable("no node is up")).retry_after == RETRY_AFTER_S
