@@ -180,6 +180,14 @@ class BackendRateLimited(BackendError):
     code = "rate_limited"
     retryable = True
 
+    def __init__(
+        self, message: str, retry_after: float | None = None, limit: str | None = None
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.limit = limit
+        """Set when corral's own configured limit refused the call (its scope, ``anthropic``
+        or ``anthropic|MODEL``) rather than the provider."""
+
 
 class QuotaExhausted(BackendRateLimited):
     """The key's quota (daily requests, credit) is spent: not a wait-and-retry failure."""

@@ -152,14 +152,17 @@ class RunCore:
             counts = event.code in RETRYABLE_CODES or event.code in HOLDING_CODES
             if counts and event.attempt == self.attempt.number:
                 retry_after = event.retry_after if isinstance(event, ErrorEvent) else None
-                yield AttemptFailed(self.candidate, event.code, retry_after)
+                # corral's own limit refused the call: its counters, which the router reads,
+                # say when the backend may take jobs again; nothing is wrong with it.
+                if not (isinstance(event, ErrorEvent) and event.limit is not None):
+                    yield AttemptFailed(self.candidate, event.code, retry_after)
                 lost = event.code in NODE_FAILURE_CODES
                 failed = self.worker_lost if lost else self.backend_failed
                 failed.add(self.candidate.backend_target)
             if not event.final and event.attempt == self.attempt.number:
                 self.failures.append(f"{self.candidate.node}: {event.message}")
-                retry_after = event.retry_after if isinstance(event, ErrorEvent) else None
-                yield from self._move_on(event.code, event.message, retry_after=retry_after)
+                advice = event if isinstance(event, ErrorEvent) else None
+                yield from self._move_on(event.code, event.message, failed=advice)
 
     def on_worker_lost(self, reason: str) -> Steps:
         """The serving (or queued-for) node is gone: end this attempt from here."""
@@ -200,10 +203,10 @@ class RunCore:
         return f"job failed on {self.attempt.number} attempt(s): {'; '.join(self.failures)}"
 
     def _move_on(
-        self, code: str, message: str, seq: int | None = None, retry_after: float | None = None
+        self, code: str, message: str, seq: int | None = None, failed: ErrorEvent | None = None
     ) -> Steps:
         """Send the job to the next candidate, or end it with the reason nothing is left
-        (and, if the failed backend's provider said when to come back, that advice)."""
+        (keeping the ``failed`` attempt's advice: when to come back, which limit refused it)."""
         attempt = self.attempt
         seq = self.cursor.next_seq if seq is None else seq
         if attempt.number >= self.spec.max_attempts:
@@ -217,7 +220,7 @@ class RunCore:
                 code,
                 f"{message}; nothing else can serve it ({chosen})",
                 seq=seq,
-                retry_after=retry_after,
+                failed=failed,
             )
             return
         candidate = _expect(chosen, Candidate)
@@ -245,14 +248,14 @@ class RunCore:
         yield Send(self.spec, candidate, number)
 
     def _write_final(
-        self, code: str, message: str, seq: int | None = None, retry_after: float | None = None
+        self, code: str, message: str, seq: int | None = None, failed: ErrorEvent | None = None
     ) -> Steps:
         seq = self.cursor.next_seq if seq is None else seq
-        event = self._final_error(seq, code, message, retry_after)
+        event = self._final_error(seq, code, message, failed)
         yield from self._write(event, new_lease=CLOSED_LEASE)
 
     def _final_error(
-        self, seq: int, code: str, message: str, retry_after: float | None = None
+        self, seq: int, code: str, message: str, failed: ErrorEvent | None = None
     ) -> ErrorEvent:
         return ErrorEvent(
             job_id=self.job_id,
@@ -263,7 +266,8 @@ class RunCore:
             node=self.attempt.candidate.node,
             attempt=self.attempt.number,
             final=True,
-            retry_after=retry_after,
+            retry_after=failed.retry_after if failed else None,
+            limit=failed.limit if failed else None,
         )
 
     def _write(

@@ -13,6 +13,7 @@ from typing import Literal
 from broker.errors import (
     RETRYABLE_CODES,
     BackendError,
+    BackendRateLimited,
     BackendTimeout,
     BackendUnavailable,
     CorralError,
@@ -239,6 +240,7 @@ async def _finish(
             attempt=assignment.attempt,
             final=final,
             retry_after=error.retry_after if isinstance(error, BackendError) else None,
+            limit=error.limit if isinstance(error, BackendRateLimited) else None,
         )
     return result
 

@@ -77,7 +77,9 @@ class ProviderLimiter:
         scope = _scope_named(scopes, _text(reply[2]))
         message = describe_refusal(scope, _text(reply[3]), seconds_left)
         raise BackendRateLimited(
-            f"not sent: {message}; retry after {seconds_left:.0f}s", retry_after=seconds_left
+            f"not sent: {message}; retry after {seconds_left:.0f}s",
+            retry_after=seconds_left,
+            limit=scope.field,
         )
 
     async def settle(self, admission: Admission, result: JobResult | None) -> None:

@@ -119,6 +119,8 @@ def test_two_workers_share_one_limit_and_the_third_call_is_never_sent(
     assert final["type"] == "error" and final["code"] == "rate_limited"
     assert "anthropic is at its configured rpm of 2" in final["message"]
     assert 0 < final["retry_after"] <= 60  # the minute's end
+    assert final["limit"] == "anthropic"  # corral's own refusal: no breaker opened for it
+    assert not redis.Redis.from_url(broker_url).exists(names.BREAKERS_HASH)
 
     assert routed.returncode == ExitCode.NO_ROUTE
     assert "configured rpm of 2" in flat(routed.stderr)
