@@ -234,12 +234,14 @@ class HttpErrors:
         return BackendProtocolError(f"{self.where} sent {what}: {self.scrub.detail(payload)!r}")
 
 
-_SPEND_WORDS = ("spend limit", "spending limit", "usage limit", "billing", "credit")
+_SPEND_WORDS = ("spend limit", "spending limit", "usage limit")
+"""Narrow on purpose: a plain rate limit's message may mention billing (OpenAI's used to point
+at the billing page), and taking one for a spent quota shuts the backend for an hour."""
 
 
 def _spend_limit(message: str) -> bool:
-    """A 429 without Retry-After that speaks of money or quota: a spend limit, which waiting a
-    few seconds does not lift (a plain rate limit says when to come back)."""
+    """A 429 without Retry-After that speaks of a spend or usage limit, which waiting a few
+    seconds does not lift (a plain rate limit says when to come back)."""
     lowered = message.lower()
     return any(word in lowered for word in _SPEND_WORDS)
 
