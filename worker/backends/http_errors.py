@@ -12,6 +12,7 @@ out of every message.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -132,6 +133,30 @@ def retry_after_seconds(headers: httpx.Headers) -> float | None:
     return max(0.0, moment.timestamp() - time.time())
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def reset_seconds(value: str) -> float | None:
+    """OpenAI's ``x-ratelimit-reset-*`` duration (``1s``, ``6m0s``, ``120ms``) in seconds."""
+    parts = _DURATION_PART.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value.strip():
+        return None
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def spent_limit_reset(headers: httpx.Headers) -> float | None:
+    """For a 429 without Retry-After: when the OpenAI-style limit at zero refills, from its
+    ``x-ratelimit-remaining-*`` / ``x-ratelimit-reset-*`` headers; None if none is at zero."""
+    waits = [
+        reset_seconds(headers.get(f"x-ratelimit-reset-{what}", ""))
+        for what in ("requests", "tokens")
+        if headers.get(f"x-ratelimit-remaining-{what}") == "0"
+    ]
+    known = [w for w in waits if w is not None]
+    return max(known) if known else None
+
+
 class HttpErrors:
     """One adapter's translation of httpx exceptions and HTTP errors into ``BackendError``.
 
@@ -170,6 +195,8 @@ class HttpErrors:
         await response.aread()
         report = self._read_error(response)
         retry_after = retry_after_seconds(response.headers)
+        if retry_after is None and response.status_code == 429:
+            retry_after = spent_limit_reset(response.headers)
         raise self.for_status(
             response.status_code,
             report,
