@@ -74,6 +74,10 @@ def wait_for_room_in_the_minute(broker_url: str, needed_s: float) -> None:
         time.sleep(60 - into_minute + 0.2)
 
 
+LIMITS = {"anthropic": {"rpm": 2}}
+WORKERS = ("w1", "w2")
+
+
 def test_two_workers_share_one_limit_and_the_third_call_is_never_sent(
     broker_url: str, tmp_path: Path
 ) -> None:
@@ -81,49 +85,51 @@ def test_two_workers_share_one_limit_and_the_third_call_is_never_sent(
     with running_fake_anthropic(api_key=KEY, models=[MODEL], reply=REPLY) as fake:
         workers = [
             cloud_worker(broker_url, name, config_file(tmp_path, name, fake, limits), tmp_path)
-            for name in ("w1", "w2")
+            for name in WORKERS
         ]
+        plain = CorralClient(build_settings(broker_url=broker_url, route_cache_s=0))
+        limited = CorralClient(
+            build_settings(broker_url=broker_url, route_cache_s=0, limits=LIMITS)
+        )
         try:
             wait_for_room_in_the_minute(broker_url, 30)
-            # Pinned, so each worker makes one of the calls; the controller here has no limit
-            # configured: only the workers' shared counter stops the third.
-            answers = [
-                run_cli(broker_url, "ask", "--json", "--node", node, "--model", MODEL, "hi")
-                for node in ("w1", "w2", "w1")
-            ]
+            # Pinned, so each worker makes one of the calls; this controller has no limit
+            # configured: only the workers' shared counter stops the third (asked with the
+            # CLI, as a user would).
+            answers = [list(plain.stream(make_spec("hi", node=n, model=MODEL))) for n in WORKERS]
+            third = run_cli(broker_url, "ask", "--json", "--node", "w1", "--model", MODEL, "hi")
             calls_made = fake.state.message_requests
             # A controller that knows the limit does not even send the job.
-            routed = run_cli(
-                broker_url,
-                "ask",
-                "--model",
-                MODEL,
-                "hi again",
-                env={"CORRAL_LIMITS": '{"anthropic": {"rpm": 2}}'},
-            )
+            with pytest.raises(NoNodeAvailable) as routed:
+                limited.choose(make_spec("hi again", model=MODEL))
             wait_until(
-                lambda: "provider says" in run_cli(broker_url, "nodes").stdout,
+                lambda: all(
+                    plain.redis.exists(names.provider_limits_key(n, "anthropic")) for n in WORKERS
+                ),
                 10,
-                "the provider's headers in corral nodes",
+                "both workers' heartbeats to record their provider's headers",
             )
-            shown = run_cli(broker_url, "nodes", env={"CORRAL_LIMITS": '{"anthropic": {"rpm": 2}}'})
+            shown = run_cli(broker_url, "nodes", env={"CORRAL_LIMITS": json.dumps(LIMITS)})
             as_json = run_cli(broker_url, "nodes", "--json")
         finally:
+            plain.close()
+            limited.close()
             for worker in workers:
                 worker.stop()
 
-    assert [a.returncode for a in answers[:2]] == [ExitCode.OK, ExitCode.OK]
-    assert answers[2].returncode == ExitCode.BACKEND
+    assert [a[-1].type for a in answers] == ["done", "done"]
+    assert third.returncode == ExitCode.BACKEND
     assert calls_made == 2  # the fake never saw the third call
-    final = json_events(answers[2].stdout)[-1]
+    final = json_events(third.stdout)[-1]
     assert final["type"] == "error" and final["code"] == "rate_limited"
     assert "anthropic is at its configured rpm of 2" in final["message"]
     assert 0 < final["retry_after"] <= 60  # the minute's end
     assert final["limit"] == "anthropic"  # corral's own refusal: no breaker opened for it
     assert not redis.Redis.from_url(broker_url).exists(names.BREAKERS_HASH)
 
-    assert routed.returncode == ExitCode.NO_ROUTE
-    assert "configured rpm of 2" in flat(routed.stderr)
+    assert "w1/anthropic: anthropic is at its configured rpm of 2" in str(routed.value)
+    assert "w2/anthropic: anthropic is at its configured rpm of 2" in str(routed.value)
+    assert routed.value.retry_after is not None and 0 < routed.value.retry_after <= 60
     assert fake.state.message_requests == 2
 
     assert shown.returncode == 0, shown.stderr
