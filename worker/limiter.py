@@ -48,9 +48,17 @@ class ProviderLimiter:
     """Counts calls against ``limits`` (settings' ``limits``) in Redis, shared cluster-wide."""
 
     def __init__(self, redis: Redis, limits: Mapping[str, ProviderLimits]) -> None:
+        self._redis = redis
         self._limits = limits
         self._admit = redis.register_script(ADMIT_LUA)
         self._settle = redis.register_script(SETTLE_LUA)
+
+    async def preload(self) -> None:
+        """Load the scripts up front when limits are configured: no NOSCRIPT miss on the
+        first job (which the demo's fakeredis broker answers by closing the connection)."""
+        if self._limits:
+            for script in (ADMIT_LUA, SETTLE_LUA):
+                await self._redis.script_load(script)
 
     async def admit(
         self, kind: str, model: str, messages: Sequence[ChatMessage]

@@ -231,6 +231,7 @@ class NodeRuntime:
         self._scripts = StreamScripts(self._redis)
         await self._scripts.preload()
         self._limiter = ProviderLimiter(self._redis, self.settings.limits)
+        await self._limiter.preload()
         self._http = make_http_client(self.settings.job_timeout_s, tls=needs_tls(self.config))
         self.backends = build_backends(self.config, self._http)
         await self._heartbeat_once()
