@@ -28,8 +28,8 @@ __all__ = [
     "HEADERS_UPDATED_AT_FIELD",
     "SETTLE_LUA",
     "WINDOW_S",
-    "Counter",
     "ProviderLimits",
+    "RateCount",
     "RateLimit",
     "Scope",
     "describe_refusal",
@@ -163,7 +163,7 @@ return 1
 
 
 @dataclass(frozen=True, slots=True)
-class Counter:
+class RateCount:
     """One scope's counts in one window."""
 
     window: int
@@ -171,7 +171,7 @@ class Counter:
     tokens: int
 
 
-def parse_counters(entries: Mapping[bytes, bytes] | list[bytes]) -> dict[str, Counter]:
+def parse_counters(entries: Mapping[bytes, bytes] | list[bytes]) -> dict[str, RateCount]:
     """The hash's HGETALL (a mapping, or Lua's flat list) as field -> counts; unreadable
     fields are skipped."""
     pairs = (
@@ -179,18 +179,18 @@ def parse_counters(entries: Mapping[bytes, bytes] | list[bytes]) -> dict[str, Co
         if isinstance(entries, Mapping)
         else list(zip(entries[::2], entries[1::2], strict=True))
     )
-    counters: dict[str, Counter] = {}
+    counters: dict[str, RateCount] = {}
     for field, raw in pairs:
         try:
             window, requests, tokens = (int(p) for p in raw.decode().split("|"))
-            counters[field.decode()] = Counter(window, requests, tokens)
+            counters[field.decode()] = RateCount(window, requests, tokens)
         except (ValueError, UnicodeDecodeError):
             continue
     return counters
 
 
 def over_limit(
-    scopes: Sequence[Scope], counters: Mapping[str, Counter], now: float
+    scopes: Sequence[Scope], counters: Mapping[str, RateCount], now: float
 ) -> tuple[Scope, str, float] | None:
     """The first scope already at its limit in the window of ``now`` (Redis's clock), with
     ``rpm``/``tpm`` and the seconds to the window's end; None if a call may go."""

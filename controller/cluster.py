@@ -12,7 +12,7 @@ from redis import Redis
 
 from broker import names
 from broker.nodeload import NodeLoad, with_load
-from broker.ratelimits import Counter, parse_counters
+from broker.ratelimits import RateCount, parse_counters
 from broker.schemas import NodeInfo
 from controller.breaker import Breakers, BreakerState, parse_breakers
 from controller.node_index import NodeIndex
@@ -66,7 +66,7 @@ class ClusterView:
     breakers: dict[str, BreakerState]
     redis_time: float
     """Redis's clock when this was read: breakers' cooldowns are measured against it."""
-    rate_counters: dict[str, Counter] = field(default_factory=dict)
+    rate_counters: dict[str, RateCount] = field(default_factory=dict)
     """The configured rate limits' counts (broker.ratelimits), by scope."""
 
 

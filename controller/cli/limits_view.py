@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from redis import Redis
 
-from broker.ratelimits import WINDOW_S, Counter, ProviderLimits, RateLimit, every_scope
+from broker.ratelimits import WINDOW_S, ProviderLimits, RateCount, RateLimit, every_scope
 from broker.schemas import BackendInfo
 from controller.cli.render import BreakerNote
 from controller.cluster import ClusterView
@@ -61,7 +61,7 @@ def route_limit_notes(
     return found
 
 
-def _usage(limit: RateLimit, counter: Counter | None) -> str:
+def _usage(limit: RateLimit, counter: RateCount | None) -> str:
     requests = counter.requests if counter else 0
     tokens = counter.tokens if counter else 0
     parts = []

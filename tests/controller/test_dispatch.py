@@ -8,8 +8,7 @@ import pytest
 
 from broker import names
 from broker.errors import NoNodeAvailable
-from broker.ratelimits import Counter as Counter_
-from broker.ratelimits import ProviderLimits
+from broker.ratelimits import ProviderLimits, RateCount
 from broker.schemas import BackendInfo, ChatMessage, JobSpec, ModelInfo, NodeInfo
 from controller.breaker import BreakerPhase, BreakerState
 from controller.cluster import ClusterView
@@ -107,7 +106,7 @@ def test_the_task_goes_to_the_node_queue_and_never_shows_the_prompt() -> None:
 
 
 def cloud_view(
-    counters: dict[str, Counter_] | None = None, breakers: dict[str, BreakerState] | None = None
+    counters: dict[str, RateCount] | None = None, breakers: dict[str, BreakerState] | None = None
 ) -> ClusterView:
     nodes = NodeIndex([state("a"), state("c", backend_kind="anthropic")])
     return ClusterView(
@@ -118,7 +117,7 @@ def cloud_view(
 def test_a_provider_at_its_configured_limit_gets_nothing_and_the_error_says_why() -> None:
     limits = {"anthropic": ProviderLimits(rpm=2)}
     pinned = spec().model_copy(update={"node": "c"})
-    full = cloud_view({"anthropic": Counter_(window=100, requests=2, tokens=0)})
+    full = cloud_view({"anthropic": RateCount(window=100, requests=2, tokens=0)})
     with pytest.raises(
         NoNodeAvailable, match=r"c/claude: anthropic is at its configured rpm of 2"
     ) as refused:
@@ -128,7 +127,7 @@ def test_a_provider_at_its_configured_limit_gets_nothing_and_the_error_says_why(
     assert [c.node for c in preferred_candidates(spec(), full, {}, aliases={}, limits=limits)] == [
         "a"
     ]
-    stale = cloud_view({"anthropic": Counter_(window=99, requests=2, tokens=0)})
+    stale = cloud_view({"anthropic": RateCount(window=99, requests=2, tokens=0)})
     assert preferred_candidates(pinned, stale, {}, aliases={}, limits=limits)[0].node == "c"
 
 
