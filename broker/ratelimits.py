@@ -118,7 +118,8 @@ def estimate_prompt_tokens(messages: Iterable[ChatMessage]) -> int:
 # KEYS: the counters hash. ARGV: the call's estimated tokens, the TTL, then (field, rpm, tpm)
 # per scope. Admits the call in every scope or in none. Returns {1, window} when admitted;
 # {0, seconds to the window's end, the scope's field, 'rpm' or 'tpm'} when refused. A prompt
-# bigger than the whole tpm passes in an empty window, or it could never run at all.
+# bigger than the whole tpm passes in an empty window, or it could never run at all. The 60s
+# below are WINDOW_S.
 ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
