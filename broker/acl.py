@@ -9,8 +9,9 @@ so the lines can be printed, logged and committed without the secret.
 What the shared keys still allow (kombu and corral keep them in one place for all nodes): a
 worker may write any field of ``corral:nodes``, ``corral:node-loads`` and ``corral:node-digests``
 (another node's last-known info and load, not its liveness), the per-day usage counters,
-any job's stream keys (a job can be delivered to any worker that serves its node), and
-kombu's ``unacked`` set and bindings, which every consumer shares.
+any job's stream keys (a job can be delivered to any worker that serves its node), the
+cluster's rate-limit counters (``corral:rate-counters``, which every worker counts its provider
+calls in), and kombu's ``unacked`` set and bindings, which every consumer shares.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def worker_rules(node: str, db: int = 0) -> str:
             f"~{names.NODE_LOADS_HASH} ~{names.NODE_DIGESTS_HASH}",
             # The per-day usage counters every finished job adds to (shared, a field a route).
             f"~{names.usage_day_key('*')}",
+            # The cluster's shared rate-limit counters; its own backends' provider headers.
+            f"~{names.RATE_COUNTERS_HASH} ~{names.provider_limits_key(node, '*')}",
             f"&{names.job_channel('*')} &{names.CANCEL_CHANNEL}",
             _celery_channels(db),
         )

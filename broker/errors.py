@@ -51,6 +51,9 @@ class CorralError(Exception):
     code: ClassVar[str] = "error"
     retryable: ClassVar[bool] = False
     """Whether another node may serve the job after this failure (before its first token)."""
+    retry_after: float | None = None
+    """Seconds after which the same request may succeed, when that is known (a provider's
+    Retry-After, the end of a rate limit's minute)."""
 
 
 class ConfigError(CorralError):
@@ -141,7 +144,14 @@ class UnsupportedOperation(ModelOpError):
 
 
 class BackendError(CorralError):
+    """``retry_after``: the provider's advice, in seconds, on when this backend may take a
+    request again (a 429's or 529's Retry-After; a spent quota's reset), if it gave one."""
+
     code = "backend"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BackendUnavailable(BackendError):
@@ -178,9 +188,13 @@ class BackendRateLimited(BackendError):
     code = "rate_limited"
     retryable = True
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    def __init__(
+        self, message: str, retry_after: float | None = None, limit: str | None = None
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.limit = limit
+        """Set when corral's own configured limit refused the call (its scope, ``anthropic``
+        or ``anthropic|MODEL``) rather than the provider."""
 
 
 class QuotaExhausted(BackendRateLimited):
@@ -225,6 +239,10 @@ RETRYABLE_CODES = frozenset(code for code, cls in _BY_CODE.items() if cls.retrya
 """Failures another node may not have: a job failing so before its first token moves on."""
 
 
-def error_from_code(code: str, message: str) -> CorralError:
-    """Rebuild the right exception class from an ``ErrorEvent``'s code on the client side."""
-    return _BY_CODE.get(code, CorralError)(message)
+def error_from_code(code: str, message: str, retry_after: float | None = None) -> CorralError:
+    """Rebuild the right exception class from an ``ErrorEvent``'s code on the client side;
+    a backend's error keeps the event's ``retry_after``."""
+    cls = _BY_CODE.get(code, CorralError)
+    if issubclass(cls, BackendError):
+        return cls(message, retry_after=retry_after)
+    return cls(message)

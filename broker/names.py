@@ -121,3 +121,14 @@ def usage_day_key(day: str) -> str:
     """Hash of one UTC day's (``2026-12-02``) usage: per route or node, model and measure,
     a count (broker.usage spells the fields)."""
     return f"{KEY_PREFIX}usage:{day}"
+
+
+RATE_COUNTERS_HASH = f"{KEY_PREFIX}rate-counters"
+"""Hash of rate-limit scope (``anthropic``, ``anthropic|MODEL``) -> this minute's requests and
+tokens (broker.ratelimits): shared by every worker and controller; expires when idle."""
+
+
+def provider_limits_key(node_name: str, backend: str) -> str:
+    """Hash of the rate-limit headers a provider last sent this node's backend (remaining
+    requests and tokens, their resets), written by the node's heartbeat; short-lived."""
+    return f"{KEY_PREFIX}node:{node_name}:provider-limits:{backend}"

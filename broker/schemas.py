@@ -398,6 +398,12 @@ class ErrorEvent(_Event):
     node: str | None = None
     attempt: int = 1
     final: bool = True
+    retry_after: float | None = Field(default=None, ge=0)
+    """Seconds until the backend may take a request again, when its provider said so (a 429's
+    or 529's Retry-After) or corral's own rate limit knows (the end of its minute)."""
+    limit: str | None = Field(default=None, max_length=200)
+    """The configured rate limit that kept the call from being made (``anthropic``,
+    ``anthropic|MODEL``): corral's own refusal, not the provider's, so no breaker opens."""
 
 
 class InterruptedEvent(_Event):

@@ -18,6 +18,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from broker.errors import ConfigError
+from broker.ratelimits import ProviderLimits
+from broker.schemas import BACKEND_KINDS
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -142,6 +144,13 @@ class CorralSettings(BaseSettings):
     gateway_fetch_image_urls: bool = False
     """Let the HTTP gateway fetch an image a request names by http(s) URL (public addresses
     only, checked after resolving, redirects too). Off: only ``data:`` URLs are taken."""
+    limits: dict[str, ProviderLimits] = Field(default_factory=dict)
+    """Requests (``rpm``) and tokens (``tpm``) a minute the whole cluster sends each provider
+    kind, and optionally each model: ``anthropic: {rpm: 50, models: {claude-opus-4: {rpm: 5}}}``.
+    Counted in Redis before every call (broker.ratelimits)."""
+    quota_cooldown_s: float = Field(default=3600.0, gt=0)
+    """How long a backend whose provider says its quota is spent gets no jobs, when the
+    provider does not say when the quota resets."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: they add about 2 ms to every
     job's first token, and Flower switches them on by itself while it runs (its
@@ -159,6 +168,17 @@ class CorralSettings(BaseSettings):
             entry.strip().startswith("sentinel://") for entry in url.split(";")
         ):
             raise ValueError("every ;-separated entry of a Sentinel broker URL is sentinel://")
+        return value
+
+    @field_validator("limits")
+    @classmethod
+    def _known_limit_kinds(cls, value: dict[str, ProviderLimits]) -> dict[str, ProviderLimits]:
+        unknown = sorted(set(value) - BACKEND_KINDS)
+        if unknown:
+            raise ValueError(
+                f"limits name unknown backend kinds {', '.join(unknown)}"
+                f" (known: {', '.join(sorted(BACKEND_KINDS))})"
+            )
         return value
 
     @field_validator("broker_ca_file")

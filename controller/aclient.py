@@ -42,6 +42,7 @@ from controller.dispatch import (
     NO_PROBE_PERMIT,
     RATE_LIMIT_CODES,
     WRITES_REFUSED,
+    breaker_hold,
     breaker_phases,
     failure_target,
     full_broker_reason,
@@ -198,6 +199,7 @@ class AsyncCorralClient:
             avoid=avoid,
             never=never,
             sticky_node=sticky_node,
+            limits=self.settings.limits,
         )
         for candidate in preferred:
             if await self._probe_permits(half_open_targets(candidate, phases)):
@@ -353,10 +355,15 @@ class _AsyncClientHooks:
         for target in success_targets(candidate, view):
             await self._client.breakers.record_success(target)
 
-    async def attempt_failed(self, candidate: Candidate, code: str) -> None:
-        await self._client.breakers.record_failure(
-            failure_target(candidate, code), open_now=code in RATE_LIMIT_CODES
-        )
+    async def attempt_failed(
+        self, candidate: Candidate, code: str, retry_after: float | None = None
+    ) -> None:
+        target = failure_target(candidate, code)
+        hold = breaker_hold(code, retry_after, self._client.settings.quota_cooldown_s)
+        if hold is not None:
+            await self._client.breakers.hold(target, *hold)
+        else:
+            await self._client.breakers.record_failure(target, open_now=code in RATE_LIMIT_CODES)
 
     async def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
         if spec.session is None:

@@ -40,7 +40,9 @@ class AsyncJobHooks(Protocol):
 
     async def attempt_succeeded(self, candidate: Candidate) -> None: ...
 
-    async def attempt_failed(self, candidate: Candidate, code: str) -> None: ...
+    async def attempt_failed(
+        self, candidate: Candidate, code: str, retry_after: float | None = None
+    ) -> None: ...
 
     async def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None: ...
 
@@ -112,8 +114,8 @@ class AsyncJobRun:
         match effect:
             case AttemptSucceeded(candidate):
                 await hooks.attempt_succeeded(candidate)
-            case AttemptFailed(candidate, code):
-                await hooks.attempt_failed(candidate, code)
+            case AttemptFailed(candidate, code, retry_after):
+                await hooks.attempt_failed(candidate, code, retry_after)
             case Finished(spec, text, candidate):
                 await hooks.finished(spec, text, candidate)
             case ChooseNext(spec, avoid, never):

@@ -52,6 +52,7 @@ from controller.dispatch import (
     NO_PROBE_PERMIT,
     RATE_LIMIT_CODES,
     WRITES_REFUSED,
+    breaker_hold,
     breaker_phases,
     failure_target,
     full_broker_reason,
@@ -265,6 +266,7 @@ class CorralClient:
             avoid=avoid,
             never=never,
             sticky_node=sticky_node,
+            limits=self.settings.limits,
         )
         for candidate in preferred:
             if all(self.breakers.try_probe(t) for t in half_open_targets(candidate, phases)):
@@ -559,10 +561,15 @@ class _ClientHooks:
         for target in success_targets(candidate, view):
             self._client.breakers.record_success(target)
 
-    def attempt_failed(self, candidate: Candidate, code: str) -> None:
-        self._client.breakers.record_failure(
-            failure_target(candidate, code), open_now=code in RATE_LIMIT_CODES
-        )
+    def attempt_failed(
+        self, candidate: Candidate, code: str, retry_after: float | None = None
+    ) -> None:
+        target = failure_target(candidate, code)
+        hold = breaker_hold(code, retry_after, self._client.settings.quota_cooldown_s)
+        if hold is not None:
+            self._client.breakers.hold(target, *hold)
+        else:
+            self._client.breakers.record_failure(target, open_now=code in RATE_LIMIT_CODES)
 
     def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
         if spec.session is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -12,6 +12,7 @@ from redis import Redis
 
 from broker import names
 from broker.nodeload import NodeLoad, with_load
+from broker.ratelimits import RateCount, parse_counters
 from broker.schemas import NodeInfo
 from controller.breaker import Breakers, BreakerState, parse_breakers
 from controller.node_index import NodeIndex
@@ -23,10 +24,11 @@ log = logging.getLogger(__name__)
 # One round trip for the whole cluster view: every node's load (broker.nodeload), whether its
 # liveness key still exists, how many jobs wait in its queue (one list per priority step), its
 # inventory digest and, only when that digest is not the one the caller already holds, its
-# whole NodeInfo; and every circuit breaker's state. A node stored by an older worker (no load)
-# always comes whole. Key names come in as arguments so broker.names stays the only place they
-# are spelled. ARGV: alive prefix, alive suffix, queue prefix, priority separator, the number
-# of priority steps, the steps, then (name, digest) pairs the caller holds.
+# whole NodeInfo; every circuit breaker's state; and the rate-limit counters (broker.ratelimits).
+# A node stored by an older worker (no load) always comes whole. Key names come in as arguments
+# so broker.names stays the only place they are spelled. ARGV: alive prefix, alive suffix, queue
+# prefix, priority separator, the number of priority steps, the steps, then (name, digest)
+# pairs the caller holds.
 READ_NODES_LUA = """
 local steps = tonumber(ARGV[5])
 local known = {}
@@ -46,7 +48,7 @@ for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
   table.insert(nodes, {name, alive, queued, load, digest, whole})
 end
 local t = redis.call('TIME')
-return {nodes, redis.call('HGETALL', KEYS[2]), t[1], t[2]}
+return {nodes, redis.call('HGETALL', KEYS[2]), t[1], t[2], redis.call('HGETALL', KEYS[5])}
 """
 
 
@@ -64,6 +66,8 @@ class ClusterView:
     breakers: dict[str, BreakerState]
     redis_time: float
     """Redis's clock when this was read: breakers' cooldowns are measured against it."""
+    rate_counters: dict[str, RateCount] = field(default_factory=dict)
+    """The configured rate limits' counts (broker.ratelimits), by scope."""
 
 
 class ClusterReader:
@@ -101,6 +105,7 @@ class ClusterReader:
             names.BREAKERS_HASH,
             names.NODE_LOADS_HASH,
             names.NODE_DIGESTS_HASH,
+            names.RATE_COUNTERS_HASH,
         ]
         args: list[str | int] = [
             alive_prefix,
@@ -115,13 +120,14 @@ class ClusterReader:
 
     def apply(self, reply: list[Any]) -> ClusterView:
         """The view from the script's reply to ``request``, updating what this reader keeps."""
-        rows, breaker_entries, seconds, micros = reply
+        rows, breaker_entries, seconds, micros, counter_entries = reply
         states = self._node_states(rows)
         self._index = NodeIndex(states, previous=self._index)
         return ClusterView(
             nodes=self._index,
             breakers=parse_breakers(breaker_entries),
             redis_time=int(seconds) + int(micros) / 1_000_000,
+            rate_counters=parse_counters(counter_entries),
         )
 
     def _node_states(self, rows: list[list[bytes]]) -> list[NodeState]:

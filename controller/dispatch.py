@@ -8,7 +8,7 @@ the Celery message says and which breaker a failure counts against are decided h
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,10 +16,11 @@ import kombu.exceptions
 import redis.exceptions
 
 from broker import names
-from broker.errors import NODE_FAILURE_CODES, BrokerUnavailable
+from broker.errors import NODE_FAILURE_CODES, BrokerUnavailable, NoNodeAvailable
+from broker.ratelimits import ProviderLimits, describe_refusal, limit_scopes, over_limit
 from broker.schemas import JobAssignment, JobSpec
 from broker.settings import redacted_url
-from controller.breaker import BreakerPhase, backend_target
+from controller.breaker import HOLD_REASONS, BreakerPhase, BreakerState, backend_target
 from controller.cluster import ClusterView
 from controller.router import Candidate, candidates_for
 from controller.tiers import explain_choice
@@ -50,14 +51,27 @@ def preferred_candidates(
     avoid: set[str] | None = None,
     never: set[str] | None = None,
     sticky_node: str | None = None,
+    limits: Mapping[str, ProviderLimits] | None = None,
 ) -> list[Candidate]:
     """Candidates in the order to try them; RoutingError when there is none.
 
-    Open breakers keep their targets out, as do ``node/backend`` targets in ``never``;
-    those in ``avoid`` come only when nothing else is left.
+    Open breakers keep their targets out, as do backends whose provider is at its configured
+    rate limit (``limits``) and ``node/backend`` targets in ``never``; those in ``avoid``
+    come only when nothing else is left.
     """
-    blocked = {t for t, p in phases.items() if p is BreakerPhase.OPEN} | (never or set())
-    ranked = candidates_for(spec, view.nodes, blocked, aliases=aliases, sticky_node=sticky_node)
+    blocked: dict[str, str] = {t: "already failed this job" for t in never or ()}
+    blocked |= {
+        t: breaker_reason(view.breakers.get(t), view.redis_time)
+        for t, p in phases.items()
+        if p is BreakerPhase.OPEN
+    }
+    if limits:
+        blocked |= over_limit_targets(spec, view, limits)
+    try:
+        ranked = candidates_for(spec, view.nodes, blocked, aliases=aliases, sticky_node=sticky_node)
+    except NoNodeAvailable as exc:
+        exc.retry_after = soonest_reopening(blocked, spec, view, limits or {})
+        raise
     if not avoid:
         return ranked  # the common case: no copy of the ranking
     return [c for c in ranked if c.backend_target not in avoid] or ranked
@@ -78,6 +92,59 @@ def with_reason(
         spec, candidate, view.nodes, blocked, aliases=aliases, failed=never or ()
     )
     return candidate._replace(reason=reason)
+
+
+def breaker_reason(state: BreakerState | None, now: float) -> str:
+    """Why an open breaker keeps its target out, for a routing error."""
+    if state is None or state.reason is None or state.held_until is None:
+        return "circuit breaker open"
+    said = HOLD_REASONS.get(state.reason, state.reason)
+    return f"{said} by its provider for {max(0.0, state.held_until - now):.0f}s more"
+
+
+def over_limit_targets(
+    spec: JobSpec, view: ClusterView, limits: Mapping[str, ProviderLimits]
+) -> dict[str, str]:
+    """Backends (``node/backend``) whose provider, or the job's model there, is at its
+    configured rate limit in this minute, with the reason: the router sends them nothing."""
+    out: dict[str, str] = {}
+    for node in view.nodes:
+        for backend in node.info.backends:
+            scopes = limit_scopes(limits, backend.kind, spec.model or "")
+            if not scopes:
+                continue
+            over = over_limit(scopes, view.rate_counters, view.redis_time)
+            if over is not None:
+                out[backend_target(node.name, backend.name)] = describe_refusal(*over)
+    return out
+
+
+def soonest_reopening(
+    blocked: Collection[str],
+    spec: JobSpec,
+    view: ClusterView,
+    limits: Mapping[str, ProviderLimits],
+) -> float | None:
+    """Seconds until the first of the ``blocked`` backends held by its provider or by a
+    configured limit may take this job again; None when none is (nobody knows when a plain
+    breaker's cause ends)."""
+    now = view.redis_time
+    waits = [
+        state.held_until - now
+        for target in blocked
+        if (state := view.breakers.get(target)) is not None
+        and state.held_until is not None
+        and state.held_until > now
+    ]
+    for node in view.nodes:
+        for backend in node.info.backends:
+            if backend_target(node.name, backend.name) not in blocked:
+                continue
+            scopes = limit_scopes(limits, backend.kind, spec.model or "")
+            over = over_limit(scopes, view.rate_counters, now) if scopes else None
+            if over is not None:
+                waits.append(over[2])
+    return min(waits) if waits else None
 
 
 def half_open_targets(candidate: Candidate, phases: Mapping[str, BreakerPhase]) -> list[str]:
@@ -105,6 +172,27 @@ def failure_target(candidate: Candidate, code: str) -> str:
     if code in NODE_FAILURE_CODES:
         return candidate.node
     return backend_target(candidate.node, candidate.backend)
+
+
+HOLDING_CODES = frozenset({"quota_exhausted"})
+"""Final failures that still shut their backend: a spent quota is spent for every job."""
+
+
+def breaker_hold(
+    code: str, retry_after: float | None, quota_cooldown_s: float
+) -> tuple[float, str] | None:
+    """How long a failed attempt's breaker stays open and why, when its provider said how long
+    (a 429's or 529's Retry-After, a quota's reset); None: count it as an ordinary failure.
+    A spent quota without a reset time holds for ``quota_cooldown_s``."""
+    if code == "quota_exhausted":
+        return (retry_after if retry_after else quota_cooldown_s), "quota_exhausted"
+    if retry_after is None:
+        return None
+    if code == "rate_limited":
+        return retry_after, "rate_limited"
+    if code == "backend_unavailable":
+        return retry_after, "overloaded"
+    return None
 
 
 def success_targets(candidate: Candidate, view: ClusterView) -> list[str]:

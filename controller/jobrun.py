@@ -47,7 +47,10 @@ class JobHooks(Protocol):
 
     def attempt_succeeded(self, candidate: Candidate) -> None: ...
 
-    def attempt_failed(self, candidate: Candidate, code: str) -> None: ...
+    def attempt_failed(
+        self, candidate: Candidate, code: str, retry_after: float | None = None
+    ) -> None:
+        """Count the failure against its breaker, or hold it open for ``retry_after``."""
 
     def finished(self, spec: JobSpec, result_text: str, candidate: Candidate) -> None:
         """The job is done: remember the conversation, if it has a session."""
@@ -116,8 +119,8 @@ class JobRun:
         match effect:
             case AttemptSucceeded(candidate):
                 hooks.attempt_succeeded(candidate)
-            case AttemptFailed(candidate, code):
-                hooks.attempt_failed(candidate, code)
+            case AttemptFailed(candidate, code, retry_after):
+                hooks.attempt_failed(candidate, code, retry_after)
             case Finished(spec, text, candidate):
                 hooks.finished(spec, text, candidate)
             case ChooseNext(spec, avoid, never):

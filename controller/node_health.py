@@ -7,7 +7,7 @@ import redis.exceptions
 
 from broker import __version__, names
 from broker.settings import CorralSettings
-from controller.breaker import BreakerPhase
+from controller.breaker import HOLD_REASONS, BreakerPhase
 from controller.cluster import read_cluster
 from controller.health import Check, Status
 from controller.router import NodeState
@@ -60,7 +60,21 @@ def check_nodes(
             if target != node.name and not target.startswith(f"{node.name}/"):
                 continue
             phase = state.phase(view.redis_time, settings.breaker_cooldown_s)
-            if phase is not BreakerPhase.CLOSED:
+            if phase is BreakerPhase.OPEN and state.reason is not None:
+                left = state.reopens_at(settings.breaker_cooldown_s) - view.redis_time
+                said = HOLD_REASONS.get(state.reason, state.reason)
+                checks.append(
+                    Check(
+                        f"node {node.name}",
+                        "breaker",
+                        Status.WARN,
+                        f"{target} is {said}, as its provider said: no jobs go there for"
+                        f" {left:.0f}s more",
+                        f"it reopens by itself; `corral nodes --reset-breaker {target}` tries"
+                        " sooner",
+                    )
+                )
+            elif phase is not BreakerPhase.CLOSED:
                 checks.append(
                     Check(
                         f"node {node.name}",

@@ -540,7 +540,8 @@ def explain_no_candidate(
         for b in n.info.backends
         if not b.healthy
     ]
-    reasons = [*unhealthy, *(f"{t}: circuit breaker open" for t in shut)]
+    why = blocked if isinstance(blocked, Mapping) else {}
+    reasons = [*unhealthy, *(f"{t}: {why.get(t, 'circuit breaker open')}" for t in shut)]
     detail = f" ({'; '.join(reasons)})" if reasons else ""
     return NoNodeAvailable(f"no up node has a healthy backend that can serve this job{detail}")
 

@@ -26,6 +26,7 @@ from broker.schemas import (
     JobSpec,
     ReroutedEvent,
 )
+from controller.dispatch import HOLDING_CODES
 from controller.router import Candidate
 from controller.stream_control import CLOSED_LEASE, TakeOver
 from controller.stream_core import StreamCursor
@@ -53,10 +54,12 @@ class AttemptSucceeded:
 
 @dataclass(frozen=True, slots=True)
 class AttemptFailed:
-    """Count a failure against the node (node-level codes) or its backend. Result: None."""
+    """Count a failure against the node (node-level codes) or its backend, or hold the
+    backend's breaker open for ``retry_after`` when its provider said so. Result: None."""
 
     candidate: Candidate
     code: str
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,14 +152,20 @@ class RunCore:
                 yield AttemptSucceeded(self.candidate)
             yield Finished(self.spec, event.result.text, self.candidate)
         elif isinstance(event, ErrorEvent | InterruptedEvent):
-            if event.code in RETRYABLE_CODES and event.attempt == self.attempt.number:
-                yield AttemptFailed(self.candidate, event.code)
+            counts = event.code in RETRYABLE_CODES or event.code in HOLDING_CODES
+            if counts and event.attempt == self.attempt.number:
+                retry_after = event.retry_after if isinstance(event, ErrorEvent) else None
+                # corral's own limit refused the call: its counters, which the router reads,
+                # say when the backend may take jobs again; nothing is wrong with it.
+                if not (isinstance(event, ErrorEvent) and event.limit is not None):
+                    yield AttemptFailed(self.candidate, event.code, retry_after)
                 lost = event.code in NODE_FAILURE_CODES
                 failed = self.worker_lost if lost else self.backend_failed
                 failed.add(self.candidate.backend_target)
             if not event.final and event.attempt == self.attempt.number:
                 self.failures.append(f"{self.candidate.node}: {event.message}")
-                yield from self._move_on(event.code, event.message)
+                advice = event if isinstance(event, ErrorEvent) else None
+                yield from self._move_on(event.code, event.message, failed=advice)
 
     def on_worker_lost(self, reason: str) -> Steps:
         """The serving (or queued-for) node is gone: end this attempt from here."""
@@ -196,8 +205,11 @@ class RunCore:
     def _exhausted(self) -> str:
         return f"job failed on {self.attempt.number} attempt(s): {'; '.join(self.failures)}"
 
-    def _move_on(self, code: str, message: str, seq: int | None = None) -> Steps:
-        """Send the job to the next candidate, or end it with the reason nothing is left."""
+    def _move_on(
+        self, code: str, message: str, seq: int | None = None, failed: ErrorEvent | None = None
+    ) -> Steps:
+        """Send the job to the next candidate, or end it with the reason nothing is left
+        (keeping the ``failed`` attempt's advice: when to come back, which limit refused it)."""
         attempt = self.attempt
         seq = self.cursor.next_seq if seq is None else seq
         if attempt.number >= self.spec.max_attempts:
@@ -208,7 +220,10 @@ class RunCore:
         )
         if isinstance(chosen, RoutingError):
             yield from self._write_final(
-                code, f"{message}; nothing else can serve it ({chosen})", seq=seq
+                code,
+                f"{message}; nothing else can serve it ({chosen})",
+                seq=seq,
+                failed=failed,
             )
             return
         candidate = _expect(chosen, Candidate)
@@ -239,11 +254,16 @@ class RunCore:
         self.attempt = Attempt(number, candidate)
         yield Send(self.spec, candidate, number)
 
-    def _write_final(self, code: str, message: str, seq: int | None = None) -> Steps:
-        event = self._final_error(self.cursor.next_seq if seq is None else seq, code, message)
+    def _write_final(
+        self, code: str, message: str, seq: int | None = None, failed: ErrorEvent | None = None
+    ) -> Steps:
+        seq = self.cursor.next_seq if seq is None else seq
+        event = self._final_error(seq, code, message, failed)
         yield from self._write(event, new_lease=CLOSED_LEASE)
 
-    def _final_error(self, seq: int, code: str, message: str) -> ErrorEvent:
+    def _final_error(
+        self, seq: int, code: str, message: str, failed: ErrorEvent | None = None
+    ) -> ErrorEvent:
         return ErrorEvent(
             job_id=self.job_id,
             seq=seq,
@@ -253,6 +273,8 @@ class RunCore:
             node=self.attempt.candidate.node,
             attempt=self.attempt.number,
             final=True,
+            retry_after=failed.retry_after if failed else None,
+            limit=failed.limit if failed else None,
         )
 
     def _write(

@@ -15,6 +15,7 @@ from broker.errors import (
     RETRYABLE_CODES,
     BackendError,
     BackendProtocolError,
+    BackendRateLimited,
     BackendTimeout,
     BackendUnavailable,
     CorralError,
@@ -134,8 +135,12 @@ async def run_job(
     catalog: Catalog | None = None,
     missing_reason: str | None = None,
     max_result_bytes: int = MAX_EMBED_RESULT_BYTES,
+    refused: BackendError | None = None,
 ) -> JobResult | None:
     """Stream ``control.assignment`` from its backend onto ``stream`` and return the outcome.
+
+    ``refused``: the backend must not be called (corral's own rate limit said no); the
+    attempt ends with that error once claimed.
 
     ``claim`` is the job's lease-and-start claim (see ``JobStream.claim``); None is returned
     when this delivery may not run (another holds the lease, or the job has moved on). Backend
@@ -156,6 +161,7 @@ async def run_job(
             catalog=catalog,
             missing_reason=missing_reason,
             max_result_bytes=max_result_bytes,
+            refused=refused,
         )
     except Fenced:
         # Any write may find the job moved on (a frozen node woke up, a duplicate delivery).
@@ -175,6 +181,7 @@ async def _run_claimed(
     catalog: Catalog | None,
     missing_reason: str | None,
     max_result_bytes: int,
+    refused: BackendError | None,
 ) -> JobResult | None:
     assignment = control.assignment
     if assignment.spec.kind == "embed":
@@ -189,7 +196,7 @@ async def _run_claimed(
         options, progress.notes = _effort_for(options, backend, assignment.model, catalog)
     chunks = (
         _open_stream(backend, assignment, options)
-        if backend is not None and not control.cancel_requested
+        if backend is not None and not control.cancel_requested and refused is None
         else None
     )
     # Ask the backend for its first token while the claim is in flight: the claim's round trip
@@ -207,6 +214,8 @@ async def _run_claimed(
             return None
         control.cancel_requested = True
         return await _finish(stream, progress, "cancelled", "job cancelled before it started")
+    if refused is not None:
+        return await _finish(stream, progress, "error", str(refused), refused)
     if chunks is None or first_chunk is None:
         error = BackendUnavailable(
             missing_reason or f"node {assignment.node!r} has no backend {assignment.backend!r}"
@@ -378,7 +387,14 @@ async def _finish(
         )
     else:
         await stream.error(
-            code, message, assignment.node, result, attempt=assignment.attempt, final=final
+            code,
+            message,
+            assignment.node,
+            result,
+            attempt=assignment.attempt,
+            final=final,
+            retry_after=error.retry_after if isinstance(error, BackendError) else None,
+            limit=error.limit if isinstance(error, BackendRateLimited) else None,
         )
     return result
 

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any, Literal, TypeVar
 
@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from broker import names
 from broker.catalog import catalog_for
-from broker.errors import BrokerUnavailable, CorralError
+from broker.errors import BackendRateLimited, BrokerUnavailable, CorralError
 from broker.redis_clients import async_client
 from broker.route_url import parse_route_url
 from broker.schemas import (
@@ -46,7 +46,9 @@ from worker.backends.registry import (
 from worker.config import WorkerConfig, providers_with_keys
 from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
 from worker.jobs import JobControl, run_job
+from worker.limiter import Admission, ProviderLimiter
 from worker.model_ops import run_model_op
+from worker.provider_limits import publish_provider_limits
 from worker.stream import JobStream, StreamScripts
 from worker.sysinfo import SystemProbe
 from worker.usage import record_usage
@@ -117,6 +119,9 @@ class NodeRuntime:
         )
         self._redis: Redis | None = None
         self._scripts: StreamScripts | None = None
+        self._limiter: ProviderLimiter | None = None
+        self._published_limits: dict[str, int] = {}
+        """Per backend, the provider headers' update count last written to Redis."""
         self._http: httpx.AsyncClient | None = None
         self.backends: dict[str, Backend] = {}
         self.cloud_providers: frozenset[str] = frozenset()
@@ -239,6 +244,8 @@ class NodeRuntime:
             ) from None
         self._scripts = StreamScripts(self._redis)
         await self._scripts.preload()
+        self._limiter = ProviderLimiter(self._redis, self.settings.limits)
+        await self._limiter.preload()
         self._http = make_http_client(self.settings.job_timeout_s, tls=needs_tls(self.config))
         self.backends = build_backends(self.config, self._http)
         if self.config.cloud:
@@ -318,6 +325,9 @@ class NodeRuntime:
         )
         self._stored_inventory = await publish_node_info(
             self.redis, info, stored=self._stored_inventory
+        )
+        await publish_provider_limits(
+            self.redis, self.config.name, self.backends, self._published_limits
         )
 
     async def _heartbeat_loop(self) -> None:
@@ -400,6 +410,7 @@ class NodeRuntime:
         )
         timeout = assignment.spec.first_token_timeout_s or self.settings.first_token_timeout_s
         backends, missing = self._backends_for(assignment)
+        admission, refused = await self._admit(assignment, backends)
         task = asyncio.create_task(
             run_job(
                 control,
@@ -409,11 +420,14 @@ class NodeRuntime:
                 first_token_timeout_s=timeout,
                 missing_reason=missing,
                 catalog=self.catalog,
+                refused=refused,
             )
         )
         control.task = task
         try:
             result = await task
+            if admission is not None and self._limiter is not None:
+                await self._limiter.settle(admission, result)
         except asyncio.CancelledError:
             # Cancelled before its first step ran: run_job never saw it, so report here.
             if control.cancel_requested and task.cancelled():
@@ -456,6 +470,22 @@ class NodeRuntime:
                 return {}, str(exc)
             self._route_backends[key] = backend
         return {assignment.backend: backend}, None
+
+    async def _admit(
+        self, assignment: JobAssignment, backends: Mapping[str, Backend]
+    ) -> tuple[Admission | None, BackendRateLimited | None]:
+        """Count the call against the configured rate limits before the backend is asked."""
+        backend = backends.get(assignment.backend)
+        if backend is None or self._limiter is None:
+            return None, None
+        try:
+            admission = await self._limiter.admit(
+                backend.kind, assignment.model, assignment.spec.messages
+            )
+        except BackendRateLimited as exc:
+            log.info("job %s not sent to %s: %s", assignment.spec.job_id, backend.name, exc)
+            return None, exc
+        return admission, None
 
     async def _model_op(self, request: ModelOpRequest) -> JobResult:
         stream = JobStream(self.scripts, request.op_id, self.settings.replay_ttl_s)

@@ -239,6 +239,8 @@ class JobStream:
         *,
         attempt: int = 1,
         final: bool = True,
+        retry_after: float | None = None,
+        limit: str | None = None,
     ) -> None:
         event = ErrorEvent(
             job_id=self._job_id,
@@ -249,6 +251,8 @@ class JobStream:
             node=node,
             attempt=attempt,
             final=final,
+            retry_after=retry_after,
+            limit=limit,
         )
         await self._send(event, result=result, set_expiry=True)
 

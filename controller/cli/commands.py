@@ -44,6 +44,11 @@ from controller.cli.doctor import doctor
 from controller.cli.embed import embed_command
 from controller.cli.fanout_tables import answers_table, progress_table
 from controller.cli.flower import flower
+from controller.cli.limits_view import (
+    configured_limit_lines,
+    provider_headers_of,
+    provider_lines,
+)
 from controller.cli.mcp import mcp_command
 from controller.cli.models import models
 from controller.cli.render import (
@@ -383,6 +388,7 @@ def nodes(
                 client.breakers.reset(target)
                 stderr_console().print(f"breaker on {target} closed")
             view = client.cluster()
+            provider_headers = provider_headers_of(client.redis, view)
     except CorralError as exc:
         fail(exc)
     notes = breaker_notes(view.breakers, view.redis_time, settings.breaker_cooldown_s)
@@ -398,6 +404,11 @@ def nodes(
                     "up": state.up,
                     "queued": state.queued,
                     "breakers": own,
+                    "provider_limits": {
+                        t.partition("/")[2]: dict(h.headers)
+                        for t, h in provider_headers.items()
+                        if t.partition("/")[0] == state.name
+                    },
                     **state.info.model_dump(mode="json"),
                 }
             )
@@ -409,6 +420,8 @@ def nodes(
     console.print(nodes_table(view.nodes, notes))
     for note in notes.values():
         console.print(f"[red]{note.line}[/red]")
+    for line in [*configured_limit_lines(settings.limits, view), *provider_lines(provider_headers)]:
+        console.print(escape(line))
 
 
 @cli.command()

@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.schemas import BackendInfo, JobResult, ModelInfo, NodeInfo, ProgressEvent, Usage
-from controller.breaker import BreakerPhase, BreakerState
+from controller.breaker import HOLD_REASONS, BreakerPhase, BreakerState
 from controller.router import NodeState
 
 _SOON_S = 20 * 3600
@@ -92,20 +92,38 @@ class BreakerNote:
     failures: int
     seconds_left: float
     """Until a probe may try the target again (0 once half-open)."""
+    reason: str | None = None
+    """The provider's reason when it said how long to stay away (``BreakerState.reason``)."""
 
     @property
     def short(self) -> str:
         if self.phase is BreakerPhase.OPEN:
+            if self.reason is not None:
+                return f"{HOLD_REASONS.get(self.reason, self.reason)} ({_left(self.seconds_left)})"
             return f"breaker open ({self.seconds_left:.0f}s)"
         return "breaker half-open"
 
     @property
     def line(self) -> str:
+        if self.phase is BreakerPhase.OPEN and self.reason is not None:
+            said = HOLD_REASONS.get(self.reason, self.reason)
+            return (
+                f"{self.target}: {said}, as its provider said; no jobs go there for"
+                f" {_left(self.seconds_left)}, then one probe job tries it"
+            )
         if self.phase is BreakerPhase.OPEN:
             what, then = "open", f"one probe job may try it in {self.seconds_left:.0f}s"
         else:
             what, then = "half-open", "the next job routed there is a probe"
         return f"{self.target}: breaker {what} after {self.failures} failures in a row; {then}"
+
+
+def _left(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f}h"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds:.0f}s"
 
 
 def breaker_notes(
@@ -117,8 +135,8 @@ def breaker_notes(
         phase = state.phase(now, cooldown_s)
         if phase is BreakerPhase.CLOSED:
             continue
-        left = max(0.0, state.opened_at + cooldown_s - now)
-        notes[target] = BreakerNote(target, phase, state.failures, left)
+        left = max(0.0, state.reopens_at(cooldown_s) - now)
+        notes[target] = BreakerNote(target, phase, state.failures, left, state.reason)
     return notes
 
 

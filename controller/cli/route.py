@@ -16,8 +16,9 @@ from broker.catalog import Catalog, catalog_for, provider_of
 from broker.errors import BrokerUnavailable, ConfigError, CorralError
 from broker.route_url import RouteTarget
 from controller.cli.common import fail, settings_from
-from controller.cli.render import stderr_console
-from controller.cluster import read_nodes
+from controller.cli.limits_view import provider_headers_of, route_limit_notes
+from controller.cli.render import breaker_notes, stderr_console
+from controller.cluster import read_cluster, read_nodes
 from controller.router import NodeState
 from controller.routes import (
     Route,
@@ -148,12 +149,16 @@ def _probe(target: RouteTarget) -> str | None:
 @click.pass_context
 def list_routes(ctx: click.Context) -> None:
     """Every route, checked live: ✓ reachable, ✗ unreachable, ? missing its API key."""
+    cooldown_s = settings_from(ctx).breaker_cooldown_s
     try:
         store = _store(ctx)
         routes, enabled = store.all(), store.enabled()
-        nodes = read_nodes(store.redis) if routes else []
+        view = read_cluster(store.redis) if routes else None
+        headers = provider_headers_of(store.redis, view) if view else {}
     except redis.RedisError as exc:
         fail(_guard(exc))
+    nodes = list(view.nodes) if view else []
+    notes = breaker_notes(view.breakers, view.redis_time, cooldown_s) if view else {}
     if not routes:
         stderr_console().print("no routes: add one with `corral route add NAME URL [MODEL]`")
         return
@@ -164,7 +169,13 @@ def list_routes(ctx: click.Context) -> None:
     with ThreadPoolExecutor(max_workers=min(16, len(routes))) as pool:
         states = list(pool.map(lambda route: route_state(route, nodes), routes))
     for route, (mark, note) in zip(routes, states, strict=True):
-        table.add_row(mark, "@" + route.name, escape(route.url), route.model or "-", escape(note))
+        extra = route_limit_notes(
+            [(server.state, server.backend) for server in route_servers(route, nodes)],
+            notes,
+            headers,
+        )
+        shown = "; ".join([note, *extra])
+        table.add_row(mark, "@" + route.name, escape(route.url), route.model or "-", escape(shown))
     Console(width=200).print(table)
     if not enabled:
         stderr_console().print("routing is off: `corral route on` lets @route mentions through")

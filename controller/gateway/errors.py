@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.errors import (
+    BackendError,
     BackendRateLimited,
     BackendTimeout,
     BrokerUnavailable,
@@ -64,7 +65,9 @@ def http_error(exc: CorralError) -> HttpError:
         case UnknownNode():
             return HttpError(404, message, code="node_not_found")
         case NoNodeAvailable() | RoutingError():
-            return HttpError(503, message, "server_error", exc.code, retry_after=RETRY_AFTER_S)
+            # Every candidate held by its provider or a configured limit: as long as that lasts.
+            wait = exc.retry_after if exc.retry_after is not None else RETRY_AFTER_S
+            return HttpError(503, message, "server_error", exc.code, retry_after=wait)
         case BrokerUnavailable():
             return HttpError(503, message, "server_error", exc.code, retry_after=RETRY_AFTER_S)
         case QuotaExhausted():
@@ -82,4 +85,7 @@ def http_error(exc: CorralError) -> HttpError:
             return HttpError(499, message, "server_error", exc.code)
         case UnsupportedOperation():
             return HttpError(501, message, "server_error", exc.code)
+        case BackendError() if exc.retry_after is not None:
+            # An overloaded provider that said when to come back (a 529 with Retry-After).
+            return HttpError(503, message, "server_error", exc.code, retry_after=exc.retry_after)
     return HttpError(502, message, "server_error", exc.code)

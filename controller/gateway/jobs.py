@@ -22,6 +22,7 @@ from broker.schemas import (
     ChatMessage,
     DeltaEvent,
     DoneEvent,
+    ErrorEvent,
     GenerationOptions,
     InterruptedEvent,
     JobSpec,
@@ -206,6 +207,8 @@ async def drain(events: AsyncIterator[AnyStreamEvent]) -> None:
 def final_failure(event: AnyStreamEvent) -> CorralError | None:
     """The job's failure; an interruption ends an HTTP answer even when the job moves on (the
     text already sent cannot be taken back)."""
+    if isinstance(event, ErrorEvent) and event.final:
+        return error_from_code(event.code, event.message, event.retry_after)
     if isinstance(event, InterruptedEvent):
         return error_from_code(event.code, event.message)
     return failure_of(event)

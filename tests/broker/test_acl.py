@@ -13,6 +13,7 @@ import redis
 from redis.exceptions import NoPermissionError
 
 from broker import acl, names
+from broker.ratelimits import ADMIT_LUA
 from broker.settings import build_settings
 from controller.client import CorralClient, make_spec
 from tests.controller.test_flower import start_flower
@@ -159,3 +160,16 @@ def test_the_controller_cannot_administer_the_server(server: RedisServer) -> Non
     ):
         with pytest.raises(NoPermissionError):
             attempt()
+
+
+def test_a_worker_counts_rate_limits_and_records_only_its_own_providers_headers(
+    server: RedisServer,
+) -> None:
+    alpha = redis.Redis.from_url(worker_url(server, "alpha"))
+    admit = alpha.register_script(ADMIT_LUA)
+    assert admit(keys=[names.RATE_COUNTERS_HASH], args=[10, 120, "anthropic", 5, 0])[0] == 1
+    own = names.provider_limits_key("alpha", "claude")
+    alpha.hset(own, "anthropic-ratelimit-requests-remaining", "4")
+    alpha.expire(own, 60)
+    with pytest.raises(NoPermissionError):
+        alpha.hset(names.provider_limits_key("beta", "claude"), "x", "1")

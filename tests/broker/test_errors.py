@@ -38,3 +38,9 @@ def test_codes_rebuild_their_classes_on_the_client() -> None:
         assert type(rebuilt) is cls and str(rebuilt) == "why"
     assert type(error_from_code("no_such_code", "x")) is CorralError
     assert isinstance(error_from_code("backend_unavailable", "x"), BackendUnavailable)
+
+
+def test_a_backends_retry_after_survives_the_trip_to_the_client() -> None:
+    rebuilt = error_from_code("backend_unavailable", "overloaded", retry_after=3.0)
+    assert isinstance(rebuilt, BackendUnavailable) and rebuilt.retry_after == 3.0
+    assert error_from_code("rate_limited", "slow", 2.0).retry_after == 2.0  # type: ignore[attr-defined]

@@ -67,3 +67,30 @@ def test_a_failed_probe_opens_it_again_and_a_good_one_closes_it(conn: redis.Redi
     breakers.record_success("pi2")
     assert phase(conn, "pi2", 0.3) is BreakerPhase.CLOSED
     assert "pi2" not in read_cluster(conn).breakers
+
+
+def test_a_providers_retry_after_holds_the_breaker_for_exactly_that_long(
+    conn: redis.Redis,
+) -> None:
+    breakers = Breakers(conn, threshold=3, cooldown_s=30)
+    until = breakers.hold("cloud/anthropic", 0.5, "rate_limited")
+    state = read_cluster(conn).breakers["cloud/anthropic"]
+    assert state.reason == "rate_limited" and state.held_until == pytest.approx(until)
+    assert until - state.opened_at == pytest.approx(0.5, abs=0.002)  # not the 30 s default
+    assert phase(conn, "cloud/anthropic", 30) is BreakerPhase.OPEN
+    # Another job's failure arriving meanwhile keeps the hold (and counts).
+    assert breakers.record_failure("cloud/anthropic")
+    assert read_cluster(conn).breakers["cloud/anthropic"].held_until == pytest.approx(until)
+    time.sleep(0.6)
+    assert phase(conn, "cloud/anthropic", 30) is BreakerPhase.HALF_OPEN
+    assert breakers.try_probe("cloud/anthropic")
+    breakers.record_success("cloud/anthropic")
+    assert "cloud/anthropic" not in read_cluster(conn).breakers
+
+
+def test_a_shorter_hold_never_cuts_a_longer_one(conn: redis.Redis) -> None:
+    breakers = Breakers(conn, threshold=3, cooldown_s=30)
+    long = breakers.hold("cloud/openai", 3600, "quota_exhausted")
+    assert breakers.hold("cloud/openai", 2, "rate_limited") == pytest.approx(long)
+    state = read_cluster(conn).breakers["cloud/openai"]
+    assert state.reason == "quota_exhausted" and state.failures == 2

@@ -210,3 +210,41 @@ def test_an_embed_jobs_answer_closes_the_breakers_and_a_failed_one_does_not() ->
     )
     again = RunCore(spec, StreamCursor(spec.job_id, node="a"), Attempt(1, candidate("a")))
     assert [type(e) for e in Script().run(again.after(cancelled))] == [Finished]
+
+
+def test_a_providers_retry_after_reaches_the_breaker_and_the_final_error() -> None:
+    run = core()
+    limited = ErrorEvent(
+        job_id=JOB, seq=1, ts=0, code="rate_limited", message="429", final=False, retry_after=2
+    )
+    run.cursor.next_seq = 2
+    effects = Script(routes=[NoNodeAvailable("no up node")]).run(run.after(limited))
+    assert effects[0] == AttemptFailed(candidate("a"), "rate_limited", 2)
+    (final,) = written(effects)
+    assert isinstance(final, ErrorEvent) and final.retry_after == 2
+
+
+def test_corrals_own_limit_opens_no_breaker_but_the_job_still_moves_on() -> None:
+    run = core()
+    refused = ErrorEvent(
+        job_id=JOB,
+        seq=1,
+        ts=0,
+        code="rate_limited",
+        message="not sent: anthropic is at its configured rpm of 2",
+        final=False,
+        retry_after=41,
+        limit="anthropic",
+    )
+    effects = Script(routes=[candidate("b")]).run(run.after(refused))
+    assert not any(isinstance(e, AttemptFailed) for e in effects)
+    choose = next(e for e in effects if isinstance(e, ChooseNext))
+    assert choose.never == {"a/sim"}
+    assert effects[-1] == Send(run.spec, candidate("b"), 2)
+
+
+def test_a_spent_quota_is_final_yet_shuts_its_backend() -> None:
+    run = core()
+    spent = ErrorEvent(job_id=JOB, seq=1, ts=0, code="quota_exhausted", message="spent")
+    effects = Script().run(run.after(spent))
+    assert effects == [AttemptFailed(candidate("a"), "quota_exhausted", None)]

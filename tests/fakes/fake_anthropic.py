@@ -81,6 +81,8 @@ class FakeAnthropicState:
     chat_bodies: list[dict[str, Any]] = field(default_factory=list)
     headers_seen: list[dict[str, str]] = field(default_factory=list)
     model_listings: int = 0
+    message_requests: int = 0
+    """Every ``POST /v1/messages`` that reached the fake, refused ones included."""
     streams_started: int = 0
     streams_completed: int = 0
     aborted_streams: int = 0
@@ -172,6 +174,7 @@ def build_app(state: FakeAnthropicState) -> Starlette:
                 state.aborted_streams += 1
 
     async def messages(request: Request) -> Response:
+        state.message_requests += 1
         if (denied := refused(request)) is not None:
             return denied
         try:

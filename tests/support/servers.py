@@ -31,6 +31,26 @@ def wait_until(predicate: object, timeout_s: float, what: str, interval_s: float
     raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def run_cli(
+    broker_url: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``corral ARGS`` in its own process against ``broker_url``, as a user's shell runs it:
+    no provider key and no corral.yaml of the test process's, plus ``env``."""
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.endswith("_API_KEY") and k not in ("CORRAL_CONFIG", "COLUMNS")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "controller", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**inherited, "CORRAL_BROKER_URL": broker_url, **(env or {})},
+        cwd=REPO_ROOT,
+    )
+
+
 @dataclass
 class RedisServer:
     port: int

@@ -92,6 +92,10 @@ class RateLimits:
     def __init__(self, prefixes: tuple[str, ...]) -> None:
         self._prefixes = prefixes
         self.latest: dict[str, str] = {}
+        self.updates = 0
+        """How many answers brought headers: the heartbeat republishes when it changes."""
+        self.updated_at = 0.0
+        """When the last of them came (epoch seconds)."""
 
     def record(self, response: httpx.Response) -> None:
         seen = {
@@ -101,4 +105,6 @@ class RateLimits:
         }
         if seen:
             self.latest.update(seen)
+            self.updates += 1
+            self.updated_at = time.time()
             log.debug("rate limits now %s", seen)

@@ -14,7 +14,9 @@ quota (``QuotaFailure`` with a per-day quota id) is an exhausted quota; other 42
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, time, timedelta, timezone, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -143,6 +145,23 @@ def _per_day_quota(details: list[dict[str, Any]]) -> bool:
                 if "PerDay" in str(violation.get("quotaId", "")):
                     return True
     return False
+
+
+def _pacific() -> tzinfo:
+    """Where Gemini's per-day quotas reset at midnight (Google's rate-limit docs); standard
+    time's fixed offset on a system without the time zone database."""
+    try:
+        return ZoneInfo("America/Los_Angeles")
+    except ZoneInfoNotFoundError:
+        return timezone(timedelta(hours=-8))
+
+
+def seconds_to_quota_reset(now: datetime | None = None) -> float:
+    """Seconds until the next midnight in Pacific time, when a per-day quota is whole again."""
+    zone = _pacific()
+    moment = (now or datetime.now(UTC)).astimezone(zone)
+    midnight = datetime.combine(moment.date() + timedelta(days=1), time(), zone)
+    return (midnight - moment).total_seconds()
 
 
 def _bad_key(details: list[dict[str, Any]]) -> bool:
@@ -303,12 +322,14 @@ class GoogleBackend:
     def _report(self, status: _Status, code: int) -> ErrorReport:
         message = self._scrub.detail(f"{status.status}: {status.message}".strip(": "))
         missing = code == 404 and "model" in status.message.lower()
+        per_day = _per_day_quota(status.details)
         return ErrorReport(
             message,
             model_missing=missing,
-            quota_exhausted=_per_day_quota(status.details),
+            quota_exhausted=per_day,
             auth_failed=_bad_key(status.details),
-            retry_after=_retry_delay(status.details),
+            # A per-day quota's retryDelay says when to ask again, not when it is refilled.
+            retry_after=seconds_to_quota_reset() if per_day else _retry_delay(status.details),
         )
 
     def _read_error(self, response: httpx.Response) -> ErrorReport:

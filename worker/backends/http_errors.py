@@ -12,6 +12,7 @@ out of every message.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -132,6 +133,30 @@ def retry_after_seconds(headers: httpx.Headers) -> float | None:
     return max(0.0, moment.timestamp() - time.time())
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def reset_seconds(value: str) -> float | None:
+    """OpenAI's ``x-ratelimit-reset-*`` duration (``1s``, ``6m0s``, ``120ms``) in seconds."""
+    parts = _DURATION_PART.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value.strip():
+        return None
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def spent_limit_reset(headers: httpx.Headers) -> float | None:
+    """For a 429 without Retry-After: when the OpenAI-style limit at zero refills, from its
+    ``x-ratelimit-remaining-*`` / ``x-ratelimit-reset-*`` headers; None if none is at zero."""
+    waits = [
+        reset_seconds(headers.get(f"x-ratelimit-reset-{what}", ""))
+        for what in ("requests", "tokens")
+        if headers.get(f"x-ratelimit-remaining-{what}") == "0"
+    ]
+    known = [w for w in waits if w is not None]
+    return max(known) if known else None
+
+
 class HttpErrors:
     """One adapter's translation of httpx exceptions and HTTP errors into ``BackendError``.
 
@@ -170,6 +195,8 @@ class HttpErrors:
         await response.aread()
         report = self._read_error(response)
         retry_after = retry_after_seconds(response.headers)
+        if retry_after is None and response.status_code == 429:
+            retry_after = spent_limit_reset(response.headers)
         raise self.for_status(
             response.status_code,
             report,
@@ -194,9 +221,10 @@ class HttpErrors:
             # Payment Required: DeepSeek's "Insufficient Balance" (and any billing proxy's).
             return QuotaExhausted(f"{self.where} says the key's credit is spent: {report.message}")
         if status == 429:
-            if report.quota_exhausted:
+            if report.quota_exhausted or (retry_after is None and _spend_limit(report.message)):
                 return QuotaExhausted(
-                    f"{self.where} says the key's quota is exhausted: {report.message}"
+                    f"{self.where} says the key's quota is exhausted: {report.message}",
+                    retry_after=retry_after,
                 )
             wait = f"; retry after {retry_after:g}s" if retry_after is not None else ""
             return BackendRateLimited(
@@ -207,7 +235,8 @@ class HttpErrors:
             return ModelNotFound(f"model {model!r} not found on backend {self.backend!r}")
         if status in OVERLOADED_STATUSES:
             return BackendUnavailable(
-                f"{self.where} cannot take the request now (HTTP {status}): {report.message}"
+                f"{self.where} cannot take the request now (HTTP {status}): {report.message}",
+                retry_after=retry_after,
             )
         return BackendProtocolError(f"{self.where} answered HTTP {status}: {report.message}")
 
@@ -230,6 +259,18 @@ class HttpErrors:
     def bad_payload(self, what: str, payload: str) -> BackendProtocolError:
         """Something in the body that is not what the protocol says it should be."""
         return BackendProtocolError(f"{self.where} sent {what}: {self.scrub.detail(payload)!r}")
+
+
+_SPEND_WORDS = ("spend limit", "spending limit", "usage limit")
+"""Narrow on purpose: a plain rate limit's message may mention billing (OpenAI's used to point
+at the billing page), and taking one for a spent quota shuts the backend for an hour."""
+
+
+def _spend_limit(message: str) -> bool:
+    """A 429 without Retry-After that speaks of a spend or usage limit, which waiting a few
+    seconds does not lift (a plain rate limit says when to come back)."""
+    lowered = message.lower()
+    return any(word in lowered for word in _SPEND_WORDS)
 
 
 def transport_error(exc: Exception, where: str, scrub: Scrubber) -> BackendError:

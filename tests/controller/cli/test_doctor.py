@@ -255,6 +255,7 @@ def test_version_skew_a_down_node_an_unreadable_heartbeat_and_an_open_breaker(
     breakers = Breakers(client, threshold=3, cooldown_s=30)
     for _ in range(3):
         breakers.record_failure(backend_target("old", "ollama"))
+    breakers.hold(backend_target("empty", "ollama"), 600, "quota_exhausted")
 
     result = doctor(broker_url)
     out = result.stdout
@@ -264,6 +265,8 @@ def test_version_skew_a_down_node_an_unreadable_heartbeat_and_an_open_breaker(
     breaker = line_of(out, "node old", "breaker")
     assert breaker.startswith("✗") and "open on old/ollama after 3 failures" in breaker
     assert "corral nodes --reset-breaker old/ollama" in out
+    held = line_of(out, "node empty", "breaker")  # its provider's word: a warning, with the wait
+    assert held.startswith("!") and "empty/ollama is quota exhausted, as its provider said" in held
     assert line_of(out, "node empty", "models").startswith("!")
     down = line_of(out, "node gone", "heartbeat")
     assert down.startswith("✗") and re.search(r"last heartbeat 3\d\.\d s ago", down), down

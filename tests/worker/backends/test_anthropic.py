@@ -9,6 +9,7 @@ from broker.errors import (
     BackendRateLimited,
     BackendUnavailable,
     ContentBlocked,
+    QuotaExhausted,
 )
 from broker.schemas import ChatMessage, GenerationOptions
 from tests.fakes.fake_anthropic import running_fake_anthropic
@@ -71,6 +72,25 @@ def test_529_overloaded_is_unavailable() -> None:
         fake.state.fail_message = "Overloaded"
         error = failure(fake.url)
     assert type(error) is BackendUnavailable and "HTTP 529" in str(error)
+
+
+def test_529_with_retry_after_carries_the_wait_for_the_breaker() -> None:
+    with running_fake_anthropic(
+        api_key=PLANTED_KEY, fail_status=529, fail_headers={"retry-after": "3"}
+    ) as fake:
+        error = failure(fake.url)
+    assert type(error) is BackendUnavailable and error.retry_after == 3
+
+
+def test_a_spend_limit_429_without_retry_after_is_an_exhausted_quota() -> None:
+    with running_fake_anthropic(api_key=PLANTED_KEY, fail_status=429) as fake:
+        fake.state.fail_message = "You have reached your specified API usage limits."
+        spent = failure(fake.url)
+        fake.state.fail_headers = {"retry-after": "5"}
+        fake.state.fail_message = "Number of request tokens has exceeded your rate limit"
+        waiting = failure(fake.url)
+    assert type(spent) is QuotaExhausted and not spent.retryable
+    assert type(waiting) is BackendRateLimited and waiting.retry_after == 5
 
 
 def test_a_refusal_is_content_blocked_and_final() -> None:

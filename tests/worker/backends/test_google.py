@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from broker.errors import BackendAuthError, BackendError, ContentBlocked, QuotaExhausted
@@ -9,6 +11,7 @@ from broker.schemas import ChatMessage, GenerationOptions
 from tests.fakes.fake_gemini import quota_details, running_fake_gemini
 from tests.worker.backends.contract import PLANTED_KEY, SETUPS, WRONG_KEY, with_backend
 from worker.backends.base import Backend, Chunk
+from worker.backends.google import seconds_to_quota_reset
 
 GOOGLE = next(s for s in SETUPS if s.id == "google")
 CONVERSATION = (
@@ -59,9 +62,19 @@ def test_a_blocked_prompt_says_why() -> None:
 
 def test_a_per_day_quota_is_exhausted_not_a_wait() -> None:
     with running_fake_gemini(api_key=PLANTED_KEY, fail_status=429) as fake:
-        fake.state.fail_details = quota_details("Day", 3600)
+        fake.state.fail_details = quota_details("Day", 35)
         error = failure(fake.url)
     assert type(error) is QuotaExhausted and not error.retryable
+    # Held until the quota is whole again (midnight Pacific), not for the 35 s retryDelay.
+    assert error.retry_after is not None
+    assert error.retry_after == pytest.approx(seconds_to_quota_reset(), abs=5)
+
+
+def test_the_per_day_quota_resets_at_midnight_pacific_time() -> None:
+    # 23:00 UTC on a July day is 16:00 PDT: eight hours to go.
+    assert seconds_to_quota_reset(datetime(2026, 7, 1, 23, 0, tzinfo=UTC)) == 8 * 3600
+    # 09:30 UTC on a December day is 01:30 PST: 22.5 hours to go.
+    assert seconds_to_quota_reset(datetime(2026, 12, 2, 9, 30, tzinfo=UTC)) == 22.5 * 3600
 
 
 def test_an_invalid_key_answered_400_is_an_auth_error() -> None:

@@ -7,12 +7,13 @@ import asyncio
 
 import pytest
 
-from broker.errors import BackendError, BackendUnavailable, QuotaExhausted
+from broker.errors import BackendError, BackendRateLimited, BackendUnavailable, QuotaExhausted
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo
 from tests.fakes.fake_openai import running_fake_openai
 from tests.worker.backends.contract import PLANTED_KEY, SETUPS, with_backend
 from worker.backends.base import Backend, Chunk
 from worker.backends.cloud import ModelCache
+from worker.backends.http_errors import reset_seconds
 from worker.backends.openai_compat import OpenAICompatBackend
 
 CLOUD = next(s for s in SETUPS if s.id == "openai-cloud")
@@ -30,6 +31,30 @@ def test_insufficient_quota_is_exhausted_and_final() -> None:
         with pytest.raises(BackendError) as caught:
             with_backend(CLOUD, fake.url, ask)
     assert type(caught.value) is QuotaExhausted and not caught.value.retryable
+
+
+def test_a_429_without_retry_after_waits_for_the_limit_at_zero_to_reset() -> None:
+    headers = {
+        "x-ratelimit-remaining-requests": "12",
+        "x-ratelimit-reset-requests": "1s",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "6m0.5s",
+    }
+    with (
+        running_fake_openai(
+            api_key=PLANTED_KEY, models=["gpt-test"], fail_status=429, ratelimit_headers=headers
+        ) as fake,
+        pytest.raises(BackendRateLimited) as caught,
+    ):
+        with_backend(CLOUD, fake.url, ask)
+    assert caught.value.retry_after == pytest.approx(360.5)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("1s", 1), ("6m0s", 360), ("120ms", 0.12), ("1h2m", 3720), ("x", None)]
+)
+def test_openais_reset_durations_read_as_seconds(value: str, seconds: float | None) -> None:
+    assert reset_seconds(value) == (pytest.approx(seconds) if seconds is not None else None)
 
 
 def test_deepseeks_insufficient_balance_is_exhausted() -> None:
