@@ -38,6 +38,7 @@ from controller.areader import AsyncJobStreamReader
 from controller.breaker import AsyncBreakers, BreakerPhase
 from controller.client import with_history
 from controller.cluster import ClusterView
+from controller.config_watch import ConfigWatch
 from controller.dispatch import (
     NO_PROBE_PERMIT,
     WRITES_REFUSED,
@@ -74,7 +75,13 @@ class AsyncCorralClient:
     it, with at most ``max_connections`` connections (one of them carries every followed
     job's messages). Celery's producer always connects by ``settings.broker_url``.
     ``send_threads`` 0 publishes on the loop itself (blocking it for the publish's round trip).
+    ``config``: a hot-reloaded configuration (``controller.config_watch``); ``settings`` then
+    follows its ``current()``, so each job is routed by the settings in force when it is sent.
     """
+
+    @property
+    def settings(self) -> CorralSettings:
+        return self.config.current() if self.config is not None else self._settings
 
     def __init__(
         self,
@@ -83,8 +90,10 @@ class AsyncCorralClient:
         *,
         send_threads: int = 2,
         max_connections: int = 32,
+        config: ConfigWatch | None = None,
     ) -> None:
-        self.settings = settings
+        self._settings = settings
+        self.config = config
         url = settings.broker_url.get_secret_value()
         self._url = url
         self._owns_redis = redis is None

@@ -47,6 +47,7 @@ from broker.settings import CorralSettings
 from broker.sizing import fit_problem
 from controller.breaker import BreakerPhase, Breakers
 from controller.cluster import ClusterReader, ClusterView, preload_scripts
+from controller.config_watch import ConfigWatch
 from controller.dispatch import (
     NO_PROBE_PERMIT,
     WRITES_REFUSED,
@@ -141,10 +142,21 @@ class CorralClient:
     starve routing and sending of connections.
     """
 
+    @property
+    def settings(self) -> CorralSettings:
+        """The settings in force: ``config.current()`` when hot-reloaded (``config_watch``)."""
+        return self.config.current() if self.config is not None else self._settings
+
     def __init__(
-        self, settings: CorralSettings, redis: Redis | None = None, *, max_streams: int = 1024
+        self,
+        settings: CorralSettings,
+        redis: Redis | None = None,
+        *,
+        max_streams: int = 1024,
+        config: ConfigWatch | None = None,
     ) -> None:
-        self.settings = settings
+        self._settings = settings
+        self.config = config
         url = settings.broker_url.get_secret_value()
         self._url = url
         self._owns_redis = redis is None
