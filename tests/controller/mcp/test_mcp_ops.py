@@ -107,9 +107,12 @@ def keyed_http_server(
 async def keyed_client(url: str, key: str) -> AsyncIterator[Client]:
     """The official client over streamable HTTP, sending ``Authorization: Bearer KEY``."""
     headers = {"Authorization": f"Bearer {key}"}
-    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(60, read=120)) as http:
-        async with Client(streamable_http_client(url, http_client=http)) as client:
-            yield client
+    timeout = httpx2.Timeout(60, read=120)
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=timeout) as http,
+        Client(streamable_http_client(url, http_client=http)) as client,
+    ):
+        yield client
 
 
 def test_http_needs_a_key_when_keys_are_set(keyed_http_server: Server) -> None:
