@@ -129,6 +129,10 @@ class CorralSettings(BaseSettings):
     """How long a ``--session`` conversation is kept after its last turn."""
     aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     """Model aliases: ``coder: [qwen2.5-coder:7b, deepseek-coder:6.7b]``, first choice first."""
+    otlp_endpoint: str | None = None
+    """Send OpenTelemetry spans of each job to this OTLP/HTTP collector (a base URL such as
+    ``http://127.0.0.1:4318``; ``/v1/traces`` is added). ``OTEL_EXPORTER_OTLP_ENDPOINT`` does
+    the same. Needs the ``otel`` extra; unset, nothing of OpenTelemetry is loaded."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: they add about 2 ms to every
     job's first token, and Flower switches them on by itself while it runs (its

@@ -45,6 +45,7 @@ RESTART_ONLY = frozenset(
         "breaker_cooldown_s",
         "replay_ttl_s",
         "session_ttl_s",
+        "otlp_endpoint",
     }
 )
 """Fields read once when clients, pools and Celery are made; an edit waits for a restart."""

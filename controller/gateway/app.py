@@ -27,6 +27,7 @@ from controller.gateway import ollama_api, openai_api, openai_completions
 from controller.gateway.errors import HttpError
 from controller.gateway.jobs import ClientGone
 from controller.gateway.service import DEFAULT_MAX_BODY_BYTES, Gateway
+from controller.tracing import make_tracing, traced
 
 log = logging.getLogger("corral.gateway")
 _OPEN_PATHS = frozenset({"/"})
@@ -112,9 +113,12 @@ def build_app(
 ) -> ASGIApp:
     """``config``: reload corral.yaml while serving (each request reads ``current()``)."""
 
+    tracing = make_tracing(settings, "corral-gateway")
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        gateway = Gateway(AsyncCorralClient(settings, config=config), max_body_bytes)
+        client = AsyncCorralClient(settings, config=config, tracing=tracing)
+        gateway = Gateway(client, max_body_bytes)
         app.state.gateway = gateway
         watching = asyncio.create_task(config.run()) if config is not None else None
         try:
@@ -123,6 +127,7 @@ def build_app(
             if watching is not None:
                 watching.cancel()
             await gateway.aclose()
+            tracing.shutdown()
 
     routes = [
         Route("/", root, methods=["GET", "HEAD"]),
@@ -142,4 +147,9 @@ def build_app(
             Exception: _unexpected,
         },
     )
-    return RequireBearer(app, api_keys, refuse_without_key, open_paths=_OPEN_PATHS)
+    return RequireBearer(
+        traced(app, tracing, "corral.gateway"),
+        api_keys,
+        refuse_without_key,
+        open_paths=_OPEN_PATHS,
+    )

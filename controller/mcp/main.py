@@ -32,6 +32,7 @@ from controller.mcp.install import (
 from controller.mcp.jobs import JobBook
 from controller.mcp.server import CorralServer, build_server
 from controller.router import NodeState
+from controller.tracing import make_tracing
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 _ANY_ADDRESS = ("0.0.0.0", "::", "[::]")  # not a name a client writes in Host
@@ -59,7 +60,8 @@ def transport_security(host: str, allowed: tuple[str, ...]) -> TransportSecurity
 async def serve(
     config: ConfigWatch, http_port: int | None, host: str, allowed: tuple[str, ...]
 ) -> None:
-    async with AsyncCorralClient(config.current(), config=config) as client:
+    tracing = make_tracing(config.current(), "corral-mcp")
+    async with AsyncCorralClient(config.current(), config=config, tracing=tracing) as client:
         try:
             nodes: list[NodeState] = await client.nodes()
         except CorralError as exc:  # Redis may come up later: every tool reads it afresh
@@ -77,6 +79,7 @@ async def serve(
         finally:
             watching.cancel()
             await book.aclose()
+            tracing.shutdown()
 
 
 def _refuse_without_key(scope: Scope) -> ASGIApp:
