@@ -29,7 +29,13 @@ from mcp.types import ToolListChangedNotification
 from broker.settings import build_settings
 from controller.client import CorralClient
 from controller.localcluster import free_port, stop_process
-from tests.support.servers import REPO_ROOT, WorkerProcess, running_workers, wait_until
+from tests.support.servers import (
+    REPO_ROOT,
+    WorkerProcess,
+    running_workers,
+    start_worker,
+    wait_until,
+)
 
 FAST = ["--simulate", "--sim-first-token-ms", "5", "--sim-token-ms", "1"]
 KEY = "mcp-test-key-7f3a"
@@ -222,3 +228,38 @@ def test_a_handshake_era_client_is_notified_over_stdio(
     declared, ask = asyncio.run(scenario())
     assert declared is True
     assert "later -> sim-small" in ask
+
+
+def test_a_node_joining_sends_tools_list_changed(
+    module_broker_url: str, tmp_path: Path, cluster: list[WorkerProcess]
+) -> None:
+    config = tmp_path / "corral.yaml"
+    save(config, "aliases: {}\n")
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "controller.mcp"],
+        env=server_env(module_broker_url, config),
+        cwd=REPO_ROOT,
+    )
+    changed = asyncio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, ToolListChangedNotification):
+            changed.set()
+
+    async def scenario() -> str:
+        async with Client(
+            params, mode="legacy", message_handler=on_message, read_timeout_seconds=60
+        ) as client:
+            await client.list_tools()
+            node = start_worker(
+                module_broker_url, "latecomer", *FAST, "--tags", "late", log_dir=tmp_path
+            )
+            try:
+                await asyncio.wait_for(changed.wait(), 30)
+                tools = await client.list_tools()
+            finally:
+                node.stop()
+            return next(t for t in tools.tools if t.name == "ask").description or ""
+
+    assert "latecomer (good for: late)" in asyncio.run(scenario())
