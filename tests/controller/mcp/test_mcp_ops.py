@@ -190,10 +190,37 @@ def test_a_listening_client_hears_tools_list_changed_when_an_alias_is_added(
                 save(keyed_http_server.config, "aliases:\n  first: [sim-small]\n  fresh: [x]\n")
                 event = await asyncio.wait_for(anext(changes), 30)
                 assert isinstance(event, ToolsListChanged)
-            tools = await client.list_tools()
-            return next(t for t in tools.tools if t.name == "ask").description or ""
+            return await ask_description(client)
 
     assert "fresh -> x" in asyncio.run(scenario())
+
+
+class HandshakeEraSession:
+    """The official client over stdio, forced to the 2025 handshake (as hosts speak today),
+    noting each tools/list_changed it receives."""
+
+    def __init__(self, broker_url: str, config: Path) -> None:
+        self.params = StdioServerParameters(
+            command=sys.executable,
+            args=["-m", "controller.mcp"],
+            env=server_env(broker_url, config),
+            cwd=REPO_ROOT,
+        )
+        self.changed = asyncio.Event()
+
+    async def on_message(self, message: Any) -> None:
+        if isinstance(message, ToolListChangedNotification):
+            self.changed.set()
+
+    def client(self) -> Client:
+        return Client(
+            self.params, mode="legacy", message_handler=self.on_message, read_timeout_seconds=60
+        )
+
+
+async def ask_description(client: Client) -> str:
+    tools = await client.list_tools()
+    return next(t for t in tools.tools if t.name == "ask").description or ""
 
 
 def test_a_handshake_era_client_is_notified_over_stdio(
@@ -201,29 +228,15 @@ def test_a_handshake_era_client_is_notified_over_stdio(
 ) -> None:
     config = tmp_path / "corral.yaml"
     save(config, "aliases:\n  first: [sim-small]\n")
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "controller.mcp"],
-        env=server_env(module_broker_url, config),
-        cwd=REPO_ROOT,
-    )
-    changed = asyncio.Event()
-
-    async def on_message(message: Any) -> None:
-        if isinstance(message, ToolListChangedNotification):
-            changed.set()
+    session = HandshakeEraSession(module_broker_url, config)
 
     async def scenario() -> tuple[bool | None, str]:
-        async with Client(
-            params, mode="legacy", message_handler=on_message, read_timeout_seconds=60
-        ) as client:
+        async with session.client() as client:
             declared = client.server_capabilities.tools
             await client.list_tools()
             save(config, "aliases:\n  first: [sim-small]\n  later: [sim-small]\n")
-            await asyncio.wait_for(changed.wait(), 30)
-            tools = await client.list_tools()
-            ask = next(t for t in tools.tools if t.name == "ask").description or ""
-            return (declared.list_changed if declared else None), ask
+            await asyncio.wait_for(session.changed.wait(), 30)
+            return (declared.list_changed if declared else None), await ask_description(client)
 
     declared, ask = asyncio.run(scenario())
     assert declared is True
@@ -235,31 +248,18 @@ def test_a_node_joining_sends_tools_list_changed(
 ) -> None:
     config = tmp_path / "corral.yaml"
     save(config, "aliases: {}\n")
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "controller.mcp"],
-        env=server_env(module_broker_url, config),
-        cwd=REPO_ROOT,
-    )
-    changed = asyncio.Event()
-
-    async def on_message(message: Any) -> None:
-        if isinstance(message, ToolListChangedNotification):
-            changed.set()
+    session = HandshakeEraSession(module_broker_url, config)
 
     async def scenario() -> str:
-        async with Client(
-            params, mode="legacy", message_handler=on_message, read_timeout_seconds=60
-        ) as client:
+        async with session.client() as client:
             await client.list_tools()
             node = start_worker(
                 module_broker_url, "latecomer", *FAST, "--tags", "late", log_dir=tmp_path
             )
             try:
-                await asyncio.wait_for(changed.wait(), 30)
-                tools = await client.list_tools()
+                await asyncio.wait_for(session.changed.wait(), 30)
+                return await ask_description(client)
             finally:
                 node.stop()
-            return next(t for t in tools.tools if t.name == "ask").description or ""
 
     assert "latecomer (good for: late)" in asyncio.run(scenario())
