@@ -330,7 +330,8 @@ def _add_lookups(server: MCPServer[Any], client: AsyncCorralClient, book: JobBoo
         "corral://status.json",
         name="status.json",
         mime_type="application/json",
-        description="Nodes (as list_nodes) and aliases, as JSON.",
+        description="Nodes (as list_nodes) and aliases, as JSON; config_problem says why the "
+        "last edit of corral.yaml was refused, if it was.",
     )
     async def status_json() -> str:
         try:
@@ -338,6 +339,7 @@ def _add_lookups(server: MCPServer[Any], client: AsyncCorralClient, book: JobBoo
         except CorralError as exc:
             document = {"error": str(exc), "nodes": []}
         document["aliases"] = {a: list(t) for a, t in client.settings.aliases.items()}
+        document["config_problem"] = client.config.problem if client.config else None
         return json.dumps(document)
 
 

@@ -8,6 +8,7 @@ workers on redis-server.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.subscriptions import ToolsListChanged
-from mcp.types import ToolListChangedNotification
+from mcp.types import TextResourceContents, ToolListChangedNotification
 
 from broker.settings import build_settings
 from controller.client import CorralClient
@@ -184,15 +185,31 @@ def test_a_non_loopback_bind_without_keys_is_refused(module_broker_url: str) -> 
 def test_a_listening_client_hears_tools_list_changed_when_an_alias_is_added(
     keyed_http_server: Server,
 ) -> None:
-    async def scenario() -> str:
+    async def scenario() -> tuple[str, dict[str, Any]]:
         async with keyed_client(keyed_http_server.url, KEY) as client:
             async with client.listen(tools_list_changed=True) as changes:
                 save(keyed_http_server.config, "aliases:\n  first: [sim-small]\n  fresh: [x]\n")
                 event = await asyncio.wait_for(anext(changes), 30)
                 assert isinstance(event, ToolsListChanged)
-            return await ask_description(client)
+            described = await ask_description(client)
+            # A broken edit: refused, the reason in the status resource, the aliases kept.
+            save(keyed_http_server.config, "aliases: [broken\n")
 
-    assert "fresh -> x" in asyncio.run(scenario())
+            async def status() -> dict[str, Any]:
+                contents = (await client.read_resource("corral://status.json")).contents
+                assert isinstance(contents[0], TextResourceContents)
+                return json.loads(contents[0].text)
+
+            for _ in range(100):
+                if (await status())["config_problem"]:
+                    break
+                await asyncio.sleep(0.1)
+            return described, await status()
+
+    described, status = asyncio.run(scenario())
+    assert "fresh -> x" in described
+    assert "not valid YAML" in status["config_problem"]
+    assert status["aliases"] == {"first": ["sim-small"], "fresh": ["x"]}
 
 
 class HandshakeEraSession:
