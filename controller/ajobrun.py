@@ -94,6 +94,8 @@ class AsyncJobRun:
                     await self._perform_all(self.core.after(event))
         except WRITES_REFUSED as exc:
             raise refused_write(exc) from None
+        finally:
+            self.trace.abandoned()  # a no-op when the job's end was seen
 
     async def aclose(self) -> None:
         """Stop following (the job itself goes on; ``cancel`` stops it)."""

@@ -44,6 +44,7 @@ from controller.client import CorralClient, make_spec, with_history
 from controller.config_watch import ConfigWatch, watched_path
 from controller.prompt import parse_tags
 from controller.routes import Mention, RouteStore, make_route, resolve_mention
+from controller.tracing import make_tracing
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -367,7 +368,8 @@ def chat_command(
         config = ConfigWatch(settings, watched_path())
     except CorralError as exc:
         fail(exc)
-    with CorralClient(settings, config=config) as client:
+    tracing = make_tracing(settings, "corral-chat")
+    with CorralClient(settings, config=config, tracing=tracing) as client:
         repl = ChatRepl(
             client,
             conversation,
@@ -379,9 +381,9 @@ def chat_command(
         )
         _greet(repl)
         _loop(repl, _line_editor(history_path))
-        if conversation.exchanges and not repl.save(path):
-            sys.exit(ExitCode.FAILED)
-    sys.exit(ExitCode.OK)
+        saved = not conversation.exchanges or repl.save(path)
+    tracing.shutdown()  # sends the spans still batched
+    sys.exit(ExitCode.OK if saved else ExitCode.FAILED)
 
 
 def _greet(repl: ChatRepl) -> None:
