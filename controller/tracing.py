@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("corral.tracing")
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+EXPORT_TIMEOUT_S = 2.0
 
 
 class JobTrace:
@@ -114,7 +116,11 @@ class _OtelTracing(Tracing):
         # An explicit setting is a base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is; without one the
         # exporter reads the standard variables itself.
         traces_url = endpoint.rstrip("/") + "/v1/traces" if endpoint else None
-        self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(traces_url)))
+        # The SDK's default export timeout (10 s, retried within it) would hold `corral ask`
+        # that long at exit when the collector is down; corral's is shorter unless set.
+        timeout = None if any(os.environ.get(v) for v in TIMEOUT_VARIABLES) else EXPORT_TIMEOUT_S
+        exporter = OTLPSpanExporter(traces_url, timeout=timeout)
+        self._provider.add_span_processor(BatchSpanProcessor(exporter))
         self._tracer: Tracer = self._provider.get_tracer("corral")
 
     def job(self, spec: JobSpec) -> JobTrace:

@@ -364,6 +364,8 @@ def chat_command(
     # The chat says itself when corral.yaml is reloaded or refused (refresh_config), in its
     # own style; the watch's log lines would repeat it on stderr.
     logging.getLogger("corral.config").addHandler(logging.NullHandler())
+    # An unreachable OTLP collector must not print retries over the conversation.
+    logging.getLogger("opentelemetry").addHandler(logging.NullHandler())
     try:
         config = ConfigWatch(settings, watched_path())
     except CorralError as exc:
