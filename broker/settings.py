@@ -151,6 +151,10 @@ class CorralSettings(BaseSettings):
     quota_cooldown_s: float = Field(default=3600.0, gt=0)
     """How long a backend whose provider says its quota is spent gets no jobs, when the
     provider does not say when the quota resets."""
+    otlp_endpoint: str | None = None
+    """Send OpenTelemetry spans of each job to this OTLP/HTTP collector (a base URL such as
+    ``http://127.0.0.1:4318``; ``/v1/traces`` is added). ``OTEL_EXPORTER_OTLP_ENDPOINT`` does
+    the same. Needs the ``otel`` extra; unset, nothing of OpenTelemetry is loaded."""
     task_events: bool = False
     """Send Celery task events from the start. Off by default: they add about 2 ms to every
     job's first token, and Flower switches them on by itself while it runs (its

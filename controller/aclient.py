@@ -38,6 +38,7 @@ from controller.areader import AsyncJobStreamReader
 from controller.breaker import AsyncBreakers, BreakerPhase
 from controller.client import with_history
 from controller.cluster import ClusterView
+from controller.config_watch import ConfigWatch
 from controller.dispatch import (
     NO_PROBE_PERMIT,
     RATE_LIMIT_CODES,
@@ -63,6 +64,7 @@ from controller.router import Candidate, NodeState, routing_aliases
 from controller.run_core import Attempt
 from controller.sessions import AsyncSessionStore
 from controller.stream_control import AsyncStreamControl
+from controller.tracing import NO_TRACING, JobTrace, Tracing
 
 Event = AnyStreamEvent
 
@@ -78,7 +80,14 @@ class AsyncCorralClient:
     it, with at most ``max_connections`` connections (one of them carries every followed
     job's messages). Celery's producer always connects by ``settings.broker_url``.
     ``send_threads`` 0 publishes on the loop itself (blocking it for the publish's round trip).
+    ``config``: a hot-reloaded configuration (``controller.config_watch``); ``settings`` then
+    follows its ``current()``, so each job is routed by the settings in force when it is sent.
+    ``tracing``: OpenTelemetry spans per job (``controller.tracing``); none by default.
     """
+
+    @property
+    def settings(self) -> CorralSettings:
+        return self.config.current() if self.config is not None else self._settings
 
     def __init__(
         self,
@@ -87,8 +96,12 @@ class AsyncCorralClient:
         *,
         send_threads: int = 2,
         max_connections: int = 32,
+        config: ConfigWatch | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
-        self.settings = settings
+        self._settings = settings
+        self.config = config
+        self.tracing = tracing
         url = settings.broker_url.get_secret_value()
         self._url = url
         self._owns_redis = redis is None
@@ -221,26 +234,38 @@ class AsyncCorralClient:
         Raises a RoutingError when nothing can serve it, and RequestTooLarge for a prompt over
         ``max_prompt_bytes`` (nothing is sent then).
         """
+        trace = self.tracing.job(spec)
+        try:
+            return await self._submit(spec, trace)
+        except BaseException as exc:
+            trace.failed(exc)
+            raise
+
+    async def _submit(self, spec: JobSpec, trace: JobTrace) -> AsyncJobRun:
         sticky: str | None = None
         if spec.session is not None:
             session = await self.sessions.load(spec.session)
             sticky = session.node
             spec = with_history(session.messages, spec)
         check_prompt_size(spec, self.settings.max_prompt_bytes)
-        try:
-            candidate = await self.choose(spec, sticky_node=sticky)
-        except NoNodeAvailable:
-            await self._raise_if_full()
-            raise
-        reader = await self._start_subscription(spec.job_id, candidate.node)
-        try:
-            await self._send(spec, candidate, attempt=1)
-            await self._await_subscription(reader)
-        except BaseException as exc:
-            await reader.aclose()
-            if isinstance(exc, WRITES_REFUSED):
-                raise refused_write(exc) from None
-            raise
+        with trace.phase("route"):
+            try:
+                candidate = await self.choose(spec, sticky_node=sticky)
+            except NoNodeAvailable:
+                await self._raise_if_full()
+                raise
+        trace.routed(candidate)
+        with trace.phase("send"):
+            reader = await self._start_subscription(spec.job_id, candidate.node)
+            try:
+                await self._send(spec, candidate, attempt=1)
+                await self._await_subscription(reader)
+            except BaseException as exc:
+                await reader.aclose()
+                if isinstance(exc, WRITES_REFUSED):
+                    raise refused_write(exc) from None
+                raise
+        trace.sent()
         reader.cursor.instance = candidate.instance or None
         reader.cursor.has_record = True  # the send writes it
         return AsyncJobRun(
@@ -249,6 +274,7 @@ class AsyncCorralClient:
             control=self.control,
             hooks=_AsyncClientHooks(self),
             attempt=Attempt(1, candidate),
+            trace=trace,
         )
 
     async def stream(self, spec: JobSpec) -> AsyncIterator[Event]:

@@ -27,6 +27,7 @@ from controller.run_core import (
     Write,
 )
 from controller.stream_control import AsyncStreamControl
+from controller.tracing import JobTrace
 
 
 class AsyncJobHooks(Protocol):
@@ -58,8 +59,10 @@ class AsyncJobRun:
         control: AsyncStreamControl,
         hooks: AsyncJobHooks,
         attempt: Attempt,
+        trace: JobTrace | None = None,
     ) -> None:
         self.spec = spec
+        self.trace = trace or JobTrace()
         self.reader = reader
         self.control = control
         self.hooks = hooks
@@ -82,6 +85,7 @@ class AsyncJobRun:
         """Every event of the job, in order, through to its end."""
         try:
             async for event in self.reader.events(timeout_s):
+                self.trace.event(event)
                 # A job's last event is acted on (session saved, breakers told) before the
                 # caller sees it: a caller may well stop reading there.
                 last = is_terminal(event)
@@ -92,9 +96,12 @@ class AsyncJobRun:
                     await self._perform_all(self.core.after(event))
         except WRITES_REFUSED as exc:
             raise refused_write(exc) from None
+        finally:
+            self.trace.abandoned()  # a no-op when the job's end was seen
 
     async def aclose(self) -> None:
         """Stop following (the job itself goes on; ``cancel`` stops it)."""
+        self.trace.abandoned()  # a no-op when the job's end was seen
         await self.reader.aclose()
 
     async def _worker_lost(self, reason: str) -> None:
@@ -120,9 +127,11 @@ class AsyncJobRun:
                 await hooks.finished(spec, text, candidate)
             case ChooseNext(spec, avoid, never):
                 try:
-                    return await hooks.next_candidate(spec, avoid=set(avoid), never=set(never))
+                    moved = await hooks.next_candidate(spec, avoid=set(avoid), never=set(never))
                 except RoutingError as exc:
                     return exc
+                self.trace.routed(moved)
+                return moved
             case Write(event, attempt_seen, new_lease, old_node, refuse):
                 return await self.control.take_over(
                     event,

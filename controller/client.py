@@ -48,6 +48,7 @@ from broker.settings import CorralSettings
 from broker.sizing import fit_problem
 from controller.breaker import BreakerPhase, Breakers
 from controller.cluster import ClusterReader, ClusterView, preload_scripts
+from controller.config_watch import ConfigWatch
 from controller.dispatch import (
     NO_PROBE_PERMIT,
     RATE_LIMIT_CODES,
@@ -73,6 +74,7 @@ from controller.reader import JobStreamReader
 from controller.router import Candidate, NodeState, routing_aliases
 from controller.sessions import SessionStore
 from controller.stream_control import StreamControl
+from controller.tracing import NO_TRACING, JobTrace, Tracing
 
 Event = AnyStreamEvent
 
@@ -148,10 +150,23 @@ class CorralClient:
     starve routing and sending of connections.
     """
 
+    @property
+    def settings(self) -> CorralSettings:
+        """The settings in force: ``config.current()`` when hot-reloaded (``config_watch``)."""
+        return self.config.current() if self.config is not None else self._settings
+
     def __init__(
-        self, settings: CorralSettings, redis: Redis | None = None, *, max_streams: int = 1024
+        self,
+        settings: CorralSettings,
+        redis: Redis | None = None,
+        *,
+        max_streams: int = 1024,
+        config: ConfigWatch | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
-        self.settings = settings
+        self._settings = settings
+        self.config = config
+        self.tracing = tracing
         url = settings.broker_url.get_secret_value()
         self._url = url
         self._owns_redis = redis is None
@@ -281,23 +296,35 @@ class CorralClient:
         Raises a RoutingError when nothing can serve it, and RequestTooLarge for a prompt over
         ``max_prompt_bytes`` (nothing is sent then).
         """
+        trace = self.tracing.job(spec)
+        try:
+            return self._submit(spec, trace)
+        except BaseException as exc:
+            trace.failed(exc)
+            raise
+
+    def _submit(self, spec: JobSpec, trace: JobTrace) -> JobRun:
         sticky: str | None = None
         if spec.session is not None:
             session = self.sessions.load(spec.session)
             sticky = session.node
             spec = with_history(session.messages, spec)
         check_prompt_size(spec, self.settings.max_prompt_bytes)
-        try:
-            candidate = self.choose(spec, sticky_node=sticky)
-        except NoNodeAvailable:
-            self._raise_if_full()
-            raise
-        try:
-            reader = self._subscribe_and_send(
-                spec.job_id, candidate.node, lambda: self._send(spec, candidate, attempt=1)
-            )
-        except WRITES_REFUSED as exc:
-            raise refused_write(exc) from None
+        with trace.phase("route"):
+            try:
+                candidate = self.choose(spec, sticky_node=sticky)
+            except NoNodeAvailable:
+                self._raise_if_full()
+                raise
+        trace.routed(candidate)
+        with trace.phase("send"):
+            try:
+                reader = self._subscribe_and_send(
+                    spec.job_id, candidate.node, lambda: self._send(spec, candidate, attempt=1)
+                )
+            except WRITES_REFUSED as exc:
+                raise refused_write(exc) from None
+        trace.sent()
         # A worker that restarts takes the jobs it had reserved with it, started or not; the
         # reader notices the node's instance changing and the job moves on.
         reader.instance = candidate.instance or None
@@ -308,6 +335,7 @@ class CorralClient:
             control=self.control,
             hooks=_ClientHooks(self),
             attempt=Attempt(1, candidate),
+            trace=trace,
         )
 
     def _raise_if_full(self) -> None:

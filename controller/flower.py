@@ -9,7 +9,6 @@ Flower's task list show ``job=… node=… model=…`` (the task's ``argsrepr``)
 from __future__ import annotations
 
 import importlib.util
-import ipaddress
 import os
 import signal
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pydantic import SecretStr
 from broker.celery_app import make_celery_app
 from broker.errors import ConfigError
 from broker.settings import CorralSettings
+from controller.bearer_auth import is_loopback
 
 AUTH_ENV = "CORRAL_FLOWER_AUTH"
 """Where ``corral flower`` and ``corral doctor`` read ``user:password`` from."""
@@ -60,15 +60,6 @@ def parse_credentials(value: str | None) -> tuple[SecretStr, ...]:
                 "a password cannot hold a comma"
             )
     return tuple(SecretStr(entry) for entry in entries)
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False  # a host name or "" (every interface): treat as reachable from outside
 
 
 def plan_flower(

@@ -32,6 +32,7 @@ from controller.run_core import (
     Write,
 )
 from controller.stream_control import StreamControl
+from controller.tracing import JobTrace
 
 __all__ = ["Attempt", "JobHooks", "JobRun"]
 
@@ -67,8 +68,10 @@ class JobRun:
         control: StreamControl,
         hooks: JobHooks,
         attempt: Attempt,
+        trace: JobTrace | None = None,
     ) -> None:
         self.spec = spec
+        self.trace = trace or JobTrace()
         self.reader = reader
         self.control = control
         self.hooks = hooks
@@ -91,6 +94,7 @@ class JobRun:
         """Every event of the job, in order, through to its end."""
         try:
             for event in self.reader.events(timeout_s):
+                self.trace.event(event)
                 # A job's last event is acted on (session saved, breakers told) before the
                 # caller sees it: a caller may well stop reading there.
                 last = is_terminal(event)
@@ -101,6 +105,8 @@ class JobRun:
                     self._perform_all(self.core.after(event))
         except WRITES_REFUSED as exc:
             raise refused_write(exc) from None
+        finally:
+            self.trace.abandoned()  # a no-op when the job's end was seen
 
     def _worker_lost(self, reason: str) -> None:
         self._perform_all(self.core.on_worker_lost(reason))
@@ -125,9 +131,11 @@ class JobRun:
                 hooks.finished(spec, text, candidate)
             case ChooseNext(spec, avoid, never):
                 try:
-                    return hooks.next_candidate(spec, avoid=set(avoid), never=set(never))
+                    moved = hooks.next_candidate(spec, avoid=set(avoid), never=set(never))
                 except RoutingError as exc:
                     return exc
+                self.trace.routed(moved)
+                return moved
             case Write(event, attempt_seen, new_lease, old_node, refuse):
                 return self.control.take_over(
                     event,

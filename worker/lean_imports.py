@@ -7,6 +7,9 @@ project's VM (``python -m benchmarks.footprint``), a node fronting one Ollama sa
 - httpx imports its own command-line program (``httpx._main``) when click, rich and pygments
   are installed, as they are for corral's CLI: some 65 modules, 2.8 MB. The worker never runs
   it; httpx falls back to a stub ``main`` when the import fails, as it does without them.
+- redis-py imports OpenTelemetry's metrics SDK when it is installed (the ``otel`` extra, for
+  the controller's traces), for an opt-in metrics feature corral never turns on: about 3 MB
+  and 0.1 s of start-up; without it redis-py carries on as without the SDK.
 - kombu registers a YAML serializer when PyYAML is importable, and Celery's worker imports
   psutil for its memory-sampling remote commands (``memsample``, which then answers nothing).
   corral accepts JSON messages only, so both are imported here with those two held back;
@@ -21,7 +24,7 @@ import sys
 from types import ModuleType
 from typing import cast
 
-_NEVER_RUN = ("httpx._main",)
+_NEVER_RUN = ("httpx._main", "opentelemetry.sdk.metrics")
 _HELD_BACK = ("yaml", "psutil")
 _IMPORTED_WITHOUT = ("kombu.serialization", "celery.utils.debug")
 

@@ -10,6 +10,7 @@ Markdown transcript on exit and on ``/save``.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -19,26 +20,31 @@ from typing import TYPE_CHECKING
 
 import click
 import redis
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
 from broker.errors import ConfigError, CorralError, RoutingError
-from broker.schemas import EFFORTS, Effort, GenerationOptions
+from broker.schemas import EFFORTS, Effort, GenerationOptions, describe_validation_error
 from controller.cli.chat_answer import Answer, stream_answer
 from controller.cli.chat_input import (
+    OPTION_COMMANDS,
     ROUTES_HOW,
     UNSET,
     Command,
     Prompt,
     help_text,
+    option_value,
     parse_line,
 )
 from controller.cli.common import ExitCode, fail, settings_from
 from controller.cli.conversation import HISTORY_WINDOW, Conversation, answer_summary
 from controller.cli.render import breaker_notes, nodes_table, stderr_console
 from controller.client import CorralClient, make_spec, with_history
+from controller.config_watch import ConfigWatch, watched_path
 from controller.prompt import parse_tags
 from controller.routes import Mention, RouteStore, make_route, resolve_mention
+from controller.tracing import make_tracing
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -105,6 +111,7 @@ class ChatRepl:
     # --- prompts ---------------------------------------------------------------------------
 
     def ask(self, prompt: Prompt) -> None:
+        self.refresh_config()
         settings = self.client.settings
         conv = self.conversation
         try:
@@ -206,11 +213,49 @@ class ChatRepl:
             self.dim(f"history cleared ({dropped} messages); the transcript keeps them")
         elif name == "save":
             self.save(Path(arg).expanduser() if arg else self.transcript_path)
+        elif name in OPTION_COMMANDS:
+            if arg:
+                self.set_option(name, arg)
+            self.dim(self.options_line())
+        elif name == "options":
+            self.dim(self.options_line())
         elif name == "nodes":
             self.show_nodes()
         elif name == "route":
             self.route(arg)
         return True
+
+    def set_option(self, command: str, arg: str) -> None:
+        """Change one sampling option for the rest of the session (validated as a job's
+        options are: a temperature over 2 is refused here, not by the node)."""
+        try:
+            value = option_value(command, arg)
+            changed = {**self.options.model_dump(), OPTION_COMMANDS[command]: value}
+            self.options = GenerationOptions.model_validate(changed)
+        except ConfigError as exc:
+            self.error(str(exc))
+            return
+        except ValidationError as exc:
+            self.error(f"/{command} {arg}: {describe_validation_error(exc)}")
+            return
+        self.conversation.add_note(self.options_line())
+
+    def options_line(self) -> str:
+        opts = self.options
+        temperature = "the model's default" if opts.temperature is None else f"{opts.temperature:g}"
+        limit = "none" if opts.max_tokens is None else str(opts.max_tokens)
+        return f"options: temperature {temperature} · max tokens {limit}"
+
+    def refresh_config(self) -> None:
+        """Take in an edit of corral.yaml (aliases, limits) before the next prompt."""
+        watch = self.client.config
+        if watch is None:
+            return
+        before = watch.problem
+        if watch.poll():
+            self.dim(f"{watch.path} reloaded")
+        elif watch.problem and watch.problem != before:
+            self.error(f"corral.yaml edit refused, the last good config stays: {watch.problem}")
 
     def show_nodes(self) -> None:
         try:
@@ -325,7 +370,17 @@ def chat_command(
         path = transcript or default_transcript_path(conversation.started_at)
     except OSError as exc:
         fail(ConfigError(f"cannot create corral's state folder: {exc}"))
-    with CorralClient(settings) as client:
+    # The chat says itself when corral.yaml is reloaded or refused (refresh_config), in its
+    # own style; the watch's log lines would repeat it on stderr.
+    logging.getLogger("corral.config").addHandler(logging.NullHandler())
+    # An unreachable OTLP collector must not print retries over the conversation.
+    logging.getLogger("opentelemetry").addHandler(logging.NullHandler())
+    try:
+        config = ConfigWatch(settings, watched_path())
+    except CorralError as exc:
+        fail(exc)
+    tracing = make_tracing(settings, "corral-chat")
+    with CorralClient(settings, config=config, tracing=tracing) as client:
         repl = ChatRepl(
             client,
             conversation,
@@ -339,9 +394,9 @@ def chat_command(
         )
         _greet(repl)
         _loop(repl, _line_editor(history_path))
-        if conversation.exchanges and not repl.save(path):
-            sys.exit(ExitCode.FAILED)
-    sys.exit(ExitCode.OK)
+        saved = not conversation.exchanges or repl.save(path)
+    tracing.shutdown()  # sends the spans still batched
+    sys.exit(ExitCode.OK if saved else ExitCode.FAILED)
 
 
 def _greet(repl: ChatRepl) -> None:

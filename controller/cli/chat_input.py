@@ -14,6 +14,9 @@ COMMANDS: dict[str, str] = {
     "history": "/history         the messages later prompts carry (* : sent with the next)",
     "save": "/save [FILE]     write the transcript as Markdown (default: the session's file)",
     "clear": "/clear           forget the history (the transcript keeps it)",
+    "temperature": "/temperature [T] show or set the sampling temperature, 0 to 2 (- : default)",
+    "max-tokens": "/max-tokens [N]  show or set the longest answer, in tokens (- : no limit)",
+    "options": "/options         the sampling options each prompt goes out with",
     "nodes": "/nodes           the cluster's nodes, their backends, models and load",
     "route": "/route [add NAME URL [MODEL] | rm NAME]   the cluster's named routes",
     "help": "/help            this list",
@@ -22,7 +25,10 @@ COMMANDS: dict[str, str] = {
 ALIASES = {"quit": "exit", "?": "help"}
 
 UNSET = "-"
-"""The argument that resets ``/model`` and ``/system``."""
+"""The argument that resets ``/model``, ``/system`` and the sampling options."""
+
+OPTION_COMMANDS = {"temperature": "temperature", "max-tokens": "max_tokens"}
+"""Chat commands that set a ``GenerationOptions`` field, and the field."""
 
 ROUTES_HOW = "add one with /route add NAME URL [MODEL] (or `corral route add NAME URL [MODEL]`)"
 
@@ -60,6 +66,18 @@ def parse_line(line: str) -> Command | Prompt | None:
         return Command(name, arg.strip())
     target, text = split_mention(stripped)
     return Prompt(text, target)
+
+
+def option_value(command: str, arg: str) -> float | int | None:
+    """The value ``/temperature ARG`` or ``/max-tokens ARG`` asks for (None: back to the
+    default); ConfigError when it is not a number of the right kind."""
+    if arg == UNSET:
+        return None
+    try:
+        return float(arg) if command == "temperature" else int(arg)
+    except ValueError:
+        kind = "a number such as 0.7" if command == "temperature" else "a whole number"
+        raise ConfigError(f"/{command} takes {kind} (or - for the default), not {arg!r}") from None
 
 
 def help_text() -> str:

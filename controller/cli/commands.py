@@ -73,6 +73,7 @@ from controller.fanout import (
 )
 from controller.prompt import parse_tags, split_mention
 from controller.routes import RouteStore, resolve_mention
+from controller.tracing import make_tracing
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -191,7 +192,8 @@ def ask(
     """
     settings = settings_from(ctx)
     models = split_list(model_list)
-    client = CorralClient(settings)
+    tracing = make_tracing(settings, "corral-cli")
+    client = CorralClient(settings, tracing=tracing)
     try:
         words = prompt_from(prompt, sys.stdin, settings.max_prompt_bytes)
         mentioned, text = split_mention(words)
@@ -234,6 +236,7 @@ def ask(
             code = run_many(client, spec, fanout, models, as_json=as_json, timeout_s=timeout_s)
         else:
             code = run_and_print(client, spec, as_json=as_json, timeout_s=timeout_s)
+    tracing.shutdown()  # sends the spans still batched
     sys.exit(code)
 
 

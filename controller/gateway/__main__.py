@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import os
 import sys
 
 import uvicorn
 
 from broker.errors import CorralError
-from broker.settings import build_settings
+from controller.bearer_auth import api_keys, keys_missing_message
+from controller.config_watch import ConfigWatch
 from controller.gateway.app import build_app
 from controller.gateway.service import DEFAULT_MAX_BODY_BYTES
-
-KEYS_VARIABLE = "CORRAL_API_KEYS"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def api_keys() -> list[str]:
-    return [k.strip() for k in os.environ.get(KEYS_VARIABLE, "").split(",") if k.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,19 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     keys = api_keys()
-    if not keys and not is_loopback(args.host):
-        print(
-            f"corral serve: binding {args.host} (not loopback) needs API keys: set {KEYS_VARIABLE}"
-            " to one or more comma-separated keys (clients send Authorization: Bearer KEY)",
-            file=sys.stderr,
-        )
+    refusal = keys_missing_message("corral serve", args.host)
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     try:
-        settings = build_settings(broker_url=args.broker)
+        config = ConfigWatch.from_environment(broker_url=args.broker)
     except CorralError as exc:
         print(f"corral serve: {exc}", file=sys.stderr)
         return 2
-    app = build_app(settings, api_keys=keys, max_body_bytes=args.max_body_bytes)
+    app = build_app(
+        config.current(), api_keys=keys, max_body_bytes=args.max_body_bytes, config=config
+    )
     print(
         f"corral gateway on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api)"
         f"{', API keys required' if keys else ''}",

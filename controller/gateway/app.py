@@ -6,7 +6,7 @@ its shared pub/sub connection, never a thread.
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -17,15 +17,18 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 
 from broker.settings import CorralSettings
 from controller.aclient import AsyncCorralClient
+from controller.bearer_auth import CHALLENGE, RequireBearer
+from controller.config_watch import ConfigWatch
 from controller.gateway import ollama_api, openai_api, openai_completions
 from controller.gateway.errors import HttpError
 from controller.gateway.image_urls import ImageFetcher
 from controller.gateway.jobs import ClientGone
 from controller.gateway.service import DEFAULT_MAX_BODY_BYTES, Gateway
+from controller.tracing import make_tracing, traced
 
 log = logging.getLogger("corral.gateway")
 _OPEN_PATHS = frozenset({"/"})
@@ -41,42 +44,22 @@ def error_response(path: str, exc: HttpError) -> Response:
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if exc.status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="corral"'
+        headers["WWW-Authenticate"] = CHALLENGE
     body: dict[str, Any] = (
         ollama_api.error_body(exc) if is_ollama_path(path) else openai_api.error_body(exc)
     )
     return JSONResponse(body, exc.status, headers)
 
 
-class RequireKey:
-    """Bearer-token auth (``Authorization: Bearer KEY``) over the whole app but ``/``."""
-
-    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
-        self.app = app
-        self.keys = [k.encode() for k in keys if k]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in _OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        given = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                given = value[7:].strip()
-        # Compare with every key, always: the time taken says nothing about which one is close.
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(given, key)
-        if matched:
-            await self.app(scope, receive, send)
-            return
-        error = HttpError(
-            401,
-            "a valid API key is required (Authorization: Bearer KEY; see CORRAL_API_KEYS)",
-            "authentication_error",
-            "invalid_api_key",
-        )
-        await error_response(scope["path"], error)(scope, receive, send)
+def refuse_without_key(scope: Scope) -> ASGIApp:
+    """The 401 in the API's own shape (OpenAI or Ollama error body)."""
+    error = HttpError(
+        401,
+        "a valid API key is required (Authorization: Bearer KEY; see CORRAL_API_KEYS)",
+        "authentication_error",
+        "invalid_api_key",
+    )
+    return error_response(scope["path"], error)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -109,28 +92,51 @@ async def root(request: Request) -> Response:
     return PlainTextResponse("Ollama is running")
 
 
+async def health(request: Request) -> Response:
+    """Whether the gateway runs on the config file's current contents: ``config.problem``
+    is why the last edit of corral.yaml was refused (the last good config still serves)."""
+    watch: ConfigWatch | None = request.app.state.gateway.client.config
+    problem = watch.problem if watch is not None else None
+    config = {
+        "path": str(watch.path) if watch is not None and watch.path else None,
+        "reloaded_at": watch.reloaded_at if watch is not None else None,
+        "problem": problem,
+    }
+    return JSONResponse({"status": "degraded" if problem else "ok", "config": config})
+
+
 def build_app(
     settings: CorralSettings,
     *,
     api_keys: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     images: ImageFetcher | None = None,
+    config: ConfigWatch | None = None,
 ) -> ASGIApp:
-    """``images``: how image URLs are treated (default: fetched only if the settings say)."""
+    """``images``: how image URLs are treated (default: fetched only if the settings say).
+    ``config``: reload corral.yaml while serving (each request reads ``current()``)."""
+
+    tracing = make_tracing(settings, "corral-gateway")
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         fetcher = images or ImageFetcher(enabled=settings.gateway_fetch_image_urls)
-        gateway = Gateway(settings, AsyncCorralClient(settings), max_body_bytes, images=fetcher)
+        client = AsyncCorralClient(settings, config=config, tracing=tracing)
+        gateway = Gateway(client, max_body_bytes, images=fetcher)
         app.state.gateway = gateway
+        watching = asyncio.create_task(config.run()) if config is not None else None
         try:
             yield
         finally:
+            if watching is not None:
+                watching.cancel()
             await gateway.aclose()
+            tracing.shutdown()
 
     routes = [
         Route("/", root, methods=["GET", "HEAD"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
         *openai_api.routes(),
         *openai_completions.routes(),
         *ollama_api.routes(),
@@ -145,4 +151,9 @@ def build_app(
             Exception: _unexpected,
         },
     )
-    return RequireKey(app, api_keys)
+    return RequireBearer(
+        traced(app, tracing, "corral.gateway"),
+        api_keys,
+        refuse_without_key,
+        open_paths=_OPEN_PATHS,
+    )

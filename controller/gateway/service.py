@@ -38,7 +38,6 @@ _MODEL_OP_TIMEOUT_S = 120.0
 
 @dataclass
 class Gateway:
-    settings: CorralSettings
     client: AsyncCorralClient
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
@@ -46,6 +45,11 @@ class Gateway:
     """How image URLs in requests are treated; see ``controller.gateway.image_urls``."""
     _blocking: CorralClient | None = None
     _blocking_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def settings(self) -> CorralSettings:
+        """The settings in force (hot-reloaded when the client follows a ``ConfigWatch``)."""
+        return self.client.settings
 
     async def aclose(self) -> None:
         if self._blocking is not None:

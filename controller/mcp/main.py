@@ -10,11 +10,16 @@ import sys
 from pathlib import Path
 
 import click
+import uvicorn
 from mcp.server.transport_security import TransportSecuritySettings
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Scope
 
 from broker.errors import CorralError
 from broker.settings import CorralSettings, build_settings
 from controller.aclient import AsyncCorralClient
+from controller.bearer_auth import CHALLENGE, RequireBearer, api_keys, keys_missing_message
+from controller.config_watch import ConfigWatch
 from controller.mcp.install import (
     HOSTS,
     Host,
@@ -25,8 +30,9 @@ from controller.mcp.install import (
     uninstall,
 )
 from controller.mcp.jobs import JobBook
-from controller.mcp.server import build_server
+from controller.mcp.server import CorralServer, build_server
 from controller.router import NodeState
+from controller.tracing import make_tracing
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 _ANY_ADDRESS = ("0.0.0.0", "::", "[::]")  # not a name a client writes in Host
@@ -52,9 +58,10 @@ def transport_security(host: str, allowed: tuple[str, ...]) -> TransportSecurity
 
 
 async def serve(
-    settings: CorralSettings, http_port: int | None, host: str, allowed: tuple[str, ...]
+    config: ConfigWatch, http_port: int | None, host: str, allowed: tuple[str, ...]
 ) -> None:
-    async with AsyncCorralClient(settings) as client:
+    tracing = make_tracing(config.current(), "corral-mcp")
+    async with AsyncCorralClient(config.current(), config=config, tracing=tracing) as client:
         try:
             nodes: list[NodeState] = await client.nodes()
         except CorralError as exc:  # Redis may come up later: every tool reads it afresh
@@ -62,23 +69,54 @@ async def serve(
             nodes = []
         book = JobBook(client)
         server = build_server(client, book, nodes)
+        # Reloads corral.yaml and announces tools/list_changed when the listing changes.
+        watching = asyncio.create_task(server.changes.run())
         try:
             if http_port is None:
                 await server.run_stdio_async()
             else:
-                click.echo(
-                    f"corral mcp: streamable HTTP at http://{host}:{http_port}/mcp", err=True
-                )
-                await server.run_streamable_http_async(
-                    host=host, port=http_port, transport_security=transport_security(host, allowed)
-                )
+                await _serve_http(server, http_port, host, allowed)
         finally:
+            watching.cancel()
             await book.aclose()
+            tracing.shutdown()
+
+
+def _refuse_without_key(scope: Scope) -> ASGIApp:
+    return JSONResponse(
+        {"error": "a valid API key is required (Authorization: Bearer KEY; see CORRAL_API_KEYS)"},
+        401,
+        {"WWW-Authenticate": CHALLENGE},
+    )
+
+
+async def _serve_http(server: CorralServer, port: int, host: str, allowed: tuple[str, ...]) -> None:
+    """Streamable HTTP at /mcp, behind the gateway's bearer-token check when keys are set."""
+    keys = api_keys()
+    app = RequireBearer(
+        server.streamable_http_app(transport_security=transport_security(host, allowed), host=host),
+        keys,
+        _refuse_without_key,
+    )
+    click.echo(
+        f"corral mcp: streamable HTTP at http://{host}:{port}/mcp"
+        f"{', API keys required' if keys else ''}",
+        err=True,
+    )
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    await uvicorn.Server(config).serve()
 
 
 def _settings() -> CorralSettings:
     try:
         return build_settings()
+    except CorralError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _config() -> ConfigWatch:
+    try:
+        return ConfigWatch.from_environment()
     except CorralError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -104,7 +142,9 @@ def main(ctx: click.Context, http_port: int | None, host: str, allowed: tuple[st
     """corral's MCP server (stdio, or --http PORT); install adds it to an MCP host."""
     if ctx.invoked_subcommand is not None:
         return
-    asyncio.run(serve(_settings(), http_port, host, allowed))
+    if http_port is not None and (refusal := keys_missing_message("corral mcp", host)):
+        raise click.UsageError(refusal)
+    asyncio.run(serve(_config(), http_port, host, allowed))
 
 
 _HOST_OPTION = click.option(

@@ -12,8 +12,10 @@ import json
 from collections.abc import Sequence
 from typing import Annotated, Any
 
+from mcp.server import NotificationOptions
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from mcp.types import Tool as MCPTool
 from pydantic import Field
@@ -24,6 +26,7 @@ from controller.aclient import AsyncCorralClient
 from controller.breaker import BreakerPhase
 from controller.client import make_spec
 from controller.fanout import fanout_candidates
+from controller.mcp.changes import RememberListers, ToolListNotifier
 from controller.mcp.describe import cluster_summary, model_rows, node_rows, status_text
 from controller.mcp.embed_tool import add_embed_tool
 from controller.mcp.jobs import JobBook, JobProgress, follow
@@ -53,6 +56,17 @@ Tags = Annotated[
 ]
 System = Annotated[str | None, Field(description="An optional system prompt.")]
 MaxTokens = Annotated[int | None, Field(description="Stop after this many tokens.", ge=1)]
+Temperature = Annotated[
+    float | None,
+    Field(description="Sampling temperature, 0 to 2 (low: focused; high: varied).", ge=0, le=2),
+]
+RetryPartial = Annotated[
+    bool,
+    Field(
+        description="If the node fails after the answer began, start over on another node "
+        "(the text restarts) instead of returning an error."
+    ),
+]
 
 
 _ASK = (
@@ -76,9 +90,27 @@ class CorralServer(MCPServer[Any]):
     def __init__(self, client: AsyncCorralClient, nodes_at_start: Sequence[NodeState]) -> None:
         self._client = client
         self._summary = cluster_summary(nodes_at_start, client.settings.aliases)
+        bus = InMemorySubscriptionBus()
+        listers = RememberListers()
         super().__init__(
-            "corral", instructions=INSTRUCTIONS + "\n" + self._summary, log_level="WARNING"
+            "corral",
+            instructions=INSTRUCTIONS + "\n" + self._summary,
+            log_level="WARNING",
+            subscriptions=bus,
+            middleware=[listers],
         )
+        self.changes = ToolListNotifier(client, bus, listers, self._summary)
+        # MCPServer runs its transports with default notification options, which would not
+        # declare tools.listChanged to handshake-era clients; this server does send it.
+        lowlevel = self._lowlevel_server
+        declare = lowlevel.create_initialization_options
+
+        def with_list_changed(
+            notification_options: NotificationOptions | None = None, *args: Any, **kwargs: Any
+        ) -> Any:
+            return declare(NotificationOptions(tools_changed=True), *args, **kwargs)
+
+        lowlevel.create_initialization_options = with_list_changed  # type: ignore[method-assign]
 
     async def list_tools(self) -> list[MCPTool]:
         try:
@@ -96,7 +128,7 @@ class CorralServer(MCPServer[Any]):
 
 def build_server(
     client: AsyncCorralClient, book: JobBook, nodes_at_start: Sequence[NodeState]
-) -> MCPServer[Any]:
+) -> CorralServer:
     """The server: every tool and resource over ``client``."""
     server = CorralServer(client, nodes_at_start)
 
@@ -109,6 +141,8 @@ def build_server(
         tags: Tags = None,
         system: System = None,
         max_tokens: MaxTokens = None,
+        temperature: Temperature = None,
+        retry_partial: RetryPartial = False,
         session: Annotated[
             str | None,
             Field(
@@ -131,8 +165,11 @@ def build_server(
                 route_url=target.route_url,
                 tags=frozenset(tags or ()),
                 system=system,
-                options=GenerationOptions(max_tokens=max_tokens),
+                options=GenerationOptions(max_tokens=max_tokens, temperature=temperature),
                 session=session,
+                retry_partial=retry_partial,
+                max_attempts=client.settings.max_attempts,
+                first_token_timeout_s=client.settings.first_token_timeout_s,
             )
             run = await client.submit(spec)
         except CorralError as exc:
@@ -166,6 +203,7 @@ def build_server(
         ] = None,
         model: Model = None,
         max_tokens: MaxTokens = None,
+        temperature: Temperature = None,
     ) -> CallToolResult:
         if sum(1 for given in (models, nodes, count) if given) != 1:
             raise ToolError("give one of models, nodes (a list of one or more) or count")
@@ -187,7 +225,9 @@ def build_server(
                     prompt,
                     model=target if kind == "model" else model,
                     node=target if kind == "node" else None,
-                    options=GenerationOptions(max_tokens=max_tokens),
+                    options=GenerationOptions(max_tokens=max_tokens, temperature=temperature),
+                    max_attempts=client.settings.max_attempts,
+                    first_token_timeout_s=client.settings.first_token_timeout_s,
                 )
                 run = await client.submit(spec)
             except CorralError as exc:
@@ -213,8 +253,7 @@ def build_server(
 
 
 def _add_lookups(server: MCPServer[Any], client: AsyncCorralClient, book: JobBook) -> None:
-    """The read-only tools and the status resources."""
-    aliases = client.settings.aliases
+    """The read-only tools and the status resources (the aliases in force at each call)."""
 
     @server.tool(
         description="The models the cluster can run now, which nodes hold each and where "
@@ -222,7 +261,7 @@ def _add_lookups(server: MCPServer[Any], client: AsyncCorralClient, book: JobBoo
         annotations=_READ_ONLY,
     )
     async def list_models() -> CallToolResult:
-        rows = model_rows(await _nodes(client), aliases)
+        rows = model_rows(await _nodes(client), client.settings.aliases)
         return _result(json.dumps(rows, indent=1), {"models": rows})
 
     @server.tool(
@@ -281,7 +320,7 @@ def _add_lookups(server: MCPServer[Any], client: AsyncCorralClient, book: JobBoo
     )
     async def status() -> str:
         try:
-            return status_text(await client.nodes(), aliases)
+            return status_text(await client.nodes(), client.settings.aliases)
         except CorralError as exc:
             return f"corral cannot read the cluster: {exc}"
 
@@ -289,14 +328,16 @@ def _add_lookups(server: MCPServer[Any], client: AsyncCorralClient, book: JobBoo
         "corral://status.json",
         name="status.json",
         mime_type="application/json",
-        description="Nodes (as list_nodes) and aliases, as JSON.",
+        description="Nodes (as list_nodes) and aliases, as JSON; config_problem says why the "
+        "last edit of corral.yaml was refused, if it was.",
     )
     async def status_json() -> str:
         try:
             document: dict[str, Any] = {"nodes": node_rows(await client.nodes())}
         except CorralError as exc:
             document = {"error": str(exc), "nodes": []}
-        document["aliases"] = {a: list(t) for a, t in aliases.items()}
+        document["aliases"] = {a: list(t) for a, t in client.settings.aliases.items()}
+        document["config_problem"] = client.config.problem if client.config else None
         return json.dumps(document)
 
 
@@ -381,4 +422,4 @@ def _result(text: str, structured: dict[str, Any]) -> CallToolResult:
     )
 
 
-__all__ = ["INSTRUCTIONS", "build_server"]
+__all__ = ["INSTRUCTIONS", "CorralServer", "build_server"]

@@ -312,3 +312,55 @@ def test_a_multi_line_prompt_and_a_token_limit(chat_factory: ChatFactory) -> Non
     assert (summary[1], summary[4], summary[5]) == ("beta", "4", str(words(question)))
     status, _ = chat.leave()
     assert status == 0
+
+
+def test_sampling_options_are_set_shown_and_kept_for_the_session(
+    chat_factory: ChatFactory,
+) -> None:
+    chat = chat_factory()
+    assert "options: temperature the model's default · max tokens none" in chat.send("/options")
+    assert "options: temperature 0.2 · max tokens none" in chat.send("/temperature 0.2")
+    assert "max tokens 3" in chat.send("/max-tokens 3")
+    out = chat.send("@beta tell me about the sea")
+    assert " ".join(reply("tell me about the sea").split(" ")[:3]) in out
+    assert summary_of(out)[4] == "3"
+    out = chat.send("@beta and the sky")  # kept for the next prompt too
+    assert summary_of(out)[4] == "3"
+
+    refused = flat(chat.send("/temperature 5"))
+    assert "✗" in refused and "temperature" in refused and "less than or equal to 2" in refused
+    assert "✗ /max-tokens takes a whole number" in flat(chat.send("/max-tokens many"))
+    assert "options: temperature 0.2 · max tokens 3" in chat.send("/options")  # unchanged
+
+    assert "max tokens none" in chat.send("/max-tokens -")
+    out = chat.send("@beta the sea again")
+    assert int(summary_of(out)[4]) == len(reply("the sea again").split())
+    assert "temperature the model's default" in chat.send("/temperature -")
+    status, _ = chat.leave()
+    assert status == 0
+
+
+def test_an_alias_added_to_corral_yaml_works_in_a_running_chat(
+    chat_factory: ChatFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "corral.yaml"
+    config.write_text("aliases: {}\n")
+    monkeypatch.setenv("CORRAL_CONFIG", str(config))
+    chat = chat_factory()
+    chat.send("/model speedy")
+    assert "✗" in chat.send("@beta hello")  # beta has no model called speedy
+
+    fresh = tmp_path / "corral.yaml.new"
+    fresh.write_text("aliases:\n  speedy: [sim-small]\n")
+    os.replace(fresh, config)
+    out = chat.send("@beta hello")
+    assert "corral.yaml reloaded" in flat(out)
+    assert summary_of(out)[2] == "sim-small"
+
+    config.write_text("aliases: [broken\n")
+    out = flat(chat.send("@beta hello again"))
+    assert "corral.yaml edit refused, the last good config stays" in out
+    assert "not valid YAML" in out
+    assert summary_of(out)[2] == "sim-small"  # the alias still resolves
+    status, _ = chat.leave()
+    assert status == 0
