@@ -18,7 +18,6 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.errors import ConfigError
@@ -182,6 +181,10 @@ def _price_rows(rows: _Rows, source: str) -> tuple[tuple[str, str, Price], ...]:
 
 
 def _shipped(name: str) -> object:
+    # Imported when the tables are first read, not with the module: a worker imports the
+    # broker package long before (and a footprint test checks it loads no YAML parser then).
+    import yaml  # noqa: PLC0415
+
     return yaml.safe_load(resources.files("broker").joinpath("data", name).read_text())
 
 

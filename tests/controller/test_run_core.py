@@ -240,7 +240,11 @@ def test_corrals_own_limit_opens_no_breaker_but_the_job_still_moves_on() -> None
     assert not any(isinstance(e, AttemptFailed) for e in effects)
     choose = next(e for e in effects if isinstance(e, ChooseNext))
     assert choose.never == {"a/sim"}
-    assert effects[-1] == Send(run.spec, candidate("b"), 2)
+    sent = effects[-1]
+    assert isinstance(sent, Send) and sent.attempt == 2
+    assert sent.candidate._replace(reason=None) == candidate("b")
+    # The next route says why the first was passed over.
+    assert sent.candidate.reason is not None and "configured rpm of 2" in sent.candidate.reason
 
 
 def test_a_spent_quota_is_final_yet_shuts_its_backend() -> None:
