@@ -213,7 +213,9 @@ def _ranked(
         for name in index.nodes_offering(tags) if only is None else only:
             state = lookup(name)
             entry = index.entry(name)
-            if state is None or entry is None or not state.up:
+            # ``only`` (the nodes changed since the last view) may name nodes that cannot meet
+            # the tags: skipped here, before looking at each of their models.
+            if state is None or entry is None or not state.up or not tags <= entry.provides:
                 continue
             for offer in entry.offers:
                 backend = state.info.backends[offer.position]
