@@ -87,7 +87,7 @@ def sim_command(
             slow_fraction=slow,
             failing_fraction=failing,
         )
-        fleet = SimFleet(settings, profiles)
+        fleet = SimFleet(settings, profiles, threads=threads)
         fleet.start()
     except CorralError as exc:
         click.echo(f"corral sim: {exc}", err=True)
@@ -96,7 +96,7 @@ def sim_command(
         app = make_celery_app(settings)
         register_tasks(app, fleet)
         register_model_op_task(app, fleet)
-        concurrency = threads or min(fleet.capacity, MAX_THREADS)
+        concurrency = fleet.threads
         # Printed before Celery's own "ready.": the fleet's nodes are heartbeating already.
         click.echo(
             f"corral sim: {nodes} nodes ({prefix}...), {fleet.capacity} job slots, "

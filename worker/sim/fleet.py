@@ -48,11 +48,19 @@ class SimFleet(LoopRuntime):
     _startup_timeout_s = 60.0
     _shutdown_timeout_s = 30.0
 
-    def __init__(self, settings: CorralSettings, profiles: Sequence[NodeProfile]) -> None:
+    def __init__(
+        self,
+        settings: CorralSettings,
+        profiles: Sequence[NodeProfile],
+        *,
+        threads: int | None = None,
+    ) -> None:
         if not profiles:
             raise ValueError("a fleet needs at least one node")
         super().__init__(settings, thread_name="sim-loop")
         self.nodes = {p.name: SimNode(p) for p in profiles}
+        self.threads = threads or min(self.capacity, MAX_THREADS)
+        """Jobs running at once across the fleet: Celery's threads, each holding one job."""
 
     @property
     def capacity(self) -> int:
@@ -102,9 +110,9 @@ class SimFleet(LoopRuntime):
     # --- inside the loop --------------------------------------------------------------------
 
     async def _startup(self) -> None:
-        # One pool for the fleet, sized to the jobs Celery runs at once by default, not to the
-        # nodes: a beat waits for a connection rather than the fleet opening one per node.
-        await self._connect(min(self.capacity, MAX_THREADS))
+        # One pool for the fleet, sized to the jobs Celery runs at once, not to the nodes: a
+        # beat waits for a connection rather than the fleet opening one per node.
+        await self._connect(self.threads)
         await asyncio.gather(*(self._heartbeat(node) for node in self.nodes.values()))
         rng = random.Random(len(self.nodes))  # noqa: S311 - spreads heartbeats, not a secret
         self._background = [
