@@ -293,6 +293,7 @@ class CorralClient:
         # reader notices the node's instance changing and the job moves on.
         reader.instance = candidate.instance or None
         reader.cursor.has_record = True  # _send writes it
+        reader.cursor.live_from_first = True
         return JobRun(
             spec=spec,
             reader=reader,
