@@ -8,9 +8,13 @@ those tags (each view a new cluster read where a quarter of the nodes have a new
 from the previous view's rankings) and then again (the ranking is kept for the view's life,
 ``route_cache_s``), and
 through the old scan of every model of every node; and the time to build the index. A last
-row names a model every node holds: the candidates themselves are then the fleet.
+row names a model every node holds: the candidates themselves are then the fleet. First
+decisions are timed in wall time and in the thread's CPU time (a shared machine's scheduler
+shows in the first, not the second). After building a fleet of 100 nodes or more it does what
+the cluster reader does after such a read, ``settle_parsed_inventories`` (``--no-settle``:
+not).
 
-    python -m benchmarks.routing [--quick]
+    python -m benchmarks.routing [--quick] [--no-settle]
 """
 
 from __future__ import annotations
