@@ -268,6 +268,7 @@ class AsyncCorralClient:
         trace.sent()
         reader.cursor.instance = candidate.instance or None
         reader.cursor.has_record = True  # the send writes it
+        reader.cursor.live_from_first = True
         return AsyncJobRun(
             spec=spec,
             reader=reader,

@@ -62,10 +62,11 @@ class AsyncJobStreamReader:
         """
         cursor = self.cursor
         try:
-            for event in await self._read_log():
-                yield event
-            if cursor.finished:
-                return
+            if not cursor.live_from_first:
+                for event in await self._read_log():
+                    yield event
+                if cursor.finished:
+                    return
             cursor.start_clock(time.monotonic(), timeout_s)
             while True:
                 payload = await self._next_message(cursor.wait_s(time.monotonic()))

@@ -329,6 +329,7 @@ class CorralClient:
         # reader notices the node's instance changing and the job moves on.
         reader.instance = candidate.instance or None
         reader.cursor.has_record = True  # _send writes it
+        reader.cursor.live_from_first = True
         return JobRun(
             spec=spec,
             reader=reader,
@@ -497,7 +498,8 @@ class CorralClient:
         SUBSCRIBE goes out before the task does; its confirmation is awaited after the send,
         which takes a round trip off the path to the first token. Nothing can be lost in
         between: the worker appends every event to the replay log before publishing it, and
-        the reader starts by reading that log once the subscription is confirmed.
+        the reader reads that log for any gap in the sequence numbers, or after a quiet wait
+        (so an event published before the subscription took effect comes late, never lost).
         """
         reader = self._start_subscription(job_id, node)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -19,6 +20,10 @@ from controller.node_index import NodeIndex
 from controller.router import NodeState
 
 log = logging.getLogger(__name__)
+
+FREEZE_AFTER_PARSING = 100
+"""Whole inventories parsed in one read from which their objects leave the garbage collector's
+view (``settle_parsed_inventories``)."""
 
 
 # One round trip for the whole cluster view: every node's load (broker.nodeload), whether its
@@ -123,6 +128,8 @@ class ClusterReader:
         rows, breaker_entries, seconds, micros, counter_entries = reply
         states = self._node_states(rows)
         self._index = NodeIndex(states, previous=self._index)
+        if sum(1 for row in rows if row[5]) >= FREEZE_AFTER_PARSING:
+            settle_parsed_inventories()
         return ClusterView(
             nodes=self._index,
             breakers=parse_breakers(breaker_entries),
@@ -174,6 +181,24 @@ class ClusterReader:
         info = with_load(inventory, node_load)
         self._applied_now[name] = (load, inventory, info)
         return info
+
+
+def settle_parsed_inventories() -> None:
+    """Take every object alive now out of the cyclic garbage collector's generations.
+
+    A large fleet's inventories are hundreds of thousands of objects (1,000 nodes of 100
+    models: about 750,000) that live as long as their nodes do. Left in the oldest
+    generation, each full collection walks all of them: about 15 ms of CPU at 1,000 nodes,
+    paid by whichever routing decision (or request) happens to trigger it. Frozen
+    (``gc.freeze``), they are skipped; they are still freed by reference counting when an
+    inventory is replaced (inventories hold no reference cycles). The collection first
+    keeps garbage that exists now from being frozen with them; an object alive now that
+    later ends up in a reference cycle is not reclaimed, which is why this runs only after
+    a read that parsed many inventories (a controller's first read of a large fleet, a
+    fleet restarting), never for a small cluster.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def read_cluster(redis: Redis) -> ClusterView:

@@ -41,17 +41,24 @@ class BackendOffer:
 @dataclass(frozen=True, slots=True)
 class NodeEntry:
     name: str
+    tags: frozenset[str]
+    """The node's own tags."""
     offers: tuple[BackendOffer, ...]
     provides: frozenset[str]
     """Tags the node can meet with some chat model: its own, plus its chat models' capabilities."""
 
 
 class ModelHolder(NamedTuple):
-    """One backend that holds a model (``model`` is that backend's own spelling of it)."""
+    """One backend that holds a model (``model`` is that backend's own spelling of it), with
+    what the router asks of it worked out once per inventory rather than once per job."""
 
     node: str
     offer: BackendOffer
     model: ModelInfo
+    chats: bool
+    """The model serves chat jobs (the only kind the router places)."""
+    provides: frozenset[str]
+    """The tags a job on this model meets: the node's own and the model's capabilities."""
 
 
 def _default_pick(models: Iterable[ModelInfo]) -> ModelInfo | None:
@@ -87,7 +94,9 @@ def _entry(state: NodeState) -> NodeEntry:
     # "chat" is every chat model's capability: as a tag it would match every node (but a node
     # may carry it as its own tag).
     capabilities.discard("chat")
-    return NodeEntry(name=info.name, offers=tuple(offers), provides=info.tags | capabilities)
+    return NodeEntry(
+        name=info.name, tags=info.tags, offers=tuple(offers), provides=info.tags | capabilities
+    )
 
 
 RankingQuery = tuple[Literal["model"], str] | tuple[Literal["tags"], frozenset[str]]
@@ -262,7 +271,9 @@ def _holders_by_model(entries: Iterable[NodeEntry]) -> dict[str, dict[str, list[
         for offer in entry.offers:
             for canonical, model in offer.by_canonical.items():
                 on_node = models.setdefault(canonical, {}).setdefault(entry.name, [])
-                on_node.append(ModelHolder(entry.name, offer, model))
+                # "chat" is every chat model's capability: as a tag it would match every node.
+                provides = entry.tags | (model.capabilities - {"chat"})
+                on_node.append(ModelHolder(entry.name, offer, model, model.serves_chat(), provides))
     return models
 
 

@@ -83,9 +83,10 @@ class JobStreamReader:
         """
         cursor = self.cursor
         try:
-            yield from self._from_log()
-            if cursor.finished:
-                return
+            if not cursor.live_from_first:
+                yield from self._from_log()
+                if cursor.finished:
+                    return
             cursor.start_clock(time.monotonic(), timeout_s)
             while True:
                 payload = self._next_message(cursor.wait_s(time.monotonic()))

@@ -22,7 +22,7 @@ from broker.schemas import (
     canonical_model_name,
 )
 from broker.tiers import TIER_ORDER, tier_of_kind
-from controller.node_index import NodeIndex, Ranked, RankingQuery
+from controller.node_index import BackendOffer, NodeIndex, Ranked, RankingQuery
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,26 +345,22 @@ def _ranked(
     out: list[Ranked] = []
     if query[0] == "model":
         for holder in index.holders(query[1]):
-            if only is not None and holder.node not in only:
+            if not holder.chats or (only is not None and holder.node not in only):
                 continue
             state = lookup(holder.node)
-            if state is None or not state.up or not holder.model.serves_chat():
+            if state is None or not state.up:
                 continue
             backend = state.info.backends[holder.offer.position]
-            if not backend.healthy:
-                continue
-            model = holder.model
-            provides = state.info.tags | (model.capabilities - {"chat"})
-            candidate = _candidate(state, backend, model, 0, None)
-            out.append(
-                Ranked(_rank_key(candidate), candidate, holder.node, holder.offer.target, provides)
-            )
+            if backend.healthy:
+                out.append(_ranked_one(state, backend, holder.model, holder.offer, holder.provides))
     else:
         tags = query[1]
         for name in index.nodes_offering(tags) if only is None else only:
             state = lookup(name)
             entry = index.entry(name)
-            if state is None or entry is None or not state.up:
+            # ``only`` (the nodes changed since the last view) may name nodes that cannot meet
+            # the tags: skipped here, before looking at each of their models.
+            if state is None or entry is None or not state.up or not tags <= entry.provides:
                 continue
             for offer in entry.offers:
                 backend = state.info.backends[offer.position]
@@ -376,10 +372,54 @@ def _ranked(
                 else:
                     picks = _choices_on_backend(state.info, backend, None, tags)
                 for _, model in picks:
-                    candidate = _candidate(state, backend, model, 0, None)
-                    out.append(Ranked(_rank_key(candidate), candidate, name, offer.target, tags))
+                    out.append(_ranked_one(state, backend, model, offer, tags))
     out.sort(key=_by_key)
     return out
+
+
+def _ranked_one(
+    state: NodeState,
+    backend: BackendInfo,
+    model: ModelInfo,
+    offer: BackendOffer,
+    provides: frozenset[str],
+) -> Ranked:
+    """A candidate of a kept ranking (no alias choice, no session) with its sort key: the
+    per-candidate step of every first decision in a view, so it builds both in one go."""
+    info = state.info
+    node = info.name
+    load = info.in_flight + state.queued
+    spare = min(info.capacity - load, backend.capacity - backend.in_flight)
+    latency = backend.latency_ms
+    backend_name = backend.name
+    tier = tier_of_kind(backend.kind)
+    # The same key as _rank_key(candidate), made directly: one tuple fewer per candidate.
+    key = (
+        True,
+        0,
+        TIER_ORDER.get(tier, 0),
+        not model.loaded,
+        -spare,
+        0.0 if latency is None else latency,
+        load,
+        node,
+        backend_name,
+    )
+    candidate = Candidate(
+        node,
+        backend_name,
+        model.name,
+        model.loaded,
+        spare,
+        load,
+        0,
+        False,
+        latency,
+        info.instance,
+        tier,
+        context_length=model.context_length,
+    )
+    return Ranked(key, candidate, node, offer.target, provides)
 
 
 def _usable(state: NodeState, blocked: Collection[str], exclude_nodes: Collection[str]) -> bool:

@@ -75,6 +75,10 @@ class StreamCursor:
     has_record: bool = False
     """The job's client wrote its node record (``job_node_key``) when sending it: that
     record disappearing means Redis lost the job's state."""
+    live_from_first: bool = False
+    """The subscription went out before the job did (a fresh submission), so the job's first
+    event comes live: the log is read only to fill a gap in the sequence numbers, or after a
+    quiet wait, not once more up front. (An attach, a late reader, starts with the log.)"""
     _redis_back_at: float = field(default=0.0, repr=False)
     _lost_since: float | None = field(default=None, repr=False)
     _deadline: float = field(default=0.0, repr=False)

@@ -4,6 +4,7 @@ changes; its load (in-flight jobs, latency, memory) is current at every read."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 
 import redis
@@ -11,7 +12,7 @@ from redis.asyncio import Redis
 
 from broker import names
 from broker.schemas import BackendInfo, ModelInfo, NodeInfo
-from controller.cluster import ClusterReader, forget_node, read_cluster
+from controller.cluster import FREEZE_AFTER_PARSING, ClusterReader, forget_node, read_cluster
 from worker.heartbeat import publish_node_info
 
 
@@ -118,3 +119,33 @@ def test_a_heartbeat_from_a_newer_worker_with_fields_it_does_not_know_is_still_r
     (state,) = read_cluster(db).nodes
     assert state.name == "newer" and state.info.model_names() == {"m1", "m2"}
     assert state.info.backends[0].in_flight == 1
+
+
+def test_a_large_fleets_inventories_are_kept_out_of_full_collections_once(
+    broker_url: str,
+) -> None:
+    db = redis.Redis.from_url(broker_url)
+
+    async def publish_fleet(prefix: str, count: int) -> None:
+        client = Redis.from_url(broker_url)
+        try:
+            for n in range(count):
+                await publish_node_info(client, info(f"{prefix}{n:03d}"), stored=None)
+        finally:
+            await client.aclose()
+
+    reader = ClusterReader()
+    asyncio.run(publish_fleet("pi", 3))
+    frozen = gc.get_freeze_count()
+    try:
+        reader.read(db)
+        assert gc.get_freeze_count() == frozen  # a small cluster: the collector as it was
+        asyncio.run(publish_fleet("gpu", FREEZE_AFTER_PARSING))
+        view = reader.read(db)
+        assert len(view.nodes) == 3 + FREEZE_AFTER_PARSING
+        settled = gc.get_freeze_count()
+        assert settled > frozen
+        reader.read(db)  # nothing parsed again: nothing frozen again
+        assert gc.get_freeze_count() <= settled  # (the last view's freed by refcount)
+    finally:
+        gc.unfreeze()

@@ -94,6 +94,24 @@ def test_a_tagged_job_streams_every_token_in_order_from_the_tagged_node(
     assert done.result.usage.completion_tokens == len(text.split(" "))
 
 
+def test_a_fresh_job_is_followed_live_without_a_read_of_its_replay_log(
+    module_broker_url: str, client: CorralClient
+) -> None:
+    # The subscription goes out before the job: its first event comes live, so the client
+    # spends no round trip on the log (a gap or a quiet wait would still read it).
+    db = redis.Redis.from_url(module_broker_url)
+
+    def log_reads() -> int:
+        return int(db.info("commandstats").get("cmdstat_lrange", {}).get("calls", 0))
+
+    before = log_reads()
+    events = list(client.stream(make_spec("hello there")))
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert isinstance(events[-1], DoneEvent)
+    assert events[-1].result.text == expected_reply("hello there")
+    assert log_reads() == before
+
+
 def test_routing_errors_say_what_is_wrong(client: CorralClient) -> None:
     with pytest.raises(UnknownNode, match="no node named 'pi9'"):
         client.submit(make_spec("hi", node="pi9"))

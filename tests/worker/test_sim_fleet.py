@@ -186,7 +186,7 @@ def test_corral_sim_without_a_broker_says_so_without_a_traceback() -> None:
         timeout=60,
     )
     assert done.returncode == 2
-    assert "corral sim: cannot use Redis at redis://***@127.0.0.1:1/0" in done.stderr
+    assert "corral sim: cannot reach Redis at redis://***@127.0.0.1:1/0" in done.stderr
     assert "Traceback" not in done.stderr
     assert "hunter2" not in done.stderr + done.stdout
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -110,3 +111,22 @@ def test_a_malformed_payload_is_rejected_and_its_client_told(
     assert isinstance(event, ErrorEvent) and event.code == "malformed"
     with pytest.raises(Reject):
         run_task(runtime, "not even a mapping")
+
+
+def test_a_node_of_capacity_150_runs_150_jobs_at_once(broker_url: str) -> None:
+    # The runtime's Redis pool is sized to the node's job slots (redis-py's default stops at
+    # 100 connections): every job of a wide node streams to its end.
+    settings = build_settings(broker_url=broker_url, heartbeat_interval_s=60)
+    slow = backend_spec(kind="simulated", capacity=150, first_token_s=0.5, token_s=0)
+    node = NodeRuntime(settings, build_worker_config(None, name="n1", backends=(slow,)))
+    node.start()
+    try:
+        assert node.capacity == 150
+        jobs = [assignment(f"job-wide-{i:04d}") for i in range(150)]
+        with ThreadPoolExecutor(max_workers=150) as pool:
+            results = list(pool.map(node.run, jobs))
+        assert [r.status if r else None for r in results] == ["ok"] * 150
+        for job in jobs:
+            assert isinstance(job_log(broker_url, job.spec.job_id)[-1], DoneEvent)
+    finally:
+        node.stop()

@@ -11,15 +11,11 @@ import click
 from broker.celery_app import make_celery_app
 from broker.errors import CorralError
 from broker.settings import build_settings, redacted_url
-from worker.sim.fleet import SimFleet
+from worker.sim.fleet import MAX_THREADS, SimFleet
 from worker.sim.profiles import fleet_profiles
 from worker.tasks import register_model_op_task, register_tasks
 
 log = logging.getLogger("worker.sim")
-
-# Celery threads that carry jobs: each holds one running job. More than this many jobs at once
-# wait in their nodes' queues, as they would behind a busy machine.
-_MAX_THREADS = 128
 
 
 @click.command(name="sim", context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,7 +42,7 @@ _MAX_THREADS = 128
 @click.option(
     "--threads",
     type=click.IntRange(1, 1024),
-    help=f"Jobs running at once across the fleet (default: its capacity, at most {_MAX_THREADS}).",
+    help=f"Jobs running at once across the fleet (default: its capacity, at most {MAX_THREADS}).",
 )
 @click.option("--broker", help="Redis URL (default: CORRAL_BROKER_URL).")
 @click.option("--heartbeat", type=float, help="Seconds between each node's heartbeats.")
@@ -91,7 +87,7 @@ def sim_command(
             slow_fraction=slow,
             failing_fraction=failing,
         )
-        fleet = SimFleet(settings, profiles)
+        fleet = SimFleet(settings, profiles, threads=threads)
         fleet.start()
     except CorralError as exc:
         click.echo(f"corral sim: {exc}", err=True)
@@ -100,7 +96,7 @@ def sim_command(
         app = make_celery_app(settings)
         register_tasks(app, fleet)
         register_model_op_task(app, fleet)
-        concurrency = threads or min(fleet.capacity, _MAX_THREADS)
+        concurrency = fleet.threads
         # Printed before Celery's own "ready.": the fleet's nodes are heartbeating already.
         click.echo(
             f"corral sim: {nodes} nodes ({prefix}...), {fleet.capacity} job slots, "

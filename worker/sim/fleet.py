@@ -19,60 +19,48 @@ import contextlib
 import json
 import logging
 import random
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Coroutine, Sequence
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
 import redis.exceptions
-from redis.asyncio import Redis
 
 from broker import names
-from broker.errors import BrokerUnavailable, CorralError
-from broker.redis_clients import async_client
-from broker.schemas import (
-    JobAssignment,
-    JobResult,
-    ModelOpRequest,
-    Timings,
-    free_memory_bytes,
-)
-from broker.settings import CorralSettings, redacted_url
+from broker.schemas import JobAssignment, JobResult, ModelOpRequest
+from broker.settings import CorralSettings
 from worker.heartbeat import build_node_info, publish_node_info
-from worker.jobs import JobControl, run_job
-from worker.model_ops import run_model_op
+from worker.loop_runtime import LoopRuntime
 from worker.sim.node import BACKEND_NAME, SimNode
 from worker.sim.profiles import NodeProfile
-from worker.stream import JobStream, StreamScripts
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-_RECENT_CANCELS_KEPT = 10_000
-_RECONNECT_DELAY_S = 1.0
-_REDIS_CONNECTIONS = 96
+MAX_THREADS = 128
+"""Celery threads that carry jobs by default: each holds one running job. More than this many
+jobs at once wait in their nodes' queues, as they would behind a busy machine."""
 
 
-class SimFleet:
+class SimFleet(LoopRuntime):
     """The fleet's shared loop, Redis pool and cancel listener, and its nodes.
 
     ``run``, ``report_malformed`` and ``report_failure`` are what the Celery task calls (from
     Celery's threads), as it calls a ``NodeRuntime``'s.
     """
 
-    def __init__(self, settings: CorralSettings, profiles: Sequence[NodeProfile]) -> None:
+    _startup_timeout_s = 60.0
+    _shutdown_timeout_s = 30.0
+
+    def __init__(
+        self,
+        settings: CorralSettings,
+        profiles: Sequence[NodeProfile],
+        *,
+        threads: int | None = None,
+    ) -> None:
         if not profiles:
             raise ValueError("a fleet needs at least one node")
-        self.settings = settings
+        super().__init__(settings, thread_name="sim-loop")
         self.nodes = {p.name: SimNode(p) for p in profiles}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="sim-loop", daemon=True)
-        self._redis: Redis | None = None
-        self._scripts: StreamScripts | None = None
-        self._background: list[asyncio.Task[None]] = []
-        self._recent_cancels: OrderedDict[str, None] = OrderedDict()
+        self.threads = threads or min(self.capacity, MAX_THREADS)
+        """Jobs running at once across the fleet: Celery's threads, each holding one job."""
 
     @property
     def capacity(self) -> int:
@@ -81,25 +69,6 @@ class SimFleet:
     @property
     def queues(self) -> list[str]:
         return [names.node_queue(name) for name in self.nodes]
-
-    # --- life cycle -------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Connect, publish every node's first heartbeat, start the loops."""
-        self._thread.start()
-        self._call(self._startup(), timeout=60)
-
-    def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        try:
-            self._call(self._shutdown(), timeout=30)
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
-            log.warning("clean shutdown incomplete: %s", exc)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            self._loop.close()
 
     def kill(self, name: str) -> bool:
         """Make ``name`` vanish as a crashed node does; False if there is no such node."""
@@ -112,7 +81,22 @@ class SimFleet:
     # --- what the Celery task calls ---------------------------------------------------------
 
     def run(self, assignment: JobAssignment) -> JobResult | None:
-        return self._call(self._run(assignment), timeout=self.settings.job_timeout_s + 30)
+        node = self.nodes.get(assignment.node)
+        if node is None or node.killed:
+            # A dead machine takes no job: its client sees the node expire and moves it on.
+            return None
+        return self._call(
+            self._run_job(
+                assignment,
+                active=node.active,
+                load=node.load,
+                backends=node.backends,
+                claimer=node.instance,
+                node_name=node.name,
+                gone=lambda: node.killed,
+            ),
+            timeout=self.settings.job_timeout_s + 30,
+        )
 
     def report_malformed(self, job_id: str, problem: str) -> None:
         self._call(self._report_error(job_id, "malformed", problem, "sim"), timeout=10)
@@ -121,70 +105,30 @@ class SimFleet:
         node = self.nodes.get(assignment.node)
         if node is None or node.killed:
             return  # a dead node says nothing
-        final = assignment.attempt >= assignment.spec.max_attempts
-        try:
-            self._call(
-                self._report_error(
-                    assignment.spec.job_id,
-                    "worker_error",
-                    problem,
-                    node.name,
-                    attempt=assignment.attempt,
-                    final=final,
-                ),
-                timeout=5,
-            )
-        except (redis.exceptions.RedisError, TimeoutError, OSError) as exc:
-            log.warning("could not report the failure of job %s: %s", assignment.spec.job_id, exc)
-
-    def start_model_op(self, request: ModelOpRequest) -> None:
-        """Start a pull / warm / unload / rm on the node the request names; return at once."""
-        future = asyncio.run_coroutine_threadsafe(self._model_op(request), self._loop)
-        future.add_done_callback(_log_op_failure)
+        self._report_failure_now(assignment, problem, node.name)
 
     # --- inside the loop --------------------------------------------------------------------
 
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(timeout=timeout)
-
-    @property
-    def redis(self) -> Redis:
-        assert self._redis is not None, "fleet not started"
-        return self._redis
-
-    @property
-    def scripts(self) -> StreamScripts:
-        assert self._scripts is not None, "fleet not started"
-        return self._scripts
-
     async def _startup(self) -> None:
-        url = self.settings.broker_url.get_secret_value()
-        # One pool for the fleet, bounded: a beat or a job waits for a connection rather than
-        # the fleet opening one per node.
-        self._redis = async_client(
-            self.settings,
-            max_connections=_REDIS_CONNECTIONS,
-            blocking_timeout_s=30,
-            socket_connect_timeout=5,
-            health_check_interval=30,
-        )
-        try:
-            await self._redis.ping()
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise BrokerUnavailable(
-                f"cannot use Redis at {redacted_url(url)}: {type(exc).__name__}"
-            ) from None
-        self._scripts = StreamScripts(self._redis)
-        await self._scripts.preload()
+        # One pool for the fleet, sized to the jobs Celery runs at once, not to the nodes: a
+        # beat waits for a connection rather than the fleet opening one per node.
+        await self._connect(self.threads)
         await asyncio.gather(*(self._heartbeat(node) for node in self.nodes.values()))
         rng = random.Random(len(self.nodes))  # noqa: S311 - spreads heartbeats, not a secret
         self._background = [
             asyncio.create_task(self._heartbeat_loop(node, rng.random()), name=node.name)
             for node in self.nodes.values()
         ]
-        self._background.append(asyncio.create_task(self._cancel_listener(), name="cancels"))
-        self._background.append(asyncio.create_task(self._control_listener(), name="control"))
+        self._background.append(
+            asyncio.create_task(
+                self._listen(names.CANCEL_CHANNEL, self._cancel_local), name="cancels"
+            )
+        )
+        self._background.append(
+            asyncio.create_task(
+                self._listen(names.SIM_CONTROL_CHANNEL, self._on_control), name="control"
+            )
+        )
 
     async def _shutdown(self) -> None:
         for node in self.nodes.values():
@@ -234,31 +178,6 @@ class SimFleet:
                 log.warning("node %s: heartbeat not sent: %s", node.name, exc)
             await asyncio.sleep(interval)
 
-    async def _cancel_listener(self) -> None:
-        while True:
-            try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(names.CANCEL_CHANNEL)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._cancel_local(_text(message["data"]))
-            except redis.exceptions.RedisError as exc:
-                log.warning("cancel listener lost Redis (%s); reconnecting", exc)
-                await asyncio.sleep(_RECONNECT_DELAY_S)
-
-    async def _control_listener(self) -> None:
-        """``{"kill": [node, ...]}`` on the sim's control channel (see ``corral sim --help``)."""
-        while True:
-            try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(names.SIM_CONTROL_CHANNEL)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._on_control(_text(message["data"]))
-            except redis.exceptions.RedisError as exc:
-                log.warning("control listener lost Redis (%s); reconnecting", exc)
-                await asyncio.sleep(_RECONNECT_DELAY_S)
-
     def _on_control(self, data: str) -> None:
         try:
             command = json.loads(data)
@@ -285,128 +204,21 @@ class SimFleet:
                 control.task.cancel()
 
     def _cancel_local(self, job_id: str) -> None:
-        self._recent_cancels[job_id] = None
-        while len(self._recent_cancels) > _RECENT_CANCELS_KEPT:
-            self._recent_cancels.popitem(last=False)
+        self._remember_cancel(job_id)
         for node in self.nodes.values():
             control = node.active.get(job_id)
             if control is not None and control.task is not None:
                 control.cancel_requested = True
                 control.task.cancel()
 
-    async def _run(self, assignment: JobAssignment) -> JobResult | None:
-        """The steps of ``NodeRuntime._run`` on the node the assignment names."""
-        node = self.nodes.get(assignment.node)
-        if node is None or node.killed:
-            # A dead machine takes no job: its client sees the node expire and moves it on.
-            return None
-        job_id = assignment.spec.job_id
-        control = JobControl(assignment, cancel_requested=job_id in self._recent_cancels)
-        node.active[job_id] = control
-        result: JobResult | None = None
-        try:
-            async with node.load.slots:
-                if node.killed:
-                    return None  # it waited for a slot while its node died
-                node.load.in_flight += 1
-                try:
-                    result = await self._run_claimed(node, control)
-                finally:
-                    node.load.in_flight -= 1
-                    node.load.job_ended(control, result)
-            if result is not None and result.timings.first_token_ms:
-                node.load.observe_first_token(result.timings.first_token_ms)
-            return result
-        except asyncio.CancelledError:
-            if node.killed:
-                return None
-            raise
-        finally:
-            node.active.pop(job_id, None)
-
-    async def _run_claimed(self, node: SimNode, control: JobControl) -> JobResult | None:
-        assignment = control.assignment
-        job_id = assignment.spec.job_id
-        stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s)
-        claim = stream.claim(
-            attempt=assignment.attempt,
-            claimer=node.instance,
-            node=assignment.node,
-            backend=assignment.backend,
-            model=assignment.model,
-            lease_ttl_s=int(self.settings.job_timeout_s) + self.settings.replay_ttl_s,
-            tier=assignment.tier,
-            reason=assignment.reason,
-        )
-        timeout = assignment.spec.first_token_timeout_s or self.settings.first_token_timeout_s
-        task = asyncio.create_task(
-            run_job(control, node.backends, stream, claim, first_token_timeout_s=timeout)
-        )
-        control.task = task
-        try:
-            return await task
-        except asyncio.CancelledError:
-            if control.cancel_requested and task.cancelled() and not node.killed:
-                claim.close()
-                await self._report_error(job_id, "cancelled", "job cancelled", node.name)
-                return None
-            raise
-
-    async def _model_op(self, request: ModelOpRequest) -> None:
-        """The steps of ``NodeRuntime._model_op`` on the node the request names."""
+    async def _model_op(self, request: ModelOpRequest) -> JobResult | None:
         node = self.nodes.get(request.node)
         if node is None or node.killed:
-            return
-        stream = JobStream(self.scripts, request.op_id, self.settings.replay_ttl_s)
-        started_at = time.time()
-        system = await node.probe.snapshot()
-        free = free_memory_bytes(system.memory, system.gpus)
-        error: CorralError | None = None
-        try:
-            summary = await run_model_op(request, node.backends, free, stream.progress)
-        except CorralError as exc:
-            summary, error = str(exc), exc
-        result = JobResult(
-            job_id=request.op_id,
-            status="ok" if error is None else "error",
-            node=request.node,
-            backend=request.backend or "-",
-            model=request.model,
-            text=summary,
-            timings=Timings(
-                queued_ms=max(0.0, (started_at - request.created_at) * 1000),
-                first_token_ms=None,
-                total_ms=max(0.0, (time.time() - request.created_at) * 1000),
-            ),
-            error_code=error.code if error else None,
-            error_message=str(error) if error else None,
+            return None
+        return await self._run_model_op(
+            request,
+            backends=node.backends,
+            probe=node.probe,
+            node_name=node.name,
+            heartbeat=lambda: self._heartbeat(node),
         )
-        if error is None:
-            # The inventory changed: tell the cluster before saying done.
-            await self._heartbeat(node)
-            await stream.done(result)
-        else:
-            await stream.error(error.code, str(error), node.name, result)
-
-    async def _report_error(
-        self,
-        job_id: str,
-        code: str,
-        problem: str,
-        node_name: str,
-        *,
-        attempt: int = 1,
-        final: bool = True,
-    ) -> None:
-        log_length = await self.redis.llen(names.job_log_key(job_id))
-        stream = JobStream(self.scripts, job_id, self.settings.replay_ttl_s, first_seq=log_length)
-        await stream.error(code, problem, node_name, None, attempt=attempt, final=final)
-
-
-def _log_op_failure(future: Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("model operation failed inside the fleet", exc_info=future.exception())
-
-
-def _text(data: bytes | str) -> str:
-    return data.decode() if isinstance(data, bytes) else data
