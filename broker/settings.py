@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from broker.errors import ConfigError
+from broker.provider_models import check_provider_urls
 from broker.ratelimits import ProviderLimits
 from broker.schemas import BACKEND_KINDS
 
@@ -144,6 +145,9 @@ class CorralSettings(BaseSettings):
     gateway_fetch_image_urls: bool = False
     """Let the HTTP gateway fetch an image a request names by http(s) URL (public addresses
     only, checked after resolving, redirects too). Off: only ``data:`` URLs are taken."""
+    provider_urls: dict[str, str] = Field(default_factory=dict)
+    """Where a bare cloud model name (``claude-*``, ``gpt-*``, ...) that no node holds goes, per
+    provider scheme: ``{anthropic: "anthropic://proxy.lan"}``; unset, the official endpoint."""
     limits: dict[str, ProviderLimits] = Field(default_factory=dict)
     """Requests (``rpm``) and tokens (``tpm``) a minute the whole cluster sends each provider
     kind, and optionally each model: ``anthropic: {rpm: 50, models: {claude-opus-4: {rpm: 5}}}``.
@@ -184,6 +188,14 @@ class CorralSettings(BaseSettings):
                 f" (known: {', '.join(sorted(BACKEND_KINDS))})"
             )
         return value
+
+    @field_validator("provider_urls")
+    @classmethod
+    def _cloud_provider_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        try:
+            return check_provider_urls(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("broker_ca_file")
     @classmethod

@@ -28,7 +28,7 @@ from redis.backoff import NoBackoff
 
 from broker import names
 from broker.celery_app import make_celery_app
-from broker.errors import BrokerUnavailable, JobError, NoNodeAvailable
+from broker.errors import BrokerUnavailable, JobError, NoNodeAvailable, UnknownModel
 from broker.redis_clients import async_client
 from broker.schemas import AnyStreamEvent, ChatMessage, JobResult, JobSpec, Priority
 from broker.settings import CorralSettings
@@ -53,6 +53,7 @@ from controller.dispatch import (
     refused_write,
     success_targets,
     unreachable,
+    with_inferred_provider,
     with_reason,
     with_sent,
 )
@@ -226,6 +227,18 @@ class AsyncCorralClient:
                 return False
         return True
 
+    async def _choose_first(self, spec: JobSpec, sticky: str | None) -> tuple[JobSpec, Candidate]:
+        """See ``CorralClient._choose_first``."""
+        try:
+            return spec, await self.choose(spec, sticky_node=sticky)
+        except UnknownModel:
+            inferred = with_inferred_provider(
+                spec, self.settings.aliases, self.settings.provider_urls
+            )
+            if inferred is None:
+                raise
+        return inferred, await self.choose(inferred, sticky_node=sticky)
+
     # --- jobs ------------------------------------------------------------------------------
 
     async def submit(self, spec: JobSpec) -> AsyncJobRun:
@@ -250,7 +263,7 @@ class AsyncCorralClient:
         check_prompt_size(spec, self.settings.max_prompt_bytes)
         with trace.phase("route"):
             try:
-                candidate = await self.choose(spec, sticky_node=sticky)
+                spec, candidate = await self._choose_first(spec, sticky)
             except NoNodeAvailable:
                 await self._raise_if_full()
                 raise

@@ -63,6 +63,7 @@ from controller.dispatch import (
     refused_write,
     success_targets,
     unreachable,
+    with_inferred_provider,
     with_reason,
     with_sent,
 )
@@ -288,6 +289,19 @@ class CorralClient:
                 return with_reason(spec, candidate, view, phases, aliases=aliases, never=never)
         raise NoNodeAvailable(NO_PROBE_PERMIT)
 
+    def _choose_first(self, spec: JobSpec, sticky: str | None) -> tuple[JobSpec, Candidate]:
+        """The first candidate, and the spec as sent: a bare cloud model no node holds goes
+        to its provider (``with_inferred_provider``)."""
+        try:
+            return spec, self.choose(spec, sticky_node=sticky)
+        except UnknownModel:
+            inferred = with_inferred_provider(
+                spec, self.settings.aliases, self.settings.provider_urls
+            )
+            if inferred is None:
+                raise
+        return inferred, self.choose(inferred, sticky_node=sticky)
+
     # --- jobs ------------------------------------------------------------------------------
 
     def submit(self, spec: JobSpec) -> JobRun:
@@ -312,7 +326,7 @@ class CorralClient:
         check_prompt_size(spec, self.settings.max_prompt_bytes)
         with trace.phase("route"):
             try:
-                candidate = self.choose(spec, sticky_node=sticky)
+                spec, candidate = self._choose_first(spec, sticky)
             except NoNodeAvailable:
                 self._raise_if_full()
                 raise

@@ -17,6 +17,7 @@ import redis.exceptions
 
 from broker import names
 from broker.errors import NODE_FAILURE_CODES, BrokerUnavailable, NoNodeAvailable
+from broker.provider_models import provider_url
 from broker.ratelimits import ProviderLimits, describe_refusal, limit_scopes, over_limit
 from broker.schemas import JobAssignment, JobSpec
 from broker.settings import redacted_url
@@ -75,6 +76,21 @@ def preferred_candidates(
     if not avoid:
         return ranked  # the common case: no copy of the ranking
     return [c for c in ranked if c.backend_target not in avoid] or ranked
+
+
+def with_inferred_provider(
+    spec: JobSpec, aliases: Mapping[str, Sequence[str]], provider_urls: Mapping[str, str]
+) -> JobSpec | None:
+    """``spec`` sent to the cloud provider its bare model name belongs to (``claude-*`` ->
+    ``anthropic://``), for a model no node holds; None when that does not apply (a pinned
+    node, a route, an alias, or a name no provider uses). Only after the fleet's own models:
+    the caller asks this once the router found no node with the model."""
+    if spec.kind != "chat" or spec.model is None or spec.node or spec.route_url:
+        return None
+    if spec.model in aliases:
+        return None
+    url = provider_url(spec.model, provider_urls)
+    return None if url is None else spec.model_copy(update={"route_url": url})
 
 
 def with_reason(

@@ -79,7 +79,11 @@ def explain_no_route_server(
 ) -> RoutingError:
     """Why no node can take a job for ``spec.route_url``, naming what would fix it."""
     target = parse_route_url(spec.route_url or "")
-    route = f"route @{spec.route}" if spec.route else f"route {spec.route_url}"
+    route = (
+        f"route @{spec.route}"
+        if spec.route
+        else f"model {spec.model!r} (on no node; a {target.kind} model, so for {target.base_url})"
+    )
     able = [
         s
         for s in nodes

@@ -12,11 +12,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from broker.schemas import DoneEvent
+from broker.settings import build_settings
 from controller.cli import ExitCode
+from controller.client import CorralClient, make_spec
+from tests.controller.test_flower import shows_up, start_flower
 from tests.fakes.fake_anthropic import running_fake_anthropic
 from tests.support.cli import corral
 from tests.support.secret_scan import RedisMonitor, encodings_of, everything_in_redis
@@ -151,3 +157,51 @@ def test_a_cloud_worker_killed_before_the_first_token_hands_the_job_to_another(
     assert any(e["type"] == "rerouted" for e in events)
     assert events[-1]["type"] == "done" and events[-1]["result"]["text"] == REPLY
     assert PLANTED_KEY not in out + err
+
+
+def test_flower_shows_a_cloud_job_and_never_the_key(broker_url: str, tmp_path: Path) -> None:
+    """The key-leak scan's Flower part: every page and API answer about the worker and its
+    cloud jobs, once Flower has seen one."""
+    with running_fake_anthropic(api_key=PLANTED_KEY, models=[MODEL], reply=REPLY) as fake:
+        edge = cloud_worker(broker_url, "edge", tmp_path)
+        flower = start_flower(broker_url, tmp_path)
+        try:
+            where = fake.url.removeprefix("http://")
+            added = corral(broker_url, "route", "add", "claude", f"anthropic+http://{where}", MODEL)
+            assert added.returncode == ExitCode.OK, added.stderr
+            settings = build_settings(broker_url=broker_url)
+            with CorralClient(settings) as client:
+                # Flower turns task events on by broadcast every few seconds: ask until it
+                # has seen one of the route's jobs.
+                deadline = time.monotonic() + 30
+                while True:
+                    spec = make_spec(
+                        "where do you run?",
+                        route="claude",
+                        route_url=f"anthropic+http://{where}",
+                        model=MODEL,
+                    )
+                    events = list(client.stream(spec))
+                    assert isinstance(events[-1], DoneEvent), events[-1]
+                    if shows_up(flower, spec.job_id, within_s=1):
+                        break
+                    assert time.monotonic() < deadline, "flower never saw a cloud job"
+            pages = [
+                flower.get(path)[1]
+                for path in (
+                    f"/api/task/info/{spec.job_id}",
+                    "/api/tasks",
+                    "/api/workers",
+                    "/tasks",
+                    "/workers",
+                    f"/task/{spec.job_id}",
+                    f"/worker/{edge.name}@{socket.gethostname()}",
+                )
+            ]
+        finally:
+            flower.stop()
+            edge.stop()
+    shown = "\n".join(pages)
+    assert spec.job_id in shown and "route=claude" in shown  # Flower did show the job
+    for form in encodings_of(PLANTED_KEY):
+        assert form not in shown + flower.log(), "the key leaked into Flower"

@@ -9,16 +9,18 @@ import sys
 from tests.support.servers import REPO_ROOT
 
 
-def corral(broker_url: str, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+def corral(
+    broker_url: str, *args: str, timeout_s: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``corral ARGS`` in its own process, with no provider key and no corral.yaml of the
-    test process's environment (a controller never needs a key)."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    env.pop("CORRAL_CONFIG", None)
+    test process's environment (a controller never needs a key); ``env`` adds variables."""
+    inherited = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    inherited.pop("CORRAL_CONFIG", None)
     return subprocess.run(
         [sys.executable, "-m", "controller", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,
-        env={**env, "CORRAL_BROKER_URL": broker_url},
+        env={**inherited, **(env or {}), "CORRAL_BROKER_URL": broker_url},
         cwd=REPO_ROOT,
     )
