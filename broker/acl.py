@@ -119,4 +119,26 @@ def setuser_args(user: str, password: str, rules: str) -> list[str]:
 
 def setuser_line(user: str, password: str, rules: str) -> str:
     """The command as one line for redis-cli, each argument double-quoted."""
-    return " ".join(f'"{arg}"' for arg in setuser_args(user, password, rules))
+    return " ".join(_quoted(arg) for arg in setuser_args(user, password, rules))
+
+
+# The broker's own administrator: Redis's ``default`` user, which replicas (``masterauth``),
+# Sentinel and the operator's redis-cli use. An ACL file replaces ``requirepass``, so without
+# this line the default user would be left without a password.
+ADMIN_USER = "default"
+ADMIN_RULES = "~* &* +@all"
+
+
+def aclfile_line(user: str, password: str, rules: str) -> str:
+    """The same user as a line of a Redis ACL file (``aclfile``): ``user NAME reset on #hash …``.
+
+    Redis splits each line as redis-cli does, so the arguments are quoted and the kombu priority
+    separator in queue names is written as ``\\x`` escapes."""
+    if not _USER_NAME.match(user):
+        raise ConfigError(f"{user!r} is not a usable Redis user name (letters, digits, . _ -)")
+    args = ["user", user, "reset", "on", password_hash(password), *rules.split(" ")]
+    return " ".join(_quoted(arg) for arg in args)
+
+
+def _quoted(arg: str) -> str:
+    return '"' + arg.replace(SEPARATOR, SEPARATOR_ESCAPED) + '"'
