@@ -132,12 +132,11 @@ ADMIN_RULES = "~* &* +@all"
 def aclfile_line(user: str, password: str, rules: str) -> str:
     """The same user as a line of a Redis ACL file (``aclfile``): ``user NAME reset on #hash …``.
 
-    Redis splits each line as redis-cli does, so the arguments are quoted and the kombu priority
-    separator in queue names is written as ``\\x`` escapes."""
+    Redis splits a line of that file on spaces alone (no quotes, no escapes), so the kombu
+    priority separator in queue names is written as its raw bytes."""
     if not _USER_NAME.match(user):
         raise ConfigError(f"{user!r} is not a usable Redis user name (letters, digits, . _ -)")
-    args = ["user", user, "reset", "on", password_hash(password), *rules.split(" ")]
-    return " ".join(_quoted(arg) for arg in args)
+    return " ".join(("user", user, "reset", "on", password_hash(password), *rules.split(" ")))
 
 
 def _quoted(arg: str) -> str:
