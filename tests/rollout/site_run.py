@@ -102,7 +102,7 @@ def run_site(root: Path, ssh: SSHServer) -> Rollout:
         "CORRAL_TEST_VENV_PYTHON": sys.executable,
         "CORRAL_TEST_REDIS_PASSWORD": password,
         "CORRAL_TEST_WORKER_PASSWORD": worker_password,
-        "CORRAL_TEST_CORRAL": tool("corral"),
+        "CORRAL_TEST_CORRAL": str(_this_checkouts_corral(root)),
         "CORRAL_TEST_REDIS_PORT": str(port),
         "CORRAL_TEST_WHEEL": str(wheel),
         "CORRAL_TEST_USER": getpass.getuser(),
@@ -119,6 +119,17 @@ def run_site(root: Path, ssh: SSHServer) -> Rollout:
     rollout.first_run = rollout.playbook()
     rollout.first_run_s = time.monotonic() - started
     return rollout
+
+
+def _this_checkouts_corral(root: Path) -> Path:
+    """`corral` as this checkout's code runs it, for the broker role's `corral acl` (run on the
+    machine running Ansible): the venv's entry point may be another checkout's."""
+    script = root / "corral"
+    script.write_text(
+        f'#!/bin/sh\nPYTHONPATH={REPO_ROOT} exec {sys.executable} -m controller "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
 
 
 @contextlib.contextmanager
