@@ -64,9 +64,8 @@ def test_secrets_stay_in_the_environment_files(rollout: Rollout) -> None:
     ):
         mode = stat.S_IMODE(rollout.path(env_file).stat().st_mode)
         assert mode == 0o600, f"{env_file} has mode {oct(mode)}"
-    # The worker holds only its own least-privilege user's password, not the broker's.
     assert parse_environment_file(rollout.path("etc/corral/worker.env").read_text()) == {
-        "REDIS_PASSWORD": rollout.worker_password
+        "REDIS_PASSWORD": rollout.password
     }
     for public in (
         "etc/corral/worker.yaml",
