@@ -124,4 +124,25 @@ def setuser_args(user: str, password: str, rules: str) -> list[str]:
 
 def setuser_line(user: str, password: str, rules: str) -> str:
     """The command as one line for redis-cli, each argument double-quoted."""
-    return " ".join(f'"{arg}"' for arg in setuser_args(user, password, rules))
+    return " ".join(_quoted(arg) for arg in setuser_args(user, password, rules))
+
+
+# The broker's own administrator: Redis's ``default`` user, which replicas (``masterauth``),
+# Sentinel and the operator's redis-cli use. An ACL file replaces ``requirepass``, so without
+# this line the default user would be left without a password.
+ADMIN_USER = "default"
+ADMIN_RULES = "~* &* +@all"
+
+
+def aclfile_line(user: str, password: str, rules: str) -> str:
+    """The same user as a line of a Redis ACL file (``aclfile``): ``user NAME reset on #hash …``.
+
+    Redis splits a line of that file on spaces alone (no quotes, no escapes), so the kombu
+    priority separator in queue names is written as its raw bytes."""
+    if not _USER_NAME.match(user):
+        raise ConfigError(f"{user!r} is not a usable Redis user name (letters, digits, . _ -)")
+    return " ".join(("user", user, "reset", "on", password_hash(password), *rules.split(" ")))
+
+
+def _quoted(arg: str) -> str:
+    return '"' + arg.replace(SEPARATOR, SEPARATOR_ESCAPED) + '"'

@@ -28,21 +28,35 @@ from controller.cli.common import fail, settings_from
     metavar="VAR",
     help="The controller user (CLI, gateway, Flower), its password in environment variable VAR.",
 )
+@click.option(
+    "--admin",
+    "admin_var",
+    metavar="VAR",
+    help="With --aclfile: the broker's admin (Redis's default user), its password in VAR.",
+)
 @click.option("--db", type=click.IntRange(0, 15), default=0, show_default=True)
 @click.option("--apply", is_flag=True, help="Run the lines on the broker (an admin URL).")
+@click.option(
+    "--aclfile",
+    is_flag=True,
+    help="Print the lines of a Redis ACL file (redis.conf `aclfile`) instead of ACL SETUSER.",
+)
 @click.pass_context
 def acl_command(
     ctx: click.Context,
     workers: tuple[str, ...],
     controller_var: str | None,
+    admin_var: str | None,
     db: int,
     apply: bool,
+    aclfile: bool,
 ) -> None:
     """Print (or --apply) ACL SETUSER lines: each worker may consume only its own queue and
     heartbeat only as itself; nobody may FLUSHALL, CONFIG, KEYS or MONITOR.
 
     Passwords are read from the environment and written as their SHA-256, never in clear.
-    Workers then connect as redis://corral-worker-NODE:PASSWORD@host/DB, controllers as
+    An ACL file replaces redis.conf's requirepass, so --aclfile needs --admin: the password
+    replicas, Sentinel and redis-cli keep using. Workers then connect as redis://corral-worker-NODE:PASSWORD@host/DB, controllers as
     corral-controller.
     """
     try:
@@ -51,14 +65,33 @@ def acl_command(
             users.append((acl.CONTROLLER_USER, _password(controller_var), acl.controller_rules(db)))
         if not users:
             raise ConfigError("name at least one --worker NODE=VAR or --controller VAR")
-        lines = [acl.setuser_line(user, password, rules) for user, password, rules in users]
+        if aclfile:
+            lines = _aclfile_lines(users, admin_var, apply)
+        else:
+            if admin_var:
+                raise ConfigError("--admin goes with --aclfile (the default user of an ACL file)")
+            lines = [acl.setuser_line(user, password, rules) for user, password, rules in users]
         if apply:
             _apply(settings_from(ctx), users)
     except (ConfigError, BrokerUnavailable) as exc:
         fail(exc)
     for line in lines:
-        # Quoted so redis-cli reads the kombu priority separator (\x06\x16) in queue names.
-        click.echo(line.replace(acl.SEPARATOR, acl.SEPARATOR_ESCAPED))
+        click.echo(line)
+
+
+def _aclfile_lines(
+    users: list[tuple[str, str, str]], admin_var: str | None, apply: bool
+) -> list[str]:
+    if apply:
+        raise ConfigError(
+            "--aclfile prints a file for redis.conf; --apply sets users on a live broker"
+        )
+    if not admin_var:
+        raise ConfigError(
+            "an ACL file replaces redis.conf's requirepass: name the admin password with --admin VAR"
+        )
+    admin = (acl.ADMIN_USER, _password(admin_var), acl.ADMIN_RULES)
+    return [acl.aclfile_line(user, password, rules) for user, password, rules in (admin, *users)]
 
 
 def _worker(spec: str, db: int) -> tuple[str, str, str]:

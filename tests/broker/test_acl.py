@@ -173,3 +173,40 @@ def test_a_worker_counts_rate_limits_and_records_only_its_own_providers_headers(
     alpha.expire(own, 60)
     with pytest.raises(NoPermissionError):
         alpha.hset(names.provider_limits_key("beta", "claude"), "x", "1")
+
+
+def test_an_acl_file_from_corral_acl_is_what_redis_server_loads(tmp_path: Path) -> None:
+    env = {"PW_ADMIN": "admin-secret-0a1b2c3d", "PW_PI2": PASSWORDS["alpha"]}
+    printed = corral_acl(
+        "acl", "--aclfile", "--admin", "PW_ADMIN", "--worker", "pi2=PW_PI2", env=env
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert "admin-secret" not in printed.stdout and PASSWORDS["alpha"] not in printed.stdout
+    acl_file = tmp_path / "users.acl"
+    acl_file.write_text(printed.stdout)
+    # The password only lets the helper see it answer: the file's default user has the same.
+    own = start_redis(password=env["PW_ADMIN"], extra_args=["--aclfile", str(acl_file)])
+    try:
+        # The file's default user is the admin: without its password nobody gets in.
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=own.port).ping()
+        admin = redis.Redis(port=own.port, password=env["PW_ADMIN"])
+        assert admin.config_get("aclfile") == {"aclfile": str(acl_file)}
+        worker = redis.Redis(port=own.port, username=acl.worker_user("pi2"), password=env["PW_PI2"])
+        # Its own priority lists (the separator came through the file as raw bytes) but no other's.
+        queue = names.node_queue_lists("pi2")[-1]
+        assert worker.rpush(queue, "x") == 1
+        with pytest.raises(NoPermissionError):
+            worker.rpush(names.node_queue_lists("gpu1")[-1], "x")
+        with pytest.raises(NoPermissionError):
+            worker.flushall()
+        admin.close()
+        worker.close()
+    finally:
+        own.stop()
+
+
+def test_an_acl_file_needs_its_admin_password() -> None:
+    without_admin = corral_acl("acl", "--aclfile", "--worker", "pi2=PW", env={"PW": "x" * 20})
+    assert without_admin.returncode == 2
+    assert "--admin" in without_admin.stderr and "Traceback" not in without_admin.stderr

@@ -48,6 +48,7 @@ def tool(name: str) -> str:
 class Rollout:
     prefix: Path
     password: str
+    worker_password: str
     port: int
     env: dict[str, str]
     first_run: subprocess.CompletedProcess[str]
@@ -88,6 +89,7 @@ def run_site(root: Path, ssh: SSHServer) -> Rollout:
     for folder in ("etc/redis", "etc/systemd/system"):
         (prefix / folder).mkdir(parents=True)
     password = secrets.token_hex(16)
+    worker_password = secrets.token_hex(16)
     port = free_port()
     # Not this checkout's PYTHONPATH: pip in the role's venv would take it for an installed corral.
     env = {
@@ -99,6 +101,8 @@ def run_site(root: Path, ssh: SSHServer) -> Rollout:
         # The role's venv is made by this Python (3.11+), without this venv's packages.
         "CORRAL_TEST_VENV_PYTHON": sys.executable,
         "CORRAL_TEST_REDIS_PASSWORD": password,
+        "CORRAL_TEST_WORKER_PASSWORD": worker_password,
+        "CORRAL_TEST_CORRAL": str(_this_checkouts_corral(root)),
         "CORRAL_TEST_REDIS_PORT": str(port),
         "CORRAL_TEST_WHEEL": str(wheel),
         "CORRAL_TEST_USER": getpass.getuser(),
@@ -110,11 +114,22 @@ def run_site(root: Path, ssh: SSHServer) -> Rollout:
         "CORRAL_TEST_FLOWER_PORT": str(free_port()),
         "PATH": f"{TOOLS}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    rollout = Rollout(prefix, password, port, env, None, 0.0)  # type: ignore[arg-type]
+    rollout = Rollout(prefix, password, worker_password, port, env, None, 0.0)  # type: ignore[arg-type]
     started = time.monotonic()
     rollout.first_run = rollout.playbook()
     rollout.first_run_s = time.monotonic() - started
     return rollout
+
+
+def _this_checkouts_corral(root: Path) -> Path:
+    """`corral` as this checkout's code runs it, for the broker role's `corral acl` (run on the
+    machine running Ansible): the venv's entry point may be another checkout's."""
+    script = root / "corral"
+    script.write_text(
+        f'#!/bin/sh\nPYTHONPATH={REPO_ROOT} exec {sys.executable} -m controller "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
 
 
 @contextlib.contextmanager
@@ -171,6 +186,7 @@ def rolled_worker(rollout: Rollout, log_path: Path) -> Iterator[subprocess.Popen
         code = process.wait(timeout=60)
     assert code == 0, log_path.read_text()
     assert rollout.password not in log_path.read_text()
+    assert rollout.worker_password not in log_path.read_text()
 
 
 def broker_url(rollout: Rollout) -> str:

@@ -43,6 +43,7 @@ def test_a_replica_and_a_sentinel_from_the_role_follow_the_primary(tmp_path: Pat
             "corral_broker_password": PASSWORD,
             "corral_broker_logfile": "",
             "corral_broker_maxmemory": "64mb",
+            "corral_broker__acl": False,
         }
         replica_port = free_port()
         replica_conf = tmp_path / "redis.conf"

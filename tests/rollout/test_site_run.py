@@ -73,13 +73,17 @@ def test_secrets_stay_in_the_environment_files(rollout: Rollout) -> None:
         "etc/systemd/system/corral-worker.service",
         "etc/systemd/system/corral-flower.service",
         "etc/systemd/system/corral-tunnel.service",
+        "etc/redis/users.acl",
     ):
         text = rollout.path(public).read_text()
         assert rollout.password not in text, public
-        assert text.startswith("#\n# Ansible managed"), public
+        assert rollout.worker_password not in text, public
+        assert public.endswith(".acl") or text.startswith("#\n# Ansible managed"), public
     assert "${REDIS_PASSWORD}" in rollout.path("etc/corral/worker.yaml").read_text()
     # The playbook's own output never shows them either.
-    assert rollout.password not in rollout.first_run.stdout + rollout.first_run.stderr
+    output = rollout.first_run.stdout + rollout.first_run.stderr
+    assert rollout.password not in output
+    assert rollout.worker_password not in output
 
 
 def test_the_controllers_corral_yaml_gives_corral_its_settings(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import stat
 import subprocess
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from broker import acl, names
 from broker.schemas import DoneEvent
 from broker.settings import build_settings
 from controller.client import CorralClient, make_spec
@@ -45,6 +47,34 @@ def test_the_rendered_redis_conf_demands_the_password_and_keeps_jobs(
     assert rendered_redis.config_get("appendonly") == {"appendonly": "yes"}
     assert rendered_redis.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
     assert rendered_redis.config_get("bind") == {"bind": "127.0.0.1"}
+
+
+def test_the_acl_file_the_role_wrote_gives_the_worker_only_its_own_rights(
+    rollout: Rollout, rendered_redis: redis.Redis
+) -> None:
+    acl_file = rollout.path("etc/redis/users.acl")
+    assert stat.S_IMODE(acl_file.stat().st_mode) == 0o640
+    assert rendered_redis.config_get("aclfile") == {"aclfile": str(acl_file)}
+    worker = redis.Redis(
+        port=rollout.port, username=acl.worker_user("rolled"), password=rollout.worker_password
+    )
+    try:
+        assert worker.ping()
+        for refused in (
+            lambda: worker.flushall(),
+            lambda: worker.config_get("*"),
+            lambda: worker.set(names.node_alive_key("someone-else"), "1"),
+            lambda: worker.set(names.ROUTES_HASH, "x"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                refused()
+        # Its own liveness key is its to write.
+        assert worker.set(names.node_alive_key("rolled"), "1", ex=5)
+    finally:
+        worker.close()
+    # The broker's password is the admin's (Redis's default user, which just read CONFIG
+    # above): an ACL file replaces requirepass, and without that user Redis would be open.
+    assert rendered_redis.acl_whoami() == "default"
 
 
 def test_a_worker_started_as_the_rendered_unit_says_serves_a_job(

@@ -91,7 +91,10 @@ class RedisServer:
 
 
 def start_redis(
-    password: str | None = None, appendonly: bool = False, bind: str | None = None
+    password: str | None = None,
+    appendonly: bool = False,
+    bind: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> RedisServer:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -108,6 +111,7 @@ def start_redis(
         args += ["--requirepass", password]
     if bind:
         args += ["--bind", bind]  # the later --bind wins over the loopback-only default
+    args += extra_args
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = RedisServer(port, process, workdir, password, args)
     try:
