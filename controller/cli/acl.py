@@ -56,8 +56,8 @@ def acl_command(
 
     Passwords are read from the environment and written as their SHA-256, never in clear.
     An ACL file replaces redis.conf's requirepass, so --aclfile needs --admin: the password
-    replicas, Sentinel and redis-cli keep using. Workers then connect as redis://corral-worker-NODE:PASSWORD@host/DB, controllers as
-    corral-controller.
+    replicas, Sentinel and redis-cli keep using. Workers then connect as
+    redis://corral-worker-NODE:PASSWORD@host/DB, controllers as corral-controller.
     """
     try:
         users = [_worker(spec, db) for spec in workers]
@@ -88,7 +88,8 @@ def _aclfile_lines(
         )
     if not admin_var:
         raise ConfigError(
-            "an ACL file replaces redis.conf's requirepass: name the admin password with --admin VAR"
+            "an ACL file replaces redis.conf's requirepass: name the admin password with"
+            " --admin VAR"
         )
     admin = (acl.ADMIN_USER, _password(admin_var), acl.ADMIN_RULES)
     return [acl.aclfile_line(user, password, rules) for user, password, rules in (admin, *users)]
