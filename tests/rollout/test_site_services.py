@@ -61,7 +61,7 @@ def test_the_acl_file_the_role_wrote_gives_the_worker_only_its_own_rights(
     try:
         assert worker.ping()
         for refused in (
-            lambda: worker.flushall(),
+            worker.flushall,
             lambda: worker.config_get("*"),
             lambda: worker.set(names.node_alive_key("someone-else"), "1"),
             lambda: worker.set(names.ROUTES_HASH, "x"),
