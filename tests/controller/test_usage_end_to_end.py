@@ -17,7 +17,7 @@ import redis
 from broker import names
 from controller.cli import ExitCode
 from tests.fakes.fake_anthropic import FakeAnthropic, running_fake_anthropic
-from tests.support.servers import run_corral as corral
+from tests.support.cli import corral
 from tests.support.servers import start_worker
 
 CLAUDE = "claude-sonnet-4-5"

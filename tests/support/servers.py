@@ -31,26 +31,6 @@ def wait_until(predicate: object, timeout_s: float, what: str, interval_s: float
     raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def run_cli(
-    broker_url: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """``corral ARGS`` in its own process against ``broker_url``, as a user's shell runs it:
-    no provider key and no corral.yaml of the test process's, plus ``env``."""
-    inherited = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.endswith("_API_KEY") and k not in ("CORRAL_CONFIG", "COLUMNS")
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "controller", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**inherited, "CORRAL_BROKER_URL": broker_url, **(env or {})},
-        cwd=REPO_ROOT,
-    )
-
-
 @dataclass
 class RedisServer:
     port: int
@@ -282,22 +262,3 @@ def supervised_workers(
         yield supervisor
     finally:
         supervisor.stop()
-
-
-def run_corral(
-    broker_url: str, *args: str, stdin: str | None = None, timeout_s: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """``corral ARGS`` in its own process, as a user's terminal runs it: against
-    ``broker_url``, with no corral.yaml and no provider key in its environment (keys belong
-    to workers)."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    env.pop("CORRAL_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "controller", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        input=stdin,
-        env={**env, "CORRAL_BROKER_URL": broker_url},
-        cwd=REPO_ROOT,
-    )

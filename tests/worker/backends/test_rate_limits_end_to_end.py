@@ -29,7 +29,8 @@ from controller.breaker import BreakerPhase, BreakerState, parse_breakers
 from controller.cli.common import ExitCode
 from controller.client import CorralClient, make_spec
 from tests.fakes.fake_anthropic import FakeAnthropic, running_fake_anthropic
-from tests.support.servers import WorkerProcess, run_cli, start_worker, wait_until
+from tests.support.cli import corral as run_cli
+from tests.support.servers import WorkerProcess, start_worker, wait_until
 
 KEY = "sk-ant-limits-PLANTED-51c0"
 MODEL = "claude-limits-test"
