@@ -96,14 +96,22 @@ async def measure_ttft(
         AsyncCorralClient(build_settings(broker_url=broker_url)) as client,
         httpx.AsyncClient(base_url=url, timeout=30) as http,
     ):
+        paths = {
+            DIRECT: lambda: direct_first_token_ms(backend),
+            PYTHON_API: lambda: python_api_ms(client),
+            "OpenAI path": lambda: http_first_token_ms(http, "/v1/chat/completions", OPENAI_BODY),
+            "Ollama path": lambda: http_first_token_ms(http, "/api/chat", OLLAMA_BODY),
+        }
+        order = list(paths)
         for warm in range(runs + 10):
-            d = await direct_first_token_ms(backend)
-            a = await python_api_ms(client)
-            b = await http_first_token_ms(http, "/v1/chat/completions", OPENAI_BODY)
-            c = await http_first_token_ms(http, "/api/chat", OLLAMA_BODY)
+            # The order turns every round: a job started while the last one's after-steps
+            # (its usage counters, the client's drain) still run would otherwise always be
+            # the same path's.
+            turn = order[warm % len(order) :] + order[: warm % len(order)]
+            measured = {label: await paths[label]() for label in turn}
             if warm >= 10:
-                for key, value in zip(results, (d, a, b, c), strict=True):
-                    results[key].append(value)
+                for label, value in measured.items():
+                    results[label].append(value)
     return results
 
 
