@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
+import redis
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -64,6 +65,18 @@ class Fleet:
             for n, w in self.workers.items()
             if w.process.poll() is None
         }
+
+
+REDIS = "redis"
+
+
+def sample_memory(fleet: Fleet, admin: redis.Redis) -> dict[str, float]:
+    """Resident MB of each worker and this (the controller's) process, and Redis's own
+    ``used_memory``, at one moment."""
+    sample = fleet.rss_mb()
+    sample["controller"] = psutil.Process().memory_info().rss / 2**20
+    sample[REDIS] = int(admin.info("memory")["used_memory"]) / 2**20
+    return sample
 
 
 def faults(fleet: Fleet) -> list[tuple[str, Callable[[], None]]]:
@@ -144,8 +157,7 @@ def main() -> int:
         try:
             with CorralClient(settings) as client:
                 time.sleep(3)
-                rss_start, redis_start = fleet.rss_mb(), int(admin.info("memory")["used_memory"])
-                rss_start["controller"] = psutil.Process().memory_info().rss / 2**20
+                samples = [sample_memory(fleet, admin)]
                 counter = iter(range(10**9))
 
                 def load() -> None:
@@ -164,6 +176,8 @@ def main() -> int:
                     next_fault = time.monotonic() + every
                     while (now := time.monotonic()) < deadline:
                         if now >= next_fault:
+                            # Before each fault, after the last one's effects have settled.
+                            samples.append(sample_memory(fleet, admin))
                             name, strike = schedule[len(struck) % len(schedule)]
                             struck.append(name)
                             strike()
@@ -180,8 +194,7 @@ def main() -> int:
                 for t in threads:
                     t.join(JOB_TIMEOUT_S + 10)
                 time.sleep(1)
-                rss_end, redis_end = fleet.rss_mb(), int(admin.info("memory")["used_memory"])
-                rss_end["controller"] = psutil.Process().memory_info().rss / 2**20
+                samples.append(sample_memory(fleet, admin))
         finally:
             for worker in fleet.workers.values():
                 worker.stop()
@@ -196,20 +209,23 @@ def main() -> int:
         *(str(outcomes[k]) for k in ("done", "moved", "interrupted", "failed", "lost")),
     )
     console.print(table)
-    memory = Table(title="memory, start -> end")
-    memory.add_column("process")
-    memory.add_column("start MB", justify="right")
-    memory.add_column("end MB", justify="right")
-    for name in (*NODES, "controller"):
-        start = rss_start.get(name)
-        end = rss_end.get(name)
-        memory.add_row(
-            (f"worker {name}" if name != "controller" else "controller (4 client threads)")
-            + (" (restarted)" if name == "a" and "kill a" in struck else ""),
-            f"{start:.1f}" if start else "-",
-            f"{end:.1f}" if end else "-",
+    # Flat means: what grows does so while warming up, not on and on. The middle sample splits
+    # the run: growth in the second half is what a leak would keep adding.
+    middle = samples[len(samples) // 2]
+    memory = Table(title=f"memory (MB), {len(samples)} samples: start, middle, end")
+    for column in ("process", "start", "middle", "end", "second half"):
+        memory.add_column(column, justify="left" if column == "process" else "right")
+    for name in (*NODES, "controller", REDIS):
+        values = [samples[0].get(name), middle.get(name), samples[-1].get(name)]
+        label = {"controller": "controller (4 client threads)", REDIS: "Redis used_memory"}.get(
+            name, f"worker {name}"
+        ) + (" (restarted)" if name == "a" and "kill a" in struck else "")
+        half = (
+            f"{values[2] - values[1]:+.1f}"
+            if values[1] is not None and values[2] is not None
+            else "-"
         )
-    memory.add_row("Redis used_memory", f"{redis_start / 2**20:.1f}", f"{redis_end / 2**20:.1f}")
+        memory.add_row(label, *(f"{v:.1f}" if v else "-" for v in values), half)
     console.print(memory)
     return 1 if outcomes["lost"] else 0
 
