@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -63,6 +64,9 @@ _CLAIM_LUA = (
     f"local SCHEMA_VERSION = {SCHEMA_VERSION}\n"
     + """
 local lease = redis.call('GET', KEYS[2])
+-- This very claim already went through (its reply was lost to a dropped connection, and it is
+-- sent again): its started event is the log's last, nothing else may have written since.
+if lease == ARGV[2] then return {2, redis.call('LLEN', KEYS[3]) - 1} end
 local allowed = (lease == false and ARGV[1] == '1') or lease == ARGV[1]
 if not allowed then return {0, 0} end
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -166,8 +170,13 @@ class JobStream:
         tier: str | None = None,
         reason: str | None = None,
     ) -> Claim:
-        """Take the lease for ``attempt`` and publish the started event (see _CLAIM_LUA)."""
-        token = f"{attempt}:{claimer}"
+        """Take the lease for ``attempt`` and publish the started event (see _CLAIM_LUA).
+
+        Redis restarting (or a dropped pooled connection) is waited out as for appends. The
+        token carries a nonce of this claim: sent again after a lost reply, the claim finds its
+        own token and is STARTED; another delivery of the same attempt (even in this process)
+        has another nonce and is TAKEN_ELSEWHERE, so a job never streams twice."""
+        token = f"{attempt}:{claimer}:{secrets.token_hex(4)}"
         keys = [
             names.job_cancel_key(self._job_id),
             names.job_lease_key(self._job_id),
@@ -188,7 +197,16 @@ class JobStream:
             tier or "",
             reason or "",
         ]
-        status, seq = await self._claim(keys=keys, args=args)
+        deadline = time.monotonic() + self._outage_tolerance_s
+        while True:
+            try:
+                status, seq = await self._claim(keys=keys, args=args)
+                break
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("job %s: Redis unreachable at claim (%s); retrying", self._job_id, exc)
+                await asyncio.sleep(_RETRY_PAUSE_S)
         claim = Claim(int(status))
         if claim is Claim.STARTED:
             self._token = token
