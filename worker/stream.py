@@ -17,7 +17,9 @@ import enum
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis.exceptions
 from redis.asyncio import Redis
@@ -90,6 +92,7 @@ return {2, seq}
 log = logging.getLogger(__name__)
 
 _RETRY_PAUSE_S = 0.25
+T = TypeVar("T")
 
 
 class Claim(enum.Enum):
@@ -197,16 +200,7 @@ class JobStream:
             tier or "",
             reason or "",
         ]
-        deadline = time.monotonic() + self._outage_tolerance_s
-        while True:
-            try:
-                status, seq = await self._claim(keys=keys, args=args)
-                break
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                log.warning("job %s: Redis unreachable at claim (%s); retrying", self._job_id, exc)
-                await asyncio.sleep(_RETRY_PAUSE_S)
+        status, seq = await self._through_outage(lambda: self._claim(keys=keys, args=args))
         claim = Claim(int(status))
         if claim is Claim.STARTED:
             self._token = token
@@ -316,21 +310,26 @@ class JobStream:
             self._token,
             self._seq,
         ]
-        # Redis restarting (or a dropped connection) pauses the job instead of losing it: the
-        # backend's stream waits, and the append is retried until Redis is back (idempotent).
+        written = await self._through_outage(lambda: self._append_through_cancel(keys, args))
+        if not int(written):
+            raise Fenced(f"job {self._job_id} has moved on; this worker no longer owns it")
+        self._wrote()
+
+    async def _through_outage(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, sent again while Redis is unreachable, up to the outage tolerance.
+
+        Redis restarting (or a pooled connection it dropped) pauses the job instead of losing
+        it: the backend's stream waits. Only for idempotent scripts (the claim and the append
+        both are), since a reply lost after Redis ran the script means it runs twice."""
         deadline = time.monotonic() + self._outage_tolerance_s
         while True:
             try:
-                written = await self._append_through_cancel(keys, args)
-                break
+                return await call()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 if time.monotonic() >= deadline:
                     raise
                 log.warning("job %s: Redis unreachable (%s); retrying", self._job_id, exc)
                 await asyncio.sleep(_RETRY_PAUSE_S)
-        if not int(written):
-            raise Fenced(f"job {self._job_id} has moved on; this worker no longer owns it")
-        self._wrote()
 
     def _wrote(self) -> None:
         self._first = False
