@@ -198,10 +198,12 @@ class BackendRateLimited(BackendError):
 
 
 class QuotaExhausted(BackendRateLimited):
-    """The key's quota (daily requests, credit) is spent: not a wait-and-retry failure."""
+    """The key's quota (daily requests, credit) is spent: not a wait-and-retry failure on this
+    backend (its breaker holds until the reset), but another route of the model, or the next
+    tier, may serve the job, so a job failing so before its first token moves on."""
 
     code = "quota_exhausted"
-    retryable = False
+    retryable = True
 
 
 class ContentBlocked(BackendError):

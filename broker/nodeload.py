@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from broker.schemas import (
     HEARTBEAT_CONFIG,
@@ -22,23 +22,26 @@ from broker.schemas import (
     Message,
     Name,
     NodeInfo,
+    _OmitsUnusedAdditions,
 )
 
 _VOLATILE_NODE_FIELDS = {"instance", "in_flight", "memory", "gpus", "cpu_load", "sent_at"}
-_VOLATILE_BACKEND_FIELDS = {"in_flight", "latency_ms", "counters"}
+_VOLATILE_BACKEND_FIELDS = {"in_flight", "latency_ms", "counters", "quota_left"}
 _INVENTORY_ONLY: Any = {
     **dict.fromkeys(_VOLATILE_NODE_FIELDS, True),
     "backends": {"__all__": _VOLATILE_BACKEND_FIELDS},
 }
 
 
-class BackendLoad(BaseModel):
+class BackendLoad(_OmitsUnusedAdditions):
     model_config = HEARTBEAT_CONFIG
+    _omit_at_default = ("quota_left",)
 
     name: Name
     in_flight: int = Field(default=0, ge=0)
     latency_ms: float | None = None
     counters: JobCounters = JobCounters()
+    quota_left: float | None = Field(default=None, ge=0, le=1)
 
 
 class NodeLoad(Message):
@@ -76,7 +79,11 @@ def load_of(info: NodeInfo, digest: str) -> NodeLoad:
         sent_at=info.sent_at,
         backends=tuple(
             BackendLoad(
-                name=b.name, in_flight=b.in_flight, latency_ms=b.latency_ms, counters=b.counters
+                name=b.name,
+                in_flight=b.in_flight,
+                latency_ms=b.latency_ms,
+                counters=b.counters,
+                quota_left=b.quota_left,
             )
             for b in info.backends
         ),
@@ -93,6 +100,7 @@ def with_load(inventory: NodeInfo, load: NodeLoad) -> NodeInfo:
                 "in_flight": by_backend[b.name].in_flight,
                 "latency_ms": by_backend[b.name].latency_ms,
                 "counters": by_backend[b.name].counters,
+                "quota_left": by_backend[b.name].quota_left,
             }
         )
         if b.name in by_backend

@@ -547,8 +547,9 @@ class JobCounters(BaseModel):
     """Jobs that ended with an error (a cancelled job is neither done nor failed)."""
 
 
-class BackendInfo(BaseModel):
+class BackendInfo(_OmitsUnusedAdditions):
     model_config = HEARTBEAT_CONFIG
+    _omit_at_default = ("quota_left",)
 
     name: Name
     kind: str = Field(min_length=1, max_length=64)
@@ -568,6 +569,9 @@ class BackendInfo(BaseModel):
     """Whether pull / warm / unload / rm work on it (Ollama)."""
     models: tuple[ModelInfo, ...] = ()
     counters: JobCounters = JobCounters()
+    quota_left: float | None = Field(default=None, ge=0, le=1)
+    """A cloud backend's smallest share left of its provider's rate limits, from the headers
+    of its last answers (``broker.quota``); None: unknown, or no such limits."""
 
     @property
     def spare(self) -> int:

@@ -73,9 +73,47 @@ def preferred_candidates(
     except NoNodeAvailable as exc:
         exc.retry_after = soonest_reopening(blocked, spec, view, limits or {})
         raise
+    ranked = most_quota_first(ranked, view)
     if not avoid:
         return ranked  # the common case: no copy of the ranking
     return [c for c in ranked if c.backend_target not in avoid] or ranked
+
+
+def most_quota_first(ranked: list[Candidate], view: ClusterView) -> list[Candidate]:
+    """``ranked`` with its leading routes of a paid tier (a subscription, a metered API)
+    ordered by the share of their provider's quota left, most first; a route whose heartbeat
+    says nothing counts as having all of it. Only the leading group: a job takes the first
+    candidate, and a failed attempt asks for candidates again.
+
+    Local routes stay as ranked (spare capacity is their headroom), so a fleet that answers
+    from its own machines never pays for this."""
+    if len(ranked) < 2 or ranked[0].tier == "local":
+        return ranked
+    first = ranked[0]
+    size = 1
+    while size < len(ranked) and _same_group(ranked[size], first):
+        size += 1
+    if size < 2:
+        return ranked
+    left = [_quota_left(view, c) for c in ranked[:size]]
+    if all(share == 1.0 for share in left):
+        return ranked
+    # sorted() is stable: equal shares keep the router's order (spare capacity, latency...).
+    group = [c for _, c in sorted(zip(left, ranked[:size], strict=True), key=lambda p: -p[0])]
+    return group + ranked[size:]
+
+
+def _same_group(c: Candidate, first: Candidate) -> bool:
+    return (c.sticky, c.choice, c.tier) == (first.sticky, first.choice, first.tier)
+
+
+def _quota_left(view: ClusterView, candidate: Candidate) -> float:
+    state = view.nodes.state(candidate.node)
+    if state is not None:
+        for backend in state.info.backends:
+            if backend.name == candidate.backend and backend.quota_left is not None:
+                return backend.quota_left
+    return 1.0
 
 
 def with_inferred_provider(

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from redis import Redis
 
 from broker import names
+from broker.quota import QUOTA_KINDS, header_value
 from broker.ratelimits import HEADERS_UPDATED_AT_FIELD
 
 __all__ = ["ProviderHeaders", "read_provider_headers"]
-
-_WHAT = ("requests", "tokens", "input-tokens", "output-tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,21 +26,16 @@ class ProviderHeaders:
     headers: Mapping[str, str]
     updated_at: float | None
 
-    def _get(self, what: str, part: str) -> str | None:
-        # OpenAI: x-ratelimit-remaining-requests; Anthropic: anthropic-ratelimit-requests-remaining
-        return self.headers.get(f"x-ratelimit-{part}-{what}") or self.headers.get(
-            f"anthropic-ratelimit-{what}-{part}"
-        )
-
     def summary(self) -> str:
         """``requests 49/50 left (reset 1s); tokens 39000/40000 left (reset 6ms)``."""
         parts = []
-        for what in _WHAT:
-            remaining, limit = self._get(what, "remaining"), self._get(what, "limit")
+        for what in QUOTA_KINDS:
+            remaining = header_value(self.headers, what, "remaining")
+            limit = header_value(self.headers, what, "limit")
             if remaining is None:
                 continue
             of = f"/{limit}" if limit is not None else ""
-            reset = self._get(what, "reset")
+            reset = header_value(self.headers, what, "reset")
             when = f" (reset {reset})" if reset is not None else ""
             parts.append(f"{what.replace('-', ' ')} {remaining}{of} left{when}")
         return "; ".join(parts)

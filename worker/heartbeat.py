@@ -13,6 +13,7 @@ from broker import __version__, names
 from broker.catalog import Catalog
 from broker.errors import BackendError
 from broker.nodeload import inventory_digest, load_of
+from broker.quota import quota_left
 from broker.schemas import BackendInfo, JobCounters, ModelInfo, NodeInfo
 from worker.backends.base import Backend, manages_models
 from worker.config import WorkerConfig
@@ -70,7 +71,18 @@ async def describe_backend(
         manages_models=manages_models(backend),
         models=tuple(models),
         counters=counters or JobCounters(),
+        quota_left=_quota_left(backend),
     )
+
+
+def _quota_left(backend: Backend) -> float | None:
+    # A cloud adapter keeps its provider's last rate-limit headers (``RateLimits``); local
+    # backends have none. Read by duck type: naming the class would import the cloud adapters
+    # into every node.
+    limits = getattr(backend, "rate_limits", None)
+    if limits is None:
+        return None
+    return quota_left(limits.latest, limits.updated_at, time.time())
 
 
 async def build_node_info(

@@ -15,16 +15,20 @@ from broker.errors import (
 
 
 def test_retryable_codes_are_the_retryable_classes() -> None:
-    assert {"backend_unavailable", "backend_auth", "rate_limited", "worker_error"} <= (
-        RETRYABLE_CODES
-    )
-    # Waiting or asking elsewhere will not make a spent quota or a refused prompt succeed.
-    assert {"quota_exhausted", "content_blocked", "cancelled", "config"}.isdisjoint(RETRYABLE_CODES)
+    assert {
+        "backend_unavailable",
+        "backend_auth",
+        "rate_limited",
+        "quota_exhausted",
+        "worker_error",
+    } <= RETRYABLE_CODES
+    # Asking elsewhere will not make a refused prompt, a cancel or a bad config succeed.
+    assert {"content_blocked", "cancelled", "config"}.isdisjoint(RETRYABLE_CODES)
 
 
-def test_a_quota_is_a_rate_limit_that_is_not_retryable() -> None:
+def test_a_spent_quota_is_a_rate_limit_another_route_may_not_share() -> None:
     assert issubclass(QuotaExhausted, BackendRateLimited)
-    assert BackendRateLimited.retryable and not QuotaExhausted.retryable
+    assert BackendRateLimited.retryable and QuotaExhausted.retryable
 
 
 def test_a_rate_limit_carries_its_retry_after() -> None:

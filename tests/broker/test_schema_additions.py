@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 
+from broker.nodeload import NodeLoad, inventory_digest, load_of, with_load
 from broker.schemas import (
+    BackendInfo,
     ChatMessage,
     DeltaEvent,
     JobSpec,
+    ModelInfo,
+    NodeInfo,
     ToolCall,
     ToolDefinition,
     ToolFunction,
@@ -59,3 +63,29 @@ def test_a_tool_call_delta_round_trips_with_its_arguments_an_object() -> None:
         tools=(tool,),
     )
     assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+def test_a_local_backends_heartbeat_and_load_carry_no_quota_share() -> None:
+    backend = BackendInfo(
+        name="ollama", kind="ollama", healthy=True, capacity=1, models=(ModelInfo(name="m"),)
+    )
+    info = NodeInfo(
+        name="pi",
+        version="test",
+        backends=(backend,),
+        in_flight=0,
+        capacity=1,
+        heartbeat_interval_s=2,
+        started_at=0,
+        sent_at=0,
+    )
+    load = load_of(info, inventory_digest(info))
+    assert "quota_left" not in _keys(json.loads(info.model_dump_json()))
+    assert "quota_left" not in _keys(json.loads(load.model_dump_json()))
+    # A cloud backend's share goes with the load, and back into the NodeInfo read from it.
+    cloud = info.model_copy(update={"backends": (backend.model_copy(update={"quota_left": 0.4}),)})
+    cloud_load = NodeLoad.model_validate_json(
+        load_of(cloud, inventory_digest(cloud)).model_dump_json()
+    )
+    assert inventory_digest(cloud) == inventory_digest(info)
+    assert with_load(info, cloud_load).backends[0].quota_left == 0.4

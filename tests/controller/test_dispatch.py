@@ -27,7 +27,13 @@ from controller.router import NodeState
 SECRET_PROMPT = "my bank password is hunter2"
 
 
-def state(name: str, *, queued: int = 0, backend_kind: str = "simulated") -> NodeState:
+def state(
+    name: str,
+    *,
+    queued: int = 0,
+    backend_kind: str = "simulated",
+    quota_left: float | None = None,
+) -> NodeState:
     backend = BackendInfo(
         name="sim" if backend_kind == "simulated" else "claude",
         kind=backend_kind,
@@ -35,6 +41,7 @@ def state(name: str, *, queued: int = 0, backend_kind: str = "simulated") -> Nod
         healthy=True,
         capacity=4,
         models=(ModelInfo(name="m", loaded=True),),
+        quota_left=quota_left,
     )
     info = NodeInfo(
         name=name,
@@ -166,3 +173,29 @@ def test_which_failures_hold_their_breaker_and_for_how_long(
     code: str, retry_after: float | None, hold: tuple[float, str] | None
 ) -> None:
     assert breaker_hold(code, retry_after, quota_cooldown_s=3600) == hold
+
+
+def test_within_a_paid_tier_the_route_with_the_most_quota_left_comes_first() -> None:
+    nodes = NodeIndex(
+        [
+            state("a", backend_kind="anthropic", quota_left=0.1),
+            state("b", backend_kind="anthropic", quota_left=0.6),
+            state("c", backend_kind="anthropic", queued=2),  # says nothing: counts as all left
+        ]
+    )
+    quota_view = ClusterView(nodes=nodes, breakers={}, redis_time=100.0)
+    ranked = preferred_candidates(spec(), quota_view, {}, aliases={})
+    assert [c.node for c in ranked] == ["c", "b", "a"]
+
+
+def test_local_routes_keep_the_routers_order_whatever_a_cloud_route_says() -> None:
+    nodes = NodeIndex(
+        [
+            state("pi", queued=1),
+            state("gpu"),
+            state("cloud", backend_kind="anthropic", quota_left=1),
+        ]
+    )
+    quota_view = ClusterView(nodes=nodes, breakers={}, redis_time=100.0)
+    ranked = preferred_candidates(spec(), quota_view, {}, aliases={})
+    assert [c.node for c in ranked] == ["gpu", "pi", "cloud"]

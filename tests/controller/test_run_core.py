@@ -247,8 +247,27 @@ def test_corrals_own_limit_opens_no_breaker_but_the_job_still_moves_on() -> None
     assert sent.candidate.reason is not None and "configured rpm of 2" in sent.candidate.reason
 
 
-def test_a_spent_quota_is_final_yet_shuts_its_backend() -> None:
+def test_a_spent_quota_shuts_its_backend_and_moves_the_job_to_the_next_route() -> None:
     run = core()
-    spent = ErrorEvent(job_id=JOB, seq=1, ts=0, code="quota_exhausted", message="spent")
-    effects = Script().run(run.after(spent))
-    assert effects == [AttemptFailed(candidate("a"), "quota_exhausted", None)]
+    spent = ErrorEvent(
+        job_id=JOB, seq=1, ts=0, code="quota_exhausted", message="quota is exhausted", final=False
+    )
+    effects = Script(routes=[candidate("b")]).run(run.after(spent))
+    assert effects[0] == AttemptFailed(candidate("a"), "quota_exhausted", None)
+    choose = next(e for e in effects if isinstance(e, ChooseNext))
+    assert choose.never == {"a/sim"}
+    sent = effects[-1]
+    assert isinstance(sent, Send) and sent.attempt == 2
+    assert sent.candidate.reason is not None and "quota is exhausted" in sent.candidate.reason
+
+
+def test_a_spent_quota_with_nothing_else_to_serve_ends_the_job_with_its_code() -> None:
+    run = core()
+    spent = ErrorEvent(
+        job_id=JOB, seq=1, ts=0, code="quota_exhausted", message="quota is exhausted", final=False
+    )
+    run.cursor.next_seq = 2
+    effects = Script(routes=[NoNodeAvailable("no up node")]).run(run.after(spent))
+    assert effects[0] == AttemptFailed(candidate("a"), "quota_exhausted", None)
+    (final,) = written(effects)
+    assert isinstance(final, ErrorEvent) and final.final and final.code == "quota_exhausted"

@@ -152,9 +152,12 @@ def test_local_then_subscription_then_metered_then_the_next_model(
         assert result.reason is not None
         assert "sim-small subscription: laptop/claude breaker open" in result.reason
 
-        # Every route of sim-small is dead: the next model of the priority list answers.
-        api_a.state.fail_status = 503
+        # The metered key's quota is spent too: every route of sim-small is dead, and the job
+        # moves on to the next model of the priority list instead of ending.
+        api_a.state.fail_status, api_a.state.fail_headers = 429, {}
+        api_a.state.fail_message = "You have reached your specified API usage spend limit"
         started, result = ask(client)
         assert (result.node, result.model, result.tier) == ("cloud-b", "claude-b", "metered")
         assert result.text == "metered B"
         assert result.reason is not None and "cloud-a/anthropic (metered) failed" in result.reason
+        assert "quota is exhausted" in result.reason
