@@ -43,11 +43,17 @@ async def describe_backend(
     latency_ms: float | None = None,
     counters: JobCounters | None = None,
     catalog: Catalog | None = None,
+    previous: BackendInfo | None = None,
 ) -> BackendInfo:
     """A backend's inventory, or its error if it does not answer in time.
 
     ``catalog``: fill what the backend leaves unsaid about its models (a cloud provider's
-    listing gives no context window or capabilities) from the capability table."""
+    listing gives no context window or capabilities) from the capability table.
+    ``previous``: the backend as the last beat described it. A backend running this node's
+    jobs that is too busy to list its models in time (a llama.cpp server serves one request at
+    a time: a long embedding batch holds the listing back) keeps its last healthy inventory:
+    it is working, and calling it down would turn requests for its models into "not
+    installed" errors until it answers again."""
     models: list[ModelInfo] = []
     error: str | None = None
     try:
@@ -55,6 +61,18 @@ async def describe_backend(
     except BackendError as exc:
         error = str(exc)
     except TimeoutError:
+        if in_flight and previous is not None and previous.healthy:
+            log.debug(
+                "%s is busy with %d job(s): its last inventory stands", backend.name, in_flight
+            )
+            return previous.model_copy(
+                update={
+                    "in_flight": in_flight,
+                    "latency_ms": latency_ms,
+                    "counters": counters or JobCounters(),
+                    "quota_left": _quota_left(backend),
+                }
+            )
         error = f"no answer to the inventory request within {timeout_s:.1f}s"
     if catalog is not None:
         models = [catalog.fill(backend.kind, m) for m in models]
@@ -100,6 +118,7 @@ async def build_node_info(
     backend_counters: Mapping[str, JobCounters] | None = None,
     catalog: Catalog | None = None,
     cloud_providers: frozenset[str] = frozenset(),
+    previous: NodeInfo | None = None,
 ) -> NodeInfo:
     """The node's heartbeat: its backends' inventories and load, and the machine's resources.
 
@@ -109,7 +128,9 @@ async def build_node_info(
     ``backend_counters``: each backend's tokens and jobs since the worker started.
     ``catalog``: the capability table that fills the models' gaps (see ``describe_backend``).
     ``cloud_providers``: the provider kinds a ``--cloud`` worker serves routes of.
+    ``previous``: the last beat's NodeInfo (see ``describe_backend``).
     """
+    before = {b.name: b for b in previous.backends} if previous is not None else {}
     probe = system or _PROCESS_PROBE
     timeout_s = max(0.5, interval_s)
     described, snapshot = await asyncio.gather(
@@ -122,6 +143,7 @@ async def build_node_info(
                     latency_ms=backend_latency_ms.get(name),
                     counters=(backend_counters or {}).get(name),
                     catalog=catalog,
+                    previous=before.get(name),
                 )
                 for name, backend in backends.items()
             )

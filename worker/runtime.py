@@ -19,7 +19,7 @@ from broker import names
 from broker.catalog import catalog_for
 from broker.errors import BackendRateLimited, CorralError
 from broker.route_url import parse_route_url
-from broker.schemas import JobAssignment, JobResult, ModelOpRequest
+from broker.schemas import JobAssignment, JobResult, ModelOpRequest, NodeInfo
 from broker.settings import CorralSettings
 from worker.backend_load import BackendLoad
 from worker.backends.base import Backend
@@ -57,6 +57,8 @@ class NodeRuntime(LoopRuntime):
         self._probe = SystemProbe()
         self._stored_inventory: str | None = None
         """Digest of the inventory last stored in Redis: a beat without changes sends less."""
+        self._last_info: NodeInfo | None = None
+        """The last beat: a backend too busy to list its models keeps what it listed then."""
         self.catalog = catalog_for(settings.capabilities, settings.prices)
         """The capability and price tables: fill the heartbeat's gaps, price each job."""
         self._limiter: ProviderLimiter | None = None
@@ -170,7 +172,9 @@ class NodeRuntime(LoopRuntime):
             },
             catalog=self.catalog,
             cloud_providers=self.cloud_providers,
+            previous=self._last_info,
         )
+        self._last_info = info
         self._stored_inventory = await publish_node_info(
             self.redis, info, stored=self._stored_inventory
         )

@@ -208,6 +208,8 @@ class FakeOllamaState:
     pull_failures: dict[str, str] = field(default_factory=dict)
     """Canonical name -> the error a pull of it reports after the manifest line."""
     pull_delay: float = 0.0
+    tags_delay: float = 0.0
+    """How long ``/api/tags`` takes to answer (a server busy with other work)."""
     pull_steps: int = 4
     """Progress lines for each layer larger than a megabyte."""
     reply: str = DEFAULT_REPLY
@@ -466,6 +468,8 @@ def build_app(state: FakeOllamaState) -> Starlette:
         return JSONResponse({"version": state.version})
 
     async def tags(request: Request) -> Response:
+        if state.tags_delay:
+            await asyncio.sleep(state.tags_delay)
         models = [
             {
                 "name": m.name,

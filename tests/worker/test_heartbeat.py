@@ -164,3 +164,44 @@ def test_published_heartbeat_reads_back_and_the_liveness_key_holds_the_instance(
     assert NodeInfo.model_validate_json(raw) == info
     assert stored.get(names.node_alive_key("gpu1")) == b"3f1c9a"
     assert 0 < stored.pttl(names.node_alive_key("gpu1")) <= 1500  # three missed beats of 0.5 s
+
+
+def test_a_busy_backend_too_slow_to_list_its_models_keeps_its_last_inventory() -> None:
+    models = [FakeModel("llama3.1:8b"), FakeModel.embedding("bge-m3")]
+
+    def described(info: NodeInfo) -> tuple[bool, str | None, list[str]]:
+        (ollama,) = [b for b in info.backends if b.name == "ollama"]
+        return ollama.healthy, ollama.error, [m.name for m in ollama.models]
+
+    with running_fake_ollama(models) as fake:
+
+        async def scenario(backends: dict[str, Backend]) -> NodeInfo:
+            async def beat(in_flight: dict[str, int], previous: NodeInfo | None) -> NodeInfo:
+                return await build_node_info(
+                    CONFIG,
+                    backends,
+                    instance="3f1c9a",
+                    in_flight=sum(in_flight.values()),
+                    interval_s=0.5,
+                    started_at=1_700_000_000.0,
+                    backend_in_flight=in_flight,
+                    backend_latency_ms={},
+                    previous=previous,
+                )
+
+            first = await beat({}, None)
+            assert described(first) == (True, None, ["llama3.1:8b", "bge-m3:latest"])
+            # A long embedding batch holds the listing past the beat's timeout (0.5 s).
+            fake.state.tags_delay = 1.0
+            busy = await beat({"ollama": 1}, first)
+            assert described(busy) == (True, None, ["llama3.1:8b", "bge-m3:latest"])
+            still_busy = await beat({"ollama": 1}, busy)
+            assert described(still_busy) == described(first)
+            # With nothing of ours running there, a silent server is a problem worth showing.
+            idle = await beat({}, still_busy)
+            healthy, error, listed = described(idle)
+            assert not healthy and listed == []
+            assert error is not None and "no answer to the inventory request" in error
+            return idle
+
+        with_node_backends(fake.url, scenario)
