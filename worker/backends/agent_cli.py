@@ -24,8 +24,8 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from broker.errors import BackendProtocolError, BackendRateLimited, BackendUnavailable, ConfigError
-from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo, ToolDefinition
-from worker.backends.base import Chunk, refuse_beyond_text
+from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, ToolDefinition
+from worker.backends.base import AdapterIdentity, Chunk, refuse_beyond_text
 from worker.backends.cli_output import (
     CliInvocation,
     prompt_text,
@@ -69,7 +69,7 @@ def check_no_secrets(
         )
 
 
-class AgentCliBackend:
+class AgentCliBackend(AdapterIdentity):
     """One agent CLI, serving the models its configuration names."""
 
     def __init__(
@@ -81,27 +81,10 @@ class AgentCliBackend:
         capacity: int = 1,
         workdir: str | None = None,
     ) -> None:
-        self._name = name
+        super().__init__(name, "cli", capacity=capacity)
         self._invocation = invocation
         self._models = tuple(models)
-        self._capacity = capacity
         self._workdir = workdir
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def kind(self) -> BackendKind:
-        return "cli"
-
-    @property
-    def url(self) -> str | None:
-        return None
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
 
     async def inventory(self) -> list[ModelInfo]:
         program = self._invocation.command[0]
@@ -111,9 +94,6 @@ class AgentCliBackend:
         return [
             ModelInfo(name=m, loaded=True, capabilities=frozenset({"chat"})) for m in self._models
         ]
-
-    async def aclose(self) -> None:
-        return None
 
     async def stream_chat(
         self,

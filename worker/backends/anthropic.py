@@ -20,8 +20,8 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from broker.errors import BackendError, ContentBlocked
-from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo, ToolDefinition
-from worker.backends.base import Chunk, public_url, refuse_beyond_text
+from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, ToolDefinition
+from worker.backends.base import AdapterIdentity, Chunk, refuse_beyond_text
 from worker.backends.cloud import ModelCache, RateLimits
 from worker.backends.effort import anthropic_thinking
 from worker.backends.http_errors import ErrorReport, HttpErrors, Scrubber, error_text, url_secrets
@@ -122,7 +122,7 @@ def messages_request_body(
     return body
 
 
-class AnthropicBackend:
+class AnthropicBackend(AdapterIdentity):
     """Anthropic's API (or anything speaking it) through an injected ``httpx.AsyncClient``."""
 
     def __init__(
@@ -138,14 +138,12 @@ class AnthropicBackend:
         version: str = ANTHROPIC_VERSION,
         models: ModelCache | None = None,
     ) -> None:
-        self._name = name
+        super().__init__(name, "anthropic", capacity=capacity, base_url=base_url)
         self._base_url = base_url.rstrip("/").removesuffix("/v1")
         self._client = client
         self._api_key = api_key
-        self._capacity = capacity
         self._max_tokens = max_tokens
         self._version = version
-        self._public_url = public_url(base_url)
         self._scrub = Scrubber((*url_secrets(base_url), api_key.get_secret_value()))
         self._errors = HttpErrors(
             backend=name,
@@ -156,25 +154,6 @@ class AnthropicBackend:
         )
         self._models = models or ModelCache()
         self.rate_limits = RateLimits(("anthropic-ratelimit-", "retry-after"))
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def kind(self) -> BackendKind:
-        return "anthropic"
-
-    @property
-    def url(self) -> str:
-        return self._public_url
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    async def aclose(self) -> None:
-        """Nothing to release: the HTTP client belongs to whoever injected it."""
 
     async def inventory(self) -> list[ModelInfo]:
         return await self._models.get(self._list_models)

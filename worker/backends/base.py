@@ -181,6 +181,39 @@ def manages_models(backend: Backend) -> bool:
     return model_manager(backend) is not None
 
 
+class AdapterIdentity:
+    """What every adapter says of itself the same way (``Backend``'s name, kind, url and
+    capacity), and an ``aclose`` with nothing to release: the HTTP client an adapter uses is
+    injected, and owned and closed by whoever injected it."""
+
+    def __init__(
+        self, name: str, kind: BackendKind, *, capacity: int, base_url: str | None = None
+    ) -> None:
+        self._name = name
+        self._kind: BackendKind = kind
+        self._capacity = capacity
+        self._public_url = public_url(base_url) if base_url is not None else None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def kind(self) -> BackendKind:
+        return self._kind
+
+    @property
+    def url(self) -> str | None:
+        return self._public_url
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    async def aclose(self) -> None:
+        """Nothing to release (see the class)."""
+
+
 def public_url(url: str) -> str:
     """Scheme, host and port of ``url``: no user, password, path or query (they may hold keys)."""
     parts = urlsplit(url)

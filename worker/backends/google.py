@@ -22,8 +22,8 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from broker.errors import ContentBlocked
-from broker.schemas import BackendKind, ChatMessage, GenerationOptions, ModelInfo, ToolDefinition
-from worker.backends.base import Chunk, public_url, refuse_beyond_text
+from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, ToolDefinition
+from worker.backends.base import AdapterIdentity, Chunk, refuse_beyond_text
 from worker.backends.cloud import ModelCache
 from worker.backends.effort import gemini_thinking_budget
 from worker.backends.http_errors import ErrorReport, HttpErrors, Scrubber, error_text, url_secrets
@@ -170,7 +170,7 @@ def _bad_key(details: list[dict[str, Any]]) -> bool:
     )
 
 
-class GoogleBackend:
+class GoogleBackend(AdapterIdentity):
     """Google's Gemini API through an injected ``httpx.AsyncClient``."""
 
     def __init__(
@@ -184,12 +184,10 @@ class GoogleBackend:
         capacity: int = 4,
         models: ModelCache | None = None,
     ) -> None:
-        self._name = name
+        super().__init__(name, "google", capacity=capacity, base_url=base_url)
         self._root = f"{base_url.rstrip('/').removesuffix('/' + API_VERSION)}/{API_VERSION}"
         self._client = client
         self._api_key = api_key
-        self._capacity = capacity
-        self._public_url = public_url(base_url)
         self._scrub = Scrubber((*url_secrets(base_url), api_key.get_secret_value()))
         self._errors = HttpErrors(
             backend=name,
@@ -199,25 +197,6 @@ class GoogleBackend:
             key_source=key_source,
         )
         self._models = models or ModelCache()
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def kind(self) -> BackendKind:
-        return "google"
-
-    @property
-    def url(self) -> str:
-        return self._public_url
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    async def aclose(self) -> None:
-        """Nothing to release: the HTTP client belongs to whoever injected it."""
 
     async def inventory(self) -> list[ModelInfo]:
         return await self._models.get(self._list_models)

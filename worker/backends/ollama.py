@@ -31,11 +31,10 @@ from broker.schemas import (
 )
 from worker.backends.base import (
     KEEP_LOADED_FOREVER,
-    BackendKind,
+    AdapterIdentity,
     Chunk,
     Embeddings,
     PullProgress,
-    public_url,
 )
 from worker.backends.effort import ollama_think
 from worker.backends.http_errors import (
@@ -81,7 +80,7 @@ next try (instead of asking again, and logging again, on every heartbeat)."""
 _PULL_SUCCESS = "success"
 
 
-class OllamaBackend:
+class OllamaBackend(AdapterIdentity):
     """One Ollama server, reached through an injected ``httpx.AsyncClient``.
 
     The client belongs to the caller (one pooled client serves every adapter of a node), so
@@ -93,11 +92,9 @@ class OllamaBackend:
     def __init__(
         self, name: str, base_url: str, client: httpx.AsyncClient, capacity: int = 1
     ) -> None:
-        self._name = name
+        super().__init__(name, "ollama", capacity=capacity, base_url=base_url)
         self._base_url = base_url.rstrip("/")
         self._client = client
-        self._capacity = capacity
-        self._public_url = public_url(base_url)
         self._where = f"ollama backend {name!r} at {self._public_url}"
         self._scrub = Scrubber(url_secrets(base_url))
         self._errors = HttpErrors(
@@ -107,25 +104,6 @@ class OllamaBackend:
         # couple of seconds, and a model's capabilities change only when its digest does.
         self._facts: dict[str, ModelFacts] = {}
         self._show_retry_at: dict[str, float] = {}
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def kind(self) -> BackendKind:
-        return "ollama"
-
-    @property
-    def url(self) -> str:
-        return self._public_url
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    async def aclose(self) -> None:
-        """Nothing to release: the HTTP client is owned, and closed, by whoever injected it."""
 
     # --- inventory ---------------------------------------------------------------------------
 

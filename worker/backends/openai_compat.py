@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from broker.errors import BackendError, BackendProtocolError
 from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, ToolCall, ToolDefinition
-from worker.backends.base import BackendKind, Chunk, Embeddings, public_url
+from worker.backends.base import AdapterIdentity, BackendKind, Chunk, Embeddings
 from worker.backends.cloud import ModelCache, RateLimits
 from worker.backends.effort import openai_reasoning_effort
 from worker.backends.http_errors import (
@@ -292,7 +292,7 @@ def _error_fields(payload: Any) -> tuple[str | None, str | None]:
     return str(payload), None
 
 
-class OpenAICompatBackend:
+class OpenAICompatBackend(AdapterIdentity):
     """One OpenAI-compatible server, reached through an injected ``httpx.AsyncClient``.
 
     These servers keep their models loaded, so every listed model reports ``loaded=True``;
@@ -319,17 +319,19 @@ class OpenAICompatBackend:
         models: ModelCache | None = None,
         embed_models: Collection[str] = (),
     ) -> None:
-        self._name = name
+        super().__init__(
+            name,
+            kind,
+            capacity=capacity if capacity is not None else DEFAULT_CAPACITY,
+            base_url=base_url,
+        )
         # A local server's /v1/models does not say which models embed: the configuration does.
         self._embed_models = frozenset(embed_models)
-        self._kind: BackendKind = kind
         self._server_root = server_root(base_url)
         self._api_root = api_root(base_url)
         self._client = client
-        self._capacity = capacity if capacity is not None else DEFAULT_CAPACITY
         self._cloud = kind != "openai"
         self._ask_for_slots = capacity is None and not self._cloud
-        self._public_url = public_url(base_url)
         self._api_key = api_key
         key = api_key.get_secret_value() if api_key is not None else ""
         self._scrub = Scrubber((*url_secrets(base_url), key))
@@ -343,25 +345,6 @@ class OpenAICompatBackend:
         )
         self._models = models if models is not None else ModelCache() if self._cloud else None
         self.rate_limits = RateLimits(("x-ratelimit-",))
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def kind(self) -> BackendKind:
-        return self._kind
-
-    @property
-    def url(self) -> str:
-        return self._public_url
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    async def aclose(self) -> None:
-        """Nothing to release: the HTTP client is owned, and closed, by whoever injected it."""
 
     async def inventory(self) -> list[ModelInfo]:
         if self._models is not None:

@@ -29,7 +29,7 @@ from broker.schemas import (
 )
 from worker.backends.base import (
     KEEP_LOADED_FOREVER,
-    BackendKind,
+    AdapterIdentity,
     Chunk,
     Embeddings,
     PullProgress,
@@ -130,7 +130,7 @@ def _describe(name: str) -> SimulatedModel:
     return CATALOG.get(name) or SimulatedModel(name, int(1.3 * GB))
 
 
-class SimulatedBackend:
+class SimulatedBackend(AdapterIdentity):
     """Streams a canned answer word by word after ``first_token_s``, one word per ``token_s``.
 
     Its first model starts loaded; a chat loads the model it uses (for good, as with a
@@ -148,31 +148,14 @@ class SimulatedBackend:
         pull_s: float = 1.5,
         crash_on: str | None = None,
     ) -> None:
-        self._name = name
+        super().__init__(name, "simulated", capacity=capacity)
         self._crash_on = crash_on
         self._first_token_s = first_token_s
         self._token_s = token_s
         self._models: dict[str, SimulatedModel] = {m: _describe(m) for m in models}
         # Loaded models and when they unload (None: never).
         self._loaded: dict[str, float | None] = {m: None for m in list(self._models)[:1]}
-        self._capacity = capacity
         self._pull_s = pull_s
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def kind(self) -> BackendKind:
-        return "simulated"
-
-    @property
-    def url(self) -> str | None:
-        return None
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
 
     async def inventory(self) -> list[ModelInfo]:
         self._expire()
@@ -231,9 +214,6 @@ class SimulatedBackend:
         await asyncio.sleep(self._first_token_s)
         vectors = [simulated_embedding(text) for text in inputs]
         return Embeddings(vectors, prompt_tokens=sum(len(text.split()) for text in inputs))
-
-    async def aclose(self) -> None:
-        return None
 
     # --- the model lifecycle -------------------------------------------------------------------
 

@@ -89,7 +89,7 @@ def test_a_spend_limit_429_without_retry_after_is_an_exhausted_quota() -> None:
         fake.state.fail_headers = {"retry-after": "5"}
         fake.state.fail_message = "Number of request tokens has exceeded your rate limit"
         waiting = failure(fake.url)
-    assert type(spent) is QuotaExhausted and not spent.retryable
+    assert type(spent) is QuotaExhausted
     assert type(waiting) is BackendRateLimited and waiting.retry_after == 5
 
 

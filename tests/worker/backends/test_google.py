@@ -64,7 +64,7 @@ def test_a_per_day_quota_is_exhausted_not_a_wait() -> None:
     with running_fake_gemini(api_key=PLANTED_KEY, fail_status=429) as fake:
         fake.state.fail_details = quota_details("Day", 35)
         error = failure(fake.url)
-    assert type(error) is QuotaExhausted and not error.retryable
+    assert type(error) is QuotaExhausted
     # Held until the quota is whole again (midnight Pacific), not for the 35 s retryDelay.
     assert error.retry_after is not None
     assert error.retry_after == pytest.approx(seconds_to_quota_reset(), abs=5)

