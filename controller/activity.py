@@ -62,6 +62,8 @@ class BackendActivity:
     jobs_done: int
     jobs_failed: int
     """Since the worker started, like ``jobs_done``."""
+    quota_left: float | None = None
+    """A cloud backend's share of its provider's quota left (``BackendInfo.quota_left``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,8 @@ class NodeActivity:
     capacity: int
     sent_at: float
     backends: tuple[BackendActivity, ...]
+    cloud_providers: frozenset[str] = frozenset()
+    """The providers whose routes this ``--cloud`` worker serves."""
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -147,6 +151,7 @@ class ActivityTracker:
                         tokens_per_s=rate,
                         jobs_done=backend.counters.jobs_done,
                         jobs_failed=backend.counters.jobs_failed,
+                        quota_left=backend.quota_left,
                     )
                 )
             activity.append(
@@ -158,6 +163,7 @@ class ActivityTracker:
                     capacity=node.info.capacity,
                     sent_at=node.info.sent_at,
                     backends=tuple(backends),
+                    cloud_providers=node.info.cloud_providers,
                 )
             )
         for gone in set(self._readings) - seen:

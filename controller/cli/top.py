@@ -95,14 +95,17 @@ def top_frame(
             state.append(f"\n{node_breaker.short}", style="red")
         style = None if node.up else "dim"
         rows = node.backends
+        cloud = _cloud_label(node)
         if not rows:
-            table.add_row(node.name, state, str(node.queued), *["-"] * 7, style=style)
+            table.add_row(node.name, state, str(node.queued), cloud or "-", *["-"] * 6, style=style)
         for index, backend in enumerate(rows):
             first = index == 0
             failed = Text(str(backend.jobs_failed), style="red" if backend.jobs_failed else "")
             label = (
                 backend.name if backend.name == backend.kind else f"{backend.name} ({backend.kind})"
             )
+            if backend.quota_left is not None:
+                label += f", {backend.quota_left:.0%} quota left"
             table.add_row(
                 Text(node.name, style="bold") if first else "",
                 state if first else "",
@@ -116,6 +119,8 @@ def top_frame(
                 _breaker_cell(f"{node.name}/{backend.name}", notes),
                 style=style,
             )
+        if rows and cloud:
+            table.add_row("", "", "", cloud, *["-"] * 6, style=style)
     if not nodes:
         return Group(
             header, summary, Text("no nodes have registered yet (start one with `corral worker`)")
@@ -124,6 +129,14 @@ def top_frame(
         more = Text(f"… and {len(nodes) - shown} more nodes (counted in the totals)", style="dim")
         return Group(header, summary, table, more)
     return Group(header, summary, table)
+
+
+def _cloud_label(node: NodeActivity) -> str | None:
+    """A ``--cloud`` worker's line: the providers it serves routes of (their jobs count in
+    the node's totals; the adapters are made per route as jobs come)."""
+    if not node.cloud_providers:
+        return None
+    return f"cloud routes: {', '.join(sorted(node.cloud_providers))}"
 
 
 class _Frames:

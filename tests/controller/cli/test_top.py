@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from rich.console import Console
 
 from broker.settings import build_settings
+from controller.activity import BackendActivity, NodeActivity
+from controller.cli.top import top_frame
 from controller.client import CorralClient, make_spec
 from tests.support.servers import (
     REPO_ROOT,
@@ -149,7 +152,7 @@ def test_done_jobs_are_counted_and_an_idle_node_shows_no_tokens(
 def test_live_mode_redraws_and_leaves_cleanly(
     server: RedisServer, client: CorralClient, leave: str
 ) -> None:
-    pool, _ = run_jobs(client, per_node=6)
+    pool: ThreadPoolExecutor | None = None
     child = pexpect.spawn(
         sys.executable,
         ["-m", "controller", "top", "--interval", "0.3"],
@@ -163,6 +166,9 @@ def test_live_mode_redraws_and_leaves_cleanly(
         child.expect("corral top")
         for name in NODES:
             child.expect(name)
+        # The jobs start once top is drawing (its start-up on a loaded machine can outlast
+        # them), so it reads two heartbeats of busy nodes.
+        pool, _ = run_jobs(client, per_node=6)
         # Redrawn: a rate appears once a second heartbeat of a busy node has been read.
         child.expect(r"\b(?:[1-9][0-9]*\.[0-9]|0\.[1-9]) tok/s")
         if leave == "q":
@@ -176,7 +182,8 @@ def test_live_mode_redraws_and_leaves_cleanly(
     finally:
         if child.isalive():
             child.terminate(force=True)
-        pool.shutdown(wait=True)
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def test_top_off_a_broker_says_so_without_a_traceback(tmp_path: Path) -> None:
@@ -233,3 +240,30 @@ def test_nodes_watch_refuses_json(server: RedisServer) -> None:
     )
     assert result.returncode != 0
     assert "--watch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_cloud_worker_shows_the_providers_it_serves_and_each_backends_quota() -> None:
+    claude = BackendActivity(
+        name="claude",
+        kind="anthropic",
+        healthy=True,
+        in_flight=1,
+        capacity=4,
+        latency_ms=310.0,
+        tokens_per_s=42.0,
+        jobs_done=7,
+        jobs_failed=0,
+        quota_left=0.4,
+    )
+    nodes = [
+        NodeActivity(
+            "keys", True, 0, 0, 4, 0.0, (), cloud_providers=frozenset({"openai", "anthropic"})
+        ),
+        NodeActivity("desk", True, 0, 1, 8, 0.0, (claude,), cloud_providers=frozenset({"google"})),
+    ]
+    console = Console(width=160, record=True)
+    console.print(top_frame(nodes, {}, "redis://127.0.0.1:6379/0", now=0.0))
+    frame = console.export_text()
+    assert row_of(frame, "keys")["backend"] == "cloud routes: anthropic, openai"
+    assert row_of(frame, "desk")["backend"] == "claude (anthropic), 40% quota left"
+    assert "cloud routes: google" in frame
