@@ -32,8 +32,8 @@ test: setup-test lint
 	scripts/ensure-redis.sh
 	$(PY) -m pytest
 
-# `make bench QUICK=--quick` keeps the routing, fleet, throughput and footprint benchmarks under a
-# minute each.
+# `make bench QUICK=--quick` keeps the routing, fleet, streams, gateway, throughput and footprint
+# benchmarks under a minute each.
 QUICK ?=
 bench: setup-test
 	scripts/ensure-redis.sh
@@ -43,6 +43,7 @@ bench: setup-test
 	$(PY) -m benchmarks.routing $(QUICK)
 	$(PY) -m benchmarks.fleet $(QUICK)
 	$(PY) -m benchmarks.streams $(QUICK)
+	$(PY) -m benchmarks.gateway $(QUICK)
 	# The soak's 3-minute version; `python -m benchmarks.soak` runs the 30-minute one.
 	$(PY) -m benchmarks.soak --quick
 	$(PY) -m benchmarks.throughput $(QUICK)
