@@ -170,6 +170,11 @@ async def run_job(
             control.assignment.spec.job_id,
         )
         return None
+    except Exception:
+        # The worker reports an unexpected failure after the end of the job's log (see
+        # LoopRuntime._report_error): the tokens still queued must be there first.
+        await stream.settle()
+        raise
 
 
 async def _run_claimed(
@@ -228,8 +233,11 @@ async def _run_claimed(
             if chunk.text or chunk.reasoning or chunk.tool_calls:
                 progress.add(chunk)
                 control.tokens_streamed += 1
+                # Queued, not awaited: the backend is read on while the write is in flight,
+                # and what is ready by the writer's turn (an instant backend's done, the rest
+                # of a burst) goes out in the same script call.
                 await stream.delta(
-                    chunk.text, reasoning=chunk.reasoning, tool_calls=chunk.tool_calls
+                    chunk.text, reasoning=chunk.reasoning, tool_calls=chunk.tool_calls, wait=False
                 )
             if chunk.done:
                 progress.final = chunk

@@ -5,6 +5,13 @@ channel by one Lua script, so a subscriber that misses a message can refill the 
 list by range, and a late one can read it all. The append always precedes the publish, so
 anything a subscriber could have missed is already in the log.
 
+Events that are ready together go out together: one script call appends several in order and
+publishes each as its own message (subscribers still read one event per message). A job's
+tokens are queued without waiting (``delta(..., wait=False)``), and one writer per stream sends
+whatever is queued when its turn comes: an instant backend's token and ``done`` in one call, a
+fast stream's tokens in one call while the previous call is in flight. A token that is alone
+goes out at the loop's next turn, as it did when each append was its own task.
+
 Only the holder of the job's lease may write (see ``broker.names.job_lease_key`` for its
 states): every append checks it in the same script, so a worker that was given up on (frozen,
 cut off, its job moved to another node) can never add tokens to a stream that has moved on.
@@ -37,21 +44,25 @@ from broker.schemas import (
     ToolCall,
 )
 
-# KEYS: log, result, lease. ARGV: event JSON, channel, log TTL (0 = leave), result JSON
-# ('' = none), lease token ('' = no lease: model operations), the event's seq.
-# Idempotent: the very same event already at its place in the log (a retry after a reply lost
-# to a dropped connection) is not written twice, which keeps index == seq. Any other event at
-# that place means someone else has written since: this writer is out (0), like a lost lease.
+# KEYS: log, result, lease. ARGV: channel, log TTL (0 = leave), result JSON ('' = none), lease
+# token ('' = no lease: model operations), the first event's seq, then each event's JSON in order.
+# Idempotent: the very same events already at their places in the log (a retry after a reply
+# lost to a dropped connection) are not written twice, which keeps index == seq. Anything else
+# at those places means someone else has written since: this writer is out (0), like a lost
+# lease. The script runs whole or not at all, so a batch is never half written.
 _APPEND_LUA = """
-if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[5] then return 0 end
-if redis.call('LLEN', KEYS[1]) > tonumber(ARGV[6]) then
-  if redis.call('LINDEX', KEYS[1], ARGV[6]) == ARGV[1] then return 2 end
-  return 0
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then return 0 end
+local first = tonumber(ARGV[5])
+if redis.call('LLEN', KEYS[1]) > first then
+  for i = 6, #ARGV do
+    if redis.call('LINDEX', KEYS[1], first + i - 6) ~= ARGV[i] then return 0 end
+  end
+  return 2
 end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-if ARGV[3] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[3]) end
-redis.call('PUBLISH', ARGV[2], ARGV[1])
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 6))
+if ARGV[2] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2]) end
+for i = 6, #ARGV do redis.call('PUBLISH', ARGV[1], ARGV[i]) end
 return 1
 """
 
@@ -92,6 +103,10 @@ return {2, seq}
 log = logging.getLogger(__name__)
 
 _RETRY_PAUSE_S = 0.25
+_MAX_BATCH = 256
+"""The most events one script call writes (Lua's unpack takes a few thousand at most), and
+how many may wait queued before ``delta(..., wait=False)`` waits for the writer: a backend
+faster than Redis is slowed to Redis's pace instead of filling the worker's memory."""
 T = TypeVar("T")
 
 
@@ -133,8 +148,25 @@ class ClaimOutcome:
     first_seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """An event waiting for the writer, serialized once."""
+
+    event_json: str
+    result_json: str
+    """The job's result, stored beside the event ('' = none)."""
+    expire: bool
+    """Whether the write (re)sets the log's expiry: on the first and the last events only."""
+
+
 class JobStream:
-    """The single writer of one job's event stream; the lease token keeps it single."""
+    """The single writer of one job's event stream; the lease token keeps it single.
+
+    Events take their sequence numbers when they are queued, in order; one writer task per
+    stream sends what is queued, several events per script call when several are waiting.
+    A failed write (the lease moved on, Redis gone past the outage tolerance) stops the
+    writer, and the next event queued or awaited raises it.
+    """
 
     def __init__(
         self,
@@ -149,13 +181,23 @@ class JobStream:
         self._job_id = job_id
         self._ttl_s = ttl_s
         self._seq = first_seq
+        """The next event's sequence number (queued events have theirs already)."""
         self._token = lease_token
         self._log_key = names.job_log_key(job_id)
         self._channel = names.job_channel(job_id)
+        self._append_keys = [
+            self._log_key,
+            names.job_result_key(job_id),
+            names.job_lease_key(job_id),
+        ]
         self._append = scripts.append
         self._claim = scripts.claim
         self._first = True
         self._outage_tolerance_s = outage_tolerance_s
+        self._queued: list[_Queued] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._failure: Exception | None = None
+        self._waiting_out_outage = False
 
     @property
     def job_id(self) -> str:
@@ -211,9 +253,17 @@ class JobStream:
         return claim
 
     async def delta(
-        self, text: str, *, reasoning: str = "", tool_calls: tuple[ToolCall, ...] = ()
+        self,
+        text: str,
+        *,
+        reasoning: str = "",
+        tool_calls: tuple[ToolCall, ...] = (),
+        wait: bool = True,
     ) -> None:
-        await self._send(
+        """A token. ``wait=False`` queues it and returns at once (unless ``_MAX_BATCH`` are
+        already waiting): it goes out with whatever else is queued by the writer's turn, and
+        a failed write is raised by a later call."""
+        self._queue(
             DeltaEvent(
                 job_id=self._job_id,
                 seq=self._seq,
@@ -223,9 +273,11 @@ class JobStream:
                 tool_calls=tool_calls,
             )
         )
+        if wait or len(self._queued) >= _MAX_BATCH:
+            await self._written()
 
     async def progress(self, status: str, completed: int | None, total: int | None) -> None:
-        await self._send(
+        self._queue(
             ProgressEvent(
                 job_id=self._job_id,
                 seq=self._seq,
@@ -235,6 +287,7 @@ class JobStream:
                 total=total,
             )
         )
+        await self._written()
 
     async def done(self, result: JobResult) -> None:
         await self._send(
@@ -292,67 +345,103 @@ class JobStream:
         )
         await self._send(event, result=result if final else None, set_expiry=True)
 
+    async def settle(self) -> None:
+        """Wait until the queued events are written or the writer has failed, raising nothing:
+        for a caller that is about to append after the end of the log with another stream."""
+        if self._writer is not None:
+            await asyncio.wait((self._writer,))
+
     async def _send(
         self, event: AnyStreamEvent, result: JobResult | None = None, set_expiry: bool = False
     ) -> None:
+        """Queue ``event`` and return once it (and everything queued before it) is written."""
+        self._queue(event, result, set_expiry)
+        await self._written()
+
+    def _queue(
+        self, event: AnyStreamEvent, result: JobResult | None = None, set_expiry: bool = False
+    ) -> None:
+        if self._failure is not None:
+            raise self._failure
         # The expiry is set on the first and the last event only: less work per token.
         expire = set_expiry or result is not None or self._first
-        keys = [
-            self._log_key,
-            names.job_result_key(self._job_id),
-            names.job_lease_key(self._job_id),
-        ]
+        self._queued.append(
+            _Queued(
+                event.model_dump_json(),
+                result.model_dump_json() if result is not None else "",
+                expire,
+            )
+        )
+        self._first = False
+        self._seq += 1
+        if self._writer is None:
+            # A task, not a call: it starts at the loop's next turn, by when the job may have
+            # queued more (an instant backend's done is ready without the loop turning).
+            self._writer = asyncio.get_running_loop().create_task(self._write_queued())
+
+    async def _written(self) -> None:
+        """Wait until everything queued is written; raise what stopped the writer.
+
+        The writer is shielded from a cancel of the job: a write Redis may already have run
+        must complete, and its outcome be known, or the job's next event (the cancellation)
+        would be refused for taking a place that is not free, and the stream would have no
+        end (seen in ``corral chat`` when Ctrl-C closely followed a token). So a cancel waits
+        for the write in flight, unless Redis is down, then goes on.
+        """
+        writer = self._writer
+        if writer is not None:
+            try:
+                await asyncio.shield(writer)
+            except asyncio.CancelledError:
+                if not writer.done() and not self._waiting_out_outage:
+                    await asyncio.wait((writer,))
+                raise
+        if self._failure is not None:
+            raise self._failure
+
+    async def _write_queued(self) -> None:
+        """The stream's writer: sends the queue in order, as many events per call as wait."""
+        try:
+            while self._queued:
+                batch = self._queued[:_MAX_BATCH]
+                await self._write(batch, first_seq=self._seq - len(self._queued))
+                del self._queued[: len(batch)]
+        except Exception as exc:  # noqa: BLE001 -- kept for the job: its next event raises it
+            self._failure = exc
+        finally:
+            self._writer = None
+
+    async def _write(self, batch: list[_Queued], first_seq: int) -> None:
         args: list[str | int] = [
-            event.model_dump_json(),
             self._channel,
-            self._ttl_s if expire else 0,
-            result.model_dump_json() if result is not None else "",
+            self._ttl_s if any(queued.expire for queued in batch) else 0,
+            next((queued.result_json for queued in reversed(batch) if queued.result_json), ""),
             self._token,
-            self._seq,
+            first_seq,
+            *(queued.event_json for queued in batch),
         ]
-        written = await self._through_outage(lambda: self._append_through_cancel(keys, args))
+        written = await self._through_outage(
+            lambda: self._append(keys=self._append_keys, args=args)
+        )
         if not int(written):
             raise Fenced(f"job {self._job_id} has moved on; this worker no longer owns it")
-        self._wrote()
 
     async def _through_outage(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``, sent again while Redis is unreachable, up to the outage tolerance.
 
         Redis restarting (or a pooled connection it dropped) pauses the job instead of losing
-        it: the backend's stream waits. Only for idempotent scripts (the claim and the append
-        both are), since a reply lost after Redis ran the script means it runs twice."""
+        it: its events wait in the queue, and past ``_MAX_BATCH`` of them the backend's stream
+        waits too. Only for idempotent scripts (the claim and the append both are), since a
+        reply lost after Redis ran the script means it runs twice."""
         deadline = time.monotonic() + self._outage_tolerance_s
         while True:
             try:
-                return await call()
+                answer = await call()
+                self._waiting_out_outage = False
+                return answer
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 if time.monotonic() >= deadline:
                     raise
+                self._waiting_out_outage = True
                 log.warning("job %s: Redis unreachable (%s); retrying", self._job_id, exc)
                 await asyncio.sleep(_RETRY_PAUSE_S)
-
-    def _wrote(self) -> None:
-        self._first = False
-        self._seq += 1
-
-    async def _append_through_cancel(self, keys: list[str], args: list[str | int]) -> int:
-        """One append that completes even when the job is cancelled while it is in flight.
-
-        Redis may have run the script before the cancel lands; the job's sequence number
-        must then move past it, or the ``cancelled`` event written next would take the same
-        place, be refused as someone else's, and leave the stream without an end (seen in
-        ``corral chat`` when Ctrl-C closely followed a token). So the append finishes, its
-        outcome is recorded, and the cancellation goes on.
-        """
-        call = asyncio.ensure_future(self._append(keys=keys, args=args))
-        try:
-            return int(await asyncio.shield(call))
-        except asyncio.CancelledError:
-            try:
-                written = int(await call)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                # Whether it was written is unknown: cancel as before this change.
-                raise asyncio.CancelledError from None
-            if written:
-                self._wrote()
-            raise

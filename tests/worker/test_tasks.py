@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import redis
@@ -21,6 +23,8 @@ from broker.schemas import (
     parse_event,
 )
 from broker.settings import build_settings
+from tests.support.cli import corral
+from tests.support.servers import start_worker
 from worker.backends.base import Chunk
 from worker.backends.simulated import reply_for
 from worker.config import backend_spec, build_worker_config
@@ -87,6 +91,27 @@ def test_a_good_job_returns_a_short_summary(runtime: NodeRuntime, broker_url: st
     words = len(reply_for(job.spec.messages).split(" "))
     assert summary == {"status": "ok", "tokens": words, "error": None}
     assert isinstance(job_log(broker_url, "job-good-0001")[-1], DoneEvent)
+
+
+def test_an_answer_never_reaches_the_worker_log_at_its_default_level(
+    broker_url: str, tmp_path: Path
+) -> None:
+    """Celery logs every task's return value at INFO ("succeeded in 0.01s: ..."): the task
+    returns a summary without the answer, so a prompt's answer stays out of the log."""
+    prompt = "the plan for the surprise party 7f3e"
+    worker = start_worker(broker_url, "quiet", "--simulate", log_dir=tmp_path)
+    try:
+        asked = corral(broker_url, "ask", "--json", prompt)
+        assert asked.returncode == 0, asked.stderr
+        [done] = [e for e in map(json.loads, asked.stdout.splitlines()) if e["type"] == "done"]
+    finally:
+        worker.stop()
+    answer = done["result"]["text"]
+    assert answer
+    logged = worker.log()
+    assert "succeeded in" in logged  # Celery did log the task, at the worker's default level
+    assert answer not in logged
+    assert prompt not in logged
 
 
 def test_a_worker_side_failure_still_ends_the_clients_stream(
