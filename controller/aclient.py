@@ -7,18 +7,19 @@ a job moves, fails and streams the same way whichever one sent it. Every followe
 one pub/sub connection (``controller.job_channels``): thousands of streams in one event loop
 cost a queue each, not a socket or a thread.
 
-Celery's producer is blocking; it publishes from a small thread pool (``send_threads``) so a
-slow broker never stalls the loop (``benchmarks/streams.py`` measures what that costs).
+Jobs are published on the loop: Celery builds each message as ``send_task`` would, and one
+bounded await writes it on the client's own Redis connection (``controller.apublisher``), so a
+slow broker never stalls the loop and no thread hop sits on the path to the first token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import redis.exceptions
 from celery import Celery
@@ -34,6 +35,7 @@ from broker.schemas import AnyStreamEvent, ChatMessage, JobResult, JobSpec, Prio
 from broker.settings import CorralSettings
 from controller.acluster import AsyncClusterReader, preload_scripts_async
 from controller.ajobrun import AsyncJobRun
+from controller.apublisher import AsyncPublisher
 from controller.areader import AsyncJobStreamReader
 from controller.breaker import AsyncBreakers, BreakerPhase
 from controller.client import with_history
@@ -60,16 +62,17 @@ from controller.dispatch import (
 from controller.embedding import EmbedOutcome, make_embed_spec
 from controller.job_channels import JobChannels
 from controller.limits import check_prompt_size
-from controller.publisher import HeldPublisher
 from controller.router import Candidate, NodeState, routing_aliases
 from controller.run_core import Attempt
 from controller.sessions import AsyncSessionStore
 from controller.stream_control import AsyncStreamControl
+from controller.task_envelope import ProducerCall
 from controller.tracing import NO_TRACING, JobTrace, Tracing
 
 Event = AnyStreamEvent
 
 _CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+log = logging.getLogger(__name__)
 _SUBSCRIBE_CONFIRM_S = 5.0
 
 
@@ -79,8 +82,9 @@ class AsyncCorralClient:
     ``redis``: an asyncio client to share (tests, a server's pool); it stays open on
     ``aclose``. Without one, the client makes its own from ``settings.broker_url`` and closes
     it, with at most ``max_connections`` connections (one of them carries every followed
-    job's messages). Celery's producer always connects by ``settings.broker_url``.
-    ``send_threads`` 0 publishes on the loop itself (blocking it for the publish's round trip).
+    job's messages). Jobs are published on that client's connections, on the loop; Celery's
+    own producer (which connects by ``settings.broker_url``) sends only Celery's task-sent
+    events (``task_events``), from ``send_threads`` threads (one at least) off the loop.
     ``config``: a hot-reloaded configuration (``controller.config_watch``); ``settings`` then
     follows its ``current()``, so each job is routed by the settings in force when it is sent.
     ``tracing``: OpenTelemetry spans per job (``controller.tracing``); none by default.
@@ -120,7 +124,7 @@ class AsyncCorralClient:
             )
         self.redis = redis
         self.app: Celery = make_celery_app(settings)
-        self._publisher = HeldPublisher(self.app)
+        self._publisher = AsyncPublisher(self.app, self.redis, url)
         self.breakers = AsyncBreakers(
             self.redis,
             threshold=settings.breaker_threshold,
@@ -129,11 +133,8 @@ class AsyncCorralClient:
         self.control = AsyncStreamControl(self.redis, settings.replay_ttl_s)
         self.sessions = AsyncSessionStore(self.redis, settings.session_ttl_s)
         self._channels: JobChannels | None = None
-        self._sender = (
-            ThreadPoolExecutor(send_threads, thread_name_prefix="corral-send")
-            if send_threads > 0
-            else None
-        )
+        self._send_threads = max(1, send_threads)
+        self._sender: ThreadPoolExecutor | None = None  # made for the first Celery event
         self._view: tuple[float, ClusterView] | None = None
         self._view_lock: asyncio.Lock | None = None
         self._scripts_loaded = False
@@ -147,7 +148,6 @@ class AsyncCorralClient:
             self._sender.shutdown(wait=False)
         if self._owns_redis:
             await self.redis.aclose()
-        self._publisher.close()
         self.app.close()
 
     async def __aenter__(self) -> AsyncCorralClient:
@@ -347,16 +347,40 @@ class AsyncCorralClient:
 
     async def _send(self, spec: JobSpec, candidate: Candidate, attempt: int) -> None:
         task = job_task(spec, candidate, attempt)
-        publish = partial(self._publisher.send_task, task.name, **task.kwargs)
-        if self._sender is None:
-            publish()
-        else:
-            await asyncio.get_running_loop().run_in_executor(self._sender, publish)
-        self._sent_since_read[candidate.node] += 1
-        # After the send, off the path to the first token; attach and cancel read it.
-        await self.redis.set(
-            names.job_node_key(spec.job_id), candidate.node, ex=self.settings.replay_ttl_s
+        envelope = self._publisher.builder.build(task.name, **task.kwargs)
+        # The job's node record (attach and cancel read it) is written with the message.
+        await self._publisher.publish(
+            envelope,
+            node_key=names.job_node_key(spec.job_id),
+            node=candidate.node,
+            ttl_s=self.settings.replay_ttl_s,
+            redis_now=self._redis_now,
         )
+        self._sent_since_read[candidate.node] += 1
+        if envelope.other_calls:
+            self._publish_off_loop(envelope.other_calls)
+
+    def _redis_now(self) -> float:
+        """Redis's clock (its TIME) now, from the last cluster view's reading of it."""
+        if self._view is None:
+            return time.time()
+        read_at, view = self._view
+        return view.redis_time + (time.monotonic() - read_at)
+
+    def _publish_off_loop(self, calls: list[ProducerCall]) -> None:
+        """Celery's task-sent events, by kombu's producer (it routes them by the event
+        exchange's bindings) in a send thread: they follow the job, never hold it up."""
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(self._send_threads, thread_name_prefix="corral-send")
+        self._sender.submit(self._publish_calls, calls)
+
+    def _publish_calls(self, calls: list[ProducerCall]) -> None:
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for call in calls:
+                    producer.publish(call.body, **call.kwargs)
+        except Exception:
+            log.warning("a Celery task event was not sent", exc_info=True)
 
     async def _start_subscription(self, job_id: str, node: str | None) -> AsyncJobStreamReader:
         """Send SUBSCRIBE without waiting for Redis's answer (see ``CorralClient.submit``)."""

@@ -7,6 +7,7 @@ import asyncio
 
 from redis.asyncio import Redis as AsyncRedis
 
+from controller.apublisher import AsyncPublisher
 from controller.breaker import AsyncBreakers
 from controller.cluster import READ_NODES_LUA, ClusterReader, ClusterView
 from controller.stream_control import AsyncStreamControl
@@ -19,6 +20,7 @@ async def preload_scripts_async(redis: AsyncRedis) -> None:
     await redis.script_load(READ_NODES_LUA)
     await AsyncBreakers.preload_into(redis)
     await AsyncStreamControl.preload_into(redis)
+    await AsyncPublisher.preload_into(redis)
 
 
 class AsyncClusterReader:
