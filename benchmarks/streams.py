@@ -5,10 +5,11 @@
    does not hide the other's). Blocking client: a thread per stream (that is how its API is
    used concurrently); asyncio client: one event loop. Per stream = (peak RSS while all are
    followed - RSS after warm-up) / streams.
-2. Time to first token, interleaved: a direct simulated-backend call, the blocking client, the
-   asyncio client publishing from its send threads, and the asyncio client publishing on the
-   loop; the difference from the direct call is what each path adds. Also how long one Celery
-   publish holds whoever makes it (the loop, when published inline).
+2. Time to first token, interleaved: a direct simulated-backend call, the blocking client and
+   the asyncio client; the difference from the direct call is what each path adds. Also how
+   long one Celery publish holds whoever makes it (the blocking client's caller), and how long
+   the asyncio client's publish holds its loop (Celery building the message; the write is
+   awaited).
 
     python -m benchmarks.streams [--quick] [--streams 500] [--runs 200]
 """
@@ -216,6 +217,18 @@ def publish_hold_ms(client: CorralClient, runs: int) -> list[float]:
     return held
 
 
+def loop_hold_ms(client: AsyncCorralClient, runs: int) -> list[float]:
+    """How long the asyncio client's publish holds its loop: Celery building the message
+    (``send_task``'s path to the write), the write itself being awaited."""
+    held: list[float] = []
+    builder = client._publisher.builder
+    for _ in range(runs):
+        started = time.perf_counter()
+        builder.build("corral.bench_noop", args=[], queue="corral.bench.unserved")
+        held.append((time.perf_counter() - started) * 1000)
+    return held
+
+
 def measure_ttft(url: str, runs: int) -> dict[str, list[float]]:
     settings = build_settings(broker_url=url)
     backend = SimulatedBackend(first_token_s=FIRST_TOKEN_MS / 1000, token_s=0.001)
@@ -223,30 +236,22 @@ def measure_ttft(url: str, runs: int) -> dict[str, list[float]]:
     paths: dict[str, list[float]] = {
         "direct": [],
         "sync": [],
-        "async (send in thread)": [],
-        "async (send on loop)": [],
+        "async": [],
     }
     try:
-        threaded = AsyncCorralClient(settings, send_threads=2)
-        inline = AsyncCorralClient(settings, send_threads=0)
+        aclient = AsyncCorralClient(settings)
         with CorralClient(settings) as client:
             for _ in range(10):  # warm every path: pools, imports, scripts
                 sync_first_token_ms(client)
-                loop.run_until_complete(async_first_token_ms(threaded))
-                loop.run_until_complete(async_first_token_ms(inline))
+                loop.run_until_complete(async_first_token_ms(aclient))
                 loop.run_until_complete(direct_first_token_ms(backend))
             for _ in range(runs):
                 paths["direct"].append(loop.run_until_complete(direct_first_token_ms(backend)))
                 paths["sync"].append(sync_first_token_ms(client))
-                paths["async (send in thread)"].append(
-                    loop.run_until_complete(async_first_token_ms(threaded))
-                )
-                paths["async (send on loop)"].append(
-                    loop.run_until_complete(async_first_token_ms(inline))
-                )
+                paths["async"].append(loop.run_until_complete(async_first_token_ms(aclient)))
             paths["publish hold"] = publish_hold_ms(client, runs)
-        loop.run_until_complete(threaded.aclose())
-        loop.run_until_complete(inline.aclose())
+            paths["loop hold"] = loop_hold_ms(aclient, runs)
+        loop.run_until_complete(aclient.aclose())
     finally:
         loop.close()
     return paths
@@ -350,7 +355,7 @@ def main() -> int:
     for column in ("path", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms"):
         table.add_column(column, justify="right" if column != "path" else "left")
     for label, values in ttft.items():
-        if label == "publish hold":
+        if label in ("publish hold", "loop hold"):
             continue
         added = [v - d for v, d in zip(values, direct, strict=True)]
         table.add_row(
@@ -364,6 +369,11 @@ def main() -> int:
     hold = ttft["publish hold"]
     console.print(
         f"one Celery publish holds its caller p50 {percentile(hold, 50):.2f} ms, "
+        f"p99 {percentile(hold, 99):.2f} ms, mean {statistics.fmean(hold):.2f} ms"
+    )
+    hold = ttft["loop hold"]
+    console.print(
+        f"the asyncio client's publish holds its loop p50 {percentile(hold, 50):.2f} ms, "
         f"p99 {percentile(hold, 99):.2f} ms, mean {statistics.fmean(hold):.2f} ms"
     )
     return 0

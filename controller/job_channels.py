@@ -21,10 +21,6 @@ from redis.asyncio import Redis as AsyncRedis
 
 log = logging.getLogger(__name__)
 
-# How long the reading task waits for a message before looking up again (only matters for
-# shutting down: a message wakes it at once).
-_READ_WAIT_S = 1.0
-
 
 class Inbox:
     """The messages of one channel, and whether Redis has confirmed the subscription."""
@@ -83,7 +79,9 @@ class JobChannels:
     async def _read(self) -> None:
         while not self._closed:
             try:
-                message = await self._pubsub.get_message(timeout=_READ_WAIT_S)
+                # A blocking read (``aclose`` cancels it): a timeout would set and cancel an
+                # asyncio timer around every message, a cost paid per event of every job.
+                message = await self._pubsub.get_message(timeout=None)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 # redis-py reconnects and resubscribes on the next read; readers refill
                 # whatever was published meanwhile from the log.
