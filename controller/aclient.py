@@ -393,6 +393,8 @@ class AsyncCorralClient:
         return AsyncJobStreamReader(self.redis, self._channels, inbox, job_id, node)
 
     async def _await_subscription(self, reader: AsyncJobStreamReader) -> None:
+        if reader.inbox.confirmed.done():
+            return  # (usually: Redis confirmed it while the job was being published)
         try:
             await asyncio.wait_for(asyncio.shield(reader.inbox.confirmed), _SUBSCRIBE_CONFIRM_S)
         except TimeoutError:
