@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from redis.exceptions import NoPermissionError
 from broker import acl, names
 from broker.ratelimits import ADMIT_LUA
 from broker.settings import build_settings
+from controller.aclient import AsyncCorralClient
 from controller.client import CorralClient, make_spec
 from tests.controller.test_flower import start_flower
 from tests.support.servers import (
@@ -124,6 +126,15 @@ def test_workers_and_controller_serve_jobs_with_only_their_grants(
         run = client.submit(make_spec("a story to cancel", node="alpha"))
         client.cancel(run.spec.job_id)
         assert list(run.events(10))[-1].type == "error"
+
+    async def through_the_asyncio_client() -> str:
+        # It publishes with a script of its own (and Celery's task-sent events by kombu).
+        settings = build_settings(broker_url=controller_url(server), task_events=True)
+        async with AsyncCorralClient(settings) as aclient:
+            events = [e async for e in aclient.stream(make_spec("hello", node="beta"))]
+            return events[-1].type
+
+    assert asyncio.run(through_the_asyncio_client()) == "done"
     flower = start_flower(controller_url(server), tmp_path)
     try:
         wait_until(lambda: flower.get("/api/workers")[0] == 200, 15, "flower lists workers")
