@@ -52,8 +52,6 @@ class Envelope:
     payload: str
     delivery_tag: str
     queue: str
-    declared_queues: list[str] = field(default_factory=list)
-    """Queues kombu would declare first (``_kombu.binding.<queue>`` entries)."""
     other_calls: list[ProducerCall] = field(default_factory=list)
     """Publishes to a real exchange (Celery's events), to make with a real producer."""
 
@@ -105,10 +103,12 @@ class _EnvelopeProducer(Producer):
         declare: Sequence[Any],
         *_: Any,
     ) -> None:
+        # ``declare``: kombu would first declare the queue (its ``_kombu.binding.*`` entry,
+        # once per connection); the node's worker declares it when it starts consuming, and a
+        # message for the anonymous exchange goes to the list by name, so nothing reads it.
         self.envelope = self._builder.envelope(
             body, priority, content_type, content_encoding, headers, properties, routing_key
         )
-        self.envelope.declared_queues = [q.name for q in declare if getattr(q, "name", None)]
 
 
 class EnvelopeBuilder:

@@ -228,6 +228,27 @@ def test_a_reply_lost_after_the_push_does_not_queue_the_job_twice(
     assert own_redis.client().llen(queue) == 1
 
 
+def test_a_view_of_redis_s_clock_far_off_still_queues_the_job_once(
+    own_redis: RedisServer,
+) -> None:
+    """The deadline comes from the cluster view's reading of Redis's clock; if that is off (a
+    clock step since), Redis answers at once that it is late and the push goes again on
+    Redis's own time."""
+
+    async def scenario(publisher: AsyncPublisher, _: redis.asyncio.Redis) -> tuple[str, float]:
+        task = job_task(make_spec("hello"), CANDIDATE, attempt=1)
+        envelope = publisher.builder.build(task.name, **task.kwargs)
+        started = time.monotonic()
+        await publisher.publish(
+            envelope, node_key=NODE_KEY, node="pi", ttl_s=60, redis_now=lambda: time.time() - 600
+        )
+        return envelope.list_key, time.monotonic() - started
+
+    queue, took = run_publish(own_redis.url, scenario)
+    assert own_redis.client().llen(queue) == 1
+    assert took < 1.0
+
+
 def test_a_full_redis_refuses_the_push_as_a_write(own_redis: RedisServer) -> None:
     admin = own_redis.client()
     admin.config_set("maxmemory-policy", "noeviction")
