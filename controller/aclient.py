@@ -72,8 +72,9 @@ from controller.tracing import NO_TRACING, JobTrace, Tracing
 Event = AnyStreamEvent
 
 _CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-log = logging.getLogger(__name__)
 _SUBSCRIBE_CONFIRM_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 class AsyncCorralClient:
