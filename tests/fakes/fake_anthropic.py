@@ -164,6 +164,9 @@ def _block_problem(where: str, role: str, block: object) -> str | None:
     elif kind == "tool_result":
         if role != "user":
             return f"{where}: tool_result blocks may only appear in user messages"
+    elif kind in ("thinking", "redacted_thinking"):
+        if role != "assistant":
+            return f"{where}: thinking blocks may only appear in assistant messages"
     else:
         return f"{where}.type: Input tag '{kind}' found is not one of the expected tags"
     return None
@@ -216,6 +219,25 @@ def messages_problem(chat: list[dict[str, Any]]) -> str | None:
                     "corresponding `tool_result` block in the next message."
                 )
     return None
+
+
+def thinking_problem(chat: list[dict[str, Any]], thinking: object) -> str | None:
+    """With thinking on, a conversation continuing a tool loop (its last message holds tool
+    results) must replay the assistant's turn starting with its thinking block (400)."""
+    if thinking is None or len(chat) < 2:
+        return None
+    last = chat[-1]["content"]
+    if not isinstance(last, list) or not any(b.get("type") == "tool_result" for b in last):
+        return None
+    turn = chat[-2]["content"]
+    first = turn[0].get("type") if isinstance(turn, list) and turn else "text"
+    if first in ("thinking", "redacted_thinking"):
+        return None
+    return (
+        f"messages.{len(chat) - 2}.content.0.type: Expected `thinking` or `redacted_thinking`, "
+        f"but found `{first}`. When `thinking` is enabled, a final `assistant` message must "
+        "start with a thinking block."
+    )
 
 
 def tool_use_events(index: int, name: str, arguments: dict[str, Any]) -> list[dict[str, Any]]:
@@ -332,7 +354,7 @@ def build_app(state: FakeAnthropicState) -> Starlette:
                     'accepts a top-level `system` parameter, not "system" as an input '
                     "message role.",
                 )
-        problem = messages_problem(chat)
+        problem = messages_problem(chat) or thinking_problem(chat, body.get("thinking"))
         if problem is None and "tools" in body:
             problem = tools_problem(body["tools"])
         if problem is not None:

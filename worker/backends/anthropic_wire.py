@@ -144,6 +144,11 @@ def messages_request_body(
     if system:
         body["system"] = system
     thinking = anthropic_thinking(options.effort) if options.effort else None
+    if thinking is not None and messages and messages[-1].role == "tool":
+        # Continuing a tool loop with thinking on, Anthropic wants the last assistant turn to
+        # start with the thinking block it sent, signed: corral's messages do not keep it, so
+        # this step of the loop goes without thinking rather than be refused (400).
+        thinking = None
     if thinking is not None:
         body["thinking"] = thinking
         # The budget is part of max_tokens, which must exceed it: the answer keeps its own.

@@ -248,6 +248,11 @@ class GoogleBackend(AdapterIdentity):
                         raise ContentBlocked(
                             f"{self._errors.where} stopped the answer: finishReason {finish}"
                         )
+                    if finish == "MALFORMED_FUNCTION_CALL":
+                        raise BackendProtocolError(
+                            f"{self._errors.where} made a function call it could not express"
+                            " (finishReason MALFORMED_FUNCTION_CALL)"
+                        )
         if finish is None:
             raise self._errors.mid_stream("the stream ended without a finishReason")
         # Gemini ends an answer that called functions with STOP, like any other.

@@ -268,6 +268,28 @@ def test_a_tool_use_block_whose_input_is_not_json_is_a_protocol_error() -> None:
         run(scripted_anthropic(events), chat("claude-test-1", question, [WEATHER]))
 
 
+def test_a_tool_loop_step_goes_without_thinking_which_corral_cannot_replay() -> None:
+    """Anthropic wants a thinking turn's signed thinking block back with its tool_use; corral
+    keeps neither, so the step that sends results back leaves thinking off (the fake, like
+    Anthropic, refuses it otherwise); the first step still thinks."""
+    call = ToolCall(id="toolu_a", name="get_weather", arguments=ARGUMENTS)
+    question = ChatMessage(role="user", content="Weather in Paris?")
+    effort = GenerationOptions(effort="high")
+
+    async def both(backend: Backend) -> None:
+        async for _ in backend.stream_chat("claude-test-1", [question], effort, [WEATHER]):
+            pass
+        async for _ in backend.stream_chat(
+            "claude-test-1", round_trip(question, call), effort, [WEATHER]
+        ):
+            pass
+
+    with running_fake_anthropic(api_key=KEY) as fake:
+        run(anthropic(fake.url), both)
+        first, second = fake.state.chat_bodies
+    assert "thinking" in first and "thinking" not in second
+
+
 # --- Gemini ----------------------------------------------------------------------------------
 
 
@@ -329,6 +351,22 @@ def test_gemini_gets_calls_and_their_results_by_function_name(model: str, signed
             {"functionResponse": {"name": "now", "response": {"sky": "sunny", "n": 1}}},
         ],
     }
+
+
+def test_a_malformed_function_call_is_a_protocol_error_not_an_answer() -> None:
+    event = {"candidates": [{"content": {"parts": []}, "finishReason": "MALFORMED_FUNCTION_CALL"}]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = f"data: {json.dumps(event)}\r\n\r\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    def make(_: httpx.AsyncClient) -> Backend:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        return GoogleBackend("g", "https://g.test", client, SecretStr(KEY), key_source="K")
+
+    question = [ChatMessage(role="user", content="Weather?")]
+    with pytest.raises(BackendProtocolError, match="MALFORMED_FUNCTION_CALL"):
+        run(make, chat("gemini-test-flash", question, [WEATHER]))
 
 
 def test_a_gemini_3_call_replayed_without_a_signature_is_what_the_fake_refuses() -> None:
