@@ -26,6 +26,10 @@ GEMINI = "gemini-3-test-flash"
 ANTHROPIC_KEY = "sk-ant-gateway-tools-0000"
 GEMINI_KEY = "AIza-gateway-tools-0000"
 ARGUMENTS = {"city": "Paris", "days": 2}
+PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5E"
+    "rkJggg=="
+)
 WEATHER_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
@@ -157,3 +161,31 @@ def test_a_tool_round_trip_through_a_cloud_route(
     else:
         (result,) = gemini.state.chat_bodies[-1]["contents"][-1]["parts"]
         assert result == {"functionResponse": {"name": "get_weather", "response": {"sky": "sunny"}}}
+
+
+def test_an_image_reaches_claude_as_a_base64_block_typed_by_its_bytes(
+    gateway: Gateway, fakes: tuple[FakeAnthropic, FakeGemini]
+) -> None:
+    claude, _ = fakes
+    with openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0) as client:
+        answer = client.chat.completions.create(
+            model="@claude",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        # Sent as a GIF's data: URL: the adapter reads the type off the bytes.
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": f"data:image/gif;base64,{PNG_B64}"},
+                        },
+                    ],
+                }
+            ],
+        )
+    assert answer.choices[0].message.content == "Sunny in Paris."
+    assert claude.state.chat_bodies[-1]["messages"][-1]["content"] == [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_B64}},
+        {"type": "text", "text": "What is this?"},
+    ]
