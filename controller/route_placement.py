@@ -5,6 +5,11 @@ the route's endpoint (that backend, even when the node fronts another with the s
 for a cloud route, to a ``--cloud`` worker holding the provider's key, which builds the adapter
 itself. Moving the job on before its first token asks again with the tried nodes excluded, so
 it stays among the route's servers instead of falling back to any holder of the model.
+
+A job that asks for the ``tools`` or ``vision`` capability (the gateway tags a request with
+tools or images so) goes only to a backend whose model has it, as the router's own filter
+does; a cloud model the node does not list (an on-demand adapter, a lagging catalogue) is
+given the benefit of the doubt: the provider answers for it.
 """
 
 from __future__ import annotations
@@ -46,10 +51,21 @@ def route_candidates(
         for backend, known in _route_backends(target, state.info, model):
             if not backend.healthy or f"{state.name}/{backend.name}" in blocked:
                 continue
+            if not _capable(spec, state.info, known):
+                continue
             served = known or ModelInfo(name=model)  # a provider's model it does not list
             out.append(_candidate(state, backend, served, 0, sticky_node))
     out.sort(key=_rank_key)
     return out
+
+
+def _capable(spec: JobSpec, node: NodeInfo, known: ModelInfo | None) -> bool:
+    """The model has the capabilities the job asked the router for (tools, vision), by its
+    own word or its node's tags; an unlisted model may."""
+    needed = spec.tags & spec.needs()
+    if not needed or known is None:
+        return True
+    return needed <= node.tags | (known.capabilities - {"chat"})
 
 
 def _route_backends(
@@ -108,6 +124,16 @@ def explain_no_route_server(
         return UnknownModel(
             f"{route}: model {model!r} is not on {target.base_url} "
             f"(available: {', '.join(there) or 'none'})"
+        )
+    needed = spec.tags & spec.needs()
+    if not any(
+        _capable(spec, s.info, known)
+        for s in up
+        for _backend, known in _route_backends(target, s.info, model)
+    ):
+        return NoNodeAvailable(
+            f"{route}: model {model!r} there has no {' and '.join(sorted(needed))} capability"
+            " (the request has tools or images)"
         )
     shut = sorted(
         t

@@ -48,6 +48,16 @@ def test_a_local_model_matches_with_its_ollama_tag_and_is_not_priced() -> None:
     )
 
 
+def test_every_claude_and_gemini_chat_model_can_take_tools_and_images() -> None:
+    """Their adapters pass both on, so the router may send them such jobs; a Gemini family
+    newer than the table still gets the catch-all row, and Gemma (no function calling) not."""
+    catalog = shipped_catalog()
+    for kind, model in (("anthropic", "claude-opus-5"), ("google", "models/gemini-3-pro")):
+        caps = catalog.capabilities(kind, model)
+        assert caps is not None and {"tools", "vision"} <= caps.capabilities()
+    assert catalog.capabilities("google", "gemma-3-27b-it") is None
+
+
 def test_an_unknown_model_has_no_row() -> None:
     assert shipped_catalog().capabilities("anthropic", "not-a-claude") is None
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from broker.errors import ConfigError, NoNodeAvailable, RoutingError, UnknownModel, UnknownNode
-from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo
+from broker.schemas import BackendInfo, JobSpec, ModelInfo, NodeInfo, ToolDefinition, ToolFunction
 from controller.client import make_spec
 from controller.router import NodeState, candidates_for
 from controller.routes import (
@@ -145,6 +145,35 @@ def test_a_route_pins_the_backend_at_its_url_when_the_node_fronts_two_with_its_m
     for url, expected in (("ollama://10.0.0.7", "gpu"), ("ollama://10.0.0.6", "b")):
         spec = make_spec("hi", model="llama3", route="r", route_url=url)
         assert [c.backend for c in candidates_for(spec, [node])] == [expected]
+
+
+def test_a_route_job_with_tools_goes_only_to_a_model_with_the_capability() -> None:
+    tools = ToolDefinition(function=ToolFunction(name="now"))
+
+    def with_tools(route_url: str, model: str) -> JobSpec:
+        spec = make_spec("hi", model=model, route="r", route_url=route_url)
+        spec = spec.model_copy(update={"tools": (tools,)})
+        return spec.model_copy(update={"tags": spec.needs()})  # as the gateway asks
+
+    plain = state("pi", model="llama3")
+    toolbox = BackendInfo(
+        name="b",
+        kind="ollama",
+        url="http://10.9.9.9:11434",
+        healthy=True,
+        capacity=2,
+        models=(ModelInfo(name="llama3", capabilities=frozenset({"chat", "tools"})),),
+    )
+    able = NodeState(
+        info=plain.info.model_copy(update={"name": "gpu", "backends": (toolbox,)}), up=True
+    )
+    spec = with_tools("ollama://10.9.9.9", "llama3")
+    with pytest.raises(NoNodeAvailable, match="'llama3' there has no tools capability"):
+        candidates_for(spec, [plain])
+    assert [c.node for c in candidates_for(spec, [plain, able])] == ["gpu"]
+    # A provider's model no node lists: the on-demand adapter may take it (the provider says).
+    cloud = with_tools("anthropic://", "claude-new")
+    assert [c.node for c in candidates_for(cloud, CLOUD_NODES)] == ["idle", "busy"]
 
 
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]"])

@@ -12,6 +12,13 @@ message with empty content and the input tokens), ``content_block_start``, a ``p
 ``overloaded_error``...) and, after the 200 header, as an ``event: error``. Every answer carries
 ``anthropic-ratelimit-*`` headers.
 
+Tools, as documented: ``tools`` are ``{name, description, input_schema}`` (an object schema);
+content may be a list of ``text`` (non-empty), ``image`` (base64, PNG/JPEG/GIF/WebP),
+``tool_use`` (assistant) and ``tool_result`` (user) blocks; every ``tool_use`` must be answered
+by a ``tool_result`` at the start of the very next message, and a ``tool_result`` must answer a
+``tool_use`` of the message before (400 otherwise). With ``tool_input`` set, a chat offering
+tools is answered with a call to its first tool (``stop_reason: tool_use``).
+
 Switches, named as in the other fakes: the canned reply, delays, "fail with status N" (with
 headers), "drop the connection after K events", "send an error event after K events", "send
 bad JSON after K events". The 401 message echoes the key it got (Anthropic's does not; this
@@ -21,6 +28,7 @@ one does so a test can check the adapter scrubs it).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -69,6 +77,12 @@ class FakeAnthropicState:
     bad_json_after: int | None = None
     refuse: bool = False
     """End the answer with ``stop_reason: refusal`` (the model declined)."""
+    tool_input: dict[str, Any] | None = None
+    """When set, a chat offering tools whose last turn is not tool results is answered with a
+    call to the first tool, with this input: a ``tool_use`` block whose input streams as
+    ``input_json_delta`` pieces, and ``stop_reason: tool_use``."""
+    tool_preamble: str = ""
+    """Text the model says before its call (a text block ahead of the tool_use block)."""
     page_size: int | None = None
     """Cap on models per listing page, to exercise pagination."""
     ratelimit_headers: dict[str, str] = field(
@@ -102,6 +116,150 @@ def _sse(payload: dict[str, Any] | str, name: str | None = None) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     event = name or (payload["type"] if isinstance(payload, dict) else "message")
     return f"event: {event}\ndata: {data}\n\n".encode()
+
+
+MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+TOOL_FIELDS = frozenset({"name", "description", "input_schema", "type", "cache_control"})
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+
+
+def tools_problem(tools: object) -> str | None:
+    """What the Messages API would say (400) of a ``tools`` list, or None if it is fine."""
+    if not isinstance(tools, list):
+        return "tools: Input should be a valid list"
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not TOOL_NAME.match(str(tool.get("name", ""))):
+            return (
+                f"tools.{index}.custom.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'"
+            )
+        schema = tool.get("input_schema")
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            return f"tools.{index}.custom.input_schema.type: Input should be 'object'"
+        extra = sorted(set(tool) - TOOL_FIELDS)
+        if extra:
+            return f"tools.{index}.custom.{extra[0]}: Extra inputs are not permitted"
+    return None
+
+
+def _block_problem(where: str, role: str, block: object) -> str | None:
+    if not isinstance(block, dict):
+        return f"{where}: Input should be a valid dictionary"
+    kind = block.get("type")
+    if kind == "text":
+        if not block.get("text"):
+            return f"{where}: text content blocks must be non-empty"
+    elif kind == "image":
+        source = block.get("source") or {}
+        if source.get("type") != "base64" or source.get("media_type") not in MEDIA_TYPES:
+            return f"{where}.source: Input tag is not a base64 image of a supported media type"
+        try:
+            base64.b64decode(source.get("data", ""), validate=True)
+        except ValueError:
+            return f"{where}.source.base64.data: invalid base64 data"
+    elif kind == "tool_use":
+        if role != "assistant":
+            return f"{where}: tool_use blocks may only appear in assistant messages"
+        if not block.get("id") or not isinstance(block.get("input"), dict):
+            return f"{where}: tool_use needs an id and an input object"
+    elif kind == "tool_result":
+        if role != "user":
+            return f"{where}: tool_result blocks may only appear in user messages"
+    elif kind in ("thinking", "redacted_thinking"):
+        if role != "assistant":
+            return f"{where}: thinking blocks may only appear in assistant messages"
+    else:
+        return f"{where}.type: Input tag '{kind}' found is not one of the expected tags"
+    return None
+
+
+def messages_problem(chat: list[dict[str, Any]]) -> str | None:
+    """What the Messages API would say (400) of the messages' content blocks: each block's
+    shape, and every ``tool_use`` answered by a ``tool_result`` in the very next message,
+    which answers no other."""
+    for index, message in enumerate(chat):
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not content:
+            return f"messages.{index}.content: Input should be a string or a list of blocks"
+        for number, block in enumerate(content):
+            problem = _block_problem(f"messages.{index}.content.{number}", message["role"], block)
+            if problem is not None:
+                return problem
+    for index, message in enumerate(chat):
+        content = message["content"] if isinstance(message["content"], list) else []
+        results = [b["tool_use_id"] for b in content if b.get("type") == "tool_result"]
+        if results:
+            kinds = [b["type"] for b in content]
+            if kinds[: len(results)] != ["tool_result"] * len(results):
+                return f"messages.{index}: tool_result blocks must come first in the content"
+            before = chat[index - 1] if index else {"content": []}
+            asked = before["content"] if isinstance(before["content"], list) else []
+            ids = {b["id"] for b in asked if b.get("type") == "tool_use"}
+            stray = [r for r in results if r not in ids]
+            if stray:
+                return (
+                    f"messages.{index}.content.0: unexpected `tool_use_id` found in "
+                    f"`tool_result` blocks: {stray[0]}. Each `tool_result` block must have a "
+                    "corresponding `tool_use` block in the previous message."
+                )
+        uses = [b["id"] for b in content if b.get("type") == "tool_use"]
+        if uses and index + 1 < len(chat):
+            after = chat[index + 1]["content"]
+            answered = (
+                {b.get("tool_use_id") for b in after if isinstance(b, dict)}
+                if isinstance(after, list)
+                else set()
+            )
+            missing = [u for u in uses if u not in answered]
+            if missing:
+                return (
+                    f"messages.{index + 1}: `tool_use` ids were found without `tool_result` "
+                    f"blocks immediately after: {missing[0]}. Each `tool_use` block must have a "
+                    "corresponding `tool_result` block in the next message."
+                )
+    return None
+
+
+def thinking_problem(chat: list[dict[str, Any]], thinking: object) -> str | None:
+    """With thinking on, a conversation continuing a tool loop (its last message holds tool
+    results) must replay the assistant's turn starting with its thinking block (400)."""
+    if thinking is None or len(chat) < 2:
+        return None
+    last = chat[-1]["content"]
+    if not isinstance(last, list) or not any(b.get("type") == "tool_result" for b in last):
+        return None
+    turn = chat[-2]["content"]
+    first = turn[0].get("type") if isinstance(turn, list) and turn else "text"
+    if first in ("thinking", "redacted_thinking"):
+        return None
+    return (
+        f"messages.{len(chat) - 2}.content.0.type: Expected `thinking` or `redacted_thinking`, "
+        f"but found `{first}`. When `thinking` is enabled, a final `assistant` message must "
+        "start with a thinking block."
+    )
+
+
+def tool_use_events(index: int, name: str, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+    """A ``tool_use`` block as the API streams it: the id and name with an empty input, the
+    input as a JSON string cut in pieces (the first one empty), then the block's stop."""
+    text = json.dumps(arguments)
+    step = max(1, len(text) // 3)
+    pieces = ["", *(text[start : start + step] for start in range(0, len(text), step))]
+    block = {"type": "tool_use", "id": "toolu_01Fake", "name": name, "input": {}}
+    events: list[dict[str, Any]] = [
+        {"type": "content_block_start", "index": index, "content_block": block}
+    ]
+    events += [
+        {
+            "type": "content_block_delta",
+            "index": index,
+            "delta": {"type": "input_json_delta", "partial_json": piece},
+        }
+        for piece in pieces
+    ]
+    events.append({"type": "content_block_stop", "index": index})
+    return events
 
 
 def build_app(state: FakeAnthropicState) -> Starlette:
@@ -196,6 +354,11 @@ def build_app(state: FakeAnthropicState) -> Starlette:
                     'accepts a top-level `system` parameter, not "system" as an input '
                     "message role.",
                 )
+        problem = messages_problem(chat) or thinking_problem(chat, body.get("thinking"))
+        if problem is None and "tools" in body:
+            problem = tools_problem(body["tools"])
+        if problem is not None:
+            return _error(400, problem)
         if model not in state.models:
             return _error(404, f"model: {model}")
         thinking = body.get("thinking")
@@ -220,6 +383,12 @@ def build_app(state: FakeAnthropicState) -> Starlette:
             pieces, stop_reason, stop_sequence = pieces[: body["max_tokens"]], "max_tokens", None
         if state.refuse:
             pieces, stop_reason = pieces[:1], "refusal"
+        last = chat[-1]["content"]
+        answering = isinstance(last, list) and any(b.get("type") == "tool_result" for b in last)
+        call_now = state.tool_input is not None and bool(body.get("tools")) and not answering
+        if call_now:
+            pieces = re.findall(r"\s*\S+", state.tool_preamble)
+            stop_reason, stop_sequence = "tool_use", None
         words = sum(len(str(m.get("content", "")).split()) for m in chat)
         input_tokens = words + len(str(body.get("system", "")).split())
         block = 1 if thinking is not None else 0
@@ -258,24 +427,29 @@ def build_app(state: FakeAnthropicState) -> Starlette:
                 },
                 {"type": "content_block_stop", "index": 0},
             ]
+        if pieces or not call_now:
+            events += [
+                {
+                    "type": "content_block_start",
+                    "index": block,
+                    "content_block": {"type": "text", "text": ""},
+                },
+                {"type": "ping"},
+            ]
+            events += [
+                {
+                    "type": "content_block_delta",
+                    "index": block,
+                    "delta": {"type": "text_delta", "text": p},
+                }
+                for p in pieces
+            ]
+            events.append({"type": "content_block_stop", "index": block})
+            block += 1
+        if call_now:
+            assert state.tool_input is not None
+            events += tool_use_events(block, body["tools"][0]["name"], state.tool_input)
         events += [
-            {
-                "type": "content_block_start",
-                "index": block,
-                "content_block": {"type": "text", "text": ""},
-            },
-            {"type": "ping"},
-        ]
-        events += [
-            {
-                "type": "content_block_delta",
-                "index": block,
-                "delta": {"type": "text_delta", "text": p},
-            }
-            for p in pieces
-        ]
-        events += [
-            {"type": "content_block_stop", "index": block},
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},

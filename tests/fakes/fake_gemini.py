@@ -12,11 +12,19 @@ answer it stops ends with ``finishReason: SAFETY``. Errors are Google's
 ``{"error": {"code", "message", "status", "details"}}``: an invalid key is a 400 with an
 ``ErrorInfo`` reason ``API_KEY_INVALID``; a quota is a 429 ``RESOURCE_EXHAUSTED`` with a
 ``QuotaFailure`` (its ``quotaId`` says per minute or per day) and a ``RetryInfo``.
+
+Function calling, as documented: ``tools`` hold ``functionDeclarations`` whose ``parameters``
+use only the fields of the API's ``Schema`` (an unknown key such as ``additionalProperties`` is
+a 400, so is an object without properties); a user turn of ``functionResponse`` parts answers
+the model turn of ``functionCall`` parts before it, one response per call; a ``gemini-3*``
+model refuses a replayed call without its ``thoughtSignature``. With ``call_args`` set, a chat
+offering tools is answered with one ``functionCall`` of its first function.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -85,6 +93,9 @@ class FakeGeminiState:
     """Answer every prompt with ``promptFeedback.blockReason`` set to this (e.g. "SAFETY")."""
     safety_after: int | None = None
     """Stop the answer after this many pieces with ``finishReason: SAFETY``."""
+    call_args: dict[str, Any] | None = None
+    """When set, a chat offering tools whose last turn is not function responses is answered
+    with one ``functionCall`` of the first declared function with these ``args``."""
     chat_bodies: list[dict[str, Any]] = field(default_factory=list)
     keys_in_query: list[str] = field(default_factory=list)
     model_listings: int = 0
@@ -112,6 +123,113 @@ def _error(
 def _sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\r\n\r\n".encode()  # Google ends SSE lines with CRLF
+
+
+SCHEMA_FIELDS = frozenset(
+    {
+        "type",
+        "format",
+        "title",
+        "description",
+        "nullable",
+        "enum",
+        "maxItems",
+        "minItems",
+        "properties",
+        "required",
+        "minProperties",
+        "maxProperties",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "example",
+        "anyOf",
+        "propertyOrdering",
+        "default",
+        "items",
+        "minimum",
+        "maximum",
+    }
+)
+"""The fields of the API's ``Schema``: any other key is an unknown name (400)."""
+SIGNATURE_MISSING = "Function call is missing a thought_signature in functionCall parts."
+
+
+def schema_problem(schema: object, where: str) -> str | None:
+    if not isinstance(schema, dict):
+        return f"Invalid value at '{where}': expected a Schema object"
+    for key, value in schema.items():
+        if key not in SCHEMA_FIELDS:
+            return (
+                f'Invalid JSON payload received. Unknown name "{key}" at '
+                f"'{where}': Cannot find field."
+            )
+        if key == "type" and not isinstance(value, str):
+            return f"Invalid value at '{where}.type': expected one type"
+        if key == "properties":
+            for name, sub in (value or {}).items():
+                if (
+                    problem := schema_problem(sub, f"{where}.properties[{name}].value")
+                ) is not None:
+                    return problem
+        if key == "items" and (problem := schema_problem(value, f"{where}.items")) is not None:
+            return problem
+    if str(schema.get("type", "")).lower() == "object" and not schema.get("properties"):
+        return f"* {where}.properties: should be non-empty for OBJECT type"
+    return None
+
+
+def tools_problem(tools: object) -> str | None:
+    if not isinstance(tools, list):
+        return "Invalid value at 'tools': expected a list"
+    for index, tool in enumerate(tools):
+        declarations = tool.get("functionDeclarations") if isinstance(tool, dict) else None
+        if not isinstance(declarations, list):
+            return f"Invalid value at 'tools[{index}]': expected functionDeclarations"
+        for number, declaration in enumerate(declarations):
+            where = f"tools[{index}].function_declarations[{number}]"
+            if not declaration.get("name"):
+                return f"* GenerateContentRequest.{where}.name: Name cannot be empty."
+            if "parameters" in declaration:
+                problem = schema_problem(declaration["parameters"], f"{where}.parameters")
+                if problem is not None:
+                    return problem
+    return None
+
+
+def contents_problem(contents: list[dict[str, Any]], model: str) -> str | None:
+    """Function turns as the API checks them: each user turn of function responses answers
+    the model turn of calls just before it, one response per call; inline data is base64;
+    a Gemini 3 model's replayed calls carry their thought signature."""
+    for index, content in enumerate(contents):
+        parts = content.get("parts")
+        if not isinstance(parts, list) or not parts:
+            return f"* GenerateContentRequest.contents[{index}].parts: must not be empty."
+        for part in parts:
+            data = part.get("inline_data") or part.get("inlineData")
+            if data is not None:
+                try:
+                    base64.b64decode(data.get("data", ""), validate=True)
+                except ValueError:
+                    return f"Invalid value at 'contents[{index}].parts': invalid base64 data"
+                if not str(data.get("mime_type") or data.get("mimeType") or ""):
+                    return f"contents[{index}].parts: inline_data needs a mime_type"
+        calls = [p for p in parts if "functionCall" in p]
+        if calls and model.startswith("gemini-3") and "thoughtSignature" not in calls[0]:
+            return SIGNATURE_MISSING
+        responses = [p["functionResponse"] for p in parts if "functionResponse" in p]
+        if responses:
+            before = contents[index - 1]["parts"] if index else []
+            asked = [p["functionCall"]["name"] for p in before if "functionCall" in p]
+            answered = [r.get("name") for r in responses]
+            if len(asked) != len(answered) or sorted(asked) != sorted(answered):
+                return (
+                    "Please ensure that the number of function response parts is equal to "
+                    "the number of function call parts of the function call turn."
+                )
+            if any(not isinstance(r.get("response"), dict) for r in responses):
+                return f"Invalid value at 'contents[{index}].parts': response must be an object"
+    return None
 
 
 def build_app(state: FakeGeminiState) -> Starlette:
@@ -208,6 +326,11 @@ def build_app(state: FakeGeminiState) -> Starlette:
         for content in contents:
             if content.get("role") not in ("user", "model"):
                 return _error(400, f"Please use a valid role: user, model. ({content.get('role')})")
+        problem = contents_problem(contents, model)
+        if problem is None and "tools" in body:
+            problem = tools_problem(body["tools"])
+        if problem is not None:
+            return _error(400, problem)
         words = sum(len(str(part.get("text", "")).split()) for c in contents for part in c["parts"])
         system = body.get("systemInstruction") or {}
         words += sum(len(str(p.get("text", "")).split()) for p in system.get("parts", []))
@@ -238,6 +361,23 @@ def build_app(state: FakeGeminiState) -> Starlette:
             pieces, finish = pieces[:limit], "MAX_TOKENS"
         if state.safety_after is not None and state.safety_after < len(pieces):
             pieces, finish = pieces[: state.safety_after], "SAFETY"
+        answering = any("functionResponse" in p for p in contents[-1]["parts"])
+        if state.call_args is not None and body.get("tools") and not answering:
+            name = body["tools"][0]["functionDeclarations"][0]["name"]
+            part: dict[str, Any] = {"functionCall": {"name": name, "args": state.call_args}}
+            if model.startswith("gemini-3"):
+                part["thoughtSignature"] = base64.b64encode(b"fake signature").decode()
+            # A call comes whole, in one event, and the answer still ends with STOP.
+            counts = {**usage, "candidatesTokenCount": 1, "totalTokenCount": words + 1}
+            candidate = {
+                "content": {"parts": [part], "role": "model"},
+                "finishReason": "STOP",
+                "index": 0,
+            }
+            event = {"candidates": [candidate], "usageMetadata": counts, "modelVersion": model}
+            if request.query_params.get("alt") != "sse":
+                return JSONResponse([event])
+            return StreamingResponse(stream([event]), media_type="text/event-stream")
         events = []
         for index, piece in enumerate(pieces):
             candidate: dict[str, Any] = {

@@ -1,6 +1,6 @@
 """Tool calls, images and reasoning at the worker's edge: the messages' contract, the
-OpenAI-compatible adapter joining streamed call pieces, and the adapters that pass text only
-refusing what they would otherwise drop."""
+OpenAI-compatible adapter joining streamed call pieces (the Anthropic and Gemini adapters':
+tests/worker/backends/test_cloud_tools.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import json
 
 import httpx
 import pytest
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
-from broker.errors import BackendProtocolError, UnsupportedRequest
+from broker.errors import BackendProtocolError
 from broker.schemas import (
     MAX_TOOLS_BYTES,
     ChatMessage,
@@ -21,9 +21,7 @@ from broker.schemas import (
     ToolFunction,
 )
 from tests.fakes.fake_openai import running_fake_openai
-from worker.backends.anthropic import AnthropicBackend
 from worker.backends.base import Chunk
-from worker.backends.google import GoogleBackend
 from worker.backends.openai_compat import OpenAICompatBackend, ToolCallAccumulator, _ToolCallDelta
 
 TOOL = ToolDefinition(function=ToolFunction(name="get_weather", parameters={"type": "object"}))
@@ -95,27 +93,3 @@ def test_llama_cpp_calls_end_the_stream_whole_and_bad_arguments_are_a_protocol_e
     bad = [{"id": "call_1", "name": "get_weather", "arguments": '{"city": '}]
     with running_fake_openai(tool_calls=bad) as fake, pytest.raises(BackendProtocolError):
         _stream(fake.url)
-
-
-@pytest.mark.parametrize("kind", ["anthropic", "google"])
-def test_text_only_adapters_refuse_tools_and_images_instead_of_dropping_them(kind: str) -> None:
-    requests: list[httpx.Request] = []
-
-    async def main(messages: tuple[ChatMessage, ...], tools: tuple[ToolDefinition, ...]) -> None:
-        transport = httpx.MockTransport(lambda r: requests.append(r) or httpx.Response(500))
-        async with httpx.AsyncClient(transport=transport) as client:
-            key = SecretStr("k")
-            backend = (
-                AnthropicBackend("claude", "https://api.example", client, key, key_source="K")
-                if kind == "anthropic"
-                else GoogleBackend("gemini", "https://api.example", client, key, key_source="K")
-            )
-            async for _chunk in backend.stream_chat("m", messages, GenerationOptions(), tools):
-                pass
-
-    with pytest.raises(UnsupportedRequest, match="tool calls"):
-        asyncio.run(main(ASK, (TOOL,)))
-    pictured = (ChatMessage(role="user", content="look", images=("iVBORw0KGgo=",)),)
-    with pytest.raises(UnsupportedRequest, match="images"):
-        asyncio.run(main(pictured, ()))
-    assert requests == []

@@ -1,29 +1,32 @@
 """The adapter for Anthropic's Messages API, in its own wire format.
 
-``stream_chat`` posts to ``/v1/messages`` with ``stream: true``: system messages go into the
-top-level ``system`` field, the rest into ``messages``; the key travels in ``x-api-key`` with
-an ``anthropic-version`` header. The answer is a Server-Sent Events sequence: ``message_start``
-(input tokens), per content block ``content_block_start`` / ``content_block_delta`` (text) /
-``content_block_stop``, ``message_delta`` (stop reason, output tokens), ``message_stop``, with
-``ping`` events anywhere. An ``error`` event (``overloaded_error`` and the like) may come at any
-point, also after the 200 header. ``inventory`` reads ``GET /v1/models`` (cached).
+``stream_chat`` posts to ``/v1/messages`` with ``stream: true`` (the body, tools and images
+included, is built in ``anthropic_wire``); the key travels in ``x-api-key`` with an
+``anthropic-version`` header. The answer is a Server-Sent Events sequence: ``message_start``
+(input tokens), per content block ``content_block_start`` / ``content_block_delta`` (text, or
+a ``tool_use`` block's input in ``input_json_delta`` pieces, yielded as one whole call at its
+``content_block_stop``) / ``content_block_stop``, ``message_delta`` (stop reason, output
+tokens), ``message_stop``, with ``ping`` events anywhere. An ``error`` event
+(``overloaded_error`` and the like) may come at any point, also after the 200 header.
+``inventory`` reads ``GET /v1/models`` (cached).
 Anthropic has no sampling seed: ``seed`` is not sent. ``effort`` becomes a ``thinking`` budget
 (its ``thinking_delta`` blocks are not part of the answer, so they are not streamed).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from dataclasses import dataclass, field
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from broker.errors import BackendError, ContentBlocked
-from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, ToolDefinition
-from worker.backends.base import AdapterIdentity, Chunk, refuse_beyond_text
+from broker.errors import BackendError, BackendProtocolError, ContentBlocked
+from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, ToolCall, ToolDefinition
+from worker.backends.anthropic_wire import messages_request_body
+from worker.backends.base import AdapterIdentity, Chunk
 from worker.backends.cloud import ModelCache, RateLimits
-from worker.backends.effort import anthropic_thinking
 from worker.backends.http_errors import ErrorReport, HttpErrors, Scrubber, error_text, url_secrets
 from worker.backends.sse import SSEDecoder, lines_to_the_end
 
@@ -45,7 +48,12 @@ ERROR_STATUS = {
 """Anthropic's error types and the HTTP status each stands for (an ``error`` event in a
 stream has only the type)."""
 
-FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+}
 
 
 class _Wire(BaseModel):
@@ -64,7 +72,15 @@ class _Message(_Wire):
 class _Delta(_Wire):
     type: str = ""
     text: str | None = None
+    partial_json: str | None = None
+    """A piece of a ``tool_use`` block's input (``input_json_delta``): JSON once all joined."""
     stop_reason: str | None = None
+
+
+class _ContentBlock(_Wire):
+    type: str = ""
+    id: str | None = None
+    name: str | None = None
 
 
 class _Error(_Wire):
@@ -74,10 +90,22 @@ class _Error(_Wire):
 
 class _Event(_Wire):
     type: str
+    index: int = 0
+    content_block: _ContentBlock | None = None
     message: _Message | None = None
     delta: _Delta | None = None
     usage: _Usage | None = None
     error: _Error | None = None
+
+
+@dataclass
+class _ToolUse:
+    """A ``tool_use`` block being streamed: its id and name came first, its input comes in
+    ``input_json_delta`` pieces."""
+
+    id: str
+    name: str
+    pieces: list[str] = field(default_factory=list)
 
 
 class _ErrorBody(_Wire):
@@ -92,34 +120,6 @@ class _ModelPage(_Wire):
     data: list[_ListedModel] = Field(default_factory=list)
     has_more: bool = False
     last_id: str | None = None
-
-
-def messages_request_body(
-    model: str, messages: Sequence[ChatMessage], options: GenerationOptions, max_tokens: int
-) -> dict[str, Any]:
-    system = "\n\n".join(m.content for m in messages if m.role == "system")
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [
-            {"role": m.role, "content": m.content} for m in messages if m.role != "system"
-        ],
-        "max_tokens": options.max_tokens or max_tokens,
-        "stream": True,
-    }
-    if system:
-        body["system"] = system
-    thinking = anthropic_thinking(options.effort) if options.effort else None
-    if thinking is not None:
-        body["thinking"] = thinking
-        # The budget is part of max_tokens, which must exceed it: the answer keeps its own.
-        body["max_tokens"] += thinking["budget_tokens"]
-    if options.temperature is not None and thinking is None:
-        # Anthropic's range is 0..1; corral's is OpenAI's 0..2. Thinking refuses any
-        # temperature but its own.
-        body["temperature"] = min(options.temperature, 1.0)
-    if options.stop:
-        body["stop_sequences"] = list(options.stop)
-    return body
 
 
 class AnthropicBackend(AdapterIdentity):
@@ -186,13 +186,13 @@ class AnthropicBackend(AdapterIdentity):
         options: GenerationOptions,
         tools: Sequence[ToolDefinition] = (),
     ) -> AsyncIterator[Chunk]:
-        refuse_beyond_text(f"anthropic backend {self.name!r}", messages, tools)
-        body = messages_request_body(model, messages, options, self._max_tokens)
+        body = messages_request_body(model, messages, options, self._max_tokens, tools)
         decoder = SSEDecoder()
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
         stop_reason: str | None = None
         stopped = False
+        uses: dict[int, _ToolUse] = {}  # the tool_use blocks open now, by block index
         with self._errors.translating():
             async with self._client.stream(
                 "POST", f"{self._base_url}/v1/messages", json=body, headers=self._headers()
@@ -208,9 +208,18 @@ class AnthropicBackend(AdapterIdentity):
                         raise self._stream_error(event.error, model)
                     if event.type == "message_start" and event.message is not None:
                         prompt_tokens = event.message.usage.input_tokens
+                    elif event.type == "content_block_start" and event.content_block is not None:
+                        block = event.content_block
+                        if block.type == "tool_use":
+                            uses[event.index] = _ToolUse(block.id or "", block.name or "")
                     elif event.type == "content_block_delta" and event.delta is not None:
                         if event.delta.type == "text_delta" and event.delta.text:
                             yield Chunk(text=event.delta.text)
+                        elif event.delta.type == "input_json_delta" and event.index in uses:
+                            uses[event.index].pieces.append(event.delta.partial_json or "")
+                    elif event.type == "content_block_stop" and event.index in uses:
+                        call = self._whole_call(uses.pop(event.index))
+                        yield Chunk(text="", tool_calls=(call,))
                     elif event.type == "message_delta":
                         if event.delta is not None and event.delta.stop_reason:
                             stop_reason = event.delta.stop_reason
@@ -241,6 +250,26 @@ class AnthropicBackend(AdapterIdentity):
         except ValidationError:
             raise self._errors.bad_payload(
                 "an event that is not a Messages stream event", data
+            ) from None
+
+    def _whole_call(self, use: _ToolUse) -> ToolCall:
+        """A finished ``tool_use`` block as a call; its input must be a JSON object."""
+        text = "".join(use.pieces).strip() or "{}"
+        try:
+            arguments = json.loads(text)
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict) or not use.id or not use.name:
+            raise BackendProtocolError(
+                f"{self._errors.where} sent a bad tool_use block (id {use.id!r}, name"
+                f" {use.name!r}): its input is not a JSON object"
+            )
+        try:
+            return ToolCall(id=use.id, name=use.name, arguments=arguments)
+        except ValidationError as exc:
+            raise BackendProtocolError(
+                f"{self._errors.where} sent a tool_use block corral cannot carry: "
+                f"{exc.errors()[0]['msg']}"
             ) from None
 
     def _stream_error(self, error: _Error | None, model: str) -> BackendError:

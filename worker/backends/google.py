@@ -1,14 +1,16 @@
 """The adapter for Google's Gemini API (generativelanguage.googleapis.com), in its own format.
 
 ``stream_chat`` posts to ``/v1beta/models/{model}:streamGenerateContent?alt=sse`` with
-``contents`` (roles ``user`` and ``model``, text ``parts``), the system messages as
-``systemInstruction`` and the options in ``generationConfig``. Each ``data:`` event is a whole
-``GenerateContentResponse``: ``candidates[0].content.parts`` carry the new text, the last adds
-``finishReason`` and ``usageMetadata``; there is no end sentinel, the body just ends. A prompt
-the safety filter blocks is answered 200 with ``promptFeedback.blockReason`` and no candidate;
-an answer it stops ends with ``finishReason: SAFETY`` (both ``ContentBlocked``). A per-day
-quota (``QuotaFailure`` with a per-day quota id) is an exhausted quota; other 429s carry
-``RetryInfo.retryDelay``. The key travels in the ``x-goog-api-key`` header, never the URL.
+``contents`` (roles ``user`` and ``model``), the system messages as ``systemInstruction``, the
+tools, and the options in ``generationConfig`` (the body is built in ``google_wire``). Each
+``data:`` event is a whole ``GenerateContentResponse``: ``candidates[0].content.parts`` carry
+the new text or a whole ``functionCall`` (a call, with Gemini's id or else ``call_<n>``), the
+last adds ``finishReason`` and ``usageMetadata``; there is no end sentinel, the body just
+ends. A prompt the safety filter blocks is answered 200 with ``promptFeedback.blockReason``
+and no candidate; an answer it stops ends with ``finishReason: SAFETY`` (both
+``ContentBlocked``). A per-day quota (``QuotaFailure`` with a per-day quota id) is an exhausted
+quota; other 429s carry ``RetryInfo.retryDelay``. The key travels in the ``x-goog-api-key``
+header, never the URL.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from broker.errors import ContentBlocked
-from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, ToolDefinition
-from worker.backends.base import AdapterIdentity, Chunk, refuse_beyond_text
+from broker.errors import BackendProtocolError, ContentBlocked
+from broker.schemas import ChatMessage, GenerationOptions, ModelInfo, ToolCall, ToolDefinition
+from worker.backends.base import AdapterIdentity, Chunk
 from worker.backends.cloud import ModelCache
-from worker.backends.effort import gemini_thinking_budget
+from worker.backends.google_wire import generate_request_body
 from worker.backends.http_errors import ErrorReport, HttpErrors, Scrubber, error_text, url_secrets
 from worker.backends.sse import SSEDecoder, lines_to_the_end
 
-__all__ = ["GoogleBackend", "generate_request_body"]
+__all__ = ["GoogleBackend", "generate_request_body"]  # the body is built in google_wire
 
 API_VERSION = "v1beta"
 BLOCKED_FINISH = frozenset(
@@ -46,9 +48,16 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
 
+class _FunctionCall(_Wire):
+    id: str | None = None
+    name: str = ""
+    args: dict[str, Any] | None = None
+
+
 class _Part(_Wire):
     text: str | None = None
     thought: bool = False
+    function_call: _FunctionCall | None = Field(default=None, alias="functionCall")
 
 
 class _Content(_Wire):
@@ -96,35 +105,6 @@ class _ListedModel(_Wire):
 class _ModelPage(_Wire):
     models: list[_ListedModel] = Field(default_factory=list)
     next_page: str | None = Field(default=None, alias="nextPageToken")
-
-
-def generate_request_body(
-    messages: Sequence[ChatMessage], options: GenerationOptions, model: str = ""
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "contents": [
-            {"role": "model" if m.role == "assistant" else "user", "parts": [{"text": m.content}]}
-            for m in messages
-            if m.role != "system"
-        ]
-    }
-    system = [{"text": m.content} for m in messages if m.role == "system"]
-    if system:
-        body["systemInstruction"] = {"parts": system}
-    config: dict[str, Any] = {}
-    if options.temperature is not None:
-        config["temperature"] = options.temperature
-    if options.max_tokens is not None:
-        config["maxOutputTokens"] = options.max_tokens
-    if options.stop:
-        config["stopSequences"] = list(options.stop)
-    if options.seed is not None:
-        config["seed"] = options.seed
-    if options.effort is not None:
-        config["thinkingConfig"] = {"thinkingBudget": gemini_thinking_budget(options.effort, model)}
-    if config:
-        body["generationConfig"] = config
-    return body
 
 
 def _retry_delay(details: list[dict[str, Any]]) -> float | None:
@@ -236,12 +216,12 @@ class GoogleBackend(AdapterIdentity):
         options: GenerationOptions,
         tools: Sequence[ToolDefinition] = (),
     ) -> AsyncIterator[Chunk]:
-        refuse_beyond_text(f"google backend {self.name!r}", messages, tools)
-        body = generate_request_body(messages, options, model)
+        body = generate_request_body(messages, options, model, tools)
         path = f"{self._root}/models/{model.removeprefix('models/')}:streamGenerateContent"
         decoder = SSEDecoder()
         finish: str | None = None
         usage: _UsageMetadata | None = None
+        calls = 0
         with self._errors.translating():
             async with self._client.stream(
                 "POST", path, params={"alt": "sse"}, json=body, headers=self._headers()
@@ -255,19 +235,32 @@ class GoogleBackend(AdapterIdentity):
                     usage = parsed.usage or usage
                     for candidate in parsed.candidates[:1]:
                         for part in candidate.content.parts:
-                            if part.text and not part.thought:
+                            if part.function_call is not None:
+                                # Gemini gives a call no id: number them, so a result can
+                                # name the call it answers.
+                                call = self._whole_call(part.function_call, calls)
+                                calls += 1
+                                yield Chunk(text="", tool_calls=(call,))
+                            elif part.text and not part.thought:
                                 yield Chunk(text=part.text)
                         finish = candidate.finish_reason or finish
                     if finish in BLOCKED_FINISH:
                         raise ContentBlocked(
                             f"{self._errors.where} stopped the answer: finishReason {finish}"
                         )
+                    if finish == "MALFORMED_FUNCTION_CALL":
+                        raise BackendProtocolError(
+                            f"{self._errors.where} made a function call it could not express"
+                            " (finishReason MALFORMED_FUNCTION_CALL)"
+                        )
         if finish is None:
             raise self._errors.mid_stream("the stream ended without a finishReason")
+        # Gemini ends an answer that called functions with STOP, like any other.
+        reason = "tool_calls" if calls and finish == "STOP" else None
         yield Chunk(
             text="",
             done=True,
-            finish_reason=FINISH_REASONS.get(finish, finish.lower()),
+            finish_reason=reason or FINISH_REASONS.get(finish, finish.lower()),
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
         )
@@ -276,6 +269,16 @@ class GoogleBackend(AdapterIdentity):
 
     def _headers(self) -> dict[str, str]:
         return {"x-goog-api-key": self._api_key.get_secret_value()}
+
+    def _whole_call(self, call: _FunctionCall, number: int) -> ToolCall:
+        try:
+            call_id = call.id or f"call_{number}"
+            return ToolCall(id=call_id, name=call.name, arguments=call.args or {})
+        except ValidationError as exc:
+            raise BackendProtocolError(
+                f"{self._errors.where} sent a functionCall corral cannot carry: "
+                f"{exc.errors()[0]['msg']}"
+            ) from None
 
     def _parse(self, data: str, model: str) -> _Response:
         try:

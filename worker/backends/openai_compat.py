@@ -14,7 +14,6 @@ message we build.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import secrets
@@ -37,6 +36,7 @@ from worker.backends.http_errors import (
     error_text,
     url_secrets,
 )
+from worker.backends.images import image_media_type
 from worker.backends.openai_embed import post_embeddings
 from worker.backends.sse import SSEDecoder, lines_to_the_end
 
@@ -128,20 +128,6 @@ def server_root(base_url: str) -> str:
 
 def api_root(base_url: str) -> str:
     return f"{server_root(base_url)}/v1"
-
-
-_IMAGE_MAGIC = (
-    (b"\x89PNG", "image/png"),
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"GIF8", "image/gif"),
-    (b"RIFF", "image/webp"),
-)
-
-
-def image_media_type(image_base64: str) -> str:
-    """The media type a data: URL needs, read off the image's first bytes (PNG if unknown)."""
-    head = base64.b64decode(image_base64[:16] + "=" * (-len(image_base64[:16]) % 4))
-    return next((kind for magic, kind in _IMAGE_MAGIC if head.startswith(magic)), "image/png")
 
 
 def openai_message(message: ChatMessage) -> dict[str, object]:

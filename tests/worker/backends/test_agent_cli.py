@@ -16,8 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.errors import BackendProtocolError, BackendRateLimited, BackendUnavailable, ConfigError
-from broker.schemas import ChatMessage, GenerationOptions
+from broker.errors import (
+    BackendProtocolError,
+    BackendRateLimited,
+    BackendUnavailable,
+    ConfigError,
+    UnsupportedRequest,
+)
+from broker.schemas import ChatMessage, GenerationOptions, ToolDefinition
 from tests.fakes.fake_cli import LINES, fake_cli_command, write_fake_cli
 from tests.support.servers import wait_until
 from worker.backends.agent_cli import AgentCliBackend
@@ -224,3 +230,19 @@ def test_reset_times_in_the_usual_wordings() -> None:
     epoch = int(now.timestamp()) + 600
     assert retry_after_in(f"Claude AI usage limit reached|{epoch}", now) == 600
     assert retry_after_in("usage limit reached", now) is None
+
+
+def test_tools_and_images_are_refused_not_dropped(script: Path) -> None:
+    """An agent CLI takes a text prompt: unlike the Anthropic and Gemini adapters, it cannot
+    pass tools or images on, so it says so (and the router never sends it such a job: its
+    models report only the chat capability)."""
+    tool = ToolDefinition.model_validate({"type": "function", "function": {"name": "now"}})
+
+    async def with_tools() -> None:
+        async for _ in backend(script, "stream").stream_chat(MODEL, PROMPT, OPTIONS, [tool]):
+            pass
+
+    with pytest.raises(UnsupportedRequest, match="does not pass tool calls on"):
+        asyncio.run(with_tools())
+    inventory = asyncio.run(backend(script, "stream").inventory())
+    assert all(m.capabilities == {"chat"} for m in inventory)
