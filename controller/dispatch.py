@@ -23,6 +23,7 @@ from broker.schemas import JobAssignment, JobSpec
 from broker.settings import redacted_url
 from controller.breaker import HOLD_REASONS, BreakerPhase, BreakerState, backend_target
 from controller.cluster import ClusterView
+from controller.ranking import Ranking
 from controller.router import Candidate, candidates_for
 from controller.tiers import explain_choice
 
@@ -53,8 +54,9 @@ def preferred_candidates(
     never: set[str] | None = None,
     sticky_node: str | None = None,
     limits: Mapping[str, ProviderLimits] | None = None,
-) -> list[Candidate]:
-    """Candidates in the order to try them; RoutingError when there is none.
+) -> Sequence[Candidate]:
+    """Candidates in the order to try them; RoutingError when there is none. Made as they
+    are read (``controller.ranking.Ranking``): a caller stops at the first it can use.
 
     Open breakers keep their targets out, as do backends whose provider is at its configured
     rate limit (``limits``) and ``node/backend`` targets in ``never``; those in ``avoid``
@@ -76,7 +78,8 @@ def preferred_candidates(
     ranked = most_quota_first(ranked, view)
     if not avoid:
         return ranked  # the common case: no copy of the ranking
-    return [c for c in ranked if c.backend_target not in avoid] or ranked
+    preferred = Ranking(c for c in ranked if c.backend_target not in avoid)
+    return preferred if preferred else ranked
 
 
 def most_quota_first(ranked: list[Candidate], view: ClusterView) -> list[Candidate]:
