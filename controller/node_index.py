@@ -166,6 +166,8 @@ class QueryRanking(NamedTuple):
     sorted_buckets: list[list[str] | None]
     """Each bucket's targets by their slot in this view, once a decision read past its best
     (``controller.ranking.in_rank_order``); None until then."""
+    bests: list[str | None]
+    """Each bucket's best target in this view once looked for ("": none can take jobs)."""
 
 
 def holder_group(
@@ -398,7 +400,8 @@ class NodeIndex(Sequence["NodeState"]):
                 if found_group is None:
                     found_group = self._groups[query[1]] = holder_group(tag_holders())
                 group = found_group
-            found = self._rankings[query] = QueryRanking(group, [None] * len(group.buckets))
+            count = len(group.buckets)
+            found = self._rankings[query] = QueryRanking(group, [None] * count, [None] * count)
         return found
 
     def with_queued(self, extra: Mapping[str, int]) -> NodeIndex:

@@ -56,12 +56,15 @@ def in_rank_order(
             # Most jobs take the first candidate: find the bucket's best without sorting it,
             # by looking its targets up, or for a bucket holding many of the view's backends,
             # by walking the view's order to the first of them (about n / bucket steps).
-            best: str | None
-            if len(group_targets) ** 2 > len(order):
-                best = next(filter(group_targets.__contains__, order), None)
-            else:
-                best = min(group_targets, key=by_slot)
-            if best is None or slots[best] == span:
+            best = ranking.bests[bucket]
+            if best is None:
+                if len(group_targets) ** 2 > len(order):
+                    best = next(filter(group_targets.__contains__, order), "")
+                else:
+                    best = min(group_targets, key=by_slot)
+                    best = best if slots[best] != span else ""
+                ranking.bests[bucket] = best
+            if not best:
                 continue  # no target of this bucket can take jobs in this view
             targets = [best]
         while start < len(targets):
