@@ -2,17 +2,23 @@
 
 Synthetic fleets, no Redis: every node holds 100 models drawn from a catalog of 1,000 (so a model
 is on about a tenth of the nodes), one in ten loaded, and two tags of twenty. Measured per
-fleet size: a job naming a model, a job naming tags, each through the index the cluster view
-keeps (``NodeIndex``, built once per view), the first time the view is asked about that model or
-those tags (each view a new cluster read where a quarter of the nodes have a new load, patched
-from the previous view's rankings) and then again (the ranking is kept for the view's life,
-``route_cache_s``), and
-through the old scan of every model of every node; and the time to build the index. A last
-row names a model every node holds: the candidates themselves are then the fleet. First
-decisions are timed in wall time and in the thread's CPU time (a shared machine's scheduler
-shows in the first, not the second). After building a fleet of 100 nodes or more it does what
-the cluster reader does after such a read, ``settle_parsed_inventories`` (``--no-settle``:
-not).
+fleet size, for a job naming a model and a job naming tags, through the index the cluster view
+keeps (``NodeIndex``, built once per view); each view is a new cluster read where a quarter of
+the nodes have a new load. A decision is what a job does: rank, and take the best candidate
+(the router's answer makes candidates as they are read).
+
+- first in view: the first decision of a view for a query an earlier view asked too (wall and
+  the thread's CPU time: a shared machine's scheduler shows in the first, not the second);
+- inventory changed: the first decision after the best node loaded and unloaded a model;
+- first ask: the first decision for a query no earlier view asked (its holders grouped);
+- all made: a first decision in view that makes every candidate (``list``), as a caller
+  printing the whole ranking would;
+- repeat: again in the same view (the query's ranking is kept for the view's life,
+  ``route_cache_s``); scan: the old scan of every model of every node.
+
+And the time to build the index. A last row names a model every node holds: the candidates
+themselves are then the fleet. After building a fleet of 100 nodes or more it does what the
+cluster reader does after such a read, ``settle_parsed_inventories`` (``--no-settle``: not).
 
     python -m benchmarks.routing [--quick] [--no-settle]
 """
@@ -33,7 +39,7 @@ from rich.table import Table
 from broker.schemas import BackendInfo, ChatMessage, JobSpec, ModelInfo, NodeInfo
 from controller.cluster import FREEZE_AFTER_PARSING, settle_parsed_inventories
 from controller.node_index import NodeIndex
-from controller.router import NodeState, rank_candidates, rank_candidates_by_scan
+from controller.router import Candidate, NodeState, rank_candidates, rank_candidates_by_scan
 
 CATALOG = [f"model{i:04d}:7b" for i in range(1000)]
 EVERYWHERE = "common:8b"
@@ -77,6 +83,23 @@ def next_read(fleet: list[NodeState], rng: random.Random) -> list[NodeState]:
     ]
 
 
+def swap_loaded(fleet: list[NodeState], name: str) -> None:
+    """Node ``name`` of ``fleet`` loads its first unloaded model and unloads a loaded one
+    (a new inventory, as after an Ollama swap)."""
+    at = next(i for i, s in enumerate(fleet) if s.name == name)
+    state = fleet[at]
+    backend = state.info.backends[0]
+    models = list(backend.models)
+    loaded = [i for i, m in enumerate(models) if m.loaded]
+    idle = next(i for i, m in enumerate(models) if not m.loaded)
+    models[idle] = models[idle].model_copy(update={"loaded": True})
+    if loaded:
+        models[loaded[0]] = models[loaded[0]].model_copy(update={"loaded": False})
+    backend = backend.model_copy(update={"models": tuple(models)})
+    info = state.info.model_copy(update={"backends": (backend,)})
+    fleet[at] = replace(state, info=info)
+
+
 def job(model: str | None = None, tags: frozenset[str] = frozenset()) -> JobSpec:
     return JobSpec(
         job_id="bench-job-0001",
@@ -85,6 +108,12 @@ def job(model: str | None = None, tags: frozenset[str] = frozenset()) -> JobSpec
         tags=tags,
         created_at=0,
     )
+
+
+def decide(spec: JobSpec, view: NodeIndex) -> Candidate | None:
+    """A routing decision as a job makes it: rank, and take the best candidate (a failover
+    takes the next; the clients stop at the first whose breaker lets it through)."""
+    return next(iter(rank_candidates(spec, view)), None)
 
 
 def time_us(call: Callable[[], object], runs: int, cpu: list[float] | None = None) -> list[float]:
@@ -126,6 +155,12 @@ def main() -> int:
         "first p99",
         "first CPU p50",
         "first CPU p99",
+        "inventory changed CPU p50",
+        "inventory changed CPU p99",
+        "first ask CPU p50",
+        "first ask CPU p99",
+        "all made p50",
+        "all made p99",
         "repeat p50",
         "repeat p99",
         "scan p50",
@@ -163,16 +198,36 @@ def main() -> int:
             specs = [make() for _ in range(runs)]
             first: list[float] = []
             first_cpu: list[float] = []
+            changed_cpu: list[float] = []
+            first_ask_cpu: list[float] = []
+            first_all: list[float] = []
             repeat: list[float] = []
+            asked: set[tuple[str | None, frozenset[str]]] = set()
             view = index
             for spec in specs:
-                # The next cluster read: a quarter of the nodes have a new load (at 2 s
-                # heartbeats and 0.5 s reads), the rest are the very same objects.
+                # Each step is a new cluster read: a quarter of the nodes have a new load (at
+                # 2 s heartbeats and 0.5 s reads), the rest are the very same objects.
                 view = NodeIndex(next_read(fleet, rng), previous=view)
-                first += time_us(
-                    lambda spec=spec, view=view: rank_candidates(spec, view), 1, first_cpu
+                ask = time_us(lambda spec=spec, view=view: decide(spec, view), 1, [])
+                if (spec.model, spec.tags) not in asked:
+                    first_ask_cpu += ask  # no earlier view asked it
+                    asked.add((spec.model, spec.tags))
+                # The usual first decision of a view: an earlier view asked the same query.
+                view = NodeIndex(next_read(fleet, rng), previous=view)
+                first += time_us(lambda spec=spec, view=view: decide(spec, view), 1, first_cpu)
+                repeat += time_us(lambda spec=spec, view=view: decide(spec, view), 1)
+                # A node that can serve the job loads or unloads a model (an inventory
+                # change, kept by later reads).
+                best = decide(spec, view)
+                if best is not None:
+                    swap_loaded(fleet, best.node)
+                view = NodeIndex(next_read(fleet, rng), previous=view)
+                time_us(lambda spec=spec, view=view: decide(spec, view), 1, changed_cpu)
+                # Another read, where the same job is ranked whole (every candidate made).
+                view = NodeIndex(next_read(fleet, rng), previous=view)
+                first_all += time_us(
+                    lambda spec=spec, view=view: list(rank_candidates(spec, view)), 1
                 )
-                repeat += time_us(lambda spec=spec, view=view: rank_candidates(spec, view), 1)
             scan_it = iter(specs)
             scanned = time_us(
                 lambda it=scan_it, fleet=fleet: rank_candidates_by_scan(next(it), fleet), scan_runs
@@ -181,6 +236,7 @@ def main() -> int:
             if size == 1000 and label != "model on every node":
                 worst[f"{label} first"] = percentile(first, 99)
                 worst[f"{label} first, CPU time"] = percentile(first_cpu, 99)
+                worst[f"{label} after an inventory change, CPU time"] = percentile(changed_cpu, 99)
                 worst[f"{label} repeat"] = percentile(repeat, 99)
             table.add_row(
                 str(size),
@@ -188,7 +244,15 @@ def main() -> int:
                 f"{count:.0f}",
                 *(
                     f"{percentile(values, q):.0f}"
-                    for values in (first, first_cpu, repeat, scanned)
+                    for values in (
+                        first,
+                        first_cpu,
+                        changed_cpu,
+                        first_ask_cpu,
+                        first_all,
+                        repeat,
+                        scanned,
+                    )
                     for q in (50, 99)
                 ),
             )

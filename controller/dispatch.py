@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
+from itertools import chain, islice, takewhile
 from typing import Any
 
 import kombu.exceptions
@@ -23,6 +24,7 @@ from broker.schemas import JobAssignment, JobSpec
 from broker.settings import redacted_url
 from controller.breaker import HOLD_REASONS, BreakerPhase, BreakerState, backend_target
 from controller.cluster import ClusterView
+from controller.ranking import Ranking
 from controller.router import Candidate, candidates_for
 from controller.tiers import explain_choice
 
@@ -53,8 +55,9 @@ def preferred_candidates(
     never: set[str] | None = None,
     sticky_node: str | None = None,
     limits: Mapping[str, ProviderLimits] | None = None,
-) -> list[Candidate]:
-    """Candidates in the order to try them; RoutingError when there is none.
+) -> Sequence[Candidate]:
+    """Candidates in the order to try them; RoutingError when there is none. Made as they
+    are read (``controller.ranking.Ranking``): a caller stops at the first it can use.
 
     Open breakers keep their targets out, as do backends whose provider is at its configured
     rate limit (``limits``) and ``node/backend`` targets in ``never``; those in ``avoid``
@@ -76,31 +79,32 @@ def preferred_candidates(
     ranked = most_quota_first(ranked, view)
     if not avoid:
         return ranked  # the common case: no copy of the ranking
-    return [c for c in ranked if c.backend_target not in avoid] or ranked
+    preferred = Ranking(c for c in ranked if c.backend_target not in avoid)
+    return preferred if preferred else ranked
 
 
-def most_quota_first(ranked: list[Candidate], view: ClusterView) -> list[Candidate]:
+def most_quota_first(ranked: Sequence[Candidate], view: ClusterView) -> Sequence[Candidate]:
     """``ranked`` with its leading routes of a paid tier (a subscription, a metered API)
     ordered by the share of their provider's quota left, most first; a route whose heartbeat
     says nothing counts as having all of it. Only the leading group: a job takes the first
     candidate, and a failed attempt asks for candidates again.
 
     Local routes stay as ranked (spare capacity is their headroom), so a fleet that answers
-    from its own machines never pays for this."""
-    if len(ranked) < 2 or ranked[0].tier == "local":
+    from its own machines never pays for this. Reads ``ranked`` only as far as the leading
+    group (the router makes candidates as they are read)."""
+    if not ranked or ranked[0].tier == "local":
         return ranked
     first = ranked[0]
-    size = 1
-    while size < len(ranked) and _same_group(ranked[size], first):
-        size += 1
+    leading = list(takewhile(lambda c: _same_group(c, first), ranked))
+    size = len(leading)
     if size < 2:
         return ranked
-    left = [_quota_left(view, c) for c in ranked[:size]]
+    left = [_quota_left(view, c) for c in leading]
     if all(share == 1.0 for share in left):
         return ranked
     # sorted() is stable: equal shares keep the router's order (spare capacity, latency...).
-    group = [c for _, c in sorted(zip(left, ranked[:size], strict=True), key=lambda p: -p[0])]
-    return group + ranked[size:]
+    group = [c for _, c in sorted(zip(left, leading, strict=True), key=lambda p: -p[0])]
+    return Ranking(chain(group, islice(ranked, size, None)))
 
 
 def _same_group(c: Candidate, first: Candidate) -> bool:

@@ -6,10 +6,10 @@ with generated clusters (see tests/controller/test_router.py).
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 from typing import NamedTuple
 
 from broker.errors import NoNodeAvailable, PromptTooLong, RoutingError, UnknownModel, UnknownNode
@@ -22,7 +22,8 @@ from broker.schemas import (
     canonical_model_name,
 )
 from broker.tiers import TIER_ORDER, tier_of_kind
-from controller.node_index import BackendOffer, NodeIndex, Ranked, RankingQuery
+from controller.node_index import ModelHolder, NodeIndex, RankingQuery, model_holder
+from controller.ranking import Ranking, in_rank_order
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +187,7 @@ def _largest_window(
 
 
 def too_long_error(
-    spec: JobSpec, candidates: list[Candidate], state_of: Callable[[str], NodeState | None]
+    spec: JobSpec, candidates: Sequence[Candidate], state_of: Callable[[str], NodeState | None]
 ) -> PromptTooLong:
     """Why none of ``candidates`` (all too small) can take the job, naming the largest."""
     windows = [(*_largest_window(spec, c, state_of), c.node) for c in candidates]
@@ -250,7 +251,7 @@ def rank_candidates(
     exclude_nodes: Collection[str] = (),
     sticky_node: str | None = None,
     fit_context: bool = True,
-) -> list[Candidate]:
+) -> Sequence[Candidate]:
     """Every (node, backend, model) able to serve ``spec``, best first.
 
     Filters: node up, not excluded (already tried), not behind an open breaker (``blocked``
@@ -262,7 +263,9 @@ def rank_candidates(
 
     ``nodes`` is best given as a ``NodeIndex`` (the cluster view keeps one): then only the
     backends holding a wanted model, or the nodes offering the job's tags, are looked at. A
-    plain list is indexed first. The answer is the same as ``rank_candidates_by_scan``'s.
+    plain list is indexed first. The answer is the same as ``rank_candidates_by_scan``'s; from
+    an index it is a ``Ranking``, which makes each candidate only when it is read (a job
+    takes the first, a failover the next: the rest are never made).
     """
     if spec.route_url is not None:
         # Placing a route's job is its own module's business (it builds on this one).
@@ -293,133 +296,70 @@ def rank_candidates(
         if wanted is not None
         else [("tags", spec.tags)]
     )
-    changed = index.requeued
-    out: list[Candidate] = []
-    for choice, query in enumerate(queries):
-        ranking = index.ranking(query, partial(_ranked, index, query, base=True))
-        tag_filter = spec.tags if query[0] == "model" else frozenset()
-        if blocked or exclude_nodes or changed or tag_filter:
-            skip = {*blocked, *exclude_nodes, *changed}
-            if blocked or tag_filter:
-                kept = [
-                    r
-                    for r in ranking
-                    if r.node not in skip and r.target not in blocked and tag_filter <= r.provides
-                ]
-            else:  # the usual case: only the nodes sent to since the view was read
-                kept = [r for r in ranking if r.node not in skip]
-            if changed:
-                for r in _ranked(index, query, changed, base=False):
-                    if (
-                        r.node not in blocked
-                        and r.node not in exclude_nodes
-                        and r.target not in blocked
-                        and tag_filter <= r.provides
-                    ):
-                        # A few nodes: put each in its place rather than sort the lot.
-                        bisect.insort(kept, r, key=_by_key)
-            ranking = kept
-        if choice:
-            out += [r.candidate._replace(choice=choice) for r in ranking]
-        else:
-            out += [r.candidate for r in ranking]
-    if sticky_node is not None:
-        first = [c._replace(sticky=True) for c in out if c.node == sticky_node]
-        if first:
-            out = first + [c for c in out if c.node != sticky_node]
-    return fitting_context(spec, out, index.state) if fit_context else out
 
+    # The answer is read after this returns: it must see the filters as they are now.
+    blocked, exclude_nodes = frozenset(blocked), frozenset(exclude_nodes)
 
-def _by_key(ranked: Ranked) -> tuple[bool, int, int, bool, int, float, int, str, str]:
-    return ranked.key
+    def holders_in_order() -> Iterator[tuple[int, ModelHolder]]:
+        # Model by model of the alias (the key's ``choice``), each model's holders ranked.
+        for choice, query in enumerate(queries):
+            tags = query[1] if query[0] == "tags" else frozenset()
+            ranking = index.ranking(query, partial(_tag_holders, index, tags))
+            ordered = in_rank_order(
+                index,
+                ranking,
+                exclude_nodes=exclude_nodes,
+                blocked=blocked,
+                tags=spec.tags if query[0] == "model" else frozenset(),
+            )
+            for holder in ordered:
+                yield choice, holder
 
-
-def _ranked(
-    index: NodeIndex, query: RankingQuery, only: Collection[str] | None, *, base: bool
-) -> list[Ranked]:
-    """Every candidate for ``query`` on this view, best first, before a job's own filters
-    (breakers, nodes tried, extra tags, session): what the index keeps per view and query.
-    ``only``: just these nodes. ``base``: the nodes as the view was read; else with the jobs
-    sent since (``with_queued``)."""
-    lookup = index.base_state if base else index.state
-    out: list[Ranked] = []
-    if query[0] == "model":
-        for holder in index.holders(query[1]):
-            if not holder.chats or (only is not None and holder.node not in only):
+    def made(sticky: bool | None) -> Iterator[Candidate]:
+        """Candidates of the holders in order: all (``sticky`` None), or only those on the
+        session's node (True) or only those elsewhere (False)."""
+        for choice, holder in holders_in_order():
+            if sticky is not None and (holder.node == sticky_node) is not sticky:
                 continue
-            state = lookup(holder.node)
-            if state is None or not state.up:
-                continue
-            backend = state.info.backends[holder.offer.position]
-            if backend.healthy:
-                out.append(_ranked_one(state, backend, holder.model, holder.offer, holder.provides))
-    else:
-        tags = query[1]
-        for name in index.nodes_offering(tags) if only is None else only:
-            state = lookup(name)
-            entry = index.entry(name)
-            # ``only`` (the nodes changed since the last view) may name nodes that cannot meet
-            # the tags: skipped here, before looking at each of their models.
-            if state is None or entry is None or not state.up or not tags <= entry.provides:
-                continue
-            for offer in entry.offers:
-                backend = state.info.backends[offer.position]
-                if not backend.healthy:
-                    continue
-                if tags <= state.info.tags:
-                    # Every chat model meets the tags: the pick is known in advance.
-                    picks = [(0, offer.default_pick)] if offer.default_pick is not None else []
-                else:
-                    picks = _choices_on_backend(state.info, backend, None, tags)
-                for _, model in picks:
-                    out.append(_ranked_one(state, backend, model, offer, tags))
-    out.sort(key=_by_key)
+            state = index.state(holder.node)
+            if state is not None:
+                backend = state.info.backends[holder.offer.position]
+                yield _candidate(state, backend, holder.model, choice, sticky_node)
+
+    # The session's node first: it holds the conversation (its candidates are walked twice).
+    candidates = made(None) if sticky_node is None else chain(made(True), made(False))
+    need = estimated_tokens(spec)
+    if not fit_context or need <= SMALLEST_CONTEXT:
+        return Ranking(candidates)
+    if spec.model is not None:
+        # Too small a window only drops a candidate (no other model is swapped in): in order.
+        return Ranking(
+            c for c in candidates if c.context_length is None or c.context_length >= need
+        )
+    return fitting_context(spec, list(candidates), index.state)
+
+
+def _tag_holders(index: NodeIndex, tags: frozenset[str]) -> list[ModelHolder]:
+    """Every holder that could take a chat job needing ``tags`` and naming no model, as far as
+    the inventory says, before a job's own filters (breakers, nodes tried, session) and the
+    view's (up, healthy: ``NodeIndex.slots``)."""
+    out: list[ModelHolder] = []
+    for name in index.nodes_offering(tags):
+        entry = index.entry(name)
+        if entry is None or not tags <= entry.provides:
+            continue
+        if tags <= entry.tags:
+            # Every chat model meets the tags: the pick is known in advance.
+            out += [h for h in entry.default_holders if h is not None]
+            continue
+        state = index.state(name)
+        if state is None:
+            continue
+        for offer in entry.offers:
+            backend = state.info.backends[offer.position]
+            for _, model in _choices_on_backend(state.info, backend, None, tags):
+                out.append(model_holder(name, entry.tags, offer, model))
     return out
-
-
-def _ranked_one(
-    state: NodeState,
-    backend: BackendInfo,
-    model: ModelInfo,
-    offer: BackendOffer,
-    provides: frozenset[str],
-) -> Ranked:
-    """A candidate of a kept ranking (no alias choice, no session) with its sort key: the
-    per-candidate step of every first decision in a view, so it builds both in one go."""
-    info = state.info
-    node = info.name
-    load = info.in_flight + state.queued
-    spare = min(info.capacity - load, backend.capacity - backend.in_flight)
-    latency = backend.latency_ms
-    backend_name = backend.name
-    tier = tier_of_kind(backend.kind)
-    # The same key as _rank_key(candidate), made directly: one tuple fewer per candidate.
-    key = (
-        True,
-        0,
-        TIER_ORDER.get(tier, 0),
-        not model.loaded,
-        -spare,
-        0.0 if latency is None else latency,
-        load,
-        node,
-        backend_name,
-    )
-    candidate = Candidate(
-        node,
-        backend_name,
-        model.name,
-        model.loaded,
-        spare,
-        load,
-        0,
-        False,
-        latency,
-        info.instance,
-        tier,
-        context_length=model.context_length,
-    )
-    return Ranked(key, candidate, node, offer.target, provides)
 
 
 def _usable(state: NodeState, blocked: Collection[str], exclude_nodes: Collection[str]) -> bool:
@@ -594,7 +534,7 @@ def candidates_for(
     aliases: Mapping[str, Sequence[str]] | None = None,
     exclude_nodes: Collection[str] = (),
     sticky_node: str | None = None,
-) -> list[Candidate]:
+) -> Sequence[Candidate]:
     """Like ``rank_candidates``, but raises the RoutingError that explains an empty answer."""
     candidates = rank_candidates(
         spec,

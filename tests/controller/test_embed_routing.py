@@ -68,7 +68,7 @@ def test_unknown_or_chat_only_models_are_unknown_embedding_models() -> None:
 
 def test_a_node_that_does_not_say_what_its_models_do_gets_no_embed_job() -> None:
     silent = [node("old", {"mystery:latest": True})]  # no capabilities: assumed chat
-    assert rank_candidates(make_embed_spec(["a"]), silent) == []
+    assert not rank_candidates(make_embed_spec(["a"]), silent)
     assert [c.node for c in rank_candidates(job(), silent)] == ["old"]
 
 

@@ -128,4 +128,4 @@ def test_the_index_and_the_scan_agree_on_context() -> None:
     nodes.append(node("two", {"small": 8192, "big": 65536}, loaded=frozenset({"small"})))
     for chars in (4 * 1000, 4 * 9000, 4 * 17_000, 4 * 30_000):
         spec = job(chars)
-        assert rank_candidates(spec, nodes) == rank_candidates_by_scan(spec, nodes)
+        assert list(rank_candidates(spec, nodes)) == rank_candidates_by_scan(spec, nodes)

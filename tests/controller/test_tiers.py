@@ -80,7 +80,7 @@ FLEET = [
 
 def order(nodes: list[NodeState], blocked: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     ranked = rank_candidates(job(), nodes, blocked, aliases=ALIASES)
-    assert ranked == rank_candidates_by_scan(job(), nodes, blocked, aliases=ALIASES)
+    assert list(ranked) == rank_candidates_by_scan(job(), nodes, blocked, aliases=ALIASES)
     return [(c.node, c.tier) for c in ranked]
 
 
