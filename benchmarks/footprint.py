@@ -9,8 +9,8 @@ and what its imports cost.
    Beside it, idle plain Celery workers (``benchmarks.celery_noop``): on corral's Celery
    settings, and from Celery alone, which is the floor any Celery-based worker starts from.
 2. What imports cost: the RSS of a fresh interpreter after importing each layer in turn
-   (bare Python, then pydantic, redis, httpx, celery, the worker's own modules), and the
-   slowest imports by ``python -X importtime``.
+   (bare Python, then pydantic, redis, httpx, celery, the worker's own modules, and what a
+   running node imports on top), and the slowest imports by ``python -X importtime``.
 
     python -m benchmarks.footprint [--quick] [--idle-s 30]
 """
@@ -38,10 +38,13 @@ _LEAN_IMPORTS = "exec(compile(open('worker/lean_imports.py').read(), 'lean_impor
 IMPORT_LAYERS: tuple[tuple[str, str], ...] = (
     ("bare interpreter", ""),
     ("pydantic, pydantic-settings", "import pydantic, pydantic_settings"),
-    ("redis (sync and asyncio)", "import redis, redis.asyncio"),
-    # Before httpx, as in the worker: it keeps httpx's CLI, PyYAML and psutil out (run from its
-    # file, since importing the worker package would import everything below).
-    ("worker/lean_imports.py (kombu.serialization, celery.utils.debug)", _LEAN_IMPORTS),
+    # Next, as in the worker (its package imports it first): redis-py (sync and asyncio),
+    # kombu's serializers and Celery's debug helpers without OpenTelemetry, PyYAML and psutil,
+    # and httpx's CLI kept out (run from its file: the worker package imports everything below).
+    (
+        "worker/lean_imports.py (redis-py, kombu.serialization, celery.utils.debug)",
+        _LEAN_IMPORTS,
+    ),
     ("httpx", "import httpx"),
     ("click", "import click"),
     (
@@ -50,6 +53,11 @@ IMPORT_LAYERS: tuple[tuple[str, str], ...] = (
     ),
     ("broker.*", "import broker.celery_app, broker.schemas, broker.settings"),
     ("worker (python -m worker's imports)", "import worker.__main__"),
+    (
+        "imported once running (Celery's consumer, the Ollama adapter, httpcore on anyio)",
+        "import celery.worker.consumer, celery.concurrency.solo, worker.backends.ollama, "
+        "httpcore, h11, anyio._backends._asyncio",
+    ),
 )
 
 

@@ -1,9 +1,23 @@
 """What each model can do and what it costs: the capability and price tables.
 
-Both ship as data files (``broker/data/capabilities.yaml``, ``broker/data/prices.yaml``), keyed
-by provider and model-name glob; corral.yaml's ``capabilities:`` and ``prices:`` sections
-override or extend them in the same shape. Reading the shipped files is I/O, so it happens on
-the first call of ``shipped_catalog()``, never at import.
+Both ship as data files (``broker/data/capabilities.json``, ``broker/data/prices.json``), keyed
+by provider (anthropic, openai, gemini, mistral, deepseek, and local for Ollama, llama.cpp and
+the simulated backend) and model-name glob; within a provider the first glob that matches wins,
+so specific patterns come before general ones. A capability row says: context (tokens in + out,
+the trained length for local models), max_output, tools, vision, thinking (a reasoning control
+that ``--effort`` maps onto), json (a JSON output mode); a price row: input and output, USD per
+million tokens, list prices without caching or batch discounts (local models are not priced).
+A provider's last, general glob catches a family newer than the table (``gemini-*``: function
+calling and images, as every Gemini model has had since 1.5; its context comes from the API).
+corral.yaml's ``capabilities:`` and ``prices:`` sections override or extend them in the same
+shape.
+
+The shipped tables are JSON, not YAML, so reading them needs no YAML parser (about 0.5 MB of a
+worker's memory; PyYAML is imported only for a corral.yaml). Each table is read on the first
+lookup that needs it, never at import nor when a catalog is made: a node whose backends report
+every fact about their models (Ollama's /api/show) reads neither until a job asks for a price
+or an effort mapping. Configured rows are checked when the catalog is made, so a mistake in
+corral.yaml still stops the process at start-up.
 
 The worker fills a model's gaps in its heartbeat from the capability table (context window,
 vision, tools, thinking) and prices its jobs' tokens; the controller's router then reads the
@@ -13,6 +27,7 @@ filled ``ModelInfo``; ``corral route caps`` shows a row of each table.
 from __future__ import annotations
 
 import fnmatch
+import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -54,7 +69,8 @@ def provider_of(kind: str) -> str:
 class ModelCaps(BaseModel):
     """One row of the capability table. None: the table does not say."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Built on first use, as the tables are read: most processes never validate a row.
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     context: int | None = Field(default=None, ge=1)
     """Tokens the model reads and writes in one exchange (prompt plus answer)."""
@@ -80,7 +96,7 @@ class ModelCaps(BaseModel):
 class Price(BaseModel):
     """USD per million tokens."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     input: float = Field(ge=0)
     output: float = Field(ge=0)
@@ -125,18 +141,18 @@ def _first(rows: tuple[tuple[str, str, Any], ...], provider: str, model: str) ->
 
 @dataclass(frozen=True, slots=True)
 class Catalog:
-    """The capability and price tables: shipped rows, with configured rows looked at first."""
+    """The capability and price tables: configured rows, looked at first, then the shipped
+    rows (read on the first lookup that reaches them)."""
 
-    caps: tuple[tuple[str, str, ModelCaps], ...]
     caps_overrides: tuple[tuple[str, str, ModelCaps], ...] = ()
-    prices: tuple[tuple[str, str, Price], ...] = ()
+    price_overrides: tuple[tuple[str, str, Price], ...] = ()
 
     def capabilities(self, kind: str, model: str) -> ModelCaps | None:
         """What the tables say about ``model`` on a backend of ``kind``; None if nothing.
 
         A configured row changes only the fields it sets, on top of the shipped row."""
         provider = provider_of(kind)
-        shipped: ModelCaps | None = _first(self.caps, provider, model)
+        shipped: ModelCaps | None = _first(_shipped_caps(), provider, model)
         override: ModelCaps | None = _first(self.caps_overrides, provider, model)
         if override is None:
             return shipped
@@ -145,8 +161,13 @@ class Catalog:
         return shipped.model_copy(update=override.model_dump(exclude_unset=True))
 
     def price(self, kind: str, model: str) -> Price | None:
-        """The price of ``model`` on a backend of ``kind``; None for local or unknown models."""
-        found: Price | None = _first(self.prices, provider_of(kind), model)
+        """The price of ``model`` on a backend of ``kind``; None for local or unknown models.
+
+        A configured price replaces the whole row."""
+        provider = provider_of(kind)
+        found: Price | None = _first(self.price_overrides, provider, model)
+        if found is None:
+            found = _first(_shipped_prices(), provider, model)
         return found
 
     def cost(self, kind: str, model: str, usage: Usage) -> float | None:
@@ -155,6 +176,8 @@ class Catalog:
 
     def fill(self, kind: str, model: ModelInfo) -> ModelInfo:
         """``model`` with what its backend left unsaid (context, capabilities) from the table."""
+        if model.context_length is not None and model.capabilities:
+            return model  # nothing to fill: the table is not read (an idle Ollama node's case)
         caps = self.capabilities(kind, model.name)
         if caps is None:
             return model
@@ -180,44 +203,43 @@ def _price_rows(rows: _Rows, source: str) -> tuple[tuple[str, str, Price], ...]:
         raise ConfigError(f"{source}: {exc.errors()[0]['msg']} in a prices entry") from None
 
 
-def _shipped(name: str) -> object:
-    # Imported when the tables are first read, not with the module: a worker imports the
-    # broker package long before (and a footprint test checks it loads no YAML parser then).
-    import yaml  # noqa: PLC0415
-
-    return yaml.safe_load(resources.files("broker").joinpath("data", name).read_text())
+def _read_table(name: str) -> object:
+    return json.loads(resources.files("broker").joinpath("data", name).read_text())
 
 
 @cache
+def _shipped_caps() -> tuple[tuple[str, str, ModelCaps], ...]:
+    return _caps_rows(_rows(_read_table("capabilities.json"), "capabilities.json"), "shipped")
+
+
+@cache
+def _shipped_prices() -> tuple[tuple[str, str, Price], ...]:
+    return _price_rows(_rows(_read_table("prices.json"), "prices.json"), "shipped")
+
+
+_SHIPPED = Catalog()
+
+
 def shipped_catalog() -> Catalog:
-    """The tables as shipped, read once per process."""
-    return Catalog(
-        caps=_caps_rows(_rows(_shipped("capabilities.yaml"), "capabilities.yaml"), "shipped"),
-        prices=_price_rows(_rows(_shipped("prices.yaml"), "prices.yaml"), "shipped"),
-    )
+    """The tables as shipped (each read once per process, on its first lookup)."""
+    return _SHIPPED
 
 
 def build_catalog(capabilities: object = None, prices: object = None) -> Catalog:
     """The shipped tables with corral.yaml's ``capabilities:`` and ``prices:`` on top.
 
     Raises ConfigError naming the section for a malformed entry."""
-    shipped = shipped_catalog()
     if capabilities is None and prices is None:
-        return shipped
+        return _SHIPPED
     section = "corral.yaml capabilities"
     caps_overrides = _caps_rows(_rows(capabilities, section), section)
     section = "corral.yaml prices"
-    # A configured price replaces the whole row: it is looked at first.
-    configured_prices = _price_rows(_rows(prices, section), section)
-    return Catalog(
-        caps=shipped.caps,
-        caps_overrides=caps_overrides,
-        prices=configured_prices + shipped.prices,
-    )
+    price_overrides = _price_rows(_rows(prices, section), section)
+    return Catalog(caps_overrides=caps_overrides, price_overrides=price_overrides)
 
 
 def catalog_for(capabilities: object, prices: object) -> Catalog:
     """The catalog a process uses: the shipped one unless its settings configure rows."""
     if not capabilities and not prices:
-        return shipped_catalog()
+        return _SHIPPED
     return build_catalog(capabilities or None, prices or None)

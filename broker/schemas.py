@@ -338,7 +338,7 @@ class Usage(_OmitsUnusedAdditions):
     prompt_tokens: int | None = None
     completion_tokens: int = 0
     cost_usd: float | None = None
-    """Estimated from the price table (broker/data/prices.yaml); None for a local or unpriced
+    """Estimated from the price table (broker/data/prices.json); None for a local or unpriced
     model."""
 
 

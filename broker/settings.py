@@ -137,10 +137,10 @@ class CorralSettings(BaseSettings):
     model's routes cheapest tier first (local, subscription, metered); the next model only
     when every route of this one is down, open-breakered or rate limited."""
     capabilities: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
-    """Rows that override or extend broker/data/capabilities.yaml, in its shape:
+    """Rows that override or extend broker/data/capabilities.json, in its shape:
     ``{provider: {model glob: {context: 32768, vision: true}}}`` (broker.catalog)."""
     prices: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
-    """Rows looked at before broker/data/prices.yaml: ``{provider: {glob: {input, output}}}``
+    """Rows looked at before broker/data/prices.json: ``{provider: {glob: {input, output}}}``
     in USD per million tokens."""
     gateway_fetch_image_urls: bool = False
     """Let the HTTP gateway fetch an image a request names by http(s) URL (public addresses

@@ -1,8 +1,8 @@
 """Keep a worker process from importing what it never runs.
 
-Imported first by ``worker/__init__.py``, before httpx, kombu and Celery. Measured on the
-project's VM (``python -m benchmarks.footprint``), a node fronting one Ollama saves about
-3.6 MB of resident memory this way, about 6% of it:
+Imported first by ``worker/__init__.py``, before httpx, redis-py, kombu and Celery. Measured
+on the project's VM (``python -m benchmarks.footprint``), a node fronting one Ollama saves
+about 3.9 MB of resident memory this way, about 6% of it:
 
 - httpx imports its own command-line program (``httpx._main``) when click, rich and pygments
   are installed, as they are for corral's CLI: some 65 modules, 2.8 MB. The worker never runs
@@ -15,6 +15,9 @@ project's VM (``python -m benchmarks.footprint``), a node fronting one Ollama sa
   corral accepts JSON messages only, so both are imported here with those two held back;
   corral's own code imports them later where it needs them (a ``corral.yaml``, a machine
   without /proc/meminfo), which this does not prevent.
+- redis-py also imports OpenTelemetry's metrics API for that opt-in feature: 0.3 MB. redis-py
+  is imported here with it held back, so redis-py sees no OpenTelemetry; anything else may
+  still import the API later.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from types import ModuleType
 from typing import cast
 
 _NEVER_RUN = ("httpx._main", "opentelemetry.sdk.metrics")
-_HELD_BACK = ("yaml", "psutil")
-_IMPORTED_WITHOUT = ("kombu.serialization", "celery.utils.debug")
+_HELD_BACK = ("yaml", "psutil", "opentelemetry.metrics")
+_IMPORTED_WITHOUT = ("kombu.serialization", "celery.utils.debug", "redis")
 
 
 def keep_lean() -> None:

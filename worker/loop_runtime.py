@@ -31,7 +31,6 @@ from worker.backend_load import BackendLoad
 from worker.backends.base import Backend
 from worker.jobs import JobControl, run_job
 from worker.limiter import Admission
-from worker.model_ops import run_model_op
 from worker.stream import JobStream, StreamScripts
 from worker.sysinfo import SystemProbe
 
@@ -318,6 +317,9 @@ class LoopRuntime:
         started_at = time.time()
         system = await probe.snapshot()
         free = free_memory_bytes(system.memory, system.gpus)
+        # Imported on the first model operation (pull, warm, unload, rm), not with the node.
+        from worker.model_ops import run_model_op  # noqa: PLC0415
+
         try:
             summary = await run_model_op(request, backends, free, stream.progress)
             status: Literal["ok", "error"] = "ok"

@@ -34,9 +34,7 @@ from worker.heartbeat import build_node_info, mark_node_down, publish_node_info
 from worker.jobs import JobControl
 from worker.limiter import Admission, ProviderLimiter
 from worker.loop_runtime import LoopRuntime
-from worker.provider_limits import publish_provider_limits
 from worker.sysinfo import SystemProbe
-from worker.usage import record_usage
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +176,14 @@ class NodeRuntime(LoopRuntime):
         self._stored_inventory = await publish_node_info(
             self.redis, info, stored=self._stored_inventory
         )
-        await publish_provider_limits(
-            self.redis, self.config.name, self.backends, self._published_limits
-        )
+        if any(getattr(b, "rate_limits", None) is not None for b in self.backends.values()):
+            # Only cloud adapters keep a provider's rate-limit headers: a node without one
+            # does not import what publishes them.
+            from worker.provider_limits import publish_provider_limits  # noqa: PLC0415
+
+            await publish_provider_limits(
+                self.redis, self.config.name, self.backends, self._published_limits
+            )
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval_s
@@ -213,6 +216,8 @@ class NodeRuntime(LoopRuntime):
             node_name=self.config.name,
         )
         if result is not None:
+            from worker.usage import record_usage  # noqa: PLC0415 - after the first job
+
             await record_usage(self.redis, result, assignment.spec.route, time.time())
         return result
 

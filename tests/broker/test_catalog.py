@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from broker import catalog as catalog_module
 from broker.catalog import build_catalog, catalog_for, provider_of, shipped_catalog
 from broker.errors import ConfigError
 from broker.schemas import ModelInfo, Usage
@@ -135,3 +136,34 @@ def test_corral_yaml_sections_reach_the_catalog(
     caps = catalog.capabilities("ollama", "tiny:latest")
     assert caps is not None and caps.context == 1024
     assert catalog.price("ollama", "tiny:latest") is not None
+
+
+def test_each_table_is_read_on_the_first_lookup_that_needs_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An idle Ollama node keeps neither table in memory: its backend reports every fact.
+    read: list[str] = []
+    real_read = catalog_module._read_table
+
+    def counting_read(name: str) -> object:
+        read.append(name)
+        return real_read(name)
+
+    monkeypatch.setattr(catalog_module, "_read_table", counting_read)
+    catalog_module._shipped_caps.cache_clear()
+    catalog_module._shipped_prices.cache_clear()
+    try:
+        configured = build_catalog({"local": {"x*": {"context": 8}}}, None)  # checked, not read
+        reported = ModelInfo(name="qwen3:8b", context_length=8192, capabilities=frozenset({"chat"}))
+        assert shipped_catalog().fill("ollama", reported) == reported
+        assert configured.fill("ollama", reported) == reported
+        assert read == []
+        assert shipped_catalog().price("ollama", "qwen3:8b") is None
+        assert read == ["prices.json"]
+        caps = configured.capabilities("ollama", "qwen3:8b")
+        assert caps is not None and caps.thinking
+        assert shipped_catalog().fill("ollama", ModelInfo(name="qwen3:8b")).context_length == 40960
+        assert read == ["prices.json", "capabilities.json"]  # each once per process
+    finally:
+        catalog_module._shipped_caps.cache_clear()
+        catalog_module._shipped_prices.cache_clear()

@@ -128,12 +128,22 @@ def test_a_plain_http_node_refuses_https_rather_than_skip_verification(tmp_path:
 def test_a_worker_process_does_not_import_what_it_never_runs() -> None:
     probe = (
         "import sys, worker, celery.apps.worker\n"
-        "never = ('httpx._main', 'rich', 'yaml', 'psutil', 'opentelemetry.sdk.metrics')\n"
+        # The shipped tables are JSON: pricing a job and filling a heartbeat need no YAML.
+        "from broker.catalog import shipped_catalog\n"
+        "from broker.schemas import ModelInfo\n"
+        "assert shipped_catalog().price('anthropic', 'claude-opus-4-1') is not None\n"
+        "assert shipped_catalog().fill('ollama', ModelInfo(name='qwen3:8b')).context_length\n"
+        "never = ('httpx._main', 'rich', 'yaml', 'psutil', 'opentelemetry.sdk.metrics',\n"
+        "         'opentelemetry.metrics')\n"
         "print(sorted(m for m in never if sys.modules.get(m)))\n"
+        # Loaded on first use: a model operation, a job's end, a cloud adapter's headers.
+        "later = ('worker.model_ops', 'worker.usage', 'worker.provider_limits',\n"
+        "         'worker.backends.simulated')\n"
+        "print(sorted(m for m in later if m in sys.modules))\n"
         "import yaml, psutil\n"  # still there for corral's own use
         "print(yaml.safe_load('a: 1'), psutil.virtual_memory().total > 0)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO_ROOT
     ).stdout.splitlines()
-    assert out == ["[]", "{'a': 1} True"]
+    assert out == ["[]", "[]", "{'a': 1} True"]
