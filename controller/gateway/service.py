@@ -30,7 +30,7 @@ from controller.gateway.jobs import (
     wait_for_disconnect,
 )
 from controller.gateway.metrics import GatewayMetrics
-from controller.routes import aresolve_mention
+from controller.routes import AsyncRouteCache
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 _MODEL_OP_TIMEOUT_S = 120.0
@@ -45,6 +45,11 @@ class Gateway:
     """How image URLs in requests are treated; see ``controller.gateway.image_urls``."""
     _blocking: CorralClient | None = None
     _blocking_lock: threading.Lock = field(default_factory=threading.Lock)
+    routes: AsyncRouteCache = field(init=False)
+    """The cluster's named routes, read at most once per ``route_cache_s``."""
+
+    def __post_init__(self) -> None:
+        self.routes = AsyncRouteCache(self.client.redis)
 
     @property
     def settings(self) -> CorralSettings:
@@ -113,9 +118,12 @@ class Gateway:
         """``model@name`` or ``X-Corral-Node``: a named route's node and model, else a node."""
         if spec.node is None:
             return spec
+        max_age_s = self.settings.route_cache_s
         try:
-            nodes = await self.client.nodes(max_age_s=self.settings.route_cache_s)
-            mention = await aresolve_mention(spec.node, self.client.redis, nodes, model=spec.model)
+            nodes = await self.client.nodes(max_age_s=max_age_s)
+            mention = await self.routes.mention(
+                spec.node, nodes, model=spec.model, max_age_s=max_age_s
+            )
         except CorralError as exc:
             raise http_error(exc) from None
         return spec.model_copy(
