@@ -297,7 +297,11 @@ async def unless_disconnected(
     watcher = asyncio.ensure_future(watch())
     try:
         return await work
-    except asyncio.CancelledError:
+    except BaseException as exc:
+        # The work's own failure goes on as it is; a cancellation (or whatever the work's
+        # clean-up turned it into, once the client left) abandons the work.
+        if not client_left and not isinstance(exc, asyncio.CancelledError):
+            raise
         # Shielded: it must reach Redis even when this request is being cancelled.
         await asyncio.shield(on_disconnect())
         if client_left and task.uncancel() == 0:
