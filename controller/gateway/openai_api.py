@@ -168,13 +168,14 @@ async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> Asy
                 if first:
                     yield frames.frame(job.model, {"role": "assistant", "content": ""}, None)
                 reason = FINISH_REASONS.get(event.result.finish_reason or "stop", "stop")
-                yield frames.frame(job.model, {}, reason)
+                # The last frames leave together: one write, one wake-up of the client.
+                last = [frames.frame(job.model, {}, reason)]
                 if include_usage:
                     usage_chunk = frames.chunk(job.model, {}, None)
                     usage_chunk["choices"] = []
                     usage_chunk["usage"] = usage_of(event)
-                    yield sse(usage_chunk)
-                yield b"data: [DONE]\n\n"
+                    last.append(sse(usage_chunk))
+                yield b"".join((*last, b"data: [DONE]\n\n"))
                 await job.drain()  # the library's after-end steps (session, breakers)
                 return
     except JobError as exc:
