@@ -3,7 +3,8 @@
 1. Added time to first token: a direct call of the same simulated backend (in this process),
    the same short job through the asyncio Python API (in this process), through the gateway's
    OpenAI path (``/v1/chat/completions``, SSE) and its Ollama path (``/api/chat``, NDJSON),
-   interleaved in one run so machine noise hits them alike.
+   interleaved in one run (in a shuffled order each round, each request after a short pause)
+   so machine noise hits them alike.
 2. Load: N streaming OpenAI requests from C concurrent clients: requests/s, tokens/s, p50/p99
    of the whole request.
 3. Gateway memory per open stream: RSS with S streams held open (a slow node) minus at rest.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -77,6 +79,9 @@ OPENAI_BODY = {"model": "@fast", "messages": MESSAGES, "stream": True, "max_toke
 OLLAMA_BODY = {"model": "@fast", "messages": MESSAGES, "options": {"num_predict": 2}}
 
 
+SETTLE_S = 0.02
+"""The pause before each measured request: longer than a job's after-steps here."""
+
 DIRECT = "direct backend call"
 PYTHON_API = "Python API (asyncio)"
 
@@ -103,12 +108,18 @@ async def measure_ttft(
             "Ollama path": lambda: http_first_token_ms(http, "/api/chat", OLLAMA_BODY),
         }
         order = list(paths)
+        shuffle = random.Random(9)
         for warm in range(runs + 10):
-            # The order turns every round: a job started while the last one's after-steps
-            # (its usage counters, the client's drain) still run would otherwise always be
-            # the same path's.
-            turn = order[warm % len(order) :] + order[: warm % len(order)]
-            measured = {label: await paths[label]() for label in turn}
+            # Each request starts once the last one's after-steps (its worker's result and
+            # ack, the gateway's clean-up) are over, and the order is shuffled every round:
+            # turning it kept each path behind the same other one, and the path right behind
+            # the Python API job paid for that job's tail (about 0.5 ms: swapping the two
+            # gateway paths swapped which of them was slower).
+            shuffle.shuffle(order)
+            measured: dict[str, float] = {}
+            for label in order:
+                await asyncio.sleep(SETTLE_S)
+                measured[label] = await paths[label]()
             if warm >= 10:
                 for label, value in measured.items():
                     results[label].append(value)

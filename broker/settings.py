@@ -108,7 +108,8 @@ class CorralSettings(BaseSettings):
     """How long a finished job's events and result stay readable (``corral attach``)."""
     route_cache_s: float = Field(default=0.5, ge=0)
     """How long one client process reuses its view of the cluster when routing jobs (the
-    jobs it sent meanwhile are counted in). 0 reads Redis before every job. Heartbeats come
+    jobs it sent meanwhile are counted in), and the gateway its table of named routes (a
+    route edit reaches it within this time). 0 reads Redis before every job. Heartbeats come
     every ``heartbeat_interval_s`` anyway, so a short reuse loses little freshness."""
     first_token_timeout_s: float = Field(default=120.0, gt=0)
     """A backend with no token after this long (loading the model included) has failed the

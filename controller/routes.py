@@ -11,11 +11,13 @@ moves a job on.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import json
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -231,6 +233,85 @@ async def aresolve_mention(
         keys = await redis.hkeys(names.ROUTES_HASH)
         names_known = [k.decode() if isinstance(k, bytes) else k for k in keys]
     return choose_mention(name, route, enabled, names_known, nodes, model)
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """Every stored route and the routing switch, as read from Redis at one moment."""
+
+    stored: Mapping[str, str]
+    """Each route's JSON by name, parsed only when a request names it."""
+    enabled: bool
+    _parsed: dict[str, Route] = field(default_factory=dict, compare=False, repr=False)
+
+    def get(self, name: str) -> Route | None:
+        key = name.strip().lower()
+        route = self._parsed.get(key)
+        if route is None and key in self.stored:
+            route = self._parsed[key] = Route.model_validate_json(self.stored[key])
+        return route
+
+    def mention(self, name: str, nodes: Sequence[NodeState], *, model: str | None) -> Mention:
+        """``resolve_mention`` against this table."""
+        route = self.get(name)
+        names_known = [] if route is not None or _is_node(name, nodes) else sorted(self.stored)
+        return choose_mention(name, route, self.enabled, names_known, nodes, model)
+
+
+async def aread_route_table(redis: AsyncRedis) -> RouteTable:
+    """The whole table in one round trip (a cluster holds a handful of routes)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(names.ROUTES_HASH)
+        pipe.exists(names.ROUTING_OFF_KEY)
+        stored, off = await pipe.execute()
+    return RouteTable({_text(k): _text(v) for k, v in stored.items()}, enabled=not off)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class AsyncRouteCache:
+    """The route table re-read from Redis at most once per ``max_age_s``, as the cluster
+    view is (``route_cache_s``): a ``model@name`` request then costs no round trip of its
+    own, and a route added, changed or removed (or routing turned off) anywhere in the
+    cluster takes effect here within that time. Concurrent callers share one read."""
+
+    def __init__(self, redis: AsyncRedis, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._table: tuple[float, RouteTable] | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def table(self, max_age_s: float) -> RouteTable:
+        table = self._fresh(max_age_s)
+        if table is not None:
+            return table
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            table = self._fresh(max_age_s)  # read by the caller this one queued behind
+            if table is None:
+                read_at = self._clock()
+                table = await aread_route_table(self._redis)
+                self._table = (read_at, table)
+            return table
+
+    def _fresh(self, max_age_s: float) -> RouteTable | None:
+        if self._table is not None and self._clock() - self._table[0] <= max_age_s:
+            return self._table[1]
+        return None
+
+    async def mention(
+        self,
+        name: str,
+        nodes: Sequence[NodeState],
+        *,
+        model: str | None = None,
+        max_age_s: float,
+    ) -> Mention:
+        """``aresolve_mention`` on a table at most ``max_age_s`` old."""
+        return (await self.table(max_age_s)).mention(name, nodes, model=model)
 
 
 def _is_node(name: str, nodes: Sequence[NodeState]) -> bool:

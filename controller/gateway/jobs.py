@@ -33,7 +33,7 @@ from broker.schemas import (
 )
 from controller.aclient import AsyncCorralClient
 from controller.ajobrun import AsyncJobRun
-from controller.client import make_spec
+from controller.client import new_job_id
 from controller.dispatch import preferred_candidates
 from controller.embedding import failure_of
 from controller.gateway.errors import HttpError, bad_request, http_error
@@ -100,17 +100,19 @@ def build_spec(
     if not messages:
         raise bad_request("messages must hold at least one message")
     try:
-        draft = make_spec(
-            "-",
+        # Built and validated once, from the request's own messages (no placeholder spec).
+        spec = JobSpec(
+            job_id=new_job_id(),
+            messages=tuple(messages),
             node=hints.node,
             model=hints.model,
             tags=hints.tags,
-            options=options,
             priority=hints.priority,
             session=hints.session,
+            options=options,
+            created_at=time.time(),
+            tools=tools,
         )
-        fields = {**dict(draft), "messages": tuple(messages), "tools": tools}
-        spec = JobSpec.model_validate(fields)
         if spec.needs():
             spec = spec.model_copy(update={"tags": spec.tags | spec.needs()})
         check_prompt_size(spec, max_prompt_bytes)
@@ -277,30 +279,36 @@ async def unless_disconnected(
 ) -> _T:
     """``work``'s result; if the client leaves first, ``work`` is cancelled, ``on_disconnect``
     awaited and ``ClientGone`` raised. The same happens when the request itself is cancelled
-    (the server shutting down), which is then re-raised."""
-    work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(wait_for_disconnect(receive))
+    (the server shutting down), which is then re-raised.
+
+    ``work`` runs in the request's own task, which a watcher task cancels when the client
+    leaves (as ``asyncio.timeout`` does): no task of its own to schedule, so it starts at once
+    and a frame it sends leaves in the same turn of the loop."""
+    task = asyncio.current_task()
+    assert task is not None, "called outside a task"
+    client_left = False
+
+    async def watch() -> None:
+        nonlocal client_left
+        await wait_for_disconnect(receive)
+        client_left = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        await _abandon(work_task, on_disconnect)
-        raise
+        return await work
+    except BaseException as exc:
+        # The work's own failure goes on as it is; a cancellation (or whatever the work's
+        # clean-up turned it into, once the client left) abandons the work.
+        if not client_left and not isinstance(exc, asyncio.CancelledError):
+            raise
+        # Shielded: it must reach Redis even when this request is being cancelled.
+        await asyncio.shield(on_disconnect())
+        if client_left and task.uncancel() == 0:
+            raise ClientGone from None
+        raise  # the server's cancellation (too): it goes on
     finally:
-        watch_task.cancel()
-    if work_task.done():
-        return work_task.result()
-    await _abandon(work_task, on_disconnect)
-    raise ClientGone
-
-
-async def _abandon(
-    work_task: asyncio.Future[_T], on_abandon: Callable[[], Awaitable[None]]
-) -> None:
-    work_task.cancel()
-    with contextlib.suppress(BaseException):
-        await work_task
-    # Shielded: it must reach Redis even when this request is being cancelled.
-    await asyncio.shield(on_abandon())
+        watcher.cancel()
 
 
 class ClientGone(Exception):

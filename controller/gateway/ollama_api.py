@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from broker.schemas import (
 from controller.gateway.catalog import CatalogEntry, catalog, find
 from controller.gateway.embeddings import ollama_embed, ollama_embeddings
 from controller.gateway.errors import HttpError, bad_request, http_error
+from controller.gateway.frames import ndjson
 from controller.gateway.jobs import HeldJob, build_spec, final_failure, hints_from, split_model
 from controller.gateway.requests import optional, options_from
 from controller.gateway.service import Gateway
@@ -53,10 +53,6 @@ def error_body(exc: HttpError) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _line(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
 
 
 def _options(body: dict[str, Any]) -> GenerationOptions:
@@ -230,7 +226,7 @@ async def _stream_lines(job: HeldJob, *, chat: bool) -> AsyncIterator[bytes]:
     try:
         async for event in job.all_events():
             if (failure := _failure(event)) is not None:
-                yield _line(error_body(failure))  # Ollama's mid-stream error line
+                yield ndjson(error_body(failure))  # Ollama's mid-stream error line
                 await job.drain()  # the library's after-end steps (session, breakers)
                 return
             if isinstance(event, StartedEvent):
@@ -240,14 +236,14 @@ async def _stream_lines(job: HeldJob, *, chat: bool) -> AsyncIterator[bytes]:
                 if event.text or event.reasoning:
                     answer = _content(event.text, chat=chat, thinking=event.reasoning)
                     line = {"model": job.model, "created_at": _now(), **answer, "done": False}
-                    yield _line(line)
+                    yield ndjson(line)
             elif isinstance(event, DoneEvent):
                 job.record_done(event)
-                yield _line(_final(job, event, chat=chat, calls=tuple(calls)))
+                yield ndjson(_final(job, event, chat=chat, calls=tuple(calls)))
                 await job.drain()  # the library's after-end steps (session, breakers)
                 return
     except JobError as exc:
-        yield _line(error_body(http_error(exc)))
+        yield ndjson(error_body(http_error(exc)))
 
 
 async def _whole(job: HeldJob, *, chat: bool) -> dict[str, Any]:

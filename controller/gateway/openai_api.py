@@ -7,7 +7,6 @@ works. The answer's ``model`` is the model that really served the job.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +27,7 @@ from broker.schemas import (
 from controller.gateway.catalog import CatalogEntry, catalog, find
 from controller.gateway.embeddings import openai_embeddings
 from controller.gateway.errors import HttpError, bad_request, http_error
+from controller.gateway.frames import ChunkFrames, sse
 from controller.gateway.jobs import HeldJob, build_spec, final_failure, hints_from
 from controller.gateway.openai_messages import messages_from
 from controller.gateway.requests import optional, options_from
@@ -112,10 +112,6 @@ def usage_of(done: DoneEvent) -> dict[str, int]:
     }
 
 
-def sse(payload: object) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
 async def chat_completions(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     body = await gateway.read_json(request)
@@ -143,16 +139,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-        return {
-            "id": _completion_id(job),
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": job.model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-
+    frames = ChunkFrames(_completion_id(job), created)
     first = True
     calls_sent = 0
     try:
@@ -175,19 +162,20 @@ async def _stream_frames(job: HeldJob, created: int, include_usage: bool) -> Asy
                 if event.tool_calls:
                     delta["tool_calls"] = openai_tool_call_deltas(event.tool_calls, calls_sent)
                     calls_sent += len(event.tool_calls)
-                yield sse(chunk(delta, None))
+                yield frames.frame(job.model, delta, None)
             elif isinstance(event, DoneEvent):
                 job.record_done(event)
                 if first:
-                    yield sse(chunk({"role": "assistant", "content": ""}, None))
+                    yield frames.frame(job.model, {"role": "assistant", "content": ""}, None)
                 reason = FINISH_REASONS.get(event.result.finish_reason or "stop", "stop")
-                yield sse(chunk({}, reason))
+                # The last frames leave together: one write, one wake-up of the client.
+                last = [frames.frame(job.model, {}, reason)]
                 if include_usage:
-                    usage_chunk = chunk({}, None)
+                    usage_chunk = frames.chunk(job.model, {}, None)
                     usage_chunk["choices"] = []
                     usage_chunk["usage"] = usage_of(event)
-                    yield sse(usage_chunk)
-                yield b"data: [DONE]\n\n"
+                    last.append(sse(usage_chunk))
+                yield b"".join((*last, b"data: [DONE]\n\n"))
                 await job.drain()  # the library's after-end steps (session, breakers)
                 return
     except JobError as exc:

@@ -14,6 +14,7 @@ from starlette.routing import Route
 from broker.errors import JobError
 from broker.schemas import ChatMessage, DeltaEvent, DoneEvent, StartedEvent
 from controller.gateway.errors import HttpError, bad_request, http_error
+from controller.gateway.frames import sse
 from controller.gateway.jobs import HeldJob, build_spec, hints_from
 from controller.gateway.openai_api import (
     API,
@@ -23,7 +24,6 @@ from controller.gateway.openai_api import (
     failure_of,
     generation_options,
     refuse_unsupported,
-    sse,
     usage_of,
 )
 from controller.gateway.service import Gateway

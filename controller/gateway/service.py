@@ -4,7 +4,6 @@ answered (streamed with a disconnect watch, or collected whole)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -27,10 +26,9 @@ from controller.gateway.jobs import (
     HeldJob,
     submit_and_hold,
     unless_disconnected,
-    wait_for_disconnect,
 )
 from controller.gateway.metrics import GatewayMetrics
-from controller.routes import aresolve_mention
+from controller.routes import AsyncRouteCache
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 _MODEL_OP_TIMEOUT_S = 120.0
@@ -45,6 +43,11 @@ class Gateway:
     """How image URLs in requests are treated; see ``controller.gateway.image_urls``."""
     _blocking: CorralClient | None = None
     _blocking_lock: threading.Lock = field(default_factory=threading.Lock)
+    routes: AsyncRouteCache = field(init=False)
+    """The cluster's named routes, read at most once per ``route_cache_s``."""
+
+    def __post_init__(self) -> None:
+        self.routes = AsyncRouteCache(self.client.redis)
 
     @property
     def settings(self) -> CorralSettings:
@@ -113,9 +116,12 @@ class Gateway:
         """``model@name`` or ``X-Corral-Node``: a named route's node and model, else a node."""
         if spec.node is None:
             return spec
+        max_age_s = self.settings.route_cache_s
         try:
-            nodes = await self.client.nodes(max_age_s=self.settings.route_cache_s)
-            mention = await aresolve_mention(spec.node, self.client.redis, nodes, model=spec.model)
+            nodes = await self.client.nodes(max_age_s=max_age_s)
+            mention = await self.routes.mention(
+                spec.node, nodes, model=spec.model, max_age_s=max_age_s
+            )
         except CorralError as exc:
             raise http_error(exc) from None
         return spec.model_copy(
@@ -212,33 +218,19 @@ class JobStreamResponse(Response):
         self._frames = frames
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        job = self._job
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            pump = asyncio.ensure_future(self._pump(send))
-            watch = asyncio.ensure_future(wait_for_disconnect(receive))
-            try:
-                await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                # The server is shutting down: stop the job rather than leave it running.
-                await self._stop(pump)
-                raise
-            finally:
-                watch.cancel()
-            if not pump.done():
-                await self._stop(pump)
-                return
-            with contextlib.suppress(ClientGone, OSError):
-                pump.result()
+            # The first frame comes from the events held for the status line: it leaves
+            # right behind the headers, with nothing scheduled in between.
+            await unless_disconnected(self._pump(send), receive, self._cancel_job)
+        except (ClientGone, OSError):
+            pass  # the client left; its job was cancelled if it was still running
         finally:
-            await self._gateway.finish(self._api, job)
+            await self._gateway.finish(self._api, self._job)
 
-    async def _stop(self, pump: asyncio.Future[None]) -> None:
-        pump.cancel()
-        with contextlib.suppress(BaseException):
-            await pump
+    async def _cancel_job(self) -> None:
         self._job.outcome = "cancelled"
-        await asyncio.shield(self._gateway.client.cancel(self._job.job_id))
+        await self._gateway.client.cancel(self._job.job_id)
 
     async def _pump(self, send: Send) -> None:
         async for frame in self._frames:

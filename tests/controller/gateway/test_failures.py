@@ -3,6 +3,8 @@ first token, a bad API key, and what a client that hangs up does to its job."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -18,7 +20,7 @@ import openai
 import pytest
 
 from tests.controller.gateway.conftest import FAST, running_gateway, wait_for_models
-from tests.fakes.fake_ollama import running_fake_ollama
+from tests.fakes.fake_ollama import FakeOllama, running_fake_ollama
 from tests.support.servers import REPO_ROOT, start_worker
 
 LONG_REPLY = " ".join(f"word{i}" for i in range(80))
@@ -107,6 +109,43 @@ def test_a_client_that_hangs_up_cancels_its_job(broker_url: str, tmp_path: Path)
                     httpx.post(gw.v1 + "/chat/completions", json=body, timeout=1.0)
                 assert fake.wait_until(lambda s: s.aborted_streams == 3, 10)
                 assert fake.state.streams_completed == 0
+        finally:
+            node.stop()
+
+
+def test_a_client_that_hangs_up_before_the_first_token_cancels_its_job(
+    broker_url: str, tmp_path: Path
+) -> None:
+    """The status line is held for the first token: a client that gives up during that wait
+    stops the job too, on both APIs, and the gateway goes on serving."""
+
+    async def hang_up_once_generating(fake: FakeOllama, url: str, body: dict[str, Any]) -> None:
+        started = fake.state.streams_started
+        async with httpx.AsyncClient(timeout=30) as client:
+            request = asyncio.ensure_future(client.post(url, json=body))
+            async with asyncio.timeout(10):
+                while fake.state.streams_started == started:
+                    await asyncio.sleep(0.02)
+            assert not request.done()  # no status line yet: the first token is 3 s away
+            request.cancel()  # closes the connection
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+
+    with running_fake_ollama(["slow:1b"], first_token_delay=3.0) as fake:
+        node = start_worker(broker_url, "slow", "--ollama", fake.url, log_dir=tmp_path)
+        try:
+            with running_gateway(broker_url, tmp_path) as gw:
+                wait_for_models(gw, {"slow:1b"})
+                requests = (
+                    (gw.v1 + "/chat/completions", {"model": "slow:1b", "stream": True}),
+                    (gw.url + "/api/chat", {"model": "slow:1b"}),
+                )
+                for number, (url, body) in enumerate(requests, start=1):
+                    messages = [{"role": "user", "content": "count"}]
+                    asyncio.run(hang_up_once_generating(fake, url, {**body, "messages": messages}))
+                    assert fake.wait_until(lambda s, n=number: s.aborted_streams == n, 10)
+                assert fake.state.streams_completed == 0
+                assert httpx.get(gw.v1 + "/models", timeout=5).status_code == 200
         finally:
             node.stop()
 
