@@ -211,3 +211,19 @@ def test_adapters_are_imported_before_the_loop_starts(flags: str, http_stack_loa
         env=env,
     ).stdout.splitlines()
     assert out[-2:] == ["[]", str(http_stack_loaded)]
+
+
+def test_a_worker_process_lets_go_of_the_build_variables_zoneinfo_read() -> None:
+    probe = (
+        # pydantic imports zoneinfo, which reads TZPATH through sysconfig.
+        "import sys, worker.__main__, celery.apps.worker\n"
+        "print(sorted(m for m in sys.modules if m.startswith('_sysconfigdata')))\n"
+        # Still there for whoever asks, and the time zones found where the build says.
+        "import sysconfig, zoneinfo\n"
+        "print(tuple(sysconfig.get_config_var('TZPATH').split(':')) == zoneinfo.TZPATH)\n"
+        "print(zoneinfo.ZoneInfo('Europe/Paris'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    ).stdout.splitlines()
+    assert out == ["[]", "True", "Europe/Paris"]
