@@ -18,6 +18,10 @@ about 3.9 MB of resident memory this way, about 6% of it:
 - redis-py also imports OpenTelemetry's metrics API for that opt-in feature: 0.3 MB. redis-py
   is imported here with it held back, so redis-py sees no OpenTelemetry; anything else may
   still import the API later.
+- zoneinfo (which Celery imports) reads one build variable, TZPATH, through sysconfig, and
+  sysconfig then keeps every variable of the interpreter's build in two dicts: about 0.1 MB
+  of an idle worker. zoneinfo is imported here and sysconfig's cache let go afterwards;
+  anything that asks sysconfig later gets its variables read again.
 """
 
 from __future__ import annotations
@@ -51,4 +55,21 @@ def keep_lean() -> None:
             del modules[name]
 
 
+def import_zoneinfo_without_build_config() -> None:
+    import sysconfig  # noqa: PLC0415
+
+    if "zoneinfo" in sys.modules or any(m.startswith("_sysconfigdata") for m in sys.modules):
+        return  # imported before, or the build variables were already in use
+    import zoneinfo  # noqa: F401, PLC0415
+
+    for name in [m for m in sys.modules if m.startswith("_sysconfigdata")]:
+        del sys.modules[name]
+    # sysconfig's cache, as it is before its first use (3.12 added the second flag); its
+    # next caller fills it again.
+    sysconfig._CONFIG_VARS = None  # type: ignore[attr-defined]
+    if hasattr(sysconfig, "_CONFIG_VARS_INITIALIZED"):
+        sysconfig._CONFIG_VARS_INITIALIZED = False
+
+
 keep_lean()
+import_zoneinfo_without_build_config()

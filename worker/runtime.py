@@ -26,6 +26,7 @@ from worker.backends.base import Backend
 from worker.backends.registry import (
     build_backends,
     build_route_backend,
+    import_adapters,
     make_http_client,
     needs_tls,
 )
@@ -66,6 +67,10 @@ class NodeRuntime(LoopRuntime):
         """The provider kinds this ``--cloud`` worker serves routes of (it holds their keys)."""
         self._route_backends: dict[tuple[str, str], Backend] = {}
         """Adapters built for cloud routes, by (kind, base URL): one per endpoint, kept."""
+
+    def start(self) -> None:
+        import_adapters(self.config)  # before the loop's thread exists: see its docstring
+        super().start()
 
     # --- jobs (called from Celery's threads) -----------------------------------------------
 

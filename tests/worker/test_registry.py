@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import subprocess
 import sys
@@ -17,12 +18,19 @@ from broker.errors import ConfigError
 from broker.schemas import BackendKind
 from tests.support.servers import REPO_ROOT
 from worker.__main__ import worker_command
-from worker.backends.registry import FACTORIES, build_backends, make_http_client, needs_tls
+from worker.backends.registry import (
+    ADAPTER_MODULES,
+    FACTORIES,
+    build_backends,
+    make_http_client,
+    needs_tls,
+)
 from worker.config import BackendSpec, backend_spec, build_worker_config
 
 
 def test_every_kind_has_a_factory() -> None:
     assert set(FACTORIES) == set(get_args(BackendKind))
+    assert set(ADAPTER_MODULES) == set(FACTORIES)
 
 
 @pytest.mark.parametrize("kind", ["anthropic", "google", "openai-cloud", "mistral", "deepseek"])
@@ -147,3 +155,75 @@ def test_a_worker_process_does_not_import_what_it_never_runs() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO_ROOT
     ).stdout.splitlines()
     assert out == ["[]", "[]", "{'a': 1} True"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "http_stack_loaded"),
+    [
+        ("--ollama http://127.0.0.1:9 --simulate", True),
+        ("--openai-compat http://127.0.0.1:9/v1", True),
+        ("--anthropic --google --deepseek", True),
+        ("--simulate", False),
+    ],
+)
+def test_adapters_are_imported_before_the_loop_starts(flags: str, http_stack_loaded: bool) -> None:
+    """What a node's backends import is imported by ``import_adapters`` (on the main thread,
+    before the loop's thread exists): building them and using httpx afterwards imports no
+    adapter module and none of httpx's transport."""
+    probe = (
+        "import sys, asyncio\n"
+        "from click.testing import CliRunner\n"
+        "from worker.backends.registry import build_backends, import_adapters\n"
+        "from worker.config import build_worker_config, backend_spec\n"
+        "from worker.__main__ import worker_command\n"
+        "import worker.__main__ as main\n"
+        "seen = {}\n"
+        "main.serve = lambda settings, config, **kw: seen.setdefault('config', config) and 0\n"
+        "CliRunner().invoke(worker_command,"
+        f" '--name n --broker redis://127.0.0.1:9/0 {flags}'.split(), catch_exceptions=False)\n"
+        "config = seen['config']\n"
+        "import_adapters(config)\n"
+        "before = set(sys.modules)\n"
+        "import httpx\n"
+        "build_backends(config, httpx.AsyncClient())\n"
+        "async def first_request():\n"
+        "    async with httpx.AsyncClient() as client:\n"
+        "        try: await client.get('http://127.0.0.1:9/')\n"
+        "        except httpx.ConnectError: pass\n"
+        # A node with an HTTP backend makes requests from its first heartbeat on.
+        f"if {http_stack_loaded}: asyncio.run(first_request())\n"
+        "print(sorted(m for m in set(sys.modules) - before"
+        " if m.startswith(('worker.', 'httpcore', 'h11', 'anyio'))))\n"
+        "print('anyio._backends._asyncio' in before)\n"
+    )
+    env = {
+        **os.environ,
+        "ANTHROPIC_API_KEY": "k",
+        "GEMINI_API_KEY": "k",
+        "DEEPSEEK_API_KEY": "k",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+        env=env,
+    ).stdout.splitlines()
+    assert out[-2:] == ["[]", str(http_stack_loaded)]
+
+
+def test_a_worker_process_lets_go_of_the_build_variables_zoneinfo_read() -> None:
+    probe = (
+        # pydantic imports zoneinfo, which reads TZPATH through sysconfig.
+        "import sys, worker.__main__, celery.apps.worker\n"
+        "print(sorted(m for m in sys.modules if m.startswith('_sysconfigdata')))\n"
+        # Still there for whoever asks, and the time zones found where the build says.
+        "import sysconfig, zoneinfo\n"
+        "print(tuple(sysconfig.get_config_var('TZPATH').split(':')) == zoneinfo.TZPATH)\n"
+        "print(zoneinfo.ZoneInfo('Europe/Paris'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    ).stdout.splitlines()
+    assert out == ["[]", "True", "Europe/Paris"]
