@@ -28,7 +28,9 @@ from tests.support.servers import (
     wait_until,
 )
 
-FAST = ["--simulate", "--sim-first-token-ms", "5", "--sim-token-ms", "1"]
+# About 20 tokens 20 ms apart: a job runs long enough that the cancel below always finds it
+# running (at 1 ms a token a loaded machine let it finish first).
+SIMULATED = ["--simulate", "--sim-first-token-ms", "5", "--sim-token-ms", "20"]
 PASSWORDS = {"alpha": "alpha-secret-5d1", "beta": "beta-secret-9c2", "ctl": "ctl-secret-77e"}
 
 
@@ -89,7 +91,7 @@ def workers(server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> It
                 start_worker(
                     worker_url(server, node),
                     node,
-                    *FAST,
+                    *SIMULATED,
                     log_dir=logs,
                     env={"CORRAL_TASK_EVENTS": "true"},
                 )
