@@ -18,6 +18,9 @@ about 3.9 MB of resident memory this way, about 6% of it:
 - redis-py also imports OpenTelemetry's metrics API for that opt-in feature: 0.3 MB. redis-py
   is imported here with it held back, so redis-py sees no OpenTelemetry; anything else may
   still import the API later.
+- hiredis, redis-py's C reply parser (a dependency for the controller's sake: it parses every
+  pub/sub message a client follows), costs a worker 0.3 MB; a worker parses a few replies per
+  job, so redis-py is imported here with it held back and uses its Python parser.
 - zoneinfo (which Celery imports) reads one build variable, TZPATH, through sysconfig, and
   sysconfig then keeps every variable of the interpreter's build in two dicts: about 0.1 MB
   of an idle worker. zoneinfo is imported here and sysconfig's cache let go afterwards;
@@ -32,7 +35,7 @@ from types import ModuleType
 from typing import cast
 
 _NEVER_RUN = ("httpx._main", "opentelemetry.sdk.metrics")
-_HELD_BACK = ("yaml", "psutil", "opentelemetry.metrics")
+_HELD_BACK = ("yaml", "psutil", "opentelemetry.metrics", "hiredis")
 _IMPORTED_WITHOUT = ("kombu.serialization", "celery.utils.debug", "redis")
 
 

@@ -142,8 +142,11 @@ def test_a_worker_process_does_not_import_what_it_never_runs() -> None:
         "assert shipped_catalog().price('anthropic', 'claude-opus-4-1') is not None\n"
         "assert shipped_catalog().fill('ollama', ModelInfo(name='qwen3:8b')).context_length\n"
         "never = ('httpx._main', 'rich', 'yaml', 'psutil', 'opentelemetry.sdk.metrics',\n"
-        "         'opentelemetry.metrics')\n"
+        "         'opentelemetry.metrics', 'hiredis')\n"
         "print(sorted(m for m in never if sys.modules.get(m)))\n"
+        # redis-py parses with its Python parser, hiredis being held back.
+        "import redis.utils\n"
+        "assert not redis.utils.HIREDIS_AVAILABLE\n"
         # Loaded on first use: a model operation, a job's end, a cloud adapter's headers.
         "later = ('worker.model_ops', 'worker.usage', 'worker.provider_limits',\n"
         "         'worker.backends.simulated')\n"
