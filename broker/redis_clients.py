@@ -259,10 +259,16 @@ def async_client(
     return redis.asyncio.Redis.from_pool(pool)
 
 
+def decoded(value: bytes | str) -> str:
+    """A reply's text: redis-py answers bytes unless a client decodes responses."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 __all__ = [
     "SentinelTarget",
     "async_client",
     "async_pool",
+    "decoded",
     "is_sentinel_url",
     "parse_sentinel_url",
     "sync_client",

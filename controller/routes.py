@@ -26,6 +26,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from broker import names
 from broker.errors import ConfigError, RoutingError, UnknownNode
+from broker.redis_clients import decoded
 from broker.route_url import (
     RouteTarget,
     fronting_backends,
@@ -224,15 +225,9 @@ def resolve_mention(
 async def aresolve_mention(
     name: str, redis: AsyncRedis, nodes: Sequence[NodeState], *, model: str | None = None
 ) -> Mention:
-    """``resolve_mention`` over an asyncio Redis client (the gateway, the MCP server)."""
-    raw = await redis.hget(names.ROUTES_HASH, name.strip().lower())
-    route = None if raw is None else Route.model_validate_json(raw)
-    enabled = not await redis.exists(names.ROUTING_OFF_KEY) if route is not None else True
-    names_known: list[str] = []
-    if route is None and not _is_node(name, nodes):
-        keys = await redis.hkeys(names.ROUTES_HASH)
-        names_known = [k.decode() if isinstance(k, bytes) else k for k in keys]
-    return choose_mention(name, route, enabled, names_known, nodes, model)
+    """``resolve_mention`` over an asyncio Redis client (the MCP server), on the route table
+    as it is now (the gateway keeps one for ``route_cache_s``: ``AsyncRouteCache``)."""
+    return (await aread_route_table(redis)).mention(name, nodes, model=model)
 
 
 @dataclass(frozen=True)
@@ -264,11 +259,7 @@ async def aread_route_table(redis: AsyncRedis) -> RouteTable:
         pipe.hgetall(names.ROUTES_HASH)
         pipe.exists(names.ROUTING_OFF_KEY)
         stored, off = await pipe.execute()
-    return RouteTable({_text(k): _text(v) for k, v in stored.items()}, enabled=not off)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return RouteTable({decoded(k): decoded(v) for k, v in stored.items()}, enabled=not off)
 
 
 class AsyncRouteCache:

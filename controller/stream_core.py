@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from broker.errors import JobStateLost, JobTimeout, NodeLost
+from broker.redis_clients import decoded
 from broker.schemas import AnyStreamEvent, ReroutedEvent, StartedEvent, is_terminal, parse_event
 
 Event = AnyStreamEvent
@@ -169,7 +170,7 @@ class StreamCursor:
         """Why the serving worker is gone, from its liveness key's value; None if it is not."""
         if alive is None:
             return f"node {self.node!r} stopped heartbeating"
-        if self.instance is not None and _text(alive) != self.instance:
+        if self.instance is not None and decoded(alive) != self.instance:
             return f"the worker on node {self.node!r} restarted, ending the job it was running"
         self._lost_since = None
         return None
@@ -195,7 +196,3 @@ class StreamCursor:
         if now - self._lost_since >= self.lost_grace_s:
             return NodeLost(f"{reason} while job {self.job_id} was on it")
         return None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -65,15 +65,9 @@ async def describe_backend(
             log.debug(
                 "%s is busy with %d job(s): its last inventory stands", backend.name, in_flight
             )
-            return previous.model_copy(
-                update={
-                    "in_flight": in_flight,
-                    "latency_ms": latency_ms,
-                    "counters": counters or JobCounters(),
-                    "quota_left": _quota_left(backend),
-                }
-            )
-        error = f"no answer to the inventory request within {timeout_s:.1f}s"
+            models = list(previous.models)
+        else:
+            error = f"no answer to the inventory request within {timeout_s:.1f}s"
     if catalog is not None:
         models = [catalog.fill(backend.kind, m) for m in models]
     return BackendInfo(

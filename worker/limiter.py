@@ -28,6 +28,7 @@ from broker.ratelimits import (
     limit_scopes,
     scope_args,
 )
+from broker.redis_clients import decoded
 from broker.schemas import ChatMessage, JobResult
 
 __all__ = ["Admission", "ProviderLimiter"]
@@ -80,10 +81,10 @@ class ProviderLimiter:
             log.warning("rate limits not checked (Redis: %s); calling %s anyway", exc, kind)
             return None
         if int(reply[0]) == 1:
-            return Admission(_text(reply[1]), tuple(s.field for s in scopes), tokens)
+            return Admission(decoded(reply[1]), tuple(s.field for s in scopes), tokens)
         seconds_left = float(reply[1])
-        scope = _scope_named(scopes, _text(reply[2]))
-        message = describe_refusal(scope, _text(reply[3]), seconds_left)
+        scope = _scope_named(scopes, decoded(reply[2]))
+        message = describe_refusal(scope, decoded(reply[3]), seconds_left)
         raise BackendRateLimited(
             f"not sent: {message}; retry after {seconds_left:.0f}s",
             retry_after=seconds_left,
@@ -110,7 +111,3 @@ class ProviderLimiter:
 
 def _scope_named(scopes: Sequence[Scope], field: str) -> Scope:
     return next(s for s in scopes if s.field == field)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from broker import names
 from broker.catalog import Catalog
 from broker.errors import BackendRateLimited, BrokerUnavailable, CorralError
-from broker.redis_clients import async_client
+from broker.redis_clients import async_client, decoded
 from broker.schemas import JobAssignment, JobResult, ModelOpRequest, Timings, free_memory_bytes
 from broker.settings import CorralSettings, redacted_url
 from worker.backend_load import BackendLoad
@@ -189,7 +189,7 @@ class LoopRuntime:
                     await pubsub.subscribe(channel)
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
-                            handle(_text(message["data"]))
+                            handle(decoded(message["data"]))
             except redis.exceptions.RedisError as exc:
                 log.warning("listener on %s lost Redis (%s); reconnecting", channel, exc)
                 await asyncio.sleep(_RECONNECT_DELAY_S)
@@ -389,10 +389,6 @@ class LoopRuntime:
 def _log_op_failure(future: Future[JobResult | None]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("model operation failed inside the worker", exc_info=future.exception())
-
-
-def _text(data: bytes | str) -> str:
-    return data.decode() if isinstance(data, bytes) else data
 
 
 __all__ = ["REDIS_RESERVE", "LoopRuntime"]

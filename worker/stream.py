@@ -277,7 +277,7 @@ class JobStream:
             await self._written()
 
     async def progress(self, status: str, completed: int | None, total: int | None) -> None:
-        self._queue(
+        await self._send(
             ProgressEvent(
                 job_id=self._job_id,
                 seq=self._seq,
@@ -287,7 +287,6 @@ class JobStream:
                 total=total,
             )
         )
-        await self._written()
 
     async def done(self, result: JobResult) -> None:
         await self._send(
